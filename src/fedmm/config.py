@@ -1,0 +1,213 @@
+"""Run configuration: nested dataclasses, loadable from TOML and from flat ``key=value`` overrides.
+
+Every option has a default, so ``FedmmConfig()`` is a complete, runnable configuration.  Flat keys
+are ``section.field`` (``train.lr``, ``fed.rounds``, ``feddat.temperature``); top-level fields
+(``method``, ``seed``, ``out_dir``, ...) have no section.  The same flat form is what Flower's
+``run_config`` holds (``[tool.flwr.app.config]`` in pyproject.toml), so one parser serves the CLI,
+TOML files and ``flwr run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that fedmm cannot use; the message says what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    """The backbone and the trainable parts around it."""
+
+    backbone: str = "minilm-mobilenet"  # registry name, see fedmm.backbones
+    image_size: int = 96  # images are resized to this square size before the vision tower
+    grid: int = 3  # visual tokens: the vision grid is average-pooled to at most grid x grid
+    max_text_len: int = 24  # text tokens, [CLS] and [SEP] included
+    head_hidden: int = 256  # hidden width of the task head MLP
+    dropout: float = 0.1  # dropout in the head
+
+
+@dataclass
+class AdapterConfig:
+    """Bottleneck adapter ``A(h) = W_up ReLU(W_down h + b_down) + b_up`` after every FFN."""
+
+    reduction_factor: int = 8  # bottleneck r = d // reduction_factor (ignored when bottleneck > 0)
+    bottleneck: int = 0  # explicit r; 0 means "use reduction_factor"
+    init_std: float = 0.02  # W_down ~ N(0, init_std)
+    zero_init_up: bool = True  # W_up = 0 so the adapter is the identity at init (open choice)
+
+
+@dataclass
+class TrainConfig:
+    """Local optimisation, identical for every method (same steps, same schedule)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    local_steps: int = 15  # optimiser steps per client per round, for every method
+    schedule: str = "cosine"  # cosine | linear | constant, over the whole run (never restarted)
+    warmup_frac: float = 0.05  # fraction of all steps spent in linear warm-up
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    eval_batch_size: int = 256
+    threads: int = 0  # torch intra-op threads in each client process; 0 = all cores
+
+
+@dataclass
+class FedConfig:
+    """The federation: rounds, clients, sampling, server weighting."""
+
+    rounds: int = 5
+    clients: int = 5  # number of clients (SuperNodes) in the benchmark
+    fraction: float = 1.0  # fraction of clients sampled for training each round
+    min_clients: int = 1  # fewest replies a training round needs to aggregate
+    weighting: str = "samples"  # samples | uniform: server average weights
+    round_timeout: float = 0.0  # seconds to wait for replies; 0 = wait for all
+
+
+@dataclass
+class FedDATConfig:
+    """FedDAT hyper-parameters (Chen et al. 2024); defaults are the reference's."""
+
+    temperature: float = 3.0  # T of the mutual distillation
+    alpha: float = 0.5  # weight of the task loss in L_s (global adapter)
+    beta: float = 0.5  # weight of the task loss in L_DAT (client adapter)
+    dat_combine: str = "average"  # average | sum: how A_c and frozen A_s combine in the DAT
+    federate_head: bool = False  # open choice: the reference keeps the head personal
+
+
+@dataclass
+class DataConfig:
+    """Which benchmark and how much of it each client holds."""
+
+    benchmark: str = "fmnist-domain"
+    data_dir: str = ""  # where the benchmark's files are; "" = the benchmark's default search
+    train_per_client: int = 400
+    test_per_client: int = 150
+    split_seed: int = 0  # the data split is fixed by this seed, independent of the run seed
+
+
+@dataclass
+class FedmmConfig:
+    """Everything one fedmm run needs."""
+
+    method: str = "fedavg"
+    seed: int = 0
+    out_dir: str = "runs/latest"
+    cache_dir: str = ""  # frozen-feature cache; "" = $XDG_CACHE_HOME/fedmm or ~/.cache/fedmm
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True  # progress bars
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    feddat: FedDATConfig = field(default_factory=FedDATConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    # ------------------------------------------------------------------ flat views
+    def to_flat(self) -> dict[str, Any]:
+        """``{"method": ..., "train.lr": ..., ...}``: every option, one level deep."""
+        flat: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sub in dataclasses.fields(value):
+                    flat[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
+            else:
+                flat[f.name] = value
+        return flat
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_flat(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FedmmConfig:
+        return cls().with_overrides(json.loads(text))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> FedmmConfig:
+        """A copy with flat ``key -> value`` overrides applied; values may be strings."""
+        cfg = dataclasses.replace(
+            self,
+            **{
+                f.name: dataclasses.replace(getattr(self, f.name))
+                for f in dataclasses.fields(self)
+                if dataclasses.is_dataclass(getattr(self, f.name))
+            },
+        )
+        valid = self.to_flat()
+        for key, raw in overrides.items():
+            key = key.replace("-", "_")
+            if key not in valid:
+                raise ConfigError(
+                    f"unknown config key {key!r}; valid keys: {', '.join(sorted(valid))}"
+                )
+            value = _coerce(key, raw, type(valid[key]))
+            if "." in key:
+                section, name = key.split(".", 1)
+                setattr(getattr(cfg, section), name, value)
+            else:
+                setattr(cfg, key, value)
+        return cfg
+
+
+def _coerce(key: str, raw: Any, kind: type) -> Any:
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    if kind is bool:
+        if isinstance(raw, str) and raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if isinstance(raw, str) and raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{key} expects true/false, got {raw!r}")
+    try:
+        if kind is int and isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        if kind is float and isinstance(raw, int | str):
+            return float(raw)
+        if kind is int and isinstance(raw, str):
+            return int(raw)
+        if kind is str:
+            return str(raw)
+    except ValueError:
+        pass
+    raise ConfigError(f"{key} expects a {kind.__name__}, got {raw!r}")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}} -> {"train.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Flat overrides from a TOML file (tables become ``section.key``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with path.open("rb") as fh:
+            return flatten(tomllib.load(fh))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``["train.lr=1e-3"] -> {"train.lr": "1e-3"}`` with a clear error on a missing ``=``."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out

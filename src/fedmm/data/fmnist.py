@@ -1,0 +1,193 @@
+"""The embedded default benchmarks: Fashion-MNIST turned into vision-language tasks, offline.
+
+Images: the real Fashion-MNIST IDX files (Debian package ``dataset-fashion-mnist`` installs them
+in /usr/share/datasets/fashion-mnist; any directory holding the four standard ``*.gz`` files works
+through ``data.data_dir`` or ``$FEDMM_FASHION_MNIST``).
+
+Texts: deterministic templated questions in five *question families*, each answered from the
+label, over one shared answer vocabulary (10 item names, yes/no, 6 clothing groups):
+
+* ``object``  "what item of clothing is shown?"                  -> item name
+* ``verify``  "is this a picture of a sneaker?" (true half the time) -> yes / no
+* ``group``   "which group of clothing does this item belong to?"   -> top / bottom / ...
+* ``feet``    "is this item worn on the feet?"                      -> yes / no
+* ``choice``  "is it a coat or a bag?" (one of the two is right)    -> item name
+
+Two heterogeneity settings, after FedDAT's benchmarks:
+
+* ``fmnist-domain`` (Domain): client k sees images in visual domain ``DOMAINS[k % 5]``
+  (original, inverted, blurred, edge map, rotated 90°) and asks every question family.
+* ``fmnist-function`` (Function): client k asks only family ``FAMILIES[k % 5]``, original images.
+
+Every client holds ``data.train_per_client`` training images drawn from the Fashion-MNIST train
+set and ``data.test_per_client`` test images from its test set, disjoint across clients; the split
+is fixed by ``data.split_seed`` (not the run seed), so every method and seed sees the same data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from fedmm.config import FedmmConfig
+from fedmm.data import Benchmark, ClientSpec, RawSplit, register
+
+DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+ITEMS = [
+    "t-shirt", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]  # fmt: skip
+GROUPS = ["top", "bottom", "top", "one-piece", "outerwear",
+          "footwear", "top", "footwear", "accessory", "footwear"]  # fmt: skip
+ON_FEET = {5, 7, 9}
+ANSWERS = ITEMS + ["yes", "no"] + sorted(set(GROUPS))
+FAMILIES = ("object", "verify", "group", "feet", "choice")
+DOMAINS = ("original", "inverted", "blurred", "edges", "rotated")
+
+TEMPLATES = {
+    "object": ["what item of clothing is shown?", "what is this item?", "what is in the picture?"],
+    "verify": ["is this a picture of a {a}?", "is the item a {a}?", "does the image show a {a}?"],
+    "group": ["which group of clothing does this item belong to?", "what kind of garment is this?"],
+    "feet": ["is this item worn on the feet?", "would you wear this on your feet?"],
+    "choice": ["is it a {a} or a {b}?", "which is it, a {a} or a {b}?"],
+}
+
+INSTALL_HINT = (
+    "Fashion-MNIST was not found. Install it with `sudo apt-get install dataset-fashion-mnist` "
+    "(Debian/Ubuntu; files land in /usr/share/datasets/fashion-mnist), or put the four files "
+    f"{', '.join(FILES.values())} in a directory and pass `--set data.data_dir=DIR` "
+    "(or set FEDMM_FASHION_MNIST=DIR)."
+)
+
+
+def find_fashion_mnist(data_dir: str = "") -> Path:
+    """The first directory holding all four IDX files: data_dir, $FEDMM_FASHION_MNIST, defaults."""
+    candidates = [data_dir] if data_dir else []
+    candidates += [os.environ.get("FEDMM_FASHION_MNIST", ""), *DEFAULT_DIRS]
+    for cand in filter(None, candidates):
+        path = Path(cand)
+        if all((path / f).is_file() for f in FILES.values()):
+            return path
+    looked = ", ".join(c for c in candidates if c)
+    raise FileNotFoundError(f"{INSTALL_HINT} Looked in: {looked}.")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) IDX file: magic 0x0000 <dtype=0x08 uint8> <ndim>, big-endian dims."""
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: expected {int(np.prod(dims))} values for dims {dims}, got {body.size}")
+    return body.reshape(dims)
+
+
+def load_fashion_mnist(data_dir: str = "") -> dict[str, np.ndarray]:
+    root = find_fashion_mnist(data_dir)
+    return {key: read_idx(root / name) for key, name in FILES.items()}
+
+
+def apply_domain(images: np.ndarray, domain: str) -> np.ndarray:
+    """uint8 ``(N, 28, 28)`` -> the same images in another visual domain."""
+    if domain == "original":
+        return images
+    if domain == "inverted":
+        return 255 - images
+    if domain == "blurred":
+        return ndimage.gaussian_filter(images.astype(np.float32), sigma=(0, 1.5, 1.5)).astype(np.uint8)
+    if domain == "edges":
+        x = images.astype(np.float32)
+        mag = np.hypot(ndimage.sobel(x, axis=1), ndimage.sobel(x, axis=2))
+        scale = mag.reshape(len(mag), -1).max(axis=1).reshape(-1, 1, 1) + 1e-6
+        return (255 * mag / scale).astype(np.uint8)
+    if domain == "rotated":
+        return np.ascontiguousarray(np.rot90(images, k=1, axes=(1, 2)))
+    raise ValueError(f"unknown domain {domain!r}; choices: {', '.join(DOMAINS)}")
+
+
+def make_question(family: str, label: int, rng: np.random.Generator) -> tuple[str, str]:
+    """A templated (question, answer) pair for an image of class ``label``."""
+    template = TEMPLATES[family][rng.integers(len(TEMPLATES[family]))]
+    if family == "object":
+        return template, ITEMS[label]
+    if family == "verify":
+        truth = bool(rng.random() < 0.5)
+        other = (label + 1 + rng.integers(len(ITEMS) - 1)) % len(ITEMS)
+        asked = label if truth else int(other)
+        return template.format(a=ITEMS[asked]), "yes" if truth else "no"
+    if family == "group":
+        return template, GROUPS[label]
+    if family == "feet":
+        return template, "yes" if label in ON_FEET else "no"
+    if family == "choice":
+        other = int((label + 1 + rng.integers(len(ITEMS) - 1)) % len(ITEMS))
+        a, b = (label, other) if rng.random() < 0.5 else (other, label)
+        return template.format(a=ITEMS[a], b=ITEMS[b]), ITEMS[label]
+    raise ValueError(f"unknown question family {family!r}; choices: {', '.join(FAMILIES)}")
+
+
+def _split(
+    images: np.ndarray, labels: np.ndarray, idx: np.ndarray, domain: str,
+    families: tuple[str, ...], rng: np.random.Generator,
+) -> RawSplit:  # fmt: skip
+    texts, answers = [], []
+    for y in labels[idx]:
+        family = families[rng.integers(len(families))]
+        question, answer = make_question(family, int(y), rng)
+        texts.append(question)
+        answers.append(ANSWERS.index(answer))
+    return RawSplit(apply_domain(images[idx], domain), texts, np.asarray(answers, dtype=np.int64))
+
+
+def build(cfg: FedmmConfig, setting: str) -> Benchmark:
+    raw = load_fashion_mnist(cfg.data.data_dir)
+    k, n_train, n_test = cfg.fed.clients, cfg.data.train_per_client, cfg.data.test_per_client
+    if k < 1 or n_train < 1 or n_test < 1:
+        raise ValueError("fed.clients, data.train_per_client and data.test_per_client must be >= 1")
+    if k * n_train > len(raw["train_labels"]) or k * n_test > len(raw["test_labels"]):
+        raise ValueError(
+            f"{k} clients x ({n_train} train, {n_test} test) exceeds Fashion-MNIST's "
+            f"{len(raw['train_labels'])}/{len(raw['test_labels'])} images"
+        )
+    rng = np.random.default_rng(cfg.data.split_seed)
+    train_perm = rng.permutation(len(raw["train_labels"]))
+    test_perm = rng.permutation(len(raw["test_labels"]))
+    clients = []
+    for i in range(k):
+        if setting == "domain":
+            domain, families = DOMAINS[i % len(DOMAINS)], FAMILIES
+            cid, desc = f"{i}-{domain}", f"{domain} images, all question families"
+        else:
+            domain, families = "original", (FAMILIES[i % len(FAMILIES)],)
+            cid, desc = f"{i}-{families[0]}", f"original images, {families[0]} questions"
+        train_idx = train_perm[i * n_train : (i + 1) * n_train]
+        test_idx = test_perm[i * n_test : (i + 1) * n_test]
+        train = _split(raw["train_images"], raw["train_labels"], train_idx, domain, families, rng)
+        test = _split(raw["test_images"], raw["test_labels"], test_idx, domain, families, rng)
+        clients.append(ClientSpec(cid, desc, train, test))
+    title = "Domain (visual domain per client)" if setting == "domain" else "Function (question family per client)"
+    return Benchmark(f"fmnist-{setting}", f"Fashion-MNIST VQA, {title}", list(ANSWERS), clients)
+
+
+@register("fmnist-domain")
+def fmnist_domain(cfg: FedmmConfig) -> Benchmark:
+    return build(cfg, "domain")
+
+
+@register("fmnist-function")
+def fmnist_function(cfg: FedmmConfig) -> Benchmark:
+    return build(cfg, "function")

@@ -1,0 +1,21 @@
+"""Method registry: name -> class.  Each method is one module holding both protocol halves."""
+
+from __future__ import annotations
+
+from fedmm.config import ConfigError, FedmmConfig
+from fedmm.methods.base import ClientContext, Method, Reply
+from fedmm.methods.centralized import Centralized
+from fedmm.methods.fedavg import FedAvg
+from fedmm.methods.feddat import FedDAT
+from fedmm.methods.local import Local
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Local, Centralized, FedAvg, FedDAT)}
+
+
+def get_method(cfg: FedmmConfig) -> Method:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}; choices: {', '.join(METHODS)}")
+    return METHODS[cfg.method](cfg)
+
+
+__all__ = ["METHODS", "ClientContext", "Method", "Reply", "get_method"]

@@ -1,0 +1,265 @@
+"""What every method shares: the method interface and small training helpers.
+
+A method module holds both halves of its protocol:
+
+* server half: ``init_global`` (the first global state) and ``aggregate`` (replies -> new global);
+* client half: ``client_train`` (one round of local work, returns the upload) and
+  ``client_evaluate`` (accuracy per *view*: ``global``, ``personalized``, ...).
+
+The round loop (``fedmm.federation``) and the transport never look inside.  States are flat
+``{key: tensor}`` dicts with keys ``"<part>/<param>"`` where part is ``proj``, ``head`` or
+``adapter.<set name>`` -- exactly what crosses the network and what ``load_parts`` writes back.
+
+Equal terms for every method: ``ClientContext.steps`` yields the same number of batches per round
+(``train.local_steps``) and sets the learning rate from one schedule over the whole run, indexed
+by the global step ``(round - 1) * local_steps + i`` -- it never restarts.  The optimiser is
+AdamW over explicit parameter groups, gradients are reset to ``None`` (an unused parameter gets
+no update from stale moments).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedmm.backbones import FusionVLModel
+from fedmm.config import FedmmConfig, TrainConfig
+from fedmm.runtime import Encoded
+
+State = dict[str, torch.Tensor]
+NDArrays = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------- state by part name
+def part_module(model: FusionVLModel, part: str) -> nn.Module:
+    if part == "proj":
+        return model.visual_proj
+    if part == "head":
+        return model.head
+    if part.startswith("adapter."):
+        return model.adapters.sets[part.removeprefix("adapter.")]
+    raise KeyError(f"unknown trainable part {part!r}")
+
+
+def get_parts(model: FusionVLModel, parts: Sequence[str]) -> State:
+    """``{"<part>/<param>": tensor}`` (detached CPU copies) of the named trainable parts."""
+    return {
+        f"{part}/{k}": v.detach().cpu().clone()
+        for part in parts
+        for k, v in part_module(model, part).state_dict().items()
+    }
+
+
+def load_parts(model: FusionVLModel, state: State, rename: dict[str, str] | None = None) -> None:
+    """Write ``get_parts``-style state into the model; ``rename`` maps a part to another part."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        part, name = key.split("/", 1)
+        grouped.setdefault((rename or {}).get(part, part), {})[name] = value
+    for part, sub in grouped.items():
+        module = part_module(model, part)
+        device = next(module.parameters()).device
+        module.load_state_dict({k: torch.as_tensor(v).to(device) for k, v in sub.items()}, strict=True)
+
+
+def select(state: State, parts: Sequence[str]) -> State:
+    return {k: v for k, v in state.items() if k.split("/", 1)[0] in parts}
+
+
+def to_numpy(state: State) -> NDArrays:
+    return {k: v.detach().cpu().float().numpy() for k, v in state.items()}
+
+
+def to_torch(arrays: NDArrays) -> State:
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
+
+
+def num_params(model: FusionVLModel, parts: Sequence[str]) -> int:
+    return sum(p.numel() for part in parts for p in part_module(model, part).parameters())
+
+
+# ---------------------------------------------------------------------- server helpers
+@dataclass
+class Reply:
+    """One client's training reply as the server's aggregation sees it."""
+
+    client_index: int
+    arrays: NDArrays
+    num_examples: int
+
+
+def weighted_average(replies: Sequence[Reply], weighting: str = "samples") -> NDArrays:
+    """``Σ_k w_k θ_k`` with ``w_k ∝ n_k`` (``samples``) or ``w_k = 1/K`` (``uniform``)."""
+    if not replies:
+        raise ValueError("cannot aggregate zero replies")
+    if weighting not in ("samples", "uniform"):
+        raise ValueError(f"fed.weighting must be 'samples' or 'uniform', got {weighting!r}")
+    weights = np.array(
+        [r.num_examples if weighting == "samples" else 1.0 for r in replies], dtype=np.float64
+    )
+    if weights.sum() <= 0:
+        raise ValueError("aggregation weights sum to zero")
+    weights /= weights.sum()
+    keys = replies[0].arrays.keys()
+    return {
+        k: sum(w * r.arrays[k].astype(np.float64) for w, r in zip(weights, replies)).astype(np.float32)
+        for k in keys
+    }
+
+
+# ---------------------------------------------------------------------- client helpers
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate at global step ``step`` of ``total``: linear warm-up, then the schedule."""
+    warmup = int(cfg.warmup_frac * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "linear":
+        return cfg.lr * max(0.0, 1.0 - progress)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"train.schedule must be cosine, linear or constant, got {cfg.schedule!r}")
+
+
+@dataclass
+class ClientContext:
+    """Everything a method's client half needs for one round on one client."""
+
+    cfg: FedmmConfig
+    model: FusionVLModel
+    train: Encoded
+    test: Encoded
+    state: State  # the client's persistent private state; the method reads and rewrites it
+    round: int  # 1-based
+    client_index: int
+    steps_per_round: int
+    total_steps: int  # over the whole run, for the learning-rate schedule
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.visual_proj.parameters()).device
+
+    def optimizer(self, groups: Sequence[Sequence[nn.Parameter]]) -> torch.optim.Optimizer:
+        """AdamW over explicit parameter groups (each parameter must require grad)."""
+        for group in groups:
+            for p in group:
+                p.requires_grad_(True)
+        return torch.optim.AdamW(
+            [{"params": list(g)} for g in groups if len(g)],
+            lr=self.cfg.train.lr,
+            weight_decay=self.cfg.train.weight_decay,
+        )
+
+    def steps(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield ``steps_per_round`` training batches, setting the scheduled LR before each."""
+        n, bs = len(self.train), self.cfg.train.batch_size
+        gen = torch.Generator().manual_seed(
+            self.cfg.seed * 1_000_003 + self.client_index * 9_176 + self.round
+        )
+        order = torch.randperm(n, generator=gen)
+        pos = 0
+        self.model.train()
+        for i in range(self.steps_per_round):
+            if pos + min(bs, n) > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx = order[pos : pos + bs]
+            pos += bs
+            step = (self.round - 1) * self.steps_per_round + i
+            lr = lr_at(step, self.total_steps, self.cfg.train)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            self.stats.setdefault("lr_first", lr)
+            self.stats["lr_last"] = lr
+            self.stats["steps"] = self.stats.get("steps", 0) + 1
+            yield self.train.batch(idx, self.device)
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """Backward, clip, one optimiser step, gradients back to None."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(loss.detach())
+
+    @torch.no_grad()
+    def accuracy(self, split: Encoded | None = None) -> float:
+        """Top-1 accuracy of the model's current configuration on ``split`` (default: test)."""
+        split = self.test if split is None else split
+        self.model.eval()
+        correct, bs = 0, self.cfg.train.eval_batch_size
+        for start in range(0, len(split), bs):
+            idx = torch.arange(start, min(start + bs, len(split)))
+            feats, ids, mask, labels = split.batch(idx, self.device)
+            correct += int((self.model(feats, ids, mask).argmax(-1) == labels).sum())
+        return correct / max(1, len(split))
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Single-label classification over the answer vocabulary: cross-entropy."""
+    return F.cross_entropy(logits, labels)
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, batch mean; teacher not detached here."""
+    t = temperature
+    return (t * t) * F.kl_div(
+        F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+        reduction="batchmean", log_target=True,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- the interface
+class Method(ABC):
+    """A federated method: both halves of its protocol.  Subclasses set the class attributes."""
+
+    name: str = ""
+    views: tuple[str, ...] = ("global",)
+    adapter_sets: tuple[str, ...] = ()
+    federated: bool = True  # False: trained without the round loop (centralised)
+
+    def __init__(self, cfg: FedmmConfig) -> None:
+        self.cfg = cfg
+
+    def prepare(self, model: FusionVLModel) -> None:
+        """Make sure the model has this method's adapter sets, then reset every trainable part."""
+        model.adapters.ensure_sets(self.adapter_sets)
+        model.reset_trainable(self.cfg.seed)
+
+    # server half
+    @abstractmethod
+    def init_global(self, model: FusionVLModel) -> NDArrays:
+        """The global state sent in round 1 (may be empty)."""
+
+    @abstractmethod
+    def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
+        """New global state from this round's replies."""
+
+    # client half
+    @abstractmethod
+    def client_train(self, ctx: ClientContext, global_state: State) -> State:
+        """One round of local training; returns what the client uploads."""
+
+    @abstractmethod
+    def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
+        """Test accuracy per view."""
+
+    def trainable_parts(self) -> tuple[str, ...]:
+        """Parts this method trains (for parameter counts)."""
+        return ("proj", "head", *(f"adapter.{s}" for s in self.adapter_sets))
+
+    def upload_parts(self) -> tuple[str, ...]:
+        """Parts that leave the client."""
+        return ()

@@ -1,0 +1,74 @@
+"""FedAvg over PEFT parameters (McMahan et al., AISTATS 2017), the plain federated baseline.
+
+Federated parameters θ = {adapter ``global_adapter``, visual projection, head}.
+
+* Client k, round t: θ_k ← θ^t; run ``train.local_steps`` AdamW steps on the task loss
+  ``CE(f(x; θ_k), y)``; upload θ_k and n_k (training examples).  The trained θ_k is also kept on
+  the client (``personal``) for the personalised view.
+* Server: θ^{t+1} = Σ_k w_k θ_k with w_k ∝ n_k (``fed.weighting = "samples"``) or 1/K (``uniform``).
+
+Views: ``global`` = θ^{t+1} on the client's test set; ``personalized`` = the client's last locally
+trained θ_k (FedAvg + local finetuning; equal to ``global`` before the client first trains).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedmm.backbones import FusionVLModel
+from fedmm.methods.base import (
+    ClientContext, Method, NDArrays, Reply, State, get_parts, load_parts, task_loss,
+    to_numpy, weighted_average,
+)  # fmt: skip
+
+PARTS = ("adapter.global_adapter", "proj", "head")
+
+
+class FedAvg(Method):
+    name = "fedavg"
+    views = ("global", "personalized")
+    adapter_sets = ("global_adapter",)
+
+    # ------------------------------------------------------------------ server
+    def init_global(self, model: FusionVLModel) -> NDArrays:
+        self.prepare(model)
+        return to_numpy(get_parts(model, PARTS))
+
+    def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
+        return weighted_average(replies, self.cfg.fed.weighting)
+
+    # ------------------------------------------------------------------ client
+    def client_train(self, ctx: ClientContext, global_state: State) -> State:
+        model = ctx.model
+        self.prepare(model)
+        load_parts(model, global_state)
+        opt = ctx.optimizer([model.adapters.parameters_of("global_adapter"),
+                             list(model.visual_proj.parameters()), list(model.head.parameters())])
+        with model.active("global_adapter"):
+            for feats, ids, mask, labels in ctx.steps(opt):
+                ctx.step(opt, task_loss(model(feats, ids, mask), labels))
+        upload = get_parts(model, PARTS)
+        ctx.state.clear()
+        ctx.state.update({f"personal.{k}": v for k, v in upload.items()})
+        return upload
+
+    def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
+        model = ctx.model
+        self.prepare(model)
+        with model.active("global_adapter"):
+            load_parts(model, global_state)
+            metrics = {"global": ctx.accuracy()}
+            personal = {k.removeprefix("personal."): v for k, v in ctx.state.items()}
+            if personal:
+                load_parts(model, personal)
+                metrics["personalized"] = ctx.accuracy()
+            else:
+                metrics["personalized"] = metrics["global"]
+        return metrics
+
+    def upload_parts(self) -> tuple[str, ...]:
+        return PARTS
+
+    def trainable_parts(self) -> tuple[str, ...]:
+        return PARTS
+

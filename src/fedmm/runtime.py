@@ -1,0 +1,138 @@
+"""Per-process runtime: one model and the encoded client datasets, built once and reused.
+
+A Flower simulation actor (or a SuperNode process) serves many ``ClientApp`` calls; rebuilding the
+backbone or re-encoding images on every call would dominate the round time.  ``get_runtime``
+keeps one ``Runtime`` per (backbone, data) configuration in the process.
+
+Frozen visual features (the vision tower has no PEFT modules inside, so its output never changes)
+are computed once per client split and cached in memory and on disk under ``cache_dir``, keyed
+by backbone, preprocessing and data options, and reused across rounds, methods and seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedmm.backbones import FusionVLModel, build_model
+from fedmm.config import FedmmConfig
+from fedmm.data import Benchmark, RawSplit, load_benchmark
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    """Model inputs of one split: frozen visual features, token ids, labels (all on CPU)."""
+
+    feats: torch.Tensor  # (N, T_img, C) float16
+    input_ids: torch.Tensor  # (N, L)
+    attention_mask: torch.Tensor  # (N, L)
+    labels: torch.Tensor  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(feats, input_ids, attention_mask, labels)`` of rows ``idx`` on ``device``."""
+        return (
+            self.feats[idx].to(device, torch.float32),
+            self.input_ids[idx].to(device),
+            self.attention_mask[idx].to(device),
+            self.labels[idx].to(device),
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use --set device=cpu")
+    return torch.device(name)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedmm"
+
+
+class Runtime:
+    """The model (frozen backbone + trainable parts) and the benchmark's encoded splits."""
+
+    def __init__(self, cfg: FedmmConfig) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        self.benchmark: Benchmark = load_benchmark(cfg)
+        self.model: FusionVLModel = build_model(
+            cfg.model, cfg.adapter, len(self.benchmark.answers)
+        ).to(self.device)
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        self._encoded: dict[str, Encoded] = {}
+
+    def client_split(self, index: int, split: str) -> Encoded:
+        """Encoded ``train`` or ``test`` split of client ``index``."""
+        clients = self.benchmark.clients
+        if not 0 <= index < len(clients):
+            raise IndexError(f"client index {index} out of range: the benchmark has {len(clients)} clients")
+        spec = clients[index]
+        return self._encode(f"{spec.client_id}/{split}", getattr(spec, split))
+
+    def pooled_train(self) -> Encoded:
+        """Every client's training split, concatenated (for the centralised baseline)."""
+        parts = [self.client_split(i, "train") for i in range(len(self.benchmark.clients))]
+        return Encoded(*(torch.cat([getattr(p, f) for p in parts]) for f in Encoded.__dataclass_fields__))
+
+    def _encode(self, name: str, raw: RawSplit) -> Encoded:
+        if name in self._encoded:
+            return self._encoded[name]
+        ids, mask = self.model.tokenize(raw.texts)
+        feats = self._visual_features(name, raw)
+        enc = Encoded(feats, ids, mask, torch.as_tensor(raw.labels, dtype=torch.long))
+        self._encoded[name] = enc
+        return enc
+
+    def _visual_features(self, name: str, raw: RawSplit) -> torch.Tensor:
+        cfg = self.cfg
+        key_src = "|".join(
+            map(str, (cfg.model.backbone, cfg.model.image_size, cfg.model.grid, self.benchmark.name,
+                      cfg.data, cfg.fed.clients, name, raw.images.shape))
+        )  # fmt: skip
+        digest = hashlib.sha1(key_src.encode()).hexdigest()[:20]
+        path = self.cache_dir / "features" / f"{digest}.pt"
+        if path.is_file():
+            try:
+                feats = torch.load(path, weights_only=True)
+                if len(feats) == len(raw):
+                    return feats
+            except Exception as exc:  # a truncated or foreign file: recompute, never trust it
+                log.warning("ignoring unreadable feature cache %s: %s", path, exc)
+        feats = self.model.encode_images(raw.images).to(torch.float16)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
+                torch.save(feats, tmp.name)
+            os.replace(tmp.name, path)
+        except OSError as exc:  # read-only home etc.: caching is an optimisation only
+            log.warning("could not write feature cache %s: %s", path, exc)
+        return feats
+
+
+_RUNTIMES: dict[str, Runtime] = {}
+
+
+def get_runtime(cfg: FedmmConfig) -> Runtime:
+    key = "|".join(
+        map(str, (cfg.model, cfg.adapter, cfg.data, cfg.fed.clients, cfg.device, cfg.cache_dir))
+    )
+    if key not in _RUNTIMES:
+        _RUNTIMES.clear()  # one model per process: free the previous configuration's
+        _RUNTIMES[key] = Runtime(cfg)
+    return _RUNTIMES[key]
