@@ -195,16 +195,21 @@ class ClientContext:
         self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(loss.detach())
 
     @torch.no_grad()
+    def predict(self, split: Encoded | None = None) -> torch.Tensor:
+        """Predicted answer indices of the model's current configuration (default: test split)."""
+        split = self.test if split is None else split
+        self.model.eval()
+        preds, bs = [], self.cfg.train.eval_batch_size
+        for start in range(0, len(split), bs):
+            idx = torch.arange(start, min(start + bs, len(split)))
+            feats, ids, mask, _ = split.batch(idx, self.device)
+            preds.append(self.model(feats, ids, mask).argmax(-1).cpu())
+        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
     def accuracy(self, split: Encoded | None = None) -> float:
         """Top-1 accuracy of the model's current configuration on ``split`` (default: test)."""
         split = self.test if split is None else split
-        self.model.eval()
-        correct, bs = 0, self.cfg.train.eval_batch_size
-        for start in range(0, len(split), bs):
-            idx = torch.arange(start, min(start + bs, len(split)))
-            feats, ids, mask, labels = split.batch(idx, self.device)
-            correct += int((self.model(feats, ids, mask).argmax(-1) == labels).sum())
-        return correct / max(1, len(split))
+        return float((self.predict(split) == split.labels).float().mean()) if len(split) else 0.0
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -255,6 +260,11 @@ class Method(ABC):
     @abstractmethod
     def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
         """Test accuracy per view."""
+
+    def count_trainable(self, model: FusionVLModel) -> int:
+        """Trainable parameters of this method's model (one client's view)."""
+        model.adapters.ensure_sets(self.adapter_sets)
+        return num_params(model, self.trainable_parts())
 
     def trainable_parts(self) -> tuple[str, ...]:
         """Parts this method trains (for parameter counts)."""

@@ -80,12 +80,16 @@ def run_centralized(cfg, on_round: Callable[[dict], None] | None = None) -> list
             ectx = ClientContext(cfg, runtime.model, pooled, runtime.client_split(i, "test"),
                                  state, rnd, i, steps, steps * cfg.fed.rounds)
             clients[spec.client_id] = method.client_evaluate(ectx, {})
+        n_steps = ctx.stats.get("steps", 0)
         entry = {
             "round": rnd, "seconds": time.perf_counter() - t0, "bytes_up": 0, "bytes_down": 0,
-            "bytes_eval": 0, "failures": 0, "clients": clients,
-            "train": {"steps": ctx.stats.get("steps", 0), "lr_first": ctx.stats.get("lr_first"),
-                      "lr_last": ctx.stats.get("lr_last"),
-                      "loss": ctx.stats.get("loss_sum", 0.0) / max(1, ctx.stats.get("steps", 1))},
+            "bytes_eval": 0, "sampled": 0, "failures": 0, "clients": clients,
+            "train": {"pooled": {
+                "steps": n_steps, "lr-first": ctx.stats.get("lr_first", 0.0),
+                "lr-last": ctx.stats.get("lr_last", 0.0),
+                "loss": ctx.stats.get("loss_sum", 0.0) / max(1, n_steps),
+                "seconds": time.perf_counter() - t0,
+            }},
         }  # fmt: skip
         history.append(entry)
         if on_round:

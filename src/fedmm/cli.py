@@ -1,0 +1,133 @@
+"""``fedmm`` command line.
+
+    fedmm run [--benchmark NAME] [--method NAME[,NAME...]] [--rounds N] [--clients K]
+              [--seed S] [--out DIR] [--config FILE.toml] [--set key=value ...]
+    fedmm list            # methods, benchmarks, backbones, config keys with defaults
+
+Precedence: defaults < --config file < the flags above < --set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from fedmm.config import ConfigError, FedmmConfig, load_toml, parse_set
+
+FLAG_KEYS = {"benchmark": "data.benchmark", "rounds": "fed.rounds", "clients": "fed.clients",
+             "seed": "seed", "out": "out_dir"}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="federated finetuning of one or more methods")
+    run.add_argument("--benchmark", help="benchmark name (default: fmnist-domain)")
+    run.add_argument("--method", default=None, help="method name(s), comma-separated (default: fedavg)")
+    run.add_argument("--rounds", type=int, help="federated rounds (default: 5)")
+    run.add_argument("--clients", type=int, help="number of clients (default: 5)")
+    run.add_argument("--seed", type=int, help="run seed (default: 0)")
+    run.add_argument("--out", help="output directory (default: runs/latest)")
+    run.add_argument("--config", help="TOML file with options (tables = sections)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any option, e.g. --set train.lr=5e-4 (repeatable)")  # fmt: skip
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub.add_parser("list", help="list methods, benchmarks, backbones and config keys")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[FedmmConfig, list[str]]:
+    overrides: dict = {}
+    if args.config:
+        overrides.update(load_toml(args.config))
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    overrides.update(parse_set(args.set))
+    methods_arg = args.method if args.method is not None else overrides.pop("method", "fedavg")
+    overrides.pop("method", None)
+    cfg = FedmmConfig().with_overrides(overrides)
+    methods = [m.strip() for m in str(methods_arg).split(",") if m.strip()]
+    validate(cfg, methods)
+    return cfg, methods
+
+
+def validate(cfg: FedmmConfig, methods: list[str]) -> None:
+    from fedmm.backbones import BACKBONES
+    from fedmm.data import BENCHMARKS
+    from fedmm.methods import METHODS
+
+    if not methods:
+        raise ConfigError(f"--method is empty; choices: {', '.join(METHODS)}")
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}; choices: {', '.join(METHODS)}")
+    if cfg.data.benchmark not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {cfg.data.benchmark!r}; choices: {', '.join(sorted(BENCHMARKS))}")
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {cfg.model.backbone!r}; choices: {', '.join(sorted(BACKBONES))}")
+    if cfg.fed.rounds < 1 or cfg.fed.clients < 1:
+        raise ConfigError("--rounds and --clients must be >= 1")
+    if not 0 < cfg.fed.fraction <= 1:
+        raise ConfigError(f"fed.fraction must be in (0, 1], got {cfg.fed.fraction}")
+    if cfg.train.local_steps < 1 or cfg.train.batch_size < 1:
+        raise ConfigError("train.local_steps and train.batch_size must be >= 1")
+
+
+def cmd_list() -> None:
+    from fedmm.backbones import BACKBONES
+    from fedmm.data import BENCHMARKS
+    from fedmm.methods import METHODS
+
+    print("methods:   ", ", ".join(METHODS))
+    print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
+    print("backbones: ", ", ".join(sorted(BACKBONES)))
+    print("config keys (--set key=value):")
+    for key, value in FedmmConfig().to_flat().items():
+        print(f"  {key} = {value!r}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedmm import results
+    from fedmm.engine import run_method
+
+    from fedmm.data import load_benchmark
+
+    cfg, methods = resolve_config(args)
+    load_benchmark(cfg)  # missing data fails here, with install instructions, before any run
+    out = Path(cfg.out_dir)
+    print(f"fedmm: {', '.join(methods)} on {cfg.data.benchmark} ({cfg.fed.clients} clients, "
+          f"{cfg.fed.rounds} rounds, backbone {cfg.model.backbone}, seed {cfg.seed}) -> {out}/", flush=True)  # fmt: skip
+    for method in methods:
+        run_method(cfg.with_overrides({"method": method}))
+    data = results.load(out)
+    data["runs"] = [r for r in data["runs"] if r["method"] in methods and r["seed"] == cfg.seed]
+    print()
+    print(results.summary_table(data))
+    print(f"\nresults: {out / 'results.json'}  table: {out / 'summary.md'}  plot: {out / 'curves.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)  # Flower's logger is DEBUG and propagates: filter at the handler
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    try:
+        if args.command == "list":
+            cmd_list()
+            return 0
+        return cmd_run(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"fedmm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

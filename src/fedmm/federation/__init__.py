@@ -1,0 +1,1 @@
+"""Flower integration: the ServerApp (round loop) and the ClientApp (client half)."""

@@ -1,0 +1,153 @@
+"""Results: ``results.json`` (every run, every round), ``summary.md`` and ``curves.png``.
+
+Schema of ``<out>/results.json``::
+
+    {"fedmm_version": str,
+     "runs": [{"method", "benchmark", "seed", "views": [view, ...],
+               "trainable_params": int, "config": {flat config},
+               "clients": {client id: description},
+               "history": [{"round", "seconds", "bytes_up", "bytes_down", "bytes_eval",
+                            "sampled", "failures",
+                            "clients": {client id: {view: accuracy}},
+                            "train": {client id: {"steps", "lr-first", "lr-last", "loss",
+                                                  "seconds"}}}],
+               "final": {view: mean accuracy over clients in the last round}}]}
+
+A run is identified by (method, benchmark, seed); writing it again replaces it, so a directory
+collects a comparison across several ``fedmm run`` calls.  Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from fedmm import __version__
+from fedmm.config import FedmmConfig
+from fedmm.data import Benchmark
+
+VIEW_ORDER = ("global", "personalized", "dat", "client")
+
+
+def new_run(cfg: FedmmConfig, benchmark: Benchmark, views: tuple[str, ...], trainable_params: int) -> dict:
+    return {
+        "method": cfg.method,
+        "benchmark": benchmark.name,
+        "seed": cfg.seed,
+        "views": list(views),
+        "trainable_params": trainable_params,
+        "config": cfg.to_flat(),
+        "clients": {c.client_id: c.description for c in benchmark.clients},
+        "history": [],
+        "final": {},
+    }
+
+
+def add_round(run: dict, entry: dict) -> None:
+    run["history"].append(entry)
+    run["final"] = mean_views(entry["clients"])
+
+
+def mean_views(clients: dict[str, dict[str, float]]) -> dict[str, float]:
+    views: dict[str, list[float]] = {}
+    for metrics in clients.values():
+        for view, acc in metrics.items():
+            views.setdefault(view, []).append(acc)
+    return {v: sum(a) / len(a) for v, a in sorted(views.items())}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
+
+
+def load(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        return {"fedmm_version": __version__, "runs": []}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); move it away or pick another --out") from exc
+
+
+def save_run(out_dir: str | Path, run: dict) -> None:
+    """Insert or replace ``run`` in ``<out>/results.json`` and refresh summary.md/curves.png."""
+    data = load(out_dir)
+    key = (run["method"], run["benchmark"], run["seed"])
+    data["runs"] = [r for r in data["runs"] if (r["method"], r["benchmark"], r["seed"]) != key]
+    data["runs"].append(run)
+    data["fedmm_version"] = __version__
+    _atomic_write(Path(out_dir) / "results.json", json.dumps(data, indent=1).encode())
+    write_summary(out_dir, data)
+    write_curves(out_dir, data)
+
+
+def _views(runs: list[dict]) -> list[str]:
+    seen = {v for r in runs for v in r["final"]}
+    return [v for v in VIEW_ORDER if v in seen] + sorted(seen - set(VIEW_ORDER))
+
+
+def summary_table(data: dict) -> str:
+    """Markdown: one table per benchmark, methods x views (mean accuracy over clients)."""
+    lines = []
+    for bench in sorted({r["benchmark"] for r in data["runs"]}):
+        runs = [r for r in data["runs"] if r["benchmark"] == bench]
+        views = _views(runs)
+        lines += [f"### {bench}", ""]
+        head = ["method", "seed", "rounds", *views, "trainable params", "s/round", "KB up/round", "KB down/round"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in runs:
+            hist = r["history"]
+            n = max(1, len(hist))
+            cells = [r["method"], str(r["seed"]), str(len(hist))]
+            cells += [f"{100 * r['final'][v]:.1f}" if v in r["final"] else "—" for v in views]
+            cells += [
+                f"{r['trainable_params']:,}",
+                f"{sum(h['seconds'] for h in hist) / n:.1f}",
+                f"{sum(h['bytes_up'] for h in hist) / n / 1024:.0f}",
+                f"{sum(h['bytes_down'] for h in hist) / n / 1024:.0f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("Accuracy in %, mean over clients after the last round. Bytes: training messages, all sampled clients together.")
+    return "\n".join(lines)
+
+
+def write_summary(out_dir: str | Path, data: dict) -> None:
+    _atomic_write(Path(out_dir) / "summary.md", (summary_table(data) + "\n").encode())
+
+
+def write_curves(out_dir: str | Path, data: dict) -> None:
+    """Accuracy per round, one line per (method, view); one panel per benchmark."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = sorted({r["benchmark"] for r in data["runs"]})
+    if not benches:
+        return
+    fig, axes = plt.subplots(1, len(benches), figsize=(6 * len(benches), 4), squeeze=False)
+    for ax, bench in zip(axes[0], benches):
+        for r in (r for r in data["runs"] if r["benchmark"] == bench):
+            for view in r["views"]:
+                xs = [h["round"] for h in r["history"]]
+                ys = [100 * mean_views(h["clients"]).get(view, float("nan")) for h in r["history"]]
+                style = "-" if view in ("global",) else "--"
+                ax.plot(xs, ys, style, marker="o", label=f"{r['method']} ({view}) s{r['seed']}")
+        ax.set_title(bench)
+        ax.set_xlabel("round")
+        ax.set_ylabel("mean client accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out_dir) / "curves.png"
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".png") as tmp:
+        fig.savefig(tmp.name, dpi=110)
+    plt.close(fig)
+    os.replace(tmp.name, path)

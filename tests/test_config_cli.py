@@ -1,0 +1,46 @@
+"""Configuration and command line: defaults, overrides, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmm.cli import main
+from fedmm.config import ConfigError, FedmmConfig, load_toml, parse_set
+
+
+def test_overrides_coerce_types_and_reject_unknown_keys():
+    cfg = FedmmConfig().with_overrides({"train.lr": "5e-4", "fed.rounds": "3", "progress": "false"})
+    assert cfg.train.lr == 5e-4 and cfg.fed.rounds == 3 and cfg.progress is False
+    assert FedmmConfig().train.lr == 1e-3  # the original is untouched
+    with pytest.raises(ConfigError, match="valid keys: .*train.lr"):
+        FedmmConfig().with_overrides({"train.lrr": 1})
+    with pytest.raises(ConfigError, match="expects a int"):
+        FedmmConfig().with_overrides({"fed.rounds": "many"})
+    assert FedmmConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_toml_and_set_parsing(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('method = "feddat"\n[train]\nlr = 0.01\n[feddat]\ntemperature = 2.0\n')
+    flat = load_toml(path)
+    assert flat == {"method": "feddat", "train.lr": 0.01, "feddat.temperature": 2.0}
+    assert parse_set(["a.b=1"]) == {"a.b": "1"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set(["oops"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml(tmp_path / "none.toml")
+
+
+def test_cli_rejects_unknown_names_with_choices(capsys):
+    assert main(["run", "--method", "fedavg,fedmagic"]) == 2
+    assert "fedmagic" in capsys.readouterr().err
+    assert main(["run", "--benchmark", "nope"]) == 2
+    assert "choices: fmnist-domain" in capsys.readouterr().err
+    assert main(["run", "--set", "train.nope=1"]) == 2
+    assert "valid keys" in capsys.readouterr().err
+
+
+def test_cli_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "feddat" in out and "fmnist-function" in out and "train.local_steps" in out

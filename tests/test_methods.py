@@ -1,0 +1,149 @@
+"""Method invariants: FedDAT's dual adapters, equal step budgets and schedules, server averaging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedmm.methods import METHODS, ClientContext, Reply, get_method
+from fedmm.methods.base import distill_kl, get_parts, lr_at, task_loss, to_torch, weighted_average
+from fedmm.methods.centralized import run_centralized
+from fedmm.methods.feddat import CLIENT, FROZEN, GLOBAL
+from fedmm.runtime import get_runtime
+
+
+def client_ctx(cfg, state, rnd, index=0):
+    rt = get_runtime(cfg)
+    steps = cfg.train.local_steps
+    return ClientContext(cfg, rt.model, rt.client_split(index, "train"), rt.client_split(index, "test"),
+                         state, rnd, index, steps, steps * cfg.fed.rounds)  # fmt: skip
+
+
+def simulate_client(cfg, rounds):
+    """Rounds of one client with the server's aggregation in between (one client: identity)."""
+    method = get_method(cfg)
+    rt = get_runtime(cfg)
+    global_np = method.init_global(rt.model)
+    state, snapshots, stats = {}, [], []
+    for rnd in range(1, rounds + 1):
+        ctx = client_ctx(cfg, state, rnd)
+        upload = method.client_train(ctx, to_torch(global_np))
+        global_np = method.aggregate(global_np, [Reply(0, {k: v.numpy() for k, v in upload.items()}, 10)])
+        snapshots.append({k: v.clone() for k, v in state.items()})
+        stats.append(dict(ctx.stats))
+    return method, snapshots, stats, global_np
+
+
+def test_feddat_client_adapter_changes_in_every_round(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"method": "feddat", "fed.rounds": 4})
+    _, snaps, _, _ = simulate_client(cfg, 4)
+    key = f"adapter.{CLIENT}/0.up.weight"
+    init = torch.zeros_like(snaps[0][key])  # W_up starts at zero
+    previous = init
+    for rnd, snap in enumerate(snaps, 1):
+        assert not torch.equal(snap[key], previous), f"A_c did not change in round {rnd}"
+        previous = snap[key]
+
+
+def test_feddat_keeps_client_adapter_and_head_private(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"method": "feddat"})
+    method, snaps, _, global_np = simulate_client(cfg, 1)
+    assert all(k.split("/")[0] in (f"adapter.{GLOBAL}", "proj") for k in global_np)
+    assert set(k.split("/")[0] for k in snaps[0]) == {f"adapter.{CLIENT}", "head"}
+    shared = get_method(cfg.with_overrides({"feddat.federate_head": True}))
+    assert "head" in shared.upload_parts() and "head" not in shared.personal_parts()
+
+
+def test_feddat_frozen_copy_equals_received_global_and_is_not_trained(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"method": "feddat"})
+    method = get_method(cfg)
+    rt = get_runtime(cfg)
+    received = to_torch(method.init_global(rt.model))
+    received = {k: v + 0.01 * torch.randn_like(v) for k, v in received.items()}  # a non-trivial A_s
+    ctx = client_ctx(cfg, {}, 1)
+    upload = method.client_train(ctx, received)
+    frozen = get_parts(rt.model, [f"adapter.{FROZEN}"])
+    for k, v in frozen.items():
+        assert torch.equal(v, received[k.replace(FROZEN, GLOBAL)])
+    assert not all(torch.equal(upload[k], received[k]) for k in upload)  # A_s itself trained
+    assert not any(p.requires_grad for p in rt.model.adapters.parameters_of(FROZEN))
+
+
+def test_feddat_gradients_split_exactly_between_the_two_losses(tiny_cfg):
+    """One backward of L_s + L_DAT gives A_s exactly ∇L_s and A_c exactly ∇L_DAT."""
+    cfg = tiny_cfg.with_overrides({"method": "feddat", "adapter.zero_init_up": False})
+    method = get_method(cfg)
+    rt = get_runtime(cfg)
+    model, dc = rt.model, cfg.feddat
+    ctx = client_ctx(cfg, {}, 1)
+    method._load(ctx, to_torch(method.init_global(model)))
+    model.eval()  # no dropout: the same forward twice gives the same logits
+    feats, ids, mask, labels = ctx.train.batch(torch.arange(8), ctx.device)
+
+    def losses():
+        with model.active(CLIENT, FROZEN, combine=dc.dat_combine):
+            z_dat = model(feats, ids, mask)
+        with model.active(GLOBAL):
+            z_s = model(feats, ids, mask)
+        l_s = dc.alpha * task_loss(z_s, labels) + (1 - dc.alpha) * distill_kl(z_s, z_dat.detach(), dc.temperature)
+        l_dat = dc.beta * task_loss(z_dat, labels) + (1 - dc.beta) * distill_kl(z_dat, z_s.detach(), dc.temperature)
+        return l_s, l_dat
+
+    a_s, a_c = model.adapters.parameters_of(GLOBAL), model.adapters.parameters_of(CLIENT)
+    for p in a_s + a_c:
+        p.requires_grad_(True)
+    l_s, l_dat = losses()
+    fused = torch.autograd.grad(l_s + l_dat, a_s + a_c)
+    l_s, _ = losses()
+    only_s = torch.autograd.grad(l_s, a_s, allow_unused=True)
+    _, l_dat = losses()
+    only_dat = torch.autograd.grad(l_dat, a_c, allow_unused=True)
+    for g, ref in zip(fused, list(only_s) + list(only_dat)):
+        assert ref is not None and torch.allclose(g, ref, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in fused[len(a_s):])
+
+
+@pytest.mark.parametrize("method", ["fedavg", "feddat", "local"])
+def test_every_method_takes_the_same_steps_on_the_same_schedule(tiny_cfg, method):
+    cfg = tiny_cfg.with_overrides({"method": method, "fed.rounds": 3, "train.warmup_frac": 0.2})
+    _, _, stats, _ = simulate_client(cfg, 3)
+    total = cfg.train.local_steps * 3
+    for rnd, s in enumerate(stats, 1):
+        first = (rnd - 1) * cfg.train.local_steps
+        assert s["steps"] == cfg.train.local_steps
+        assert s["lr_first"] == pytest.approx(lr_at(first, total, cfg.train))
+        assert s["lr_last"] == pytest.approx(lr_at(first + cfg.train.local_steps - 1, total, cfg.train))
+
+
+def test_centralized_takes_one_rounds_worth_of_all_clients_steps(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"method": "centralized"})
+    history = run_centralized(cfg)
+    k, s = cfg.fed.clients, cfg.train.local_steps
+    assert [h["train"]["pooled"]["steps"] for h in history] == [k * s] * cfg.fed.rounds
+    assert history[0]["train"]["pooled"]["lr-first"] == pytest.approx(lr_at(0, k * s * cfg.fed.rounds, cfg.train))
+    assert set(history[-1]["clients"]) == {c.client_id for c in get_runtime(cfg).benchmark.clients}
+
+
+def test_schedule_never_restarts():
+    from fedmm.config import TrainConfig
+
+    cfg = TrainConfig(lr=1.0, warmup_frac=0.1, schedule="cosine")
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[9] == pytest.approx(1.0) and lrs[0] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone after warm-up
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, 10, TrainConfig(schedule="nope"))
+
+
+def test_weighted_average_by_samples_and_uniform():
+    a = Reply(0, {"w": np.array([0.0, 0.0], dtype=np.float32)}, 1)
+    b = Reply(1, {"w": np.array([4.0, 8.0], dtype=np.float32)}, 3)
+    assert np.allclose(weighted_average([a, b], "samples")["w"], [3.0, 6.0])
+    assert np.allclose(weighted_average([a, b], "uniform")["w"], [2.0, 4.0])
+    with pytest.raises(ValueError):
+        weighted_average([], "samples")
+
+
+def test_registry_lists_the_foundation_methods():
+    assert {"local", "centralized", "fedavg", "feddat"} <= set(METHODS)
