@@ -37,7 +37,9 @@ def split_by_image(records: list[dict], frac: float, seed: int) -> tuple[list[di
     images = sorted({r["image_name"] for r in records})
     rng = np.random.default_rng(seed)
     held = set(rng.choice(images, size=max(1, int(frac * len(images))), replace=False))
-    return [r for r in records if r["image_name"] not in held], [r for r in records if r["image_name"] in held]
+    return [r for r in records if r["image_name"] not in held], [
+        r for r in records if r["image_name"] in held
+    ]
 
 
 def encode(model, data, records, answers, size) -> tuple[Encoded, torch.Tensor]:
@@ -53,7 +55,11 @@ def encode(model, data, records, answers, size) -> tuple[Encoded, torch.Tensor]:
 
 def scores(pred: torch.Tensor, labels: torch.Tensor, closed: torch.Tensor) -> dict[str, float]:
     hit = (pred == labels).float()
-    return {"all": float(hit.mean()), "closed": float(hit[closed].mean()), "open": float(hit[~closed].mean())}
+    return {
+        "all": float(hit.mean()),
+        "closed": float(hit[closed].mean()),
+        "open": float(hit[~closed].mean()),
+    }
 
 
 @torch.no_grad()
@@ -75,7 +81,9 @@ def run_probe(model, train, val, test, closed_val, closed_test, n_answers, epoch
     xs = [pooled_features(model, e) for e in (train, val, test)]
     mu, sd = xs[0].mean(0), xs[0].std(0) + 1e-6
     xs = [(x - mu) / sd for x in xs]
-    mlp = nn.Sequential(nn.Linear(xs[0].shape[1], 512), nn.ReLU(), nn.Dropout(0.3), nn.Linear(512, n_answers))
+    mlp = nn.Sequential(
+        nn.Linear(xs[0].shape[1], 512), nn.ReLU(), nn.Dropout(0.3), nn.Linear(512, n_answers)
+    )
     opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=1e-2)
     best, history = None, []
     for epoch in range(1, epochs + 1):
@@ -120,7 +128,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--probe-epochs", type=int, default=60)
-    ap.add_argument("--grid", type=int, default=7, help="visual tokens per side (7 = MobileNetV2's full 224px grid)")
+    ap.add_argument(
+        "--grid",
+        type=int,
+        default=7,
+        help="visual tokens per side (7 = MobileNetV2's full 224px grid)",
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/results/vqa_rad_probe.json")
@@ -142,8 +155,21 @@ def main() -> None:
     print(f"train {len(train)} / val {len(val)} (held-out images) / test {len(test)}; "
           f"visual tokens {train.feats.shape[1]}", flush=True)  # fmt: skip
 
-    probe = run_probe(model, train, val, test, closed_val, closed_test, len(data.answers), args.probe_epochs, args.seed)
-    print(f"probe: selected epoch {probe['selected']['epoch']}: test {probe['selected']['test']}", flush=True)
+    probe = run_probe(
+        model,
+        train,
+        val,
+        test,
+        closed_val,
+        closed_test,
+        len(data.answers),
+        args.probe_epochs,
+        args.seed,
+    )
+    print(
+        f"probe: selected epoch {probe['selected']['epoch']}: test {probe['selected']['test']}",
+        flush=True,
+    )
     fused = run_fedmm(cfg, model, train, val, test, closed_val, closed_test, args.epochs)
     print(f"fedmm: selected epoch {fused['selected']['epoch']}: test {fused['selected']['test']}")
 
@@ -154,9 +180,14 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print("| model | selected epoch | test all | closed | open |\n|---|---|---|---|---|")
-    for name, res in (("frozen-feature MLP probe", probe), ("fedmm centralised (proj+adapters+head)", fused)):
+    for name, res in (
+        ("frozen-feature MLP probe", probe),
+        ("fedmm centralised (proj+adapters+head)", fused),
+    ):
         t = res["selected"]["test"]
-        print(f"| {name} | {res['selected']['epoch']} | {100 * t['all']:.1f} | {100 * t['closed']:.1f} | {100 * t['open']:.1f} |")
+        print(
+            f"| {name} | {res['selected']['epoch']} | {100 * t['all']:.1f} | {100 * t['closed']:.1f} | {100 * t['open']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

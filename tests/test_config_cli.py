@@ -44,3 +44,18 @@ def test_cli_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "feddat" in out and "fmnist-function" in out and "train.local_steps" in out
+
+
+def test_flower_app_config_in_pyproject_lists_every_option():
+    """`flwr run --run-config` only accepts keys declared in [tool.flwr.app.config]."""
+    import tomllib
+    from pathlib import Path
+
+    from fedmm.config import flatten
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    declared = flatten(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+    assert declared == FedmmConfig().to_flat()
+    components = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "fedmm.federation.serverapp:app",
+                          "clientapp": "fedmm.federation.clientapp:app"}  # fmt: skip

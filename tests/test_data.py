@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from fedmm.data import BENCHMARKS, load_benchmark
-from fedmm.data.fmnist import ANSWERS, DOMAINS, FAMILIES, apply_domain, find_fashion_mnist, make_question, read_idx
+from fedmm.data.fmnist import (
+    ANSWERS,
+    DOMAINS,
+    FAMILIES,
+    apply_domain,
+    find_fashion_mnist,
+    make_question,
+    read_idx,
+)
 
 
 def test_idx_reader_roundtrip(fmnist_dir):

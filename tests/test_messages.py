@@ -49,12 +49,18 @@ def test_train_reply_holds_only_declared_trainable_tensors_and_scalars(tiny_cfg,
     method = get_method(cfg)
     assert {k.split("/")[0] for k in keys} == set(method.upload_parts())
     model = get_runtime(cfg).model
-    expected = {f"{part}/{k}" for part in method.upload_parts() for k in part_module(model, part).state_dict()}
+    expected = {
+        f"{part}/{k}"
+        for part in method.upload_parts()
+        for k in part_module(model, part).state_dict()
+    }
     assert keys == expected
     frozen = model.frozen_state_keys()
     assert not any(k.split("/", 1)[1] in frozen or k.startswith(("vision", "text")) for k in keys)
     if name == "feddat":
-        assert not any("client_adapter" in k or "frozen_global" in k or k.startswith("head/") for k in keys)
+        assert not any(
+            "client_adapter" in k or "frozen_global" in k or k.startswith("head/") for k in keys
+        )
     if name == "local":
         assert keys == set()
 
@@ -66,7 +72,12 @@ def test_evaluate_reply_holds_only_metrics_per_view(tiny_cfg):
     reply, _ = send(cfg, context, MessageType.EVALUATE, 1)
     assert set(reply.content.keys()) == {messages.METRICS}
     m = reply.content[messages.METRICS]
-    assert {k for k in m.keys() if k.startswith("acc.")} == {"acc.global", "acc.personalized", "acc.dat", "acc.client"}
+    assert {k for k in m.keys() if k.startswith("acc.")} == {
+        "acc.global",
+        "acc.personalized",
+        "acc.dat",
+        "acc.client",
+    }
     assert all(0.0 <= m[k] <= 1.0 for k in m.keys() if k.startswith("acc."))
 
 

@@ -29,7 +29,9 @@ def simulate_client(cfg, rounds):
     for rnd in range(1, rounds + 1):
         ctx = client_ctx(cfg, state, rnd)
         upload = method.client_train(ctx, to_torch(global_np))
-        global_np = method.aggregate(global_np, [Reply(0, {k: v.numpy() for k, v in upload.items()}, 10)])
+        global_np = method.aggregate(
+            global_np, [Reply(0, {k: v.numpy() for k, v in upload.items()}, 10)]
+        )
         snapshots.append({k: v.clone() for k, v in state.items()})
         stats.append(dict(ctx.stats))
     return method, snapshots, stats, global_np
@@ -86,8 +88,12 @@ def test_feddat_gradients_split_exactly_between_the_two_losses(tiny_cfg):
             z_dat = model(feats, ids, mask)
         with model.active(GLOBAL):
             z_s = model(feats, ids, mask)
-        l_s = dc.alpha * task_loss(z_s, labels) + (1 - dc.alpha) * distill_kl(z_s, z_dat.detach(), dc.temperature)
-        l_dat = dc.beta * task_loss(z_dat, labels) + (1 - dc.beta) * distill_kl(z_dat, z_s.detach(), dc.temperature)
+        l_s = dc.alpha * task_loss(z_s, labels) + (1 - dc.alpha) * distill_kl(
+            z_s, z_dat.detach(), dc.temperature
+        )
+        l_dat = dc.beta * task_loss(z_dat, labels) + (1 - dc.beta) * distill_kl(
+            z_dat, z_s.detach(), dc.temperature
+        )
         return l_s, l_dat
 
     a_s, a_c = model.adapters.parameters_of(GLOBAL), model.adapters.parameters_of(CLIENT)
@@ -101,7 +107,7 @@ def test_feddat_gradients_split_exactly_between_the_two_losses(tiny_cfg):
     only_dat = torch.autograd.grad(l_dat, a_c, allow_unused=True)
     for g, ref in zip(fused, list(only_s) + list(only_dat)):
         assert ref is not None and torch.allclose(g, ref, atol=1e-6)
-    assert any(g.abs().sum() > 0 for g in fused[len(a_s):])
+    assert any(g.abs().sum() > 0 for g in fused[len(a_s) :])
 
 
 @pytest.mark.parametrize("method", ["fedavg", "feddat", "local"])
@@ -113,7 +119,9 @@ def test_every_method_takes_the_same_steps_on_the_same_schedule(tiny_cfg, method
         first = (rnd - 1) * cfg.train.local_steps
         assert s["steps"] == cfg.train.local_steps
         assert s["lr_first"] == pytest.approx(lr_at(first, total, cfg.train))
-        assert s["lr_last"] == pytest.approx(lr_at(first + cfg.train.local_steps - 1, total, cfg.train))
+        assert s["lr_last"] == pytest.approx(
+            lr_at(first + cfg.train.local_steps - 1, total, cfg.train)
+        )
 
 
 def test_centralized_takes_one_rounds_worth_of_all_clients_steps(tiny_cfg):
@@ -121,7 +129,9 @@ def test_centralized_takes_one_rounds_worth_of_all_clients_steps(tiny_cfg):
     history = run_centralized(cfg)
     k, s = cfg.fed.clients, cfg.train.local_steps
     assert [h["train"]["pooled"]["steps"] for h in history] == [k * s] * cfg.fed.rounds
-    assert history[0]["train"]["pooled"]["lr-first"] == pytest.approx(lr_at(0, k * s * cfg.fed.rounds, cfg.train))
+    assert history[0]["train"]["pooled"]["lr-first"] == pytest.approx(
+        lr_at(0, k * s * cfg.fed.rounds, cfg.train)
+    )
     assert set(history[-1]["clients"]) == {c.client_id for c in get_runtime(cfg).benchmark.clients}
 
 

@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="federated finetuning of one or more methods")
     run.add_argument("--benchmark", help="benchmark name (default: fmnist-domain)")
-    run.add_argument("--method", default=None, help="method name(s), comma-separated (default: fedavg)")
+    run.add_argument(
+        "--method", default=None, help="method name(s), comma-separated (default: fedavg)"
+    )
     run.add_argument("--rounds", type=int, help="federated rounds (default: 5)")
     run.add_argument("--clients", type=int, help="number of clients (default: 5)")
     run.add_argument("--seed", type=int, help="run seed (default: 0)")
@@ -67,9 +69,13 @@ def validate(cfg: FedmmConfig, methods: list[str]) -> None:
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; choices: {', '.join(METHODS)}")
     if cfg.data.benchmark not in BENCHMARKS:
-        raise ConfigError(f"unknown benchmark {cfg.data.benchmark!r}; choices: {', '.join(sorted(BENCHMARKS))}")
+        raise ConfigError(
+            f"unknown benchmark {cfg.data.benchmark!r}; choices: {', '.join(sorted(BENCHMARKS))}"
+        )
     if cfg.model.backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {cfg.model.backbone!r}; choices: {', '.join(sorted(BACKBONES))}")
+        raise ConfigError(
+            f"unknown backbone {cfg.model.backbone!r}; choices: {', '.join(sorted(BACKBONES))}"
+        )
     if cfg.fed.rounds < 1 or cfg.fed.clients < 1:
         raise ConfigError("--rounds and --clients must be >= 1")
     if not 0 < cfg.fed.fraction <= 1:
@@ -93,9 +99,8 @@ def cmd_list() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedmm import results
-    from fedmm.engine import run_method
-
     from fedmm.data import load_benchmark
+    from fedmm.engine import run_method
 
     cfg, methods = resolve_config(args)
     load_benchmark(cfg)  # missing data fails here, with install instructions, before any run
@@ -108,7 +113,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     data["runs"] = [r for r in data["runs"] if r["method"] in methods and r["seed"] == cfg.seed]
     print()
     print(results.summary_table(data))
-    print(f"\nresults: {out / 'results.json'}  table: {out / 'summary.md'}  plot: {out / 'curves.png'}")
+    print(
+        f"\nresults: {out / 'results.json'}  table: {out / 'summary.md'}  plot: {out / 'curves.png'}"
+    )
     return 0
 
 

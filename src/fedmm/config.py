@@ -122,6 +122,18 @@ class FedmmConfig:
                 flat[f.name] = value
         return flat
 
+    def resolved(self) -> FedmmConfig:
+        """Paths made absolute against this process's working directory, so every process of a
+        federation (Ray workers, SuperNodes started elsewhere) reads and writes the same files."""
+        import os
+
+        updates = {"out_dir": os.path.abspath(self.out_dir)}
+        if self.cache_dir:
+            updates["cache_dir"] = os.path.abspath(self.cache_dir)
+        if self.data.data_dir:
+            updates["data.data_dir"] = os.path.abspath(self.data.data_dir)
+        return self.with_overrides(updates)
+
     def to_json(self) -> str:
         return json.dumps(self.to_flat(), sort_keys=True)
 

@@ -29,19 +29,9 @@ def _progress(cfg: FedmmConfig, label: str):
     return bar, on_round
 
 
-def absolute_paths(cfg: FedmmConfig) -> FedmmConfig:
-    """Resolve user-relative paths once, so every process (Ray workers too) sees the same files."""
-    cfg = cfg.with_overrides({"out_dir": os.path.abspath(cfg.out_dir)})
-    if cfg.cache_dir:
-        cfg = cfg.with_overrides({"cache_dir": os.path.abspath(cfg.cache_dir)})
-    if cfg.data.data_dir:
-        cfg = cfg.with_overrides({"data.data_dir": os.path.abspath(cfg.data.data_dir)})
-    return cfg
-
-
 def run_method(cfg: FedmmConfig) -> dict:
     """Run ``cfg.method`` to the end; returns the run record (also saved in results.json)."""
-    cfg = absolute_paths(cfg)
+    cfg = cfg.resolved()
     method = get_method(cfg)
     label = f"{cfg.method} on {cfg.data.benchmark}"
     bar, on_round = _progress(cfg, label)

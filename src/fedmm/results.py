@@ -31,7 +31,9 @@ from fedmm.data import Benchmark
 VIEW_ORDER = ("global", "personalized", "dat", "client")
 
 
-def new_run(cfg: FedmmConfig, benchmark: Benchmark, views: tuple[str, ...], trainable_params: int) -> dict:
+def new_run(
+    cfg: FedmmConfig, benchmark: Benchmark, views: tuple[str, ...], trainable_params: int
+) -> dict:
     return {
         "method": cfg.method,
         "benchmark": benchmark.name,
@@ -72,7 +74,9 @@ def load(out_dir: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); move it away or pick another --out") from exc
+        raise ValueError(
+            f"{path} is not valid JSON ({exc}); move it away or pick another --out"
+        ) from exc
 
 
 def save_run(out_dir: str | Path, run: dict) -> None:
@@ -99,7 +103,16 @@ def summary_table(data: dict) -> str:
         runs = [r for r in data["runs"] if r["benchmark"] == bench]
         views = _views(runs)
         lines += [f"### {bench}", ""]
-        head = ["method", "seed", "rounds", *views, "trainable params", "s/round", "KB up/round", "KB down/round"]
+        head = [
+            "method",
+            "seed",
+            "rounds",
+            *views,
+            "trainable params",
+            "s/round",
+            "KB up/round",
+            "KB down/round",
+        ]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in runs:
             hist = r["history"]
@@ -114,7 +127,9 @@ def summary_table(data: dict) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Accuracy in %, mean over clients after the last round. Bytes: training messages, all sampled clients together.")
+    lines.append(
+        "Accuracy in %, mean over clients after the last round. Bytes: training messages, all sampled clients together."
+    )
     return "\n".join(lines)
 
 

@@ -40,11 +40,17 @@ class Encoded:
         return len(self.labels)
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """``(feats, input_ids, attention_mask, labels)`` of rows ``idx`` on ``device``."""
+        """``(feats, input_ids, attention_mask, labels)`` of rows ``idx`` on ``device``.
+
+        Text is trimmed to the longest text in the batch: padding columns cost compute in every
+        layer and change nothing (they are masked out of attention and never pooled).
+        """
+        mask = self.attention_mask[idx]
+        width = max(1, int(mask.sum(1).max())) if len(idx) else mask.shape[1]
         return (
             self.feats[idx].to(device, torch.float32),
-            self.input_ids[idx].to(device),
-            self.attention_mask[idx].to(device),
+            self.input_ids[idx, :width].to(device),
+            mask[:, :width].to(device),
             self.labels[idx].to(device),
         )
 
@@ -53,7 +59,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use --set device=cpu")
+        raise RuntimeError(
+            f"device {name!r} requested but CUDA is not available; use --set device=cpu"
+        )
     return torch.device(name)
 
 
@@ -81,14 +89,18 @@ class Runtime:
         """Encoded ``train`` or ``test`` split of client ``index``."""
         clients = self.benchmark.clients
         if not 0 <= index < len(clients):
-            raise IndexError(f"client index {index} out of range: the benchmark has {len(clients)} clients")
+            raise IndexError(
+                f"client index {index} out of range: the benchmark has {len(clients)} clients"
+            )
         spec = clients[index]
         return self._encode(f"{spec.client_id}/{split}", getattr(spec, split))
 
     def pooled_train(self) -> Encoded:
         """Every client's training split, concatenated (for the centralised baseline)."""
         parts = [self.client_split(i, "train") for i in range(len(self.benchmark.clients))]
-        return Encoded(*(torch.cat([getattr(p, f) for p in parts]) for f in Encoded.__dataclass_fields__))
+        return Encoded(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in Encoded.__dataclass_fields__)
+        )
 
     def _encode(self, name: str, raw: RawSplit) -> Encoded:
         if name in self._encoded:

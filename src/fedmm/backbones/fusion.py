@@ -4,12 +4,14 @@
           ──visual projection P (trainable)──> visual tokens V = F·Pᵀ ∈ R^{g²×d}
     text  ──frozen word embeddings──> T ∈ R^{L×d}
     [T ; V] + position + modality-type embeddings ──frozen transformer layers (+ adapters)──> H
-    logits = head([H_cls ; mean(H_visual)])
+    logits = head([H_cls ; mean(H_text) ; mean(H_visual) ; mean(V)])
 
 The transformer runs over the joint sequence, as ViLT does (single-stream fusion): text tokens
 attend to image tokens in every layer, so adapters after each FFN adapt the fusion itself.  The
-head sees the [CLS] state and the mean of the visual tokens' output states (the pooled image
-evidence after fusion), which learned better than [CLS] alone in our VQA-RAD sketch.
+head sees the fused states ([CLS], mean text-token and mean visual-token outputs) **and** the
+pooled projected image feature before fusion, mean(V): with the frozen attention only slowly
+re-routed by adapters, this direct image path lets the head use the image from the first step
+(a [CLS]-only head learned markedly slower on VQA-RAD; see docs/results/vqa_rad_probe.json).
 
 Frozen: the vision tower, the embeddings and every transformer weight.  Trainable: the adapter
 sets (``model.adapters``), the visual projection and the head.
@@ -79,7 +81,7 @@ class FusionVLModel(nn.Module):
         )
         self.visual_proj = nn.Linear(backbone.vision_dim, d)
         self.head = nn.Sequential(
-            nn.Linear(2 * d, model_cfg.head_hidden),
+            nn.Linear(4 * d, model_cfg.head_hidden),
             nn.GELU(),
             nn.Dropout(model_cfg.dropout),
             nn.Linear(model_cfg.head_hidden, num_answers),
@@ -102,7 +104,9 @@ class FusionVLModel(nn.Module):
         device = next(self.visual_proj.parameters()).device
         out = []
         for start in range(0, len(images), batch_size):
-            pixels = preprocess_images(images[start : start + batch_size], self.model_cfg.image_size)
+            pixels = preprocess_images(
+                images[start : start + batch_size], self.model_cfg.image_size
+            )
             grid = self.vision(pixels.to(device))
             g = self.model_cfg.grid
             if g > 0 and (grid.shape[-1] > g or grid.shape[-2] > g):
@@ -134,7 +138,11 @@ class FusionVLModel(nn.Module):
         )
         hidden = self.text(inputs_embeds=joint, attention_mask=mask, token_type_ids=types)
         hidden = hidden.last_hidden_state
-        pooled = torch.cat([hidden[:, 0], hidden[:, n_text:].mean(dim=1)], dim=-1)
+        text_mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        text_mean = (hidden[:, :n_text] * text_mask).sum(1) / text_mask.sum(1).clamp(min=1.0)
+        pooled = torch.cat(
+            [hidden[:, 0], text_mean, hidden[:, n_text:].mean(dim=1), visual.mean(dim=1)], dim=-1
+        )
         return self.head(pooled)
 
     # ------------------------------------------------------------------ trainable state

@@ -92,7 +92,9 @@ def read_idx(path: Path) -> np.ndarray:
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: expected {int(np.prod(dims))} values for dims {dims}, got {body.size}")
+        raise ValueError(
+            f"{path}: expected {int(np.prod(dims))} values for dims {dims}, got {body.size}"
+        )
     return body.reshape(dims)
 
 
@@ -108,7 +110,9 @@ def apply_domain(images: np.ndarray, domain: str) -> np.ndarray:
     if domain == "inverted":
         return 255 - images
     if domain == "blurred":
-        return ndimage.gaussian_filter(images.astype(np.float32), sigma=(0, 1.5, 1.5)).astype(np.uint8)
+        return ndimage.gaussian_filter(images.astype(np.float32), sigma=(0, 1.5, 1.5)).astype(
+            np.uint8
+        )
     if domain == "edges":
         x = images.astype(np.float32)
         mag = np.hypot(ndimage.sobel(x, axis=1), ndimage.sobel(x, axis=2))
@@ -179,7 +183,11 @@ def build(cfg: FedmmConfig, setting: str) -> Benchmark:
         train = _split(raw["train_images"], raw["train_labels"], train_idx, domain, families, rng)
         test = _split(raw["test_images"], raw["test_labels"], test_idx, domain, families, rng)
         clients.append(ClientSpec(cid, desc, train, test))
-    title = "Domain (visual domain per client)" if setting == "domain" else "Function (question family per client)"
+    title = (
+        "Domain (visual domain per client)"
+        if setting == "domain"
+        else "Function (question family per client)"
+    )
     return Benchmark(f"fmnist-{setting}", f"Fashion-MNIST VQA, {title}", list(ANSWERS), clients)
 
 

@@ -21,7 +21,9 @@ GLOBAL, CONFIG, UPDATE, METRICS = "global", "config", "update", "metrics"
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()})
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()}
+    )
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -36,7 +38,11 @@ def server_message(arrays: dict[str, np.ndarray], cfg: FedmmConfig, rnd: int) ->
 
 def read_server_message(content: RecordDict) -> tuple[dict[str, np.ndarray], FedmmConfig, int]:
     config = content[CONFIG]
-    return from_record(content[GLOBAL]), FedmmConfig.from_json(str(config["fedmm"])), int(config["round"])
+    return (
+        from_record(content[GLOBAL]),
+        FedmmConfig.from_json(str(config["fedmm"])),
+        int(config["round"]),
+    )
 
 
 def client_reply(arrays: dict[str, np.ndarray] | None, metrics: dict[str, float]) -> RecordDict:

@@ -34,13 +34,16 @@ from fedmm.runtime import get_runtime
 log = logging.getLogger(__name__)
 
 
-def make_server_app(cfg: FedmmConfig | None = None, on_round: Callable[[dict], None] | None = None) -> ServerApp:
+def make_server_app(
+    cfg: FedmmConfig | None = None, on_round: Callable[[dict], None] | None = None
+) -> ServerApp:
     """A ServerApp running ``cfg`` (or, when None, the config in Flower's run_config)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else FedmmConfig().with_overrides(dict(context.run_config))
+        run_cfg = run_cfg.resolved()
         run_federation(grid, run_cfg, on_round)
 
     return app
@@ -56,11 +59,15 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float = 120.0) -> list[int]:
         if len(nodes) >= n:
             return nodes
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(nodes)} of {n} SuperNodes connected within {timeout:.0f}s")
+            raise TimeoutError(
+                f"only {len(nodes)} of {n} SuperNodes connected within {timeout:.0f}s"
+            )
         time.sleep(0.5)
 
 
-def run_federation(grid: Grid, cfg: FedmmConfig, on_round: Callable[[dict], None] | None = None) -> dict:
+def run_federation(
+    grid: Grid, cfg: FedmmConfig, on_round: Callable[[dict], None] | None = None
+) -> dict:
     """Run ``fed.rounds`` rounds of ``cfg.method``; returns (and writes) the run record."""
     method = get_method(cfg)
     runtime = get_runtime(cfg)  # the server needs the trainable shapes and the client names
@@ -86,7 +93,12 @@ def run_federation(grid: Grid, cfg: FedmmConfig, on_round: Callable[[dict], None
         ok, up, train_stats = [], 0, {}
         for reply in replies:
             if reply.has_error():
-                log.warning("round %d: node %s failed: %s", rnd, reply.metadata.src_node_id, reply.error.reason)
+                log.warning(
+                    "round %d: node %s failed: %s",
+                    rnd,
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
                 continue
             m = reply.content[messages.METRICS]
             update = reply.content[messages.UPDATE]

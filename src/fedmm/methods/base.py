@@ -66,7 +66,9 @@ def load_parts(model: FusionVLModel, state: State, rename: dict[str, str] | None
     for part, sub in grouped.items():
         module = part_module(model, part)
         device = next(module.parameters()).device
-        module.load_state_dict({k: torch.as_tensor(v).to(device) for k, v in sub.items()}, strict=True)
+        module.load_state_dict(
+            {k: torch.as_tensor(v).to(device) for k, v in sub.items()}, strict=True
+        )
 
 
 def select(state: State, parts: Sequence[str]) -> State:
@@ -109,7 +111,9 @@ def weighted_average(replies: Sequence[Reply], weighting: str = "samples") -> ND
     weights /= weights.sum()
     keys = replies[0].arrays.keys()
     return {
-        k: sum(w * r.arrays[k].astype(np.float64) for w, r in zip(weights, replies)).astype(np.float32)
+        k: sum(w * r.arrays[k].astype(np.float64) for w, r in zip(weights, replies)).astype(
+            np.float32
+        )
         for k in keys
     }
 

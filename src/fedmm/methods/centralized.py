@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.base import (
-    ClientContext, Method, NDArrays, Reply, State, get_parts, load_parts, task_loss,
+    ClientContext,
+    Method,
+    NDArrays,
+    Reply,
+    State,
+    get_parts,
+    load_parts,
+    task_loss,
 )  # fmt: skip
 from fedmm.runtime import get_runtime
 
@@ -41,8 +48,13 @@ class Centralized(Method):
         self.prepare(model)
         if ctx.state:
             load_parts(model, ctx.state)
-        opt = ctx.optimizer([model.adapters.parameters_of("central_adapter"),
-                             list(model.visual_proj.parameters()), list(model.head.parameters())])
+        opt = ctx.optimizer(
+            [
+                model.adapters.parameters_of("central_adapter"),
+                list(model.visual_proj.parameters()),
+                list(model.head.parameters()),
+            ]
+        )
         with model.active("central_adapter"):
             for feats, ids, mask, labels in ctx.steps(opt):
                 ctx.step(opt, task_loss(model(feats, ids, mask), labels))
@@ -72,13 +84,23 @@ def run_centralized(cfg, on_round: Callable[[dict], None] | None = None) -> list
     history = []
     for rnd in range(1, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
-        ctx = ClientContext(cfg, runtime.model, pooled, pooled, state, rnd, -1, steps,
-                            steps * cfg.fed.rounds)
+        ctx = ClientContext(
+            cfg, runtime.model, pooled, pooled, state, rnd, -1, steps, steps * cfg.fed.rounds
+        )
         method.client_train(ctx, {})
         clients = {}
         for i, spec in enumerate(runtime.benchmark.clients):
-            ectx = ClientContext(cfg, runtime.model, pooled, runtime.client_split(i, "test"),
-                                 state, rnd, i, steps, steps * cfg.fed.rounds)
+            ectx = ClientContext(
+                cfg,
+                runtime.model,
+                pooled,
+                runtime.client_split(i, "test"),
+                state,
+                rnd,
+                i,
+                steps,
+                steps * cfg.fed.rounds,
+            )
             clients[spec.client_id] = method.client_evaluate(ectx, {})
         n_steps = ctx.stats.get("steps", 0)
         entry = {

@@ -17,8 +17,16 @@ from collections.abc import Sequence
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.base import (
-    ClientContext, Method, NDArrays, Reply, State, get_parts, load_parts, task_loss,
-    to_numpy, weighted_average,
+    ClientContext,
+    Method,
+    NDArrays,
+    Reply,
+    State,
+    get_parts,
+    load_parts,
+    task_loss,
+    to_numpy,
+    weighted_average,
 )  # fmt: skip
 
 PARTS = ("adapter.global_adapter", "proj", "head")
@@ -42,8 +50,13 @@ class FedAvg(Method):
         model = ctx.model
         self.prepare(model)
         load_parts(model, global_state)
-        opt = ctx.optimizer([model.adapters.parameters_of("global_adapter"),
-                             list(model.visual_proj.parameters()), list(model.head.parameters())])
+        opt = ctx.optimizer(
+            [
+                model.adapters.parameters_of("global_adapter"),
+                list(model.visual_proj.parameters()),
+                list(model.head.parameters()),
+            ]
+        )
         with model.active("global_adapter"):
             for feats, ids, mask, labels in ctx.steps(opt):
                 ctx.step(opt, task_loss(model(feats, ids, mask), labels))
@@ -71,4 +84,3 @@ class FedAvg(Method):
 
     def trainable_parts(self) -> tuple[str, ...]:
         return PARTS
-

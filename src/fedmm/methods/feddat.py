@@ -43,8 +43,18 @@ from collections.abc import Sequence
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.base import (
-    ClientContext, Method, NDArrays, Reply, State, distill_kl, get_parts, load_parts, select,
-    task_loss, to_numpy, weighted_average,
+    ClientContext,
+    Method,
+    NDArrays,
+    Reply,
+    State,
+    distill_kl,
+    get_parts,
+    load_parts,
+    select,
+    task_loss,
+    to_numpy,
+    weighted_average,
 )  # fmt: skip
 
 GLOBAL, FROZEN, CLIENT = "global_adapter", "frozen_global", "client_adapter"
@@ -80,8 +90,11 @@ class FedDAT(Method):
         model = ctx.model
         self.prepare(model)
         load_parts(model, global_state)
-        load_parts(model, select(global_state, (f"adapter.{GLOBAL}",)),
-                   rename={f"adapter.{GLOBAL}": f"adapter.{FROZEN}"})
+        load_parts(
+            model,
+            select(global_state, (f"adapter.{GLOBAL}",)),
+            rename={f"adapter.{GLOBAL}": f"adapter.{FROZEN}"},
+        )
         if ctx.state:
             load_parts(model, ctx.state)
         for p in model.adapters.parameters_of(FROZEN):

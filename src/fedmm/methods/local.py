@@ -12,7 +12,14 @@ from collections.abc import Sequence
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.base import (
-    ClientContext, Method, NDArrays, Reply, State, get_parts, load_parts, task_loss,
+    ClientContext,
+    Method,
+    NDArrays,
+    Reply,
+    State,
+    get_parts,
+    load_parts,
+    task_loss,
 )  # fmt: skip
 
 PARTS = ("adapter.local_adapter", "proj", "head")
@@ -34,8 +41,13 @@ class Local(Method):
         self.prepare(model)
         if ctx.state:
             load_parts(model, ctx.state)
-        opt = ctx.optimizer([model.adapters.parameters_of("local_adapter"),
-                             list(model.visual_proj.parameters()), list(model.head.parameters())])
+        opt = ctx.optimizer(
+            [
+                model.adapters.parameters_of("local_adapter"),
+                list(model.visual_proj.parameters()),
+                list(model.head.parameters()),
+            ]
+        )
         with model.active("local_adapter"):
             for feats, ids, mask, labels in ctx.steps(opt):
                 ctx.step(opt, task_loss(model(feats, ids, mask), labels))

