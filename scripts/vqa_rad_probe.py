@@ -135,6 +135,9 @@ def main() -> None:
         help="visual tokens per side (7 = MobileNetV2's full 224px grid)",
     )
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--dropout", type=float, default=0.1, help="head dropout")
+    ap.add_argument("--head-hidden", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/results/vqa_rad_probe.json")
     args = ap.parse_args()
@@ -145,6 +148,8 @@ def main() -> None:
     cfg = FedmmConfig().with_overrides({
         "seed": args.seed, "model.image_size": 224, "model.grid": args.grid, "model.max_text_len": 32,
         "train.lr": args.lr, "train.batch_size": 32, "train.warmup_frac": 0.05,
+        "train.weight_decay": args.weight_decay, "model.dropout": args.dropout,
+        "model.head_hidden": args.head_hidden,
     })  # fmt: skip
     model = build_model(cfg.model, cfg.adapter, len(data.answers))
     Centralized(cfg).prepare(model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -125,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.setLevel(level)  # Flower's logger is DEBUG and propagates: filter at the handler
+    if not getattr(args, "verbose", False):
+        # run_simulation's deprecation notice and Ray's set-up chatter are not the user's business
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     try:
         if args.command == "list":

@@ -148,16 +148,22 @@ def write_curves(out_dir: str | Path, data: dict) -> None:
     if not benches:
         return
     fig, axes = plt.subplots(1, len(benches), figsize=(6 * len(benches), 4), squeeze=False)
+    styles = {"global": "-", "personalized": "--", "client": ":"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, bench in zip(axes[0], benches):
-        for r in (r for r in data["runs"] if r["benchmark"] == bench):
+        runs = [r for r in data["runs"] if r["benchmark"] == bench]
+        for i, r in enumerate(runs):
             for view in r["views"]:
+                if view == "dat":  # FedDAT's dat view is its personalized view: drawn once
+                    continue
                 xs = [h["round"] for h in r["history"]]
                 ys = [100 * mean_views(h["clients"]).get(view, float("nan")) for h in r["history"]]
-                style = "-" if view in ("global",) else "--"
-                ax.plot(xs, ys, style, marker="o", label=f"{r['method']} ({view}) s{r['seed']}")
+                ax.plot(xs, ys, styles.get(view, "-."), color=colors[i % len(colors)], marker="o",
+                        label=f"{r['method']} s{r['seed']} ({view})")  # fmt: skip
         ax.set_title(bench)
         ax.set_xlabel("round")
         ax.set_ylabel("mean client accuracy (%)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -81,6 +81,7 @@ class FusionVLModel(nn.Module):
         )
         self.visual_proj = nn.Linear(backbone.vision_dim, d)
         self.head = nn.Sequential(
+            nn.LayerNorm(4 * d),  # the pooled parts differ in scale (fused states vs. projection)
             nn.Linear(4 * d, model_cfg.head_hidden),
             nn.GELU(),
             nn.Dropout(model_cfg.dropout),
@@ -152,7 +153,7 @@ class FusionVLModel(nn.Module):
             torch.manual_seed(seed)
             self.visual_proj.reset_parameters()
             for layer in self.head:
-                if isinstance(layer, nn.Linear):
+                if isinstance(layer, nn.Linear | nn.LayerNorm):
                     layer.reset_parameters()
             for name in sorted(self.adapters.sets):
                 self.adapters.reset_set(name)

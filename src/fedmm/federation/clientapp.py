@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedmm.config import FedmmConfig
@@ -116,4 +116,4 @@ def save_state(context: Context, cfg: FedmmConfig, index: int, rnd: int, state: 
     os.replace(tmp.name, path)
 
 
-__all__ = ["ArrayRecord", "app", "handle", "restore_state", "save_state", "state_path"]
+__all__ = ["app", "handle", "restore_state", "save_state", "state_path"]

@@ -216,6 +216,20 @@ class ClientContext:
         return float((self.predict(split) == split.labels).float().mean()) if len(split) else 0.0
 
 
+def supervised_update(ctx: ClientContext, adapter_set: str) -> None:
+    """The plain local update: ``train.local_steps`` AdamW steps on ``CE(f(x; θ), y)`` with
+    θ = {adapter set ``adapter_set``, visual projection, head}."""
+    model = ctx.model
+    opt = ctx.optimizer([
+        model.adapters.parameters_of(adapter_set),
+        list(model.visual_proj.parameters()),
+        list(model.head.parameters()),
+    ])  # fmt: skip
+    with model.active(adapter_set):
+        for feats, ids, mask, labels in ctx.steps(opt):
+            ctx.step(opt, task_loss(model(feats, ids, mask), labels))
+
+
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Single-label classification over the answer vocabulary: cross-entropy."""
     return F.cross_entropy(logits, labels)

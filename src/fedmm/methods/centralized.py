@@ -14,63 +14,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from fedmm.backbones import FusionVLModel
-from fedmm.methods.base import (
-    ClientContext,
-    Method,
-    NDArrays,
-    Reply,
-    State,
-    get_parts,
-    load_parts,
-    task_loss,
-)  # fmt: skip
+from fedmm.methods.base import ClientContext, NDArrays, Reply, State
+from fedmm.methods.local import Local
 from fedmm.runtime import get_runtime
 
-PARTS = ("adapter.central_adapter", "proj", "head")
 
+class Centralized(Local):
+    """``Local`` training of one model whose "client" holds everyone's data."""
 
-class Centralized(Method):
     name = "centralized"
     views = ("global",)
     adapter_sets = ("central_adapter",)
     federated = False
 
-    def init_global(self, model: FusionVLModel) -> NDArrays:
-        return {}
-
     def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
         raise RuntimeError("centralized training has no server aggregation")
-
-    def client_train(self, ctx: ClientContext, global_state: State) -> State:
-        """Train the pooled model; ``ctx.train`` is the pooled data, ``ctx.state`` holds θ."""
-        model = ctx.model
-        self.prepare(model)
-        if ctx.state:
-            load_parts(model, ctx.state)
-        opt = ctx.optimizer(
-            [
-                model.adapters.parameters_of("central_adapter"),
-                list(model.visual_proj.parameters()),
-                list(model.head.parameters()),
-            ]
-        )
-        with model.active("central_adapter"):
-            for feats, ids, mask, labels in ctx.steps(opt):
-                ctx.step(opt, task_loss(model(feats, ids, mask), labels))
-        ctx.state.clear()
-        ctx.state.update(get_parts(model, PARTS))
-        return {}
-
-    def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
-        model = ctx.model
-        self.prepare(model)
-        load_parts(model, ctx.state)
-        with model.active("central_adapter"):
-            return {"global": ctx.accuracy()}
-
-    def trainable_parts(self) -> tuple[str, ...]:
-        return PARTS
 
 
 def run_centralized(cfg, on_round: Callable[[dict], None] | None = None) -> list[dict]:

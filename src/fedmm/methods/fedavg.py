@@ -24,7 +24,7 @@ from fedmm.methods.base import (
     State,
     get_parts,
     load_parts,
-    task_loss,
+    supervised_update,
     to_numpy,
     weighted_average,
 )  # fmt: skip
@@ -50,16 +50,7 @@ class FedAvg(Method):
         model = ctx.model
         self.prepare(model)
         load_parts(model, global_state)
-        opt = ctx.optimizer(
-            [
-                model.adapters.parameters_of("global_adapter"),
-                list(model.visual_proj.parameters()),
-                list(model.head.parameters()),
-            ]
-        )
-        with model.active("global_adapter"):
-            for feats, ids, mask, labels in ctx.steps(opt):
-                ctx.step(opt, task_loss(model(feats, ids, mask), labels))
+        supervised_update(ctx, "global_adapter")
         upload = get_parts(model, PARTS)
         ctx.state.clear()
         ctx.state.update({f"personal.{k}": v for k, v in upload.items()})

@@ -19,10 +19,8 @@ from fedmm.methods.base import (
     State,
     get_parts,
     load_parts,
-    task_loss,
+    supervised_update,
 )  # fmt: skip
-
-PARTS = ("adapter.local_adapter", "proj", "head")
 
 
 class Local(Method):
@@ -30,38 +28,29 @@ class Local(Method):
     views = ("personalized",)
     adapter_sets = ("local_adapter",)
 
+    def trainable_parts(self) -> tuple[str, ...]:
+        return (f"adapter.{self.adapter_sets[0]}", "proj", "head")
+
     def init_global(self, model: FusionVLModel) -> NDArrays:
         return {}
 
     def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
         return {}
 
-    def client_train(self, ctx: ClientContext, global_state: State) -> State:
-        model = ctx.model
-        self.prepare(model)
+    def _load(self, ctx: ClientContext) -> None:
+        self.prepare(ctx.model)
         if ctx.state:
-            load_parts(model, ctx.state)
-        opt = ctx.optimizer(
-            [
-                model.adapters.parameters_of("local_adapter"),
-                list(model.visual_proj.parameters()),
-                list(model.head.parameters()),
-            ]
-        )
-        with model.active("local_adapter"):
-            for feats, ids, mask, labels in ctx.steps(opt):
-                ctx.step(opt, task_loss(model(feats, ids, mask), labels))
+            load_parts(ctx.model, ctx.state)
+
+    def client_train(self, ctx: ClientContext, global_state: State) -> State:
+        """Continue training θ_k from the client's state; nothing is uploaded."""
+        self._load(ctx)
+        supervised_update(ctx, self.adapter_sets[0])
         ctx.state.clear()
-        ctx.state.update(get_parts(model, PARTS))
+        ctx.state.update(get_parts(ctx.model, self.trainable_parts()))
         return {}
 
     def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
-        model = ctx.model
-        self.prepare(model)
-        if ctx.state:
-            load_parts(model, ctx.state)
-        with model.active("local_adapter"):
-            return {"personalized": ctx.accuracy()}
-
-    def trainable_parts(self) -> tuple[str, ...]:
-        return PARTS
+        self._load(ctx)
+        with ctx.model.active(self.adapter_sets[0]):
+            return {self.views[0]: ctx.accuracy()}
