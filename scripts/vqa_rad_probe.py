@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fedmm.backbones import build_model
+from fedmm.backbones.fusion import preprocess_images
 from fedmm.config import FedmmConfig
 from fedmm.data.vqa_rad import load_images, load_vqa_rad
 from fedmm.methods.base import ClientContext
@@ -42,15 +43,20 @@ def split_by_image(records: list[dict], frac: float, seed: int) -> tuple[list[di
     ]
 
 
-def encode(model, data, records, answers, size) -> tuple[Encoded, torch.Tensor]:
+def encode(model, data, records, answers, size) -> tuple[Encoded, torch.Tensor, torch.Tensor]:
+    """fedmm inputs, the closed-question mask, and the probe's full-grid pooled image feature."""
     names = sorted({r["image_name"] for r in records})
-    feats = model.encode_images(load_images(data.root, names, size))
+    images = load_images(data.root, names, size)
+    feats = model.encode_images(images)
+    with torch.no_grad():  # the probe pools MobileNetV2's whole 7x7 grid, whatever fedmm's grid
+        full = model.vision(preprocess_images(images, size)).mean(dim=(-2, -1))
     row = {n: i for i, n in enumerate(names)}
     ids, mask = model.tokenize([r["question"] for r in records])
     index = {a: i for i, a in enumerate(answers)}
     labels = torch.tensor([index.get(r["answer"], -1) for r in records])
     closed = torch.tensor([r["answer_type"] == "CLOSED" for r in records])
-    return Encoded(feats[[row[r["image_name"]] for r in records]].half(), ids, mask, labels), closed
+    rows = [row[r["image_name"]] for r in records]
+    return Encoded(feats[rows].half(), ids, mask, labels), closed, full[rows]
 
 
 def scores(pred: torch.Tensor, labels: torch.Tensor, closed: torch.Tensor) -> dict[str, float]:
@@ -63,8 +69,9 @@ def scores(pred: torch.Tensor, labels: torch.Tensor, closed: torch.Tensor) -> di
 
 
 @torch.no_grad()
-def pooled_features(model, enc: Encoded) -> torch.Tensor:
+def pooled_features(model, enc: Encoded, image: torch.Tensor) -> torch.Tensor:
     """[mean visual grid ; masked-mean MiniLM question states] with the frozen encoders only."""
+    model.eval()  # no dropout: the frozen encoders' deterministic features
     out = []
     for start in range(0, len(enc), 256):
         sl = slice(start, start + 256)
@@ -72,13 +79,14 @@ def pooled_features(model, enc: Encoded) -> torch.Tensor:
         with model.active():
             h = model.text(input_ids=ids, attention_mask=mask).last_hidden_state
         text = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        out.append(torch.cat([enc.feats[sl].float().mean(1), text], -1))
+        out.append(torch.cat([image[sl], text], -1))
     return torch.cat(out)
 
 
-def run_probe(model, train, val, test, closed_val, closed_test, n_answers, epochs, seed) -> dict:
+def run_probe(model, splits, images, closed_val, closed_test, n_answers, epochs, seed) -> dict:
     torch.manual_seed(seed)
-    xs = [pooled_features(model, e) for e in (train, val, test)]
+    train, val, test = splits
+    xs = [pooled_features(model, e, im) for e, im in zip(splits, images)]
     mu, sd = xs[0].mean(0), xs[0].std(0) + 1e-6
     xs = [(x - mu) / sd for x in xs]
     mlp = nn.Sequential(
@@ -149,23 +157,14 @@ def main() -> None:
     model = build_model(cfg.model, cfg.adapter, len(data.answers))
     Centralized(cfg).prepare(model)
     train_recs, val_recs = split_by_image(data.train, 0.1, args.seed)
-    train, _ = encode(model, data, train_recs, data.answers, 224)
-    val, closed_val = encode(model, data, val_recs, data.answers, 224)
-    test, closed_test = encode(model, data, data.test, data.answers, 224)
+    train, _, im_train = encode(model, data, train_recs, data.answers, 224)
+    val, closed_val, im_val = encode(model, data, val_recs, data.answers, 224)
+    test, closed_test, im_test = encode(model, data, data.test, data.answers, 224)
     print(f"train {len(train)} / val {len(val)} (held-out images) / test {len(test)}; "
           f"visual tokens {train.feats.shape[1]}", flush=True)  # fmt: skip
 
-    probe = run_probe(
-        model,
-        train,
-        val,
-        test,
-        closed_val,
-        closed_test,
-        len(data.answers),
-        args.probe_epochs,
-        args.seed,
-    )
+    probe = run_probe(model, (train, val, test), (im_train, im_val, im_test), closed_val,
+                      closed_test, len(data.answers), args.probe_epochs, args.seed)  # fmt: skip
     print(
         f"probe: selected epoch {probe['selected']['epoch']}: test {probe['selected']['test']}",
         flush=True,
