@@ -136,7 +136,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--probe-epochs", type=int, default=60)
-    ap.add_argument("--grid", type=int, default=3, help="visual tokens per side (7 = the full 224px grid)")
+    ap.add_argument(
+        "--grid", type=int, default=3, help="visual tokens per side (7 = the full 224px grid)"
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--dropout", type=float, default=0.3, help="head dropout")
