@@ -40,3 +40,14 @@ def tiny_cfg(fmnist_dir, tmp_path) -> FedmmConfig:
         "fed.rounds": 2, "train.local_steps": 3, "train.batch_size": 8,
         "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), "progress": False,
     })  # fmt: skip
+
+
+@pytest.fixture()
+def flower_task_identity():
+    """Messages outside a running Flower process need a task identity (the runtime sets one)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -11,16 +11,7 @@ from fedmm.methods import get_method
 from fedmm.methods.base import part_module
 from fedmm.runtime import get_runtime
 
-
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    """Messages outside a running Flower process need a task identity (the runtime sets one)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def make_context(index=0) -> Context:
