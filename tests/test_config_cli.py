@@ -59,3 +59,16 @@ def test_flower_app_config_in_pyproject_lists_every_option():
     components = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "fedmm.federation.serverapp:app",
                           "clientapp": "fedmm.federation.clientapp:app"}  # fmt: skip
+
+
+def test_cli_reports_bad_sizes_and_unreadable_results_without_running(tiny_cfg, tmp_path, capsys):
+    common = ["run", "--set", "model.backbone=tiny", "--set", f"data.data_dir={tiny_cfg.data.data_dir}",
+              "--set", "data.train_per_client=10", "--set", "data.test_per_client=10"]  # fmt: skip
+    assert main([*common, "--clients", "100", "--out", str(tmp_path / "a")]) == 2
+    assert "exceeds Fashion-MNIST" in capsys.readouterr().err
+    bad = tmp_path / "b"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    assert main([*common, "--out", str(bad)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert (bad / "results.json").read_text() == "{not json"  # left as it was

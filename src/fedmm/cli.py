@@ -104,8 +104,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedmm.engine import run_method
 
     cfg, methods = resolve_config(args)
-    load_benchmark(cfg)  # missing data fails here, with install instructions, before any run
     out = Path(cfg.out_dir)
+    try:
+        load_benchmark(cfg)  # missing data fails here, with install instructions, before any run
+        results.load(out)  # an unreadable results.json is reported, never overwritten
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     print(f"fedmm: {', '.join(methods)} on {cfg.data.benchmark} ({cfg.fed.clients} clients, "
           f"{cfg.fed.rounds} rounds, backbone {cfg.model.backbone}, seed {cfg.seed}) -> {out}/", flush=True)  # fmt: skip
     for method in methods:
