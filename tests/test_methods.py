@@ -110,7 +110,7 @@ def test_feddat_gradients_split_exactly_between_the_two_losses(tiny_cfg):
     assert any(g.abs().sum() > 0 for g in fused[len(a_s) :])
 
 
-@pytest.mark.parametrize("method", ["fedavg", "feddat", "local"])
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "fedper", "feddat", "local"])
 def test_every_method_takes_the_same_steps_on_the_same_schedule(tiny_cfg, method):
     cfg = tiny_cfg.with_overrides({"method": method, "fed.rounds": 3, "train.warmup_frac": 0.2})
     _, _, stats, _ = simulate_client(cfg, 3)
@@ -156,4 +156,28 @@ def test_weighted_average_by_samples_and_uniform():
 
 
 def test_registry_lists_the_foundation_methods():
-    assert {"local", "centralized", "fedavg", "feddat"} <= set(METHODS)
+    assert {"local", "centralized", "fedavg", "fedprox", "fedper", "feddat"} <= set(METHODS)
+
+
+def test_fedprox_with_zero_mu_is_fedavg_and_mu_pulls_towards_the_global_model(tiny_cfg):
+    def one_round(name, mu):
+        cfg = tiny_cfg.with_overrides({"method": name, "fedprox.mu": mu, "model.dropout": 0.0})
+        method = get_method(cfg)
+        start = to_torch(method.init_global(get_runtime(cfg).model))
+        torch.manual_seed(0)
+        upload = method.client_train(client_ctx(cfg, {}, 1), start)
+        return sum(float(((upload[k] - start[k]) ** 2).sum()) for k in upload) ** 0.5, upload
+
+    drift_avg, up_avg = one_round("fedavg", 0.0)
+    drift_0, up_0 = one_round("fedprox", 0.0)
+    drift_big, _ = one_round("fedprox", 1000.0)
+    assert all(torch.allclose(up_avg[k], up_0[k]) for k in up_avg)
+    assert drift_big < 0.5 * drift_avg
+
+
+def test_fedper_keeps_its_head_and_shares_only_the_body(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"method": "fedper"})
+    method, snaps, _, global_np = simulate_client(cfg, 2)
+    assert {k.split("/")[0] for k in global_np} == {"adapter.global_adapter", "proj"}
+    assert {k.split("/")[0] for k in snaps[0]} == {"head"}
+    assert not all(torch.equal(snaps[0][k], snaps[1][k]) for k in snaps[0])  # trained on, kept

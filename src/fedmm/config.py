@@ -82,6 +82,13 @@ class FedDATConfig:
 
 
 @dataclass
+class FedProxConfig:
+    """FedProx (Li et al. 2020)."""
+
+    mu: float = 0.01  # proximal weight μ; 0 reduces FedProx to FedAvg
+
+
+@dataclass
 class DataConfig:
     """Which benchmark and how much of it each client holds."""
 
@@ -107,6 +114,7 @@ class FedmmConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     feddat: FedDATConfig = field(default_factory=FedDATConfig)
+    fedprox: FedProxConfig = field(default_factory=FedProxConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
     # ------------------------------------------------------------------ flat views

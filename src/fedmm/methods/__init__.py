@@ -7,9 +7,13 @@ from fedmm.methods.base import ClientContext, Method, Reply
 from fedmm.methods.centralized import Centralized
 from fedmm.methods.fedavg import FedAvg
 from fedmm.methods.feddat import FedDAT
+from fedmm.methods.fedper import FedPer
+from fedmm.methods.fedprox import FedProx
 from fedmm.methods.local import Local
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Local, Centralized, FedAvg, FedDAT)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (Local, Centralized, FedAvg, FedProx, FedPer, FedDAT)
+}
 
 
 def get_method(cfg: FedmmConfig) -> Method:

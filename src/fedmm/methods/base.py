@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -216,9 +216,11 @@ class ClientContext:
         return float((self.predict(split) == split.labels).float().mean()) if len(split) else 0.0
 
 
-def supervised_update(ctx: ClientContext, adapter_set: str) -> None:
-    """The plain local update: ``train.local_steps`` AdamW steps on ``CE(f(x; θ), y)`` with
-    θ = {adapter set ``adapter_set``, visual projection, head}."""
+def supervised_update(
+    ctx: ClientContext, adapter_set: str, regulariser: Callable[[], torch.Tensor] | None = None
+) -> None:
+    """The plain local update: ``train.local_steps`` AdamW steps on ``CE(f(x; θ), y)`` (plus
+    ``regulariser()`` when given) with θ = {adapter set ``adapter_set``, visual projection, head}."""
     model = ctx.model
     opt = ctx.optimizer([
         model.adapters.parameters_of(adapter_set),
@@ -227,7 +229,10 @@ def supervised_update(ctx: ClientContext, adapter_set: str) -> None:
     ])  # fmt: skip
     with model.active(adapter_set):
         for feats, ids, mask, labels in ctx.steps(opt):
-            ctx.step(opt, task_loss(model(feats, ids, mask), labels))
+            loss = task_loss(model(feats, ids, mask), labels)
+            if regulariser is not None:
+                loss = loss + regulariser()
+            ctx.step(opt, loss)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
