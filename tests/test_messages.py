@@ -27,7 +27,9 @@ def send(cfg, context, kind, rnd, global_np=None):
     return clientapp.handle(msg, context, train=kind == MessageType.TRAIN), global_np
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedper", "feddat", "local"])
+@pytest.mark.parametrize(
+    "name", ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "feddat", "local"]
+)
 def test_train_reply_holds_only_declared_trainable_tensors_and_scalars(tiny_cfg, name):
     cfg = tiny_cfg.with_overrides({"method": name})
     reply, _ = send(cfg, make_context(), MessageType.TRAIN, 1)
@@ -52,6 +54,8 @@ def test_train_reply_holds_only_declared_trainable_tensors_and_scalars(tiny_cfg,
         assert not any(
             "client_adapter" in k or "frozen_global" in k or k.startswith("head/") for k in keys
         )
+    if name == "ditto":
+        assert not any("personal_adapter" in k for k in keys)
     if name == "fedper":
         assert not any(k.startswith("head/") for k in keys)
     if name == "local":

@@ -110,7 +110,9 @@ def test_feddat_gradients_split_exactly_between_the_two_losses(tiny_cfg):
     assert any(g.abs().sum() > 0 for g in fused[len(a_s) :])
 
 
-@pytest.mark.parametrize("method", ["fedavg", "fedprox", "fedper", "feddat", "local"])
+@pytest.mark.parametrize(
+    "method", ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "feddat", "local"]
+)
 def test_every_method_takes_the_same_steps_on_the_same_schedule(tiny_cfg, method):
     cfg = tiny_cfg.with_overrides({"method": method, "fed.rounds": 3, "train.warmup_frac": 0.2})
     _, _, stats, _ = simulate_client(cfg, 3)
@@ -181,3 +183,33 @@ def test_fedper_keeps_its_head_and_shares_only_the_body(tiny_cfg):
     assert {k.split("/")[0] for k in global_np} == {"adapter.global_adapter", "proj"}
     assert {k.split("/")[0] for k in snaps[0]} == {"head"}
     assert not all(torch.equal(snaps[0][k], snaps[1][k]) for k in snaps[0])  # trained on, kept
+
+
+def test_fedadam_server_step_follows_the_adam_update(tiny_cfg):
+    cfg = tiny_cfg.with_overrides(
+        {"method": "fedadam", "fedadam.server_lr": 0.1, "fedadam.tau": 1e-3}
+    )
+    method = get_method(cfg)
+    theta = {"w": np.array([1.0, -1.0], dtype=np.float32)}
+    reply = Reply(0, {"w": np.array([1.5, -1.0], dtype=np.float32)}, 5)
+    new = method.aggregate(theta, [reply])
+    m, v = 0.1 * np.array([0.5, 0.0]), 0.01 * np.array([0.25, 0.0])
+    assert np.allclose(new["w"], theta["w"] + 0.1 * m / (np.sqrt(v) + 1e-3), atol=1e-6)
+    again = method.aggregate(
+        new, [Reply(0, {"w": new["w"]}, 5)]
+    )  # zero update: momentum carries on
+    assert again["w"][0] > new["w"][0]
+
+
+def test_ditto_personal_model_is_private_and_pulled_to_the_global_one(tiny_cfg):
+    def personal_distance(lam):
+        cfg = tiny_cfg.with_overrides({"method": "ditto", "ditto.lam": lam})
+        method, snaps, stats, global_np = simulate_client(cfg, 1)
+        assert stats[0]["steps"] == stats[0]["personal_steps"] == cfg.train.local_steps
+        assert {k.split("/")[0] for k in global_np} == {"adapter.global_adapter", "proj", "head"}
+        assert {k.split("/")[0] for k in snaps[0]} == {"adapter.personal_adapter", "proj", "head"}
+        start = to_torch(method.init_global(get_runtime(cfg).model))
+        pers = {k.replace("personal_adapter", "global_adapter"): v for k, v in snaps[0].items()}
+        return sum(float(((pers[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
+
+    assert personal_distance(1000.0) < 0.5 * personal_distance(0.0)

@@ -89,6 +89,23 @@ class FedProxConfig:
 
 
 @dataclass
+class FedAdamConfig:
+    """FedAdam (Reddi et al. 2021): Adam on the server over the averaged client update."""
+
+    server_lr: float = 0.01  # η
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3  # adaptivity / stability constant τ
+
+
+@dataclass
+class DittoConfig:
+    """Ditto (Li et al. 2021): personal models pulled towards the global one."""
+
+    lam: float = 0.1  # λ of the proximal pull ‖v_k − θ‖²; 0 = independent personal models
+
+
+@dataclass
 class DataConfig:
     """Which benchmark and how much of it each client holds."""
 
@@ -115,6 +132,8 @@ class FedmmConfig:
     fed: FedConfig = field(default_factory=FedConfig)
     feddat: FedDATConfig = field(default_factory=FedDATConfig)
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
+    fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
+    ditto: DittoConfig = field(default_factory=DittoConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
     # ------------------------------------------------------------------ flat views

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.methods.base import ClientContext, Method, Reply
 from fedmm.methods.centralized import Centralized
+from fedmm.methods.ditto import Ditto
+from fedmm.methods.fedadam import FedAdam
 from fedmm.methods.fedavg import FedAvg
 from fedmm.methods.feddat import FedDAT
 from fedmm.methods.fedper import FedPer
@@ -12,7 +14,7 @@ from fedmm.methods.fedprox import FedProx
 from fedmm.methods.local import Local
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Local, Centralized, FedAvg, FedProx, FedPer, FedDAT)
+    m.name: m for m in (Local, Centralized, FedAvg, FedProx, FedAdam, Ditto, FedPer, FedDAT)
 }
 
 
