@@ -28,7 +28,7 @@ def send(cfg, context, kind, rnd, global_np=None):
 
 
 @pytest.mark.parametrize(
-    "name", ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "feddat", "local"]
+    "name", ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "fedpia", "feddat", "local"]
 )
 def test_train_reply_holds_only_declared_trainable_tensors_and_scalars(tiny_cfg, name):
     cfg = tiny_cfg.with_overrides({"method": name})

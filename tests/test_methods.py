@@ -111,7 +111,7 @@ def test_feddat_gradients_split_exactly_between_the_two_losses(tiny_cfg):
 
 
 @pytest.mark.parametrize(
-    "method", ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "feddat", "local"]
+    "method", ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "fedpia", "feddat", "local"]
 )
 def test_every_method_takes_the_same_steps_on_the_same_schedule(tiny_cfg, method):
     cfg = tiny_cfg.with_overrides({"method": method, "fed.rounds": 3, "train.warmup_frac": 0.2})

@@ -106,6 +106,15 @@ class DittoConfig:
 
 
 @dataclass
+class FedPIAConfig:
+    """FedPIA (Saha et al. 2025) -- a reconstruction: the paper has no public code."""
+
+    anchor: str = "global"  # global (previous global adapter) | fedavg (plain average) | largest
+    lam: float = 0.5  # client integration: L <- lam * L + (1 - lam) * aligned global
+    iterations: int = 1  # server alignment passes; > 1 re-anchors on the merged result
+
+
+@dataclass
 class DataConfig:
     """Which benchmark and how much of it each client holds."""
 
@@ -134,6 +143,7 @@ class FedmmConfig:
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
     ditto: DittoConfig = field(default_factory=DittoConfig)
+    fedpia: FedPIAConfig = field(default_factory=FedPIAConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
     # ------------------------------------------------------------------ flat views

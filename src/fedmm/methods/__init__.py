@@ -10,11 +10,12 @@ from fedmm.methods.fedadam import FedAdam
 from fedmm.methods.fedavg import FedAvg
 from fedmm.methods.feddat import FedDAT
 from fedmm.methods.fedper import FedPer
+from fedmm.methods.fedpia import FedPIA
 from fedmm.methods.fedprox import FedProx
 from fedmm.methods.local import Local
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Local, Centralized, FedAvg, FedProx, FedAdam, Ditto, FedPer, FedDAT)
+    m.name: m for m in (Local, Centralized, FedAvg, FedProx, FedAdam, Ditto, FedPer, FedDAT, FedPIA)
 }
 
 
