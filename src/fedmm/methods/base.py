@@ -216,23 +216,38 @@ class ClientContext:
         return float((self.predict(split) == split.labels).float().mean()) if len(split) else 0.0
 
 
+def model_groups(model: FusionVLModel, adapter_set: str) -> list[list[nn.Parameter]]:
+    """Parameter groups of one trainable model: [adapter set, visual projection, head]."""
+    return [
+        model.adapters.parameters_of(adapter_set),
+        list(model.visual_proj.parameters()),
+        list(model.head.parameters()),
+    ]
+
+
 def supervised_update(
     ctx: ClientContext, adapter_set: str, regulariser: Callable[[], torch.Tensor] | None = None
 ) -> None:
     """The plain local update: ``train.local_steps`` AdamW steps on ``CE(f(x; θ), y)`` (plus
     ``regulariser()`` when given) with θ = {adapter set ``adapter_set``, visual projection, head}."""
     model = ctx.model
-    opt = ctx.optimizer([
-        model.adapters.parameters_of(adapter_set),
-        list(model.visual_proj.parameters()),
-        list(model.head.parameters()),
-    ])  # fmt: skip
+    opt = ctx.optimizer(model_groups(model, adapter_set))
     with model.active(adapter_set):
         for feats, ids, mask, labels in ctx.steps(opt):
             loss = task_loss(model(feats, ids, mask), labels)
             if regulariser is not None:
                 loss = loss + regulariser()
             ctx.step(opt, loss)
+
+
+def proximal_term(
+    params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], weight: float
+) -> Callable[[], torch.Tensor] | None:
+    """``() -> (weight/2)·‖params − anchor‖²`` for ``supervised_update``; None when weight is 0."""
+    if weight == 0:
+        return None
+    anchor = [a.detach() for a in anchor]
+    return lambda: 0.5 * weight * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,15 @@ from __future__ import annotations
 import torch
 
 from fedmm.backbones import FusionVLModel
-from fedmm.methods.base import ClientContext, State, get_parts, load_parts, supervised_update
+from fedmm.methods.base import (
+    ClientContext,
+    State,
+    get_parts,
+    load_parts,
+    model_groups,
+    proximal_term,
+    supervised_update,
+)  # fmt: skip
 from fedmm.methods.fedavg import PARTS, FedAvg
 
 PERSONAL = ("adapter.personal_adapter", "proj", "head")
@@ -50,20 +58,12 @@ class Ditto(FedAvg):
         load_parts(model, global_state, rename=RENAME_TO_PERSONAL)
         if ctx.state:
             load_parts(model, ctx.state)
-        params = [
-            *model.adapters.parameters_of("personal_adapter"),
-            *model.visual_proj.parameters(),
-            *model.head.parameters(),
-        ]
+        params = [p for group in model_groups(model, "personal_adapter") for p in group]
         anchor = [
             torch.as_tensor(global_state[k]).to(p.device) for k, p in zip(_keys(model), params)
         ]
-        lam = self.cfg.ditto.lam
-
-        def proximal() -> torch.Tensor:
-            return 0.5 * lam * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-
-        supervised_update(ctx, "personal_adapter", proximal if lam > 0 else None)
+        regulariser = proximal_term(params, anchor, self.cfg.ditto.lam)
+        supervised_update(ctx, "personal_adapter", regulariser)
         ctx.stats["personal_steps"] = ctx.stats["steps"] - global_steps
         ctx.stats["steps"] = global_steps
         ctx.state.clear()

@@ -13,7 +13,9 @@ trained θ_k (FedAvg + local finetuning; equal to ``global`` before the client f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import torch
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.base import (
@@ -46,11 +48,19 @@ class FedAvg(Method):
         return weighted_average(replies, self.cfg.fed.weighting)
 
     # ------------------------------------------------------------------ client
+    def client_start(self, ctx: ClientContext, global_state: State) -> State:
+        """Where local training starts: θ^t (FedPIA overrides this)."""
+        return global_state
+
+    def regulariser(self, ctx: ClientContext) -> Callable[[], torch.Tensor] | None:
+        """An extra term of the local objective, built once θ^t is loaded (FedProx's proximal term)."""
+        return None
+
     def client_train(self, ctx: ClientContext, global_state: State) -> State:
         model = ctx.model
         self.prepare(model)
-        load_parts(model, global_state)
-        supervised_update(ctx, "global_adapter")
+        load_parts(model, self.client_start(ctx, global_state))
+        supervised_update(ctx, "global_adapter", self.regulariser(ctx))
         upload = get_parts(model, PARTS)
         ctx.state.clear()
         ctx.state.update({f"personal.{k}": v for k, v in upload.items()})

@@ -45,13 +45,10 @@ from fedmm.methods.base import (
     NDArrays,
     Reply,
     State,
-    get_parts,
-    load_parts,
-    supervised_update,
     to_numpy,
     weighted_average,
 )
-from fedmm.methods.fedavg import PARTS, FedAvg
+from fedmm.methods.fedavg import FedAvg
 
 ADAPTER = "adapter.global_adapter"
 ANCHORS = ("global", "fedavg", "largest")
@@ -135,19 +132,11 @@ class FedPIA(FedAvg):
         return merged
 
     # ------------------------------------------------------------------ client
-    def client_train(self, ctx: ClientContext, global_state: State) -> State:
-        model = ctx.model
-        self.prepare(model)
+    def client_start(self, ctx: ClientContext, global_state: State) -> State:
+        """λ·L + (1 − λ)·π(G): the local model integrated with the aligned global one."""
         local = {k.removeprefix("personal."): v for k, v in ctx.state.items()}
-        if local:
-            lam = self.cfg.fedpia.lam
-            g = align(to_numpy(global_state), to_numpy(local))
-            start = {k: lam * local[k] + (1 - lam) * torch.from_numpy(g[k]) for k in local}
-        else:
-            start = global_state
-        load_parts(model, start)
-        supervised_update(ctx, "global_adapter")
-        upload = get_parts(model, PARTS)
-        ctx.state.clear()
-        ctx.state.update({f"personal.{k}": v for k, v in upload.items()})
-        return upload
+        if not local:  # first round on this client
+            return global_state
+        lam = self.cfg.fedpia.lam
+        aligned = align(to_numpy(global_state), to_numpy(local))
+        return {k: lam * local[k] + (1 - lam) * torch.from_numpy(aligned[k]) for k in local}

@@ -15,32 +15,18 @@ Views as FedAvg: ``global`` and ``personalized`` (the client's last locally trai
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from fedmm.methods.base import ClientContext, State, get_parts, load_parts, supervised_update
-from fedmm.methods.fedavg import PARTS, FedAvg
+from fedmm.methods.base import ClientContext, model_groups, proximal_term
+from fedmm.methods.fedavg import FedAvg
 
 
 class FedProx(FedAvg):
     name = "fedprox"
 
-    def client_train(self, ctx: ClientContext, global_state: State) -> State:
-        model = ctx.model
-        self.prepare(model)
-        load_parts(model, global_state)
-        params = [
-            *model.adapters.parameters_of("global_adapter"),
-            *model.visual_proj.parameters(),
-            *model.head.parameters(),
-        ]
-        anchor = [p.detach().clone() for p in params]  # θ^t, the received global model
-        mu = self.cfg.fedprox.mu
-
-        def proximal() -> torch.Tensor:
-            return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-
-        supervised_update(ctx, "global_adapter", proximal if mu > 0 else None)
-        upload = get_parts(model, PARTS)
-        ctx.state.clear()
-        ctx.state.update({f"personal.{k}": v for k, v in upload.items()})
-        return upload
+    def regulariser(self, ctx: ClientContext) -> Callable[[], torch.Tensor] | None:
+        """(μ/2)·‖θ − θ^t‖², with θ^t the global model just loaded."""
+        params = [p for group in model_groups(ctx.model, "global_adapter") for p in group]
+        return proximal_term(params, [p.clone() for p in params], self.cfg.fedprox.mu)
