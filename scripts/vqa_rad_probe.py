@@ -156,7 +156,7 @@ def main() -> None:
         "train.weight_decay": args.weight_decay, "model.dropout": args.dropout,
         "model.head_hidden": args.head_hidden,
     })  # fmt: skip
-    model = build_model(cfg.model, cfg.adapter, len(data.answers))
+    model = build_model(cfg.model, cfg.adapter, len(data.answers), cfg.peft)
     Centralized(cfg).prepare(model)
     train_recs, val_recs = split_by_image(data.train, 0.1, args.seed)
     train, _, im_train = encode(model, data, train_recs, data.answers, 224)

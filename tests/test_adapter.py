@@ -24,7 +24,7 @@ def inputs(model, n=4):
 
 def test_zero_up_init_leaves_output_unchanged():
     model = tiny_model().eval()
-    model.adapters.ensure_sets(["a", "b"])
+    model.peft.ensure_sets(["a", "b"])
     x = inputs(model)
     base = model(*x)
     for names, combine in ((("a",), "single"), (("a", "b"), "average"), (("a", "b"), "sum")):
@@ -34,7 +34,7 @@ def test_zero_up_init_leaves_output_unchanged():
 
 def test_nonzero_adapter_changes_output_and_inactive_set_does_not():
     model = tiny_model(zero_init_up=False).eval()
-    model.adapters.ensure_sets(["a"])
+    model.peft.ensure_sets(["a"])
     x = inputs(model)
     base = model(*x)
     with model.active("a"):
@@ -43,11 +43,11 @@ def test_nonzero_adapter_changes_output_and_inactive_set_does_not():
 
 
 def test_bottleneck_size_is_a_real_option():
-    assert tiny_model(reduction_factor=4).adapters.bottleneck == 32 // 4
-    assert tiny_model(bottleneck=5).adapters.bottleneck == 5
+    assert tiny_model(reduction_factor=4).peft.bottleneck == 32 // 4
+    assert tiny_model(bottleneck=5).peft.bottleneck == 5
     model = tiny_model(bottleneck=5)
-    model.adapters.ensure_sets(["a"])
-    assert model.adapters.state_dict_of("a")["0.down.weight"].shape == (5, 32)
+    model.peft.ensure_sets(["a"])
+    assert model.peft.state_dict_of("a")["0.down.weight"].shape == (5, 32)
 
 
 def test_average_and_sum_combine_set_outputs():
@@ -66,21 +66,21 @@ def test_average_and_sum_combine_set_outputs():
 
 def test_state_by_name_roundtrip_and_strictness():
     model = tiny_model(zero_init_up=False)
-    model.adapters.ensure_sets(["a", "b"])
-    state = model.adapters.state_dict_of("a")
-    model.adapters.load_set_state("b", state)
-    for k, v in model.adapters.state_dict_of("b").items():
+    model.peft.ensure_sets(["a", "b"])
+    state = model.peft.state_dict_of("a")
+    model.peft.load_set_state("b", state)
+    for k, v in model.peft.state_dict_of("b").items():
         assert torch.equal(v, state[k])
     with pytest.raises(RuntimeError):
-        model.adapters.load_set_state("b", {k: v[..., :1] for k, v in state.items()})
+        model.peft.load_set_state("b", {k: v[..., :1] for k, v in state.items()})
     with pytest.raises(KeyError, match="no adapter set"):
-        model.adapters.state_dict_of("missing")
+        model.peft.state_dict_of("missing")
     with pytest.raises(ValueError, match="single"):
-        model.adapters.activate("a", "b", combine="single")
+        model.peft.activate("a", "b", combine="single")
 
 
 def test_backbone_is_frozen_and_only_peft_proj_head_train():
     model = tiny_model()
-    model.adapters.ensure_sets(["a"])
+    model.peft.ensure_sets(["a"])
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"adapters", "visual_proj", "head"}
+    assert trainable == {"peft", "visual_proj", "head"}

@@ -1,4 +1,5 @@
-"""FedPIA's invariants: permutation symmetry, exact recovery, FedAvg as the identity case."""
+"""FedPIA's invariants: permutation symmetry, exact recovery, FedAvg as the identity case --
+for bottleneck adapters (hidden units) and LoRA (rank axis) alike."""
 
 from __future__ import annotations
 
@@ -6,27 +7,40 @@ import numpy as np
 import pytest
 import torch
 
-from fedmm.config import ConfigError
+from fedmm.config import ConfigError, FedPIAConfig
 from fedmm.methods import Reply, get_method
 from fedmm.methods.base import get_parts, load_parts, to_numpy, to_torch, weighted_average
-from fedmm.methods.fedpia import ADAPTER, adapter_layers, align, permute
+from fedmm.methods.fedpia import ADAPTER, align, permute, unit_groups
 from fedmm.runtime import get_runtime
 
 
-@pytest.fixture()
-def pia(tiny_cfg):
-    cfg = tiny_cfg.with_overrides({"method": "fedpia", "adapter.zero_init_up": False})
+@pytest.fixture(params=["adapter", "lora"])
+def pia(tiny_cfg, request):
+    cfg = tiny_cfg.with_overrides(
+        {"method": "fedpia", "adapter.zero_init_up": False, "peft.type": request.param,
+         "peft.lora_r": 6}
+    )  # fmt: skip
     method = get_method(cfg)
     model = get_runtime(cfg).model
     state = method.init_global(model)
+    rng = np.random.default_rng(0)  # LoRA's B starts at zero: make every rank component distinct
+    state = {k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) if "lora_B" in k else v
+             for k, v in state.items()}  # fmt: skip
     return cfg, method, model, state
 
 
-def random_perms(state, rng):
+def random_perms(state, rng, peft_type=None):
+    peft_type = peft_type or ("lora" if any("lora_A" in k for k in state) else "adapter")
     out = state
-    for layer in adapter_layers(state):
-        out = permute(out, layer, rng.permutation(len(state[f"{layer}.down.bias"])))
+    for group in unit_groups(state, peft_type):
+        key, axis = next(iter(group.items()))
+        out = permute(out, group, rng.permutation(state[key].shape[axis]))
     return out
+
+
+def realign(state, anchor, **options):
+    peft_type = "lora" if any("lora_A" in k for k in state) else "adapter"
+    return align(state, anchor, FedPIAConfig(**options), peft_type)
 
 
 def test_permuting_hidden_units_leaves_the_model_output_unchanged(pia):
@@ -46,7 +60,7 @@ def test_a_randomly_permuted_copy_is_recovered_exactly(pia):
     _, _, _, state = pia
     shuffled = random_perms(state, np.random.default_rng(2))
     assert any(not np.array_equal(shuffled[k], state[k]) for k in state)
-    recovered = align(shuffled, state)
+    recovered = realign(shuffled, state)
     for k in state:
         assert np.array_equal(recovered[k], state[k]), k
 
@@ -78,7 +92,7 @@ def test_merging_permuted_copies_of_one_adapter_returns_it(pia, anchor):
     replies = [Reply(i, random_perms(state, rng), 10 + i) for i in range(3)]
     merged = method.aggregate(state, replies)
     if anchor != "global":  # the result is the adapter up to a permutation of its units
-        merged = align(merged, state)
+        merged = realign(merged, state)
     assert all(np.allclose(merged[k], state[k], atol=1e-6) for k in state)
     plain = weighted_average(replies, "samples")
     assert not all(np.allclose(plain[k], state[k]) for k in state if k.startswith(ADAPTER))
@@ -100,7 +114,7 @@ def test_client_integrates_local_and_aligned_global(pia):
         upload = to_numpy(
             m.client_train(ctx, to_torch(state))
         )  # lr 0: the upload is the start point
-        target = local if expect == "local" else align(state, local)
+        target = local if expect == "local" else realign(state, local)
         assert all(np.allclose(upload[k], target[k], atol=1e-6) for k in upload), expect
 
 
@@ -110,6 +124,40 @@ def test_bad_options_are_rejected(tiny_cfg):
 
 
 def test_get_parts_keys_match_the_alignment_layout(pia):
-    _, _, model, state = pia
-    assert adapter_layers(state) == [f"{ADAPTER}/{i}" for i in range(len(model.text.encoder.layer))]
+    cfg, _, model, state = pia
+    groups = unit_groups(state, cfg.peft.type)
+    per_layer = 1 if cfg.peft.type == "adapter" else 2  # LoRA: query and value
+    assert len(groups) == per_layer * len(model.text.encoder.layer)
+    unit_free = {k for k in state if k.endswith(".up.bias")}  # b_up: no hidden-unit axis
+    assert set().union(*groups) == {k for k in state if k.startswith(ADAPTER)} - unit_free
     assert set(state) == set(get_parts(model, ("adapter.global_adapter", "proj", "head")))
+
+
+@pytest.mark.parametrize("options", [{"solver": "emd"}, {"cost": "cosine"}])
+def test_other_exact_solvers_and_costs_recover_a_permuted_copy(pia, options):
+    _, _, _, state = pia
+    shuffled = random_perms(state, np.random.default_rng(6))
+    recovered = realign(shuffled, state, **options)
+    assert all(np.allclose(recovered[k], state[k]) for k in state)
+
+
+def test_sinkhorn_gives_a_soft_plan_that_sharpens_as_the_regulariser_shrinks(pia):
+    _, _, _, state = pia
+    shuffled = random_perms(state, np.random.default_rng(7))
+    errors = []
+    for reg in (1.0, 0.01):
+        soft = realign(shuffled, state, solver="sinkhorn", reg=reg)
+        errors.append(sum(float(np.abs(soft[k] - state[k]).sum()) for k in state))
+    assert errors[1] < errors[0]
+    assert errors[1] < 0.05 * sum(float(np.abs(shuffled[k] - state[k]).sum()) for k in state)
+
+
+@pytest.mark.parametrize("peft_type", ["prompt", "bitfit"])
+def test_fedpia_refuses_peft_types_without_hidden_units(tiny_cfg, peft_type):
+    with pytest.raises(ConfigError, match=f"peft.type '{peft_type}' has none"):
+        get_method(tiny_cfg.with_overrides({"method": "fedpia", "peft.type": peft_type}))
+
+
+def test_bad_solver_is_rejected(tiny_cfg):
+    with pytest.raises(ConfigError, match="solver"):
+        get_method(tiny_cfg.with_overrides({"method": "fedpia", "fedpia.solver": "hungarian"}))

@@ -36,7 +36,7 @@ def test_real_weights_load_and_fuse(real_cfg):
     assert model.vision[0][0].weight.abs().mean() > 0.05
     train = rt.client_split(0, "train")
     assert train.feats.shape == (16, 9, 1280)  # 96 px -> 3x3 grid of 1280-d MobileNetV2 features
-    model.adapters.ensure_sets(["a"])
+    model.peft.ensure_sets(["a"])
     model.eval()
     batch = train.batch(torch.arange(4), torch.device("cpu"))
     base = model(*batch[:3])

@@ -44,6 +44,17 @@ class AdapterConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Which PEFT type the methods train (every method uses the same type and size)."""
+
+    type: str = "adapter"  # adapter | lora | prompt | bitfit
+    lora_r: int = 0  # LoRA rank; 0 = the rank whose size matches one adapter set (equal budget)
+    lora_alpha: float = 16.0  # LoRA scaling alpha / r
+    lora_targets: str = "query,value"  # linear layers of the text transformer, by last name
+    prompt_length: int = 20  # prompt tokens prepended to the joint sequence
+
+
+@dataclass
 class TrainConfig:
     """Local optimisation, identical for every method (same steps, same schedule)."""
 
@@ -112,6 +123,9 @@ class FedPIAConfig:
     anchor: str = "global"  # global (previous global adapter) | fedavg (plain average) | largest
     lam: float = 0.5  # client integration: L <- lam * L + (1 - lam) * aligned global
     iterations: int = 1  # server alignment passes; > 1 re-anchors on the merged result
+    cost: str = "sqeuclidean"  # unit matching cost: sqeuclidean | cosine (1 - cosine similarity)
+    solver: str = "exact"  # exact (scipy assignment) | emd (POT ot.emd) | sinkhorn (POT, soft plan)
+    reg: float = 0.05  # Sinkhorn entropic regularisation, relative to the mean cost
 
 
 @dataclass
@@ -136,6 +150,7 @@ class FedmmConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # progress bars
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)

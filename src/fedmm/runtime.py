@@ -80,7 +80,7 @@ class Runtime:
             torch.set_num_threads(cfg.train.threads)
         self.benchmark: Benchmark = load_benchmark(cfg)
         self.model: FusionVLModel = build_model(
-            cfg.model, cfg.adapter, len(self.benchmark.answers)
+            cfg.model, cfg.adapter, len(self.benchmark.answers), cfg.peft
         ).to(self.device)
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         self._encoded: dict[str, Encoded] = {}
@@ -142,7 +142,18 @@ _RUNTIMES: dict[str, Runtime] = {}
 
 def get_runtime(cfg: FedmmConfig) -> Runtime:
     key = "|".join(
-        map(str, (cfg.model, cfg.adapter, cfg.data, cfg.fed.clients, cfg.device, cfg.cache_dir))
+        map(
+            str,
+            (
+                cfg.model,
+                cfg.peft,
+                cfg.adapter,
+                cfg.data,
+                cfg.fed.clients,
+                cfg.device,
+                cfg.cache_dir,
+            ),
+        )
     )
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # one model per process: free the previous configuration's

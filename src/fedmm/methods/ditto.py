@@ -89,7 +89,7 @@ def _keys(model) -> list[str]:
     """Global-state keys in the order of the personal model's parameters (adapter, proj, head)."""
     names = [
         f"adapter.global_adapter/{n}"
-        for n, _ in model.adapters.sets["personal_adapter"].named_parameters()
+        for n, _ in model.peft.set_module("personal_adapter").named_parameters()
     ]
     names += [f"proj/{n}" for n, _ in model.visual_proj.named_parameters()]
     names += [f"head/{n}" for n, _ in model.head.named_parameters()]

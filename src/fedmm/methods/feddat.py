@@ -9,7 +9,9 @@ State on client k (all adapter sets have the same shape, one adapter per transfo
   it personal).  The visual projection is federated with A_s (it is the shared input path).
 
 Dual-Adapter Teacher at every insertion point: ``h + ½(A_c(h) + Â_s(h))`` (``feddat.dat_combine =
-"average"``; ``"sum"`` drops the ½).
+"average"``; ``"sum"`` drops the ½).  Other PEFT types (``peft.type``): LoRA -- the average of the
+two LoRA deltas, ``W + ½(s·B_c A_c + s·B̂_s Â_s)``; BitFit -- the average of the two bias deltas;
+prompt tuning -- the average of the two prompts (``sum`` is refused for prompts).
 
 Local update, per batch (x, y), with temperature T, weights α, β (reference: T=3, α=β=0.5):
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedmm.backbones import FusionVLModel
+from fedmm.config import ConfigError
 from fedmm.methods.base import (
     ClientContext,
     Method,
@@ -56,6 +59,7 @@ from fedmm.methods.base import (
     to_numpy,
     weighted_average,
 )  # fmt: skip
+from fedmm.peft import PEFT_TYPES
 
 GLOBAL, FROZEN, CLIENT = "global_adapter", "frozen_global", "client_adapter"
 
@@ -64,6 +68,19 @@ class FedDAT(Method):
     name = "feddat"
     views = ("global", "personalized", "dat", "client")
     adapter_sets = (GLOBAL, FROZEN, CLIENT)
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        combines = PEFT_TYPES[cfg.peft.type].combines
+        if cfg.feddat.dat_combine not in ("average", "sum"):
+            raise ConfigError(
+                f"feddat.dat_combine must be average or sum, got {cfg.feddat.dat_combine!r}"
+            )
+        if cfg.feddat.dat_combine not in combines:
+            raise ConfigError(
+                f"feddat.dat_combine={cfg.feddat.dat_combine!r} is not defined for peft.type "
+                f"{cfg.peft.type!r} (it combines by {', '.join(combines)}); use 'average'"
+            )
 
     def upload_parts(self) -> tuple[str, ...]:
         parts = (f"adapter.{GLOBAL}", "proj")
@@ -97,15 +114,15 @@ class FedDAT(Method):
         )
         if ctx.state:
             load_parts(model, ctx.state)
-        for p in model.adapters.parameters_of(FROZEN):
+        for p in model.peft.parameters_of(FROZEN):
             p.requires_grad_(False)
 
     def client_train(self, ctx: ClientContext, global_state: State) -> State:
         model, cfg = ctx.model, self.cfg.feddat
         self._load(ctx, global_state)
         opt = ctx.optimizer([
-            model.adapters.parameters_of(GLOBAL),
-            model.adapters.parameters_of(CLIENT),
+            model.peft.parameters_of(GLOBAL),
+            model.peft.parameters_of(CLIENT),
             list(model.visual_proj.parameters()),
             list(model.head.parameters()),
         ])  # fmt: skip

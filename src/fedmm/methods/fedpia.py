@@ -7,14 +7,20 @@ Why: adapters trained on heterogeneous clients land in different basins; averagi
 unit mixes unrelated hidden units.  A bottleneck adapter ``A(h) = W_up ReLU(W_down h + b_down) +
 b_up`` is unchanged when its r hidden units are permuted -- rows of W_down and b_down and columns of
 W_up together -- so units can be matched before merging (one r×r plan per adapter layer; d is
-pinned by the backbone, so there is nothing to chain across layers).
+pinned by the backbone, so there is nothing to chain across layers).  LoRA's ``B A`` is unchanged
+when its r rank components are permuted (rows of A with columns of B): the same algebra aligns the
+rank axis.  Prompt tokens and BitFit biases have no such symmetry, so FedPIA refuses them.
 
-Unit i of adapter P is the vector u_i = [W_down[i,:], b_down[i], W_up[:,i]].  Aligning P to an
-anchor Q solves the assignment
+Unit i of an adapter layer P is the vector u_i = [W_down[i,:], b_down[i], W_up[:,i]] (LoRA:
+[A[i,:], B[:,i]]).  Aligning P to an anchor Q (``fedpia.cost``: ``sqeuclidean`` ‖u − v‖², or
+``cosine`` 1 − cos(u, v)) solves, with ``fedpia.solver``:
 
-    π* = argmin_π Σ_j ‖u^P_{π(j)} − u^Q_j‖²          (exact: scipy's linear_sum_assignment)
-
-and the aligned adapter's unit j is P's unit π*(j).
+    exact / emd:  π* = argmin_π Σ_j c(u^P_{π(j)}, u^Q_j)    (scipy's linear_sum_assignment, or
+                  POT's ot.emd with uniform marginals), aligned unit j = u^P_{π*(j)};
+    sinkhorn:     T* = argmin_T ⟨T, C⟩ − ε H(T), T1 = Tᵀ1 = 1/r  (POT's ot.sinkhorn, ε =
+                  ``fedpia.reg`` × mean cost), aligned unit j = r Σ_i T*[j,i] u^P_i (a soft,
+                  barycentric alignment: no longer function-preserving, it trades exactness for
+                  smoothness).
 
 Server (paper: align every upload to an anchor layer by layer, merge by a weighted sum -- a
 Wasserstein barycenter of the hidden units):
@@ -39,7 +45,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedmm.config import ConfigError
+from fedmm.config import ConfigError, FedPIAConfig
 from fedmm.methods.base import (
     ClientContext,
     NDArrays,
@@ -49,57 +55,94 @@ from fedmm.methods.base import (
     weighted_average,
 )
 from fedmm.methods.fedavg import FedAvg
+from fedmm.peft import PEFT_TYPES
 
 ADAPTER = "adapter.global_adapter"
 ANCHORS = ("global", "fedavg", "largest")
+COSTS = ("sqeuclidean", "cosine")
+SOLVERS = ("exact", "emd", "sinkhorn")
+NO_UNITS = {
+    "prompt": "prompt tokens carry position embeddings, so permuting them changes the model",
+    "bitfit": "a bias vector has no hidden-unit axis",
+}
 
 
 # ---------------------------------------------------------------------- permutation algebra
-def adapter_layers(state: NDArrays, prefix: str = ADAPTER) -> list[str]:
-    """``["{prefix}/0", "{prefix}/1", ...]``: one entry per adapter layer in ``state``."""
-    layers = {
-        k.rsplit(".down.weight", 1)[0]
-        for k in state
-        if k.startswith(prefix) and k.endswith(".down.weight")
-    }
-    return sorted(layers, key=lambda k: int(k.rsplit("/", 1)[1]))
+Group = dict[str, int]  # {state key: the axis that indexes hidden units}
 
 
-def unit_vectors(state: NDArrays, layer: str) -> np.ndarray:
-    """``(r, 2d + 1)``: row i = [W_down[i,:], b_down[i], W_up[:,i]]."""
-    return np.concatenate(
-        [
-            state[f"{layer}.down.weight"],
-            state[f"{layer}.down.bias"][:, None],
-            state[f"{layer}.up.weight"].T,
-        ],
-        axis=1,
-    )
+def unit_groups(state: NDArrays, peft_type: str = "adapter", prefix: str = ADAPTER) -> list[Group]:
+    """The PEFT set ``prefix``'s hidden-unit groups in ``state`` (one per adapter/LoRA layer)."""
+    rel = [k.removeprefix(f"{prefix}/") for k in state if k.startswith(f"{prefix}/")]
+    groups = PEFT_TYPES[peft_type].unit_groups(rel)
+    if groups is None:
+        raise ConfigError(f"peft.type {peft_type!r} has no hidden units to align")
+    return [{f"{prefix}/{k}": axis for k, axis in g.items()} for g in groups]
 
 
-def permute(state: NDArrays, layer: str, perm: np.ndarray) -> NDArrays:
-    """The adapter with hidden unit j taken from unit ``perm[j]`` (function unchanged)."""
+def unit_vectors(state: NDArrays, group: Group) -> np.ndarray:
+    """``(r, D)``: row i = unit i's entries of every tensor in the group (adapter:
+    [W_down[i,:], b_down[i], W_up[:,i]])."""
+    parts = [np.moveaxis(state[k], axis, 0) for k, axis in group.items()]
+    return np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
+
+
+def permute(state: NDArrays, group: Group, perm: np.ndarray) -> NDArrays:
+    """The state with hidden unit j of ``group`` taken from unit ``perm[j]`` (function unchanged)."""
     out = dict(state)
-    out[f"{layer}.down.weight"] = state[f"{layer}.down.weight"][perm]
-    out[f"{layer}.down.bias"] = state[f"{layer}.down.bias"][perm]
-    out[f"{layer}.up.weight"] = state[f"{layer}.up.weight"][:, perm]
+    for k, axis in group.items():
+        out[k] = np.take(state[k], perm, axis=axis)
     return out
 
 
-def match(state: NDArrays, anchor: NDArrays, layer: str) -> np.ndarray:
-    """π* minimising Σ_j ‖u^state_{π(j)} − u^anchor_j‖² (exact assignment)."""
-    p, q = unit_vectors(state, layer), unit_vectors(anchor, layer)
-    cost = ((q[:, None, :] - p[None, :, :]) ** 2).sum(-1)  # cost[j, i]: anchor unit j <- unit i
-    rows, cols = linear_sum_assignment(cost)
-    perm = np.empty(len(rows), dtype=np.int64)
-    perm[rows] = cols
-    return perm
+def transport(state: NDArrays, group: Group, plan: np.ndarray) -> NDArrays:
+    """Soft alignment: unit j of ``group`` becomes ``Σ_i plan[j, i] · unit_i``."""
+    out = dict(state)
+    for k, axis in group.items():
+        moved = np.tensordot(plan, np.moveaxis(state[k], axis, 0), axes=(1, 0))
+        out[k] = np.moveaxis(moved, 0, axis).astype(state[k].dtype)
+    return out
 
 
-def align(state: NDArrays, anchor: NDArrays, prefix: str = ADAPTER) -> NDArrays:
-    """``state`` with every adapter layer's hidden units permuted to match ``anchor``."""
-    for layer in adapter_layers(state, prefix):
-        state = permute(state, layer, match(state, anchor, layer))
+def cost_matrix(p: np.ndarray, q: np.ndarray, cost: str) -> np.ndarray:
+    """``C[j, i]`` = cost of giving anchor unit j the unit i of ``p``."""
+    if cost == "cosine":
+        pn = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+        qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        return 1.0 - qn @ pn.T
+    return ((q[:, None, :] - p[None, :, :]) ** 2).sum(-1)
+
+
+def match(cost: np.ndarray, solver: str, reg: float) -> np.ndarray:
+    """An assignment ``perm`` (exact solvers) or a row-stochastic plan ``(r, r)`` (sinkhorn)."""
+    r = len(cost)
+    if solver == "exact":
+        rows, cols = linear_sum_assignment(cost)
+        perm = np.empty(r, dtype=np.int64)
+        perm[rows] = cols
+        return perm
+    import ot
+
+    uniform = np.full(r, 1.0 / r)
+    if solver == "emd":  # uniform square marginals: an optimal vertex is a permutation
+        return ot.emd(uniform, uniform, cost.astype(np.float64)).argmax(axis=1)
+    scale = float(cost.mean()) or 1.0
+    return r * ot.sinkhorn(uniform, uniform, cost.astype(np.float64) / scale, reg)
+
+
+def align(
+    state: NDArrays,
+    anchor: NDArrays,
+    cfg: FedPIAConfig | None = None,
+    peft_type: str = "adapter",
+    prefix: str = ADAPTER,
+) -> NDArrays:
+    """``state`` with every layer's hidden units of set ``prefix`` aligned to ``anchor``'s."""
+    cfg = cfg or FedPIAConfig()
+    for group in unit_groups(state, peft_type, prefix):
+        c = cost_matrix(unit_vectors(state, group), unit_vectors(anchor, group), cfg.cost)
+        plan = match(c, cfg.solver, cfg.reg)
+        state = permute(state, group, plan) if plan.ndim == 1 else transport(state, group, plan)
     return state
 
 
@@ -113,6 +156,22 @@ class FedPIA(FedAvg):
             raise ConfigError(f"fedpia.anchor must be one of {ANCHORS}, got {cfg.fedpia.anchor!r}")
         if not 0.0 <= cfg.fedpia.lam <= 1.0 or cfg.fedpia.iterations < 1:
             raise ConfigError("fedpia.lam must be in [0, 1] and fedpia.iterations >= 1")
+        if cfg.fedpia.cost not in COSTS or cfg.fedpia.solver not in SOLVERS:
+            raise ConfigError(
+                f"fedpia.cost must be one of {COSTS} and fedpia.solver one of {SOLVERS}, got "
+                f"{cfg.fedpia.cost!r} / {cfg.fedpia.solver!r}"
+            )
+        if cfg.fedpia.solver == "sinkhorn" and cfg.fedpia.reg <= 0:
+            raise ConfigError(f"fedpia.reg must be > 0 for Sinkhorn, got {cfg.fedpia.reg}")
+        if PEFT_TYPES[cfg.peft.type].unit_groups(()) is None:
+            raise ConfigError(
+                f"fedpia aligns hidden units by permutation before merging, and peft.type "
+                f"{cfg.peft.type!r} has none ({NO_UNITS.get(cfg.peft.type, '')}); use peft.type "
+                "adapter or lora with fedpia"
+            )
+
+    def _align(self, state: NDArrays, anchor: NDArrays) -> NDArrays:
+        return align(state, anchor, self.cfg.fedpia, self.cfg.peft.type)
 
     # ------------------------------------------------------------------ server
     def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
@@ -125,7 +184,8 @@ class FedPIA(FedAvg):
         merged = anchor
         for _ in range(self.cfg.fedpia.iterations):
             aligned = [
-                Reply(r.client_index, align(r.arrays, anchor), r.num_examples) for r in replies
+                Reply(r.client_index, self._align(r.arrays, anchor), r.num_examples)
+                for r in replies
             ]
             merged = weighted_average(aligned, weighting)
             anchor = merged
@@ -138,5 +198,5 @@ class FedPIA(FedAvg):
         if not local:  # first round on this client
             return global_state
         lam = self.cfg.fedpia.lam
-        aligned = align(to_numpy(global_state), to_numpy(local))
+        aligned = self._align(to_numpy(global_state), to_numpy(local))
         return {k: lam * local[k] + (1 - lam) * torch.from_numpy(aligned[k]) for k in local}
