@@ -38,6 +38,15 @@ def test_cli_rejects_unknown_names_with_choices(capsys):
     assert "choices: fmnist-domain" in capsys.readouterr().err
     assert main(["run", "--set", "train.nope=1"]) == 2
     assert "valid keys" in capsys.readouterr().err
+    assert main(["run", "--peft", "ia3"]) == 2
+    assert "choices: adapter, lora, prompt, bitfit" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_senseless_method_peft_pair_before_running_anything(capsys, tmp_path):
+    out = tmp_path / "never"
+    assert main(["run", "--method", "fedavg,fedpia", "--peft", "bitfit", "--out", str(out)]) == 2
+    assert "fedpia aligns hidden units" in capsys.readouterr().err
+    assert not out.exists()  # fedavg did not run first
 
 
 def test_cli_list(capsys):

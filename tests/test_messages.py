@@ -27,11 +27,15 @@ def send(cfg, context, kind, rnd, global_np=None):
     return clientapp.handle(msg, context, train=kind == MessageType.TRAIN), global_np
 
 
+METHODS = ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "fedpia", "feddat", "local"]
+OTHER_PEFT = [(m, t) for m in ("fedavg", "feddat") for t in ("lora", "prompt", "bitfit")]
+
+
 @pytest.mark.parametrize(
-    "name", ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "fedpia", "feddat", "local"]
+    "name,peft_type", [(m, "adapter") for m in METHODS] + OTHER_PEFT + [("fedpia", "lora")]
 )
-def test_train_reply_holds_only_declared_trainable_tensors_and_scalars(tiny_cfg, name):
-    cfg = tiny_cfg.with_overrides({"method": name})
+def test_train_reply_holds_only_declared_trainable_tensors_and_scalars(tiny_cfg, name, peft_type):
+    cfg = tiny_cfg.with_overrides({"method": name, "peft.type": peft_type})
     reply, _ = send(cfg, make_context(), MessageType.TRAIN, 1)
     content = reply.content
     assert set(content.keys()) == {messages.UPDATE, messages.METRICS}

@@ -1,7 +1,7 @@
 """``fedmm`` command line.
 
-    fedmm run [--benchmark NAME] [--method NAME[,NAME...]] [--rounds N] [--clients K]
-              [--seed S] [--out DIR] [--config FILE.toml] [--set key=value ...]
+    fedmm run [--benchmark NAME] [--method NAME[,NAME...]] [--peft TYPE] [--rounds N]
+              [--clients K] [--seed S] [--out DIR] [--config FILE.toml] [--set key=value ...]
     fedmm list            # methods, benchmarks, backbones, config keys with defaults
 
 Precedence: defaults < --config file < the flags above < --set.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from fedmm.config import ConfigError, FedmmConfig, load_toml, parse_set
 
-FLAG_KEYS = {"benchmark": "data.benchmark", "rounds": "fed.rounds", "clients": "fed.clients",
-             "seed": "seed", "out": "out_dir"}  # fmt: skip
+FLAG_KEYS = {"benchmark": "data.benchmark", "peft": "peft.type", "rounds": "fed.rounds",
+             "clients": "fed.clients", "seed": "seed", "out": "out_dir"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--method", default=None, help="method name(s), comma-separated (default: fedavg)"
     )
+    run.add_argument("--peft", help="PEFT type: adapter, lora, prompt, bitfit (default: adapter)")
     run.add_argument("--rounds", type=int, help="federated rounds (default: 5)")
     run.add_argument("--clients", type=int, help="number of clients (default: 5)")
     run.add_argument("--seed", type=int, help="run seed (default: 0)")
@@ -69,6 +70,7 @@ def validate(cfg: FedmmConfig, methods: list[str]) -> None:
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; choices: {', '.join(METHODS)}")
+        METHODS[m](cfg.with_overrides({"method": m}))  # method x PEFT x options, before any run
     if cfg.data.benchmark not in BENCHMARKS:
         raise ConfigError(
             f"unknown benchmark {cfg.data.benchmark!r}; choices: {', '.join(sorted(BENCHMARKS))}"
@@ -89,10 +91,12 @@ def cmd_list() -> None:
     from fedmm.backbones import BACKBONES
     from fedmm.data import BENCHMARKS
     from fedmm.methods import METHODS
+    from fedmm.peft import PEFT_TYPES
 
     print("methods:   ", ", ".join(METHODS))
     print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
     print("backbones: ", ", ".join(sorted(BACKBONES)))
+    print("peft types:", ", ".join(PEFT_TYPES))
     print("config keys (--set key=value):")
     for key, value in FedmmConfig().to_flat().items():
         print(f"  {key} = {value!r}")
@@ -115,7 +119,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for method in methods:
         run_method(cfg.with_overrides({"method": method}))
     data = results.load(out)
-    data["runs"] = [r for r in data["runs"] if r["method"] in methods and r["seed"] == cfg.seed]
+    data["runs"] = [
+        r for r in data["runs"]
+        if r["method"] in methods and r["seed"] == cfg.seed
+        and r.get("peft", "adapter") == cfg.peft.type and r["benchmark"] == cfg.data.benchmark
+    ]  # fmt: skip
     print()
     print(results.summary_table(data))
     print(

@@ -3,18 +3,20 @@
 Schema of ``<out>/results.json``::
 
     {"fedmm_version": str,
-     "runs": [{"method", "benchmark", "seed", "views": [view, ...],
+     "runs": [{"method", "peft", "benchmark", "seed", "views": [view, ...],
                "trainable_params": int, "config": {flat config},
                "clients": {client id: description},
-               "history": [{"round", "seconds", "bytes_up", "bytes_down", "bytes_eval",
-                            "sampled", "failures",
+               "history": [{"round", "seconds", "server_seconds", "bytes_up", "bytes_down",
+                            "bytes_eval", "sampled", "failures",
                             "clients": {client id: {view: accuracy}},
                             "train": {client id: {"steps", "lr-first", "lr-last", "loss",
-                                                  "seconds"}}}],
+                                                  "seconds", "bytes_up", "bytes_down"}}}],
                "final": {view: mean accuracy over clients in the last round}}]}
 
-A run is identified by (method, benchmark, seed); writing it again replaces it, so a directory
-collects a comparison across several ``fedmm run`` calls.  Files are written atomically.
+``bytes_up``/``bytes_down`` of a round: all sampled clients' training messages together; per
+client under ``train``.  ``server_seconds``: the method's aggregation step.  A run is identified
+by (method, peft, benchmark, seed); writing it again replaces it, so a directory collects a
+comparison across several ``fedmm run`` calls.  Files are written atomically.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def new_run(
 ) -> dict:
     return {
         "method": cfg.method,
+        "peft": cfg.peft.type,
         "benchmark": benchmark.name,
         "seed": cfg.seed,
         "views": list(views),
@@ -79,11 +82,20 @@ def load(out_dir: str | Path) -> dict:
         ) from exc
 
 
+def run_key(run: dict) -> tuple:
+    return (run["method"], run.get("peft", "adapter"), run["benchmark"], run["seed"])
+
+
+def label(run: dict) -> str:
+    """``method`` for the default bottleneck adapter, else ``method+peft``."""
+    peft = run.get("peft", "adapter")
+    return run["method"] if peft == "adapter" else f"{run['method']}+{peft}"
+
+
 def save_run(out_dir: str | Path, run: dict) -> None:
     """Insert or replace ``run`` in ``<out>/results.json`` and refresh summary.md/curves.png."""
     data = load(out_dir)
-    key = (run["method"], run["benchmark"], run["seed"])
-    data["runs"] = [r for r in data["runs"] if (r["method"], r["benchmark"], r["seed"]) != key]
+    data["runs"] = [r for r in data["runs"] if run_key(r) != run_key(run)]
     data["runs"].append(run)
     data["fedmm_version"] = __version__
     _atomic_write(Path(out_dir) / "results.json", json.dumps(data, indent=1).encode())
@@ -110,25 +122,26 @@ def summary_table(data: dict) -> str:
             *views,
             "trainable params",
             "s/round",
-            "KB up/round",
-            "KB down/round",
+            "KB up/client/round",
+            "KB down/client/round",
         ]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in runs:
             hist = r["history"]
             n = max(1, len(hist))
-            cells = [r["method"], str(r["seed"]), str(len(hist))]
+            cells = [label(r), str(r["seed"]), str(len(hist))]
             cells += [f"{100 * r['final'][v]:.1f}" if v in r["final"] else "—" for v in views]
             cells += [
                 f"{r['trainable_params']:,}",
                 f"{sum(h['seconds'] for h in hist) / n:.1f}",
-                f"{sum(h['bytes_up'] for h in hist) / n / 1024:.0f}",
-                f"{sum(h['bytes_down'] for h in hist) / n / 1024:.0f}",
+                f"{sum(h['bytes_up'] / max(1, h['sampled']) for h in hist) / n / 1024:.0f}",
+                f"{sum(h['bytes_down'] / max(1, h['sampled']) for h in hist) / n / 1024:.0f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(
-        "Accuracy in %, mean over clients after the last round. Bytes: training messages, all sampled clients together."
+        "Accuracy in %, mean over clients after the last round. KB: one client's training "
+        "messages per round (tensor payload), averaged over the sampled clients and rounds."
     )
     return "\n".join(lines)
 
@@ -159,7 +172,7 @@ def write_curves(out_dir: str | Path, data: dict) -> None:
                 xs = [h["round"] for h in r["history"]]
                 ys = [100 * mean_views(h["clients"]).get(view, float("nan")) for h in r["history"]]
                 ax.plot(xs, ys, styles.get(view, "-."), color=colors[i % len(colors)], marker="o",
-                        label=f"{r['method']} s{r['seed']} ({view})")  # fmt: skip
+                        label=f"{label(r)} s{r['seed']} ({view})")  # fmt: skip
         ax.set_title(bench)
         ax.set_xlabel("round")
         ax.set_ylabel("mean client accuracy (%)")

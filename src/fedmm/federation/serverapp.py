@@ -107,13 +107,15 @@ def run_federation(
             ok.append(Reply(index, messages.from_record(update), int(m["num-examples"])))
             train_stats[client_ids[index]] = {
                 k: float(m[k]) for k in ("steps", "lr-first", "lr-last", "loss", "seconds")
-            }
+            } | {"bytes_up": update.count_bytes(), "bytes_down": down // len(sampled)}
         failures = len(sampled) - len(ok)  # errors and timeouts alike
+        t_server = time.perf_counter()
         if len(ok) >= cfg.fed.min_clients:
             global_state = method.aggregate(global_state, sorted(ok, key=lambda r: r.client_index))
         else:
             log.warning("round %d: %d replies < fed.min_clients=%d; global state kept",
                         rnd, len(ok), cfg.fed.min_clients)  # fmt: skip
+        t_server = time.perf_counter() - t_server
 
         content = messages.server_message(global_state, cfg, rnd)
         eval_bytes = content[messages.GLOBAL].count_bytes() * len(nodes)
@@ -131,7 +133,7 @@ def run_federation(
                 k.removeprefix("acc."): float(v) for k, v in m.items() if k.startswith("acc.")
             }
         entry = {
-            "round": rnd, "seconds": time.perf_counter() - t0, "bytes_up": up, "bytes_down": down,
+            "round": rnd, "seconds": time.perf_counter() - t0, "server_seconds": t_server, "bytes_up": up, "bytes_down": down,
             "bytes_eval": eval_bytes, "sampled": len(sampled), "failures": failures,
             "clients": dict(sorted(clients.items())), "train": dict(sorted(train_stats.items())),
         }  # fmt: skip
