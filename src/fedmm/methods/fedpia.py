@@ -127,7 +127,8 @@ def match(cost: np.ndarray, solver: str, reg: float) -> np.ndarray:
     if solver == "emd":  # uniform square marginals: an optimal vertex is a permutation
         return ot.emd(uniform, uniform, cost.astype(np.float64)).argmax(axis=1)
     scale = float(cost.mean()) or 1.0
-    return r * ot.sinkhorn(uniform, uniform, cost.astype(np.float64) / scale, reg)
+    plan = ot.sinkhorn(uniform, uniform, cost.astype(np.float64) / scale, reg, stopThr=1e-6)
+    return r * plan
 
 
 def align(
