@@ -16,6 +16,9 @@ def test_loader_survives_the_real_quirks():
     assert data.normalised["answer not a string"] == 10
     assert {r["answer_type"] for r in data.train + data.test} == {"CLOSED", "OPEN"}
     assert sum(r["answer"] not in set(data.answers) for r in data.test) == 47
+    first_types = {r["question_type"].split(",")[0] for r in data.train + data.test}
+    assert len(first_types) == 11 and {"ATTRIB", "OTHER"} <= first_types  # ATRIB, Other fixed
+    assert {r["image_organ"] for r in data.train} == {"HEAD", "CHEST", "ABD"}
 
 
 def test_normalise_answer():

@@ -137,6 +137,11 @@ class DataConfig:
     train_per_client: int = 400
     test_per_client: int = 150
     split_seed: int = 0  # the data split is fixed by this seed, independent of the run seed
+    test_split: str = "standard"  # VQA-RAD: standard (official testset) | image-disjoint
+    alpha: float = 0.5  # Dirichlet concentration of the label-skew partitions (smaller = more skew)
+    dirichlet_by: str = "answer"  # vqa-rad-dirichlet: answer | organ, the skewed label per image
+    clients_by: str = "column"  # jsonl: column (the records' `client`) | iid | dirichlet
+    skip_missing_images: bool = False  # jsonl: drop records whose image is missing (and say so)
 
 
 @dataclass

@@ -4,10 +4,37 @@ Not shipped with fedmm (CC0, but not on PyPI/Debian): point ``$FEDMM_VQA_RAD`` a
 ``trainset.json``, ``testset.json`` and ``images/``; a checkout beside ``../shared/data/vqa-rad``
 finds it automatically.
 
-Normalisation (the real files' quirks): answers are ``str()``-ed (10 train answers are JSON
-integers), stripped and lower-cased; ``answer_type`` is stripped and upper-cased ("CLOSED ").
-The answer vocabulary is built from the training split; test answers outside it can never be
-predicted and count as wrong.
+Normalisation (the real files' quirks), counted in ``VqaRad.normalised`` and reported in
+``Benchmark.notes["normalised"]``: answers are ``str()``-ed (10 train answers are JSON integers),
+whitespace-collapsed and lower-cased; ``answer_type`` and ``image_organ`` are stripped and
+upper-cased ("CLOSED "); ``question_type`` is upper-cased and two typos fixed (ATRIB -> ATTRIB,
+PRSE -> PRES; "Other" -> OTHER).
+
+Federated benchmarks (``data.test_split`` and ``data.split_seed`` apply to all three):
+
+* ``vqa-rad-organ`` (domain heterogeneity): 3 clients, HEAD / CHEST / ABD (``image_organ``);
+  needs ``fed.clients = 3``.
+* ``vqa-rad-qtype`` (function heterogeneity): a question's type is the *first* listed type
+  ("PRES, ATTRIB" -> PRES), giving 11 types; they are merged into ``fed.clients`` (1..11) clients
+  by greedy balancing: types in decreasing order of training questions (ties by name) each go to
+  the client with the fewest training questions so far (ties: lowest index).
+* ``vqa-rad-dirichlet`` (label skew): ``fed.clients`` clients; *images* are partitioned (all
+  questions of an image go to one client) with ``DirichletPartitioner`` over each image's label
+  (see ``fedmm.data.common.partition``, alpha = ``data.alpha``, seed = ``data.split_seed``):
+  ``data.dirichlet_by = "organ"`` uses the image's organ; ``"answer"`` its most frequent
+  normalised answer over all its questions (ties: alphabetically first).
+
+Test split: ``standard`` is the official ``testset.json`` (203 of its images also appear in
+training); ``image-disjoint`` pools train and test and re-splits by image, within each organ: the
+organ's images (sorted by name) are permuted with ``data.split_seed`` and taken as test images
+until they hold at least the official test fraction (451 / 3515) of the organ's questions.
+A client's test set is the test questions of its own partition (its organ, its question types,
+its images).
+
+Labels: the answer vocabulary is the sorted normalised training answers followed by ``<unk>``;
+a test answer outside it gets the ``<unk>`` index, which no training question has, so it counts
+as wrong (``notes["unk_index"]``, ``notes["test_unk"]``).  Every record keeps its answer type as
+``RawSplit.groups`` ("closed" / "open") for per-type accuracy.
 """
 
 from __future__ import annotations
@@ -19,6 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedmm.config import ConfigError, FedmmConfig
+from fedmm.data import Benchmark, ClientSpec, RawSplit, register
+from fedmm.data.common import label_of, partition, read_images, vocabulary
+
+ORGANS = ("HEAD", "CHEST", "ABD")
 
 
 @dataclass
@@ -46,19 +79,29 @@ def normalise_answer(answer: object) -> str:
     return " ".join(str(answer).split()).lower()
 
 
+QTYPE_FIXES = {"ATRIB": "ATTRIB", "PRSE": "PRES"}  # typos in the real trainset.json
+
+
+def normalise_qtype(qtype: str) -> str:
+    """``"pres,  Atrib"`` -> ``"PRES, ATTRIB"``: upper-case, typos fixed, one space after commas."""
+    parts = [p.strip().upper() for p in qtype.split(",")]
+    return ", ".join(QTYPE_FIXES.get(p, p) for p in parts)
+
+
 def load_vqa_rad(root: str = "") -> VqaRad:
     path = find_vqa_rad(root)
-    if path is None:
+    if path is None or (root and path != Path(root)):
         raise FileNotFoundError(
-            "VQA-RAD not found: set FEDMM_VQA_RAD=DIR (a directory with trainset.json, "
-            "testset.json and images/)"
+            f"VQA-RAD not found{f' in {root}' if root else ''}: set FEDMM_VQA_RAD=DIR "
+            "(or data.data_dir=DIR), a directory with trainset.json, testset.json and images/"
         )
     changed: Counter = Counter()
     splits = {}
     for split in ("train", "test"):
         records = json.loads((path / f"{split}set.json").read_text())
         for i, rec in enumerate(records):
-            for key in ("image_name", "question", "answer", "answer_type"):
+            for key in ("image_name", "image_organ", "question", "question_type", "answer",
+                        "answer_type"):  # fmt: skip
                 if key not in rec:
                     raise ValueError(f"{path / f'{split}set.json'}: record {i} has no {key!r}")
             raw = rec["answer"]
@@ -67,23 +110,162 @@ def load_vqa_rad(root: str = "") -> VqaRad:
             elif raw != normalise_answer(raw):
                 changed["answer case/space"] += 1
             rec["answer"] = normalise_answer(raw)
-            if rec["answer_type"] != rec["answer_type"].strip().upper():
-                changed["answer_type case/space"] += 1
-            rec["answer_type"] = rec["answer_type"].strip().upper()
+            for key, norm in (("answer_type", lambda t: t.strip().upper()),
+                              ("image_organ", lambda t: t.strip().upper()),
+                              ("question_type", normalise_qtype)):  # fmt: skip
+                if rec[key] != norm(rec[key]):
+                    changed[f"{key} case/space/typo"] += 1
+                rec[key] = norm(rec[key])
         splits[split] = records
     answers = sorted({r["answer"] for r in splits["train"]})
     return VqaRad(path, splits["train"], splits["test"], answers, changed)
 
 
 def load_images(root: Path, names: list[str], size: int) -> np.ndarray:
-    """uint8 ``(N, size, size, 3)`` RGB images, each read once."""
-    from PIL import Image
+    """uint8 ``(N, size, size, 3)`` RGB images from ``root/images``, each file read once per process."""
+    return read_images([root / "images" / name for name in names], size)
 
-    cache: dict[str, np.ndarray] = {}
-    out = np.empty((len(names), size, size, 3), dtype=np.uint8)
-    for i, name in enumerate(names):
-        if name not in cache:
-            with Image.open(root / "images" / name) as im:
-                cache[name] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
-        out[i] = cache[name]
-    return out
+
+def image_disjoint_split(data: VqaRad, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train and test re-split by image within each organ (see the module docstring)."""
+    pool = data.train + data.test
+    frac = len(data.test) / len(pool)
+    rng = np.random.default_rng(seed)
+    test_images: set[str] = set()
+    for organ in sorted({r["image_organ"] for r in pool}):
+        per_image = Counter(r["image_name"] for r in pool if r["image_organ"] == organ)
+        names = sorted(per_image)
+        target, taken = frac * sum(per_image.values()), 0
+        for j in rng.permutation(len(names)):
+            if taken >= target:
+                break
+            test_images.add(names[j])
+            taken += per_image[names[j]]
+    return (
+        [r for r in pool if r["image_name"] not in test_images],
+        [r for r in pool if r["image_name"] in test_images],
+    )
+
+
+def qtype_groups(train: list[dict], n: int) -> dict[str, int]:
+    """First-listed question type -> client, greedily balancing training questions over n clients."""
+    counts = Counter(r["question_type"].split(",")[0] for r in train)
+    if not 1 <= n <= len(counts):
+        raise ConfigError(
+            f"vqa-rad-qtype merges the {len(counts)} question types into fed.clients groups; "
+            f"fed.clients must be 1..{len(counts)}, got {n}"
+        )
+    load, group = [0] * n, {}
+    for qtype, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        k = int(np.argmin(load))
+        group[qtype], load[k] = k, load[k] + count
+    return group
+
+
+def image_labels(records: list[dict], by: str) -> dict[str, str]:
+    """Each image's Dirichlet label: its organ, or its most frequent answer (ties: first by name)."""
+    if by == "organ":
+        return {r["image_name"]: r["image_organ"] for r in records}
+    if by == "answer":
+        per_image: dict[str, Counter] = {}
+        for r in records:
+            per_image.setdefault(r["image_name"], Counter())[r["answer"]] += 1
+        return {name: min(c, key=lambda a: (-c[a], a)) for name, c in per_image.items()}
+    raise ConfigError(f"data.dirichlet_by must be answer or organ, got {by!r}")
+
+
+def build(cfg: FedmmConfig, setting: str) -> Benchmark:
+    """One VQA-RAD benchmark: split, assign every question to a client, encode."""
+    data = load_vqa_rad(cfg.data.data_dir)
+    if cfg.data.test_split == "standard":
+        train, test = data.train, data.test
+    elif cfg.data.test_split == "image-disjoint":
+        train, test = image_disjoint_split(data, cfg.data.split_seed)
+    else:
+        raise ConfigError(
+            f"data.test_split must be standard or image-disjoint, got {cfg.data.test_split!r}"
+        )
+    n = cfg.fed.clients
+    if setting == "organ":
+        if n != len(ORGANS):
+            raise ConfigError(f"vqa-rad-organ has {len(ORGANS)} clients (HEAD, CHEST, ABD): "
+                              f"set fed.clients={len(ORGANS)}, got {n}")  # fmt: skip
+        names = [f"{k}-{organ}" for k, organ in enumerate(ORGANS)]
+        descs = [f"{organ} images, all question types" for organ in ORGANS]
+        client_of = {organ: k for k, organ in enumerate(ORGANS)}
+
+        def owner(r: dict) -> int:
+            return client_of[r["image_organ"]]
+
+    elif setting == "qtype":
+        group = qtype_groups(train, n)
+        members = [[t for t in group if group[t] == k] for k in range(n)]  # largest type first
+        names = [f"{k}-{'+'.join(m)}" for k, m in enumerate(members)]
+        descs = [f"all organs, question types {', '.join(m)}" for m in members]
+
+        def owner(r: dict) -> int:
+            # a test-only first type (none in the real data) goes to the last client
+            return group.get(r["question_type"].split(",")[0], n - 1)
+
+    else:
+        labels = image_labels(train + test, cfg.data.dirichlet_by)
+        images = sorted(labels)
+        parts = partition([labels[i] for i in images], n, "dirichlet", cfg.data.alpha,
+                          cfg.data.split_seed)  # fmt: skip
+        client_of = dict(zip(images, parts.tolist()))
+        names = [f"{k}-dir" for k in range(n)]
+        descs = [f"Dirichlet(alpha={cfg.data.alpha}) share over {cfg.data.dirichlet_by}s"] * n
+
+        def owner(r: dict) -> int:
+            return client_of[r["image_name"]]
+
+    answers, index = vocabulary([r["answer"] for r in train])
+
+    def encode(records: list[dict]) -> RawSplit:
+        return RawSplit(
+            load_images(data.root, [r["image_name"] for r in records], cfg.model.image_size),
+            [r["question"] for r in records],
+            np.asarray([label_of(index, r["answer"]) for r in records], dtype=np.int64),
+            groups=[r["answer_type"].lower() for r in records],
+        )
+
+    clients = [
+        ClientSpec(
+            names[k], descs[k],
+            encode([r for r in train if owner(r) == k]),
+            encode([r for r in test if owner(r) == k]),
+        )
+        for k in range(n)
+    ]  # fmt: skip
+    shared = {r["image_name"] for r in train} & {r["image_name"] for r in test}
+    notes = {
+        "normalised": dict(data.normalised),
+        "test_split": cfg.data.test_split,
+        "train_questions": len(train),
+        "test_questions": len(test),
+        "test_images_seen_in_train": len(shared),
+        "unk_index": len(answers) - 1,
+        "test_unk": sum(r["answer"] not in index for r in test),
+    }
+    fixes = ", ".join(f"{v} {k}" for k, v in sorted(data.normalised.items())) or "nothing"
+    description = (
+        f"VQA-RAD by {setting}, {cfg.data.test_split} test split "
+        f"({len(train)} train / {len(test)} test questions, {notes['test_unk']} test answers "
+        f"unseen in training -> <unk>); normalised: {fixes}"
+    )
+    return Benchmark(f"vqa-rad-{setting}", description, answers, clients, notes)
+
+
+@register("vqa-rad-organ")
+def vqa_rad_organ(cfg: FedmmConfig) -> Benchmark:
+    return build(cfg, "organ")
+
+
+@register("vqa-rad-qtype")
+def vqa_rad_qtype(cfg: FedmmConfig) -> Benchmark:
+    return build(cfg, "qtype")
+
+
+@register("vqa-rad-dirichlet")
+def vqa_rad_dirichlet(cfg: FedmmConfig) -> Benchmark:
+    return build(cfg, "dirichlet")

@@ -1,0 +1,185 @@
+"""Bring your own data: the ``jsonl`` benchmark reads ``data.data_dir/{train,test}.jsonl``.
+
+Format (also in docs/data.md): one JSON object per line, blank lines ignored.
+
+* ``image`` (string, required): image file path relative to ``data.data_dir``; any format PIL
+  reads, converted to RGB and resized to ``model.image_size``.
+* ``text`` (string, required): the question or caption.
+* ``answer`` (string): the label; or ``labels`` (list of strings) with exactly one element --
+  multi-label records (more than one label) are rejected for now, since a RawSplit holds one
+  label per record.
+* ``client`` (string or integer, optional): the client that holds the record.
+* ``group`` (string, optional): an evaluation group (e.g. "closed" / "open"), kept as
+  ``RawSplit.groups`` when every record has one.
+
+Clients (``data.clients_by``):
+
+* ``column``: one client per distinct ``client`` value (sorted; every record needs one, every test
+  client must also have training records), so ``fed.clients`` must equal their number;
+* ``iid`` / ``dirichlet``: the pooled train and test records are partitioned into ``fed.clients``
+  clients by ``fedmm.data.common.partition`` over their answers (``data.alpha``,
+  ``data.split_seed``); each client's train / test set is its records from each file, so a client's
+  test labels follow its training skew.
+
+Answers: the sorted training answers (kept exactly as written) plus ``<unk>`` for test answers
+never seen in training (they count as wrong).  A malformed line raises ``ValueError`` naming
+``file:line`` and the field.  Missing image files raise one ``FileNotFoundError`` with their count
+and up to 5 examples, unless ``data.skip_missing_images = true``: then those records are dropped
+and the count is in ``Benchmark.notes["missing_images_dropped"]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fedmm.config import ConfigError, FedmmConfig
+from fedmm.data import Benchmark, ClientSpec, RawSplit, register
+from fedmm.data.common import label_of, partition, read_images, vocabulary
+
+FILES = ("train.jsonl", "test.jsonl")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Validated records of one file, each with its ``file:line`` as ``where``."""
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: invalid JSON: {exc.msg}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        for key in ("image", "text"):
+            if key not in obj:
+                raise ValueError(f"{where}: missing required field {key!r}")
+            if not isinstance(obj[key], str) or not obj[key]:
+                raise ValueError(f"{where}: field {key!r} must be a non-empty string")
+        if ("answer" in obj) == ("labels" in obj):
+            raise ValueError(f"{where}: field 'answer' (or 'labels'): give exactly one of them")
+        if "labels" in obj:
+            labels = obj["labels"]
+            if not isinstance(labels, list) or not all(isinstance(y, str) for y in labels):
+                raise ValueError(f"{where}: field 'labels' must be a list of strings")
+            if len(labels) != 1:
+                raise ValueError(
+                    f"{where}: field 'labels': {len(labels)} labels; multi-label records are "
+                    "not supported yet (one answer per record)"
+                )
+            answer = labels[0]
+        else:
+            answer = obj["answer"]
+            if not isinstance(answer, str):
+                raise ValueError(f"{where}: field 'answer' must be a string")
+        client = obj.get("client")
+        if client is not None and (isinstance(client, bool) or not isinstance(client, str | int)):
+            raise ValueError(f"{where}: field 'client' must be a string or an integer")
+        group = obj.get("group")
+        if group is not None and not isinstance(group, str):
+            raise ValueError(f"{where}: field 'group' must be a string")
+        records.append({
+            "image": obj["image"], "text": obj["text"], "answer": answer, "where": where,
+            "client": None if client is None else str(client), "group": group,
+        })  # fmt: skip
+    return records
+
+
+def _client_key(cid: str) -> tuple:
+    return (0, int(cid), "") if cid.isdigit() else (1, 0, cid)
+
+
+@register("jsonl")
+def jsonl_benchmark(cfg: FedmmConfig) -> Benchmark:
+    if not cfg.data.data_dir:
+        raise ConfigError(
+            "the jsonl benchmark needs data.data_dir=DIR holding " + " and ".join(FILES)
+        )
+    root = Path(cfg.data.data_dir)
+    for name in FILES:
+        if not (root / name).is_file():
+            raise FileNotFoundError(
+                f"{root / name} does not exist (the jsonl benchmark reads {FILES})"
+            )
+    train, test = (read_jsonl(root / name) for name in FILES)
+
+    missing = [r for r in train + test if not (root / r["image"]).is_file()]
+    notes: dict = {"missing_images_dropped": 0}
+    if missing and not cfg.data.skip_missing_images:
+        examples = "; ".join(f"{r['where']} {r['image']}" for r in missing[:5])
+        raise FileNotFoundError(
+            f"{len(missing)} record(s) name image files that do not exist under {root}, e.g. "
+            f"{examples}. Fix the paths, or set data.skip_missing_images=true to drop them."
+        )
+    if missing:
+        gone = {id(r) for r in missing}
+        train = [r for r in train if id(r) not in gone]
+        test = [r for r in test if id(r) not in gone]
+        notes["missing_images_dropped"] = len(missing)
+    if not train or not test:
+        raise ValueError(f"{root}: train.jsonl and test.jsonl must each hold at least one record")
+
+    n, how = cfg.fed.clients, cfg.data.clients_by
+    if how == "column":
+        unnamed = next((r for r in train + test if r["client"] is None), None)
+        if unnamed is not None:
+            raise ValueError(
+                f"{unnamed['where']}: missing field 'client' (data.clients_by=column needs it "
+                "on every record; or use data.clients_by=iid|dirichlet)"
+            )
+        ids = sorted({r["client"] for r in train}, key=_client_key)
+        stray = next((r for r in test if r["client"] not in ids), None)
+        if stray is not None:
+            raise ValueError(
+                f"{stray['where']}: client {stray['client']!r} has no training records"
+            )
+        if len(ids) != n:
+            raise ConfigError(f"{root}: the 'client' column names {len(ids)} clients; "
+                              f"set fed.clients={len(ids)} (got {n})")  # fmt: skip
+        for r in train + test:
+            r["owner"] = ids.index(r["client"])
+        descs = [f"client {cid} (from the 'client' column)" for cid in ids]
+    elif how in ("iid", "dirichlet"):
+        pooled = train + test
+        owner = partition(
+            [r["answer"] for r in pooled], n, how, cfg.data.alpha, cfg.data.split_seed
+        )
+        for r, k in zip(pooled, owner.tolist()):
+            r["owner"] = k
+        ids = [str(k) for k in range(n)]
+        skew = "" if how == "iid" else f" Dirichlet(alpha={cfg.data.alpha}) over answers"
+        descs = [f"{how} partition{skew}"] * n
+    else:
+        raise ConfigError(f"data.clients_by must be column, iid or dirichlet, got {how!r}")
+
+    answers, index = vocabulary([r["answer"] for r in train])
+    tagged = all(r["group"] is not None for r in train + test)
+
+    def encode(records: list[dict]) -> RawSplit:
+        return RawSplit(
+            read_images([root / r["image"] for r in records], cfg.model.image_size),
+            [r["text"] for r in records],
+            np.asarray([label_of(index, r["answer"]) for r in records], dtype=np.int64),
+            groups=[r["group"] for r in records] if tagged else None,
+        )
+
+    clients = [
+        ClientSpec(ids[k], descs[k], encode([r for r in train if r["owner"] == k]),
+                   encode([r for r in test if r["owner"] == k]))
+        for k in range(n)
+    ]  # fmt: skip
+    notes |= {
+        "clients_by": how,
+        "unk_index": len(answers) - 1,
+        "test_unk": sum(r["answer"] not in index for r in test),
+    }
+    description = (
+        f"JSONL data from {root} ({len(train)} train / {len(test)} test records, clients by {how}, "
+        f"{notes['missing_images_dropped']} records with missing images dropped, "
+        f"{notes['test_unk']} test answers unseen in training -> <unk>)"
+    )
+    return Benchmark("jsonl", description, answers, clients, notes)
