@@ -55,9 +55,9 @@ def run_method(cfg: FedmmConfig) -> dict:
         bar.close()
     log.info("%s finished in %.0fs", label, time.perf_counter() - t0)
     data = results.load(cfg.out_dir)
-    key = (cfg.method, get_runtime(cfg).benchmark.name, cfg.seed)
+    key = (cfg.method, cfg.peft.type, get_runtime(cfg).benchmark.name, cfg.seed)
     for run in data["runs"]:
-        if (run["method"], run["benchmark"], run["seed"]) == key:
+        if results.run_key(run) == key:
             return run
     raise RuntimeError(f"{label}: the run finished but wrote no results to {cfg.out_dir}")
 

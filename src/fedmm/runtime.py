@@ -35,6 +35,7 @@ class Encoded:
     input_ids: torch.Tensor  # (N, L)
     attention_mask: torch.Tensor  # (N, L)
     labels: torch.Tensor  # (N,)
+    groups: tuple[str, ...] | None = None  # evaluation group per row (VQA-RAD: closed / open)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -98,16 +99,19 @@ class Runtime:
     def pooled_train(self) -> Encoded:
         """Every client's training split, concatenated (for the centralised baseline)."""
         parts = [self.client_split(i, "train") for i in range(len(self.benchmark.clients))]
-        return Encoded(
-            *(torch.cat([getattr(p, f) for p in parts]) for f in Encoded.__dataclass_fields__)
+        tensors = ("feats", "input_ids", "attention_mask", "labels")
+        groups = (
+            None if any(p.groups is None for p in parts) else sum((p.groups for p in parts), ())
         )
+        return Encoded(*(torch.cat([getattr(p, f) for p in parts]) for f in tensors), groups)
 
     def _encode(self, name: str, raw: RawSplit) -> Encoded:
         if name in self._encoded:
             return self._encoded[name]
         ids, mask = self.model.tokenize(raw.texts)
         feats = self._visual_features(name, raw)
-        enc = Encoded(feats, ids, mask, torch.as_tensor(raw.labels, dtype=torch.long))
+        groups = None if raw.groups is None else tuple(raw.groups)
+        enc = Encoded(feats, ids, mask, torch.as_tensor(raw.labels, dtype=torch.long), groups)
         self._encoded[name] = enc
         return enc
 

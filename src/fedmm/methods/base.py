@@ -150,6 +150,7 @@ class ClientContext:
     steps_per_round: int
     total_steps: int  # over the whole run, for the learning-rate schedule
     stats: dict[str, float] = field(default_factory=dict)
+    views: dict[str, float] = field(default_factory=dict)  # filled by ``view``
 
     @property
     def device(self) -> torch.device:
@@ -211,6 +212,23 @@ class ClientContext:
             feats, ids, mask, _ = split.batch(idx, self.device)
             preds.append(self.model(feats, ids, mask).argmax(-1).cpu())
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+    def view(self, *names: str) -> dict[str, float]:
+        """Score the model's current configuration on the test split as view(s) ``names``.
+
+        Records ``views[name]`` = top-1 accuracy and, when the split tags rows with groups
+        (VQA-RAD: closed / open questions), ``views[f"{name}.{group}"]`` per group.  Several
+        names share one evaluation (FedDAT's ``personalized`` is its ``dat``).
+        """
+        split = self.test
+        correct = (self.predict(split) == split.labels).float()
+        scores = {"": float(correct.mean()) if len(split) else 0.0}
+        for group in sorted(set(split.groups or ())):
+            rows = torch.tensor([g == group for g in split.groups])
+            scores[f".{group}"] = float(correct[rows].mean())
+        for name in names:
+            self.views.update({f"{name}{suffix}": v for suffix, v in scores.items()})
+        return self.views
 
     def accuracy(self, split: Encoded | None = None) -> float:
         """Top-1 accuracy of the model's current configuration on ``split`` (default: test)."""

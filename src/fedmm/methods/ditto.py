@@ -75,14 +75,13 @@ class Ditto(FedAvg):
         self.prepare(model)
         load_parts(model, global_state)
         with model.active("global_adapter"):
-            metrics = {"global": ctx.accuracy()}
+            ctx.view("global")
         if ctx.state:
             load_parts(model, ctx.state)
         else:
             load_parts(model, global_state, rename=RENAME_TO_PERSONAL)
         with model.active("personal_adapter"):
-            metrics["personalized"] = ctx.accuracy()
-        return metrics
+            return ctx.view("personalized")
 
 
 def _keys(model) -> list[str]:

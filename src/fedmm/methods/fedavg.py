@@ -71,14 +71,12 @@ class FedAvg(Method):
         self.prepare(model)
         with model.active("global_adapter"):
             load_parts(model, global_state)
-            metrics = {"global": ctx.accuracy()}
             personal = {k.removeprefix("personal."): v for k, v in ctx.state.items()}
-            if personal:
-                load_parts(model, personal)
-                metrics["personalized"] = ctx.accuracy()
-            else:
-                metrics["personalized"] = metrics["global"]
-        return metrics
+            if not personal:  # not trained yet: the personalized model is the global one
+                return ctx.view("global", "personalized")
+            ctx.view("global")
+            load_parts(model, personal)
+            return ctx.view("personalized")
 
     def upload_parts(self) -> tuple[str, ...]:
         return PARTS

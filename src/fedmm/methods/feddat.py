@@ -147,9 +147,8 @@ class FedDAT(Method):
         model = ctx.model
         self._load(ctx, global_state)
         with model.active(GLOBAL):
-            metrics = {"global": ctx.accuracy()}
+            ctx.view("global")
         with model.active(CLIENT, FROZEN, combine=self.cfg.feddat.dat_combine):
-            metrics["dat"] = metrics["personalized"] = ctx.accuracy()
+            ctx.view("personalized", "dat")
         with model.active(CLIENT):
-            metrics["client"] = ctx.accuracy()
-        return metrics
+            return ctx.view("client")

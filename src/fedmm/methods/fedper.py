@@ -54,4 +54,4 @@ class FedPer(FedAvg):
     def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
         self._load(ctx, global_state)
         with ctx.model.active("global_adapter"):
-            return {"personalized": ctx.accuracy()}
+            return ctx.view("personalized")

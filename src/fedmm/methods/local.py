@@ -53,4 +53,4 @@ class Local(Method):
     def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
         self._load(ctx)
         with ctx.model.active(self.adapter_sets[0]):
-            return {self.views[0]: ctx.accuracy()}
+            return ctx.view(self.views[0])
