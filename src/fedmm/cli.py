@@ -2,6 +2,8 @@
 
     fedmm run [--benchmark NAME] [--method NAME[,NAME...]] [--peft TYPE] [--rounds N]
               [--clients K] [--seed S] [--out DIR] [--config FILE.toml] [--set key=value ...]
+    fedmm bench [--benchmark NAME[,NAME...]] [--method ...] [--seeds 0,1,2] [--out DIR] [...]
+              # methods x benchmarks x seeds -> bench.json, report.md, plots (resumable)
     fedmm list            # methods, benchmarks, backbones, config keys with defaults
 
 Precedence: defaults < --config file < the flags above < --set.
@@ -39,25 +41,46 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any option, e.g. --set train.lr=5e-4 (repeatable)")  # fmt: skip
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    bench = sub.add_parser("bench", help="methods x benchmarks x seeds into one report (resumable)")
+    for action in run._actions[1:]:  # the same options as `run` ...
+        if action.dest not in ("seed",):
+            bench._add_action(action)
+    bench.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     sub.add_parser("list", help="list methods, benchmarks, backbones and config keys")
     return parser
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[FedmmConfig, list[str]]:
+def resolve_config(args: argparse.Namespace) -> tuple[list[FedmmConfig], list[str]]:
+    """(one config per benchmark, methods), every name and option validated."""
+    from fedmm.data import FIXED_CLIENTS
+
     overrides: dict = {}
     if args.config:
         overrides.update(load_toml(args.config))
     for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
     overrides.update(parse_set(args.set))
     methods_arg = args.method if args.method is not None else overrides.pop("method", "fedavg")
     overrides.pop("method", None)
-    cfg = FedmmConfig().with_overrides(overrides)
+    bench_arg = str(overrides.pop("data.benchmark", FedmmConfig().data.benchmark))
+    benchmarks = [b.strip() for b in bench_arg.split(",") if b.strip()]
     methods = [m.strip() for m in str(methods_arg).split(",") if m.strip()]
-    validate(cfg, methods)
-    return cfg, methods
+    if len(benchmarks) != 1 and args.command == "run":
+        raise ConfigError("fedmm run takes one --benchmark; use fedmm bench for several")
+    cfgs = []
+    for bench in benchmarks:
+        cfg = FedmmConfig().with_overrides({**overrides, "data.benchmark": bench})
+        if bench in FIXED_CLIENTS and "fed.clients" not in overrides:
+            cfg = cfg.with_overrides(
+                {"fed.clients": FIXED_CLIENTS[bench]}
+            )  # part of its definition
+        validate(cfg, methods)
+        cfgs.append(cfg)
+    if not cfgs:
+        raise ConfigError("--benchmark is empty")
+    return cfgs, methods
 
 
 def validate(cfg: FedmmConfig, methods: list[str]) -> None:
@@ -107,7 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedmm.data import load_benchmark
     from fedmm.engine import run_method
 
-    cfg, methods = resolve_config(args)
+    cfgs, methods = resolve_config(args)
+    cfg = cfgs[0]
     out = Path(cfg.out_dir)
     try:
         load_benchmark(cfg)  # missing data fails here, with install instructions, before any run
@@ -132,6 +156,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fedmm.bench import cell_config, run_bench
+    from fedmm.data import load_benchmark
+
+    cfgs, methods = resolve_config(args)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from exc
+    if not seeds:
+        raise ConfigError("--seeds is empty")
+    out = Path(cfgs[0].out_dir)
+    try:
+        for cfg in cfgs:  # missing data fails here, before any cell runs
+            load_benchmark(cell_config(cfg, methods[0], seeds[0], out))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    cells = len(methods) * len(cfgs) * len(seeds)
+    print(f"fedmm bench: {len(methods)} methods x {len(cfgs)} benchmarks x {len(seeds)} seeds "
+          f"= {cells} cells -> {out}/", flush=True)  # fmt: skip
+    done = run_bench(cfgs, methods, seeds, out)
+    print(f"\n{done['ran']} cells ran, {cells - done['ran']} were already complete")
+    print((out / "report.md").read_text())
+    print(f"bench: {out / 'bench.json'}  report: {out / 'report.md'}  plots: "
+          f"{out / 'bench_curves.png'}, {out / 'bench_bytes.png'}")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING
@@ -151,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             cmd_list()
             return 0
+        if args.command == "bench":
+            return cmd_bench(args)
         return cmd_run(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"fedmm: error: {exc}", file=sys.stderr)

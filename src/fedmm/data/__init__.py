@@ -73,9 +73,16 @@ BenchmarkBuilder = Callable[[FedmmConfig], Benchmark]
 BENCHMARKS: dict[str, BenchmarkBuilder] = {}
 
 
-def register(name: str) -> Callable[[BenchmarkBuilder], BenchmarkBuilder]:
+FIXED_CLIENTS: dict[str, int] = {}  # benchmarks whose client count is part of their definition
+
+
+def register(
+    name: str, clients: int | None = None
+) -> Callable[[BenchmarkBuilder], BenchmarkBuilder]:
     def deco(fn: BenchmarkBuilder) -> BenchmarkBuilder:
         BENCHMARKS[name] = fn
+        if clients is not None:
+            FIXED_CLIENTS[name] = clients
         return fn
 
     return deco
@@ -98,4 +105,12 @@ def load_benchmark(cfg: FedmmConfig) -> Benchmark:
 # builders register themselves on import
 from fedmm.data import fmnist, jsonl, vqa_rad  # noqa: E402,F401
 
-__all__ = ["BENCHMARKS", "Benchmark", "ClientSpec", "RawSplit", "load_benchmark", "register"]
+__all__ = [
+    "BENCHMARKS",
+    "FIXED_CLIENTS",
+    "Benchmark",
+    "ClientSpec",
+    "RawSplit",
+    "load_benchmark",
+    "register",
+]

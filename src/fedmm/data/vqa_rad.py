@@ -256,7 +256,7 @@ def build(cfg: FedmmConfig, setting: str) -> Benchmark:
     return Benchmark(f"vqa-rad-{setting}", description, answers, clients, notes)
 
 
-@register("vqa-rad-organ")
+@register("vqa-rad-organ", clients=len(ORGANS))
 def vqa_rad_organ(cfg: FedmmConfig) -> Benchmark:
     return build(cfg, "organ")
 

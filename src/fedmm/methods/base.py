@@ -170,9 +170,9 @@ class ClientContext:
     def steps(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yield ``steps_per_round`` training batches, setting the scheduled LR before each."""
         n, bs = len(self.train), self.cfg.train.batch_size
-        gen = torch.Generator().manual_seed(
-            self.cfg.seed * 1_000_003 + self.client_index * 9_176 + self.round
-        )
+        seed = self.cfg.seed * 1_000_003 + self.client_index * 9_176 + self.round
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # dropout: the same masks whichever process runs this client
         order = torch.randperm(n, generator=gen)
         pos = 0
         self.model.train()
