@@ -145,6 +145,25 @@ class DataConfig:
 
 
 @dataclass
+class ValidateConfig:
+    """Server-side checks of every training reply before aggregation (federation/validation.py).
+
+    Shapes, dtypes, keys and finiteness are always checked against the method's declared upload;
+    these are the bounds that have no exact expected value."""
+
+    max_examples: int = 1_000_000  # largest num-examples one client may claim (weights the average)
+    max_upload_mb: float = 0.0  # bound on one upload's tensor bytes; 0 = the declared upload's size
+
+
+@dataclass
+class DPConfig:
+    """Client-side differential privacy of the upload (federation/dp.py): clip, then add noise."""
+
+    clip_norm: float = 0.0  # C: the update Δ = θ_k − θ^t is scaled to ‖Δ‖₂ ≤ C; 0 = DP off
+    noise_multiplier: float = 0.0  # σ: adds N(0, (σC)²) to every uploaded coordinate
+
+
+@dataclass
 class FedmmConfig:
     """Everything one fedmm run needs."""
 
@@ -165,6 +184,9 @@ class FedmmConfig:
     ditto: DittoConfig = field(default_factory=DittoConfig)
     fedpia: FedPIAConfig = field(default_factory=FedPIAConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    resume: bool = False  # continue from <out_dir>'s server checkpoint of this run, if there is one
 
     # ------------------------------------------------------------------ flat views
     def to_flat(self) -> dict[str, Any]:

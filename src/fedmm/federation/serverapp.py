@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmm import results
 from fedmm.config import FedmmConfig
-from fedmm.federation import messages
+from fedmm.federation import checkpoint, messages, validation
 from fedmm.methods import Reply, get_method
 from fedmm.runtime import get_runtime
 
@@ -68,20 +68,43 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float = 120.0) -> list[int]:
 def run_federation(
     grid: Grid, cfg: FedmmConfig, on_round: Callable[[dict], None] | None = None
 ) -> dict:
-    """Run ``fed.rounds`` rounds of ``cfg.method``; returns (and writes) the run record."""
+    """Run ``fed.rounds`` rounds of ``cfg.method``; returns (and writes) the run record.
+
+    Every round ends with a server checkpoint (``checkpoint.py``); with ``resume=true`` the loop
+    continues after the last checkpointed round.  Replies that fail validation (``validation.py``)
+    and nodes that fail or time out are logged and recorded per round (``rejected``, ``failed``),
+    and the round aggregates the others when at least ``fed.min_clients`` remain.
+    """
     method = get_method(cfg)
     runtime = get_runtime(cfg)  # the server needs the trainable shapes and the client names
     client_ids = [c.client_id for c in runtime.benchmark.clients]
     global_state = method.init_global(runtime.model)
-    nodes = wait_for_nodes(grid, cfg.fed.clients)
+    spec = validation.UploadSpec.from_model(method, runtime.model, cfg)
     rng = random.Random(cfg.seed)
-    n_sample = max(1, min(len(nodes), math.ceil(cfg.fed.fraction * len(nodes))))
-    timeout = cfg.fed.round_timeout or None
     record = results.new_run(
         cfg, runtime.benchmark, method.views,
         trainable_params=method.count_trainable(runtime.model),
     )  # fmt: skip
-    for rnd in range(1, cfg.fed.rounds + 1):
+    record["privacy"] = {"dp_clip_norm": cfg.dp.clip_norm,
+                         "dp_noise_multiplier": cfg.dp.noise_multiplier}  # fmt: skip
+    first = 1
+    saved = checkpoint.load(cfg) if cfg.resume else None
+    if saved is not None:
+        global_state, record, first = saved.global_state, saved.record, saved.round + 1
+        method.load_server_state(saved.server_state)
+        rng.setstate(saved.rng_state)
+        log.warning("resuming %s from the checkpoint of round %d", cfg.method, saved.round)
+    if first > cfg.fed.rounds:
+        return record
+    nodes = wait_for_nodes(grid, cfg.fed.clients)
+    n_sample = max(1, min(len(nodes), math.ceil(cfg.fed.fraction * len(nodes))))
+    timeout = cfg.fed.round_timeout or None
+    node_client: dict[int, str] = {}  # learned from valid replies, to name a failing node's client
+
+    def who(node: int) -> dict:
+        return {"node": node, "client": node_client.get(node)}
+
+    for rnd in range(first, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
         sampled = sorted(rng.sample(nodes, n_sample))
         content = messages.server_message(global_state, cfg, rnd)
@@ -90,25 +113,42 @@ def run_federation(
             [Message(content, n, MessageType.TRAIN, group_id=str(rnd)) for n in sampled],
             timeout=timeout,
         )
-        ok, up, train_stats = [], 0, {}
+        ok, up, train_stats, failed, rejected, seen = [], 0, {}, [], [], set()
+        answered = set()
         for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
             if reply.has_error():
-                log.warning(
-                    "round %d: node %s failed: %s",
-                    rnd,
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
-                )
+                log.warning("round %d: node %s failed: %s", rnd, node, reply.error.reason)
+                failed.append(who(node) | {"reason": f"error: {reply.error.reason}"})
                 continue
-            m = reply.content[messages.METRICS]
-            update = reply.content[messages.UPDATE]
+            try:
+                m = reply.content[messages.METRICS]
+                update = reply.content[messages.UPDATE]
+                validation.check_size(update.count_bytes(), spec)
+                arrays = messages.from_record(update)
+                index = validation.check_reply(arrays, m, spec, seen)
+            except (validation.InvalidReply, KeyError, TypeError, ValueError) as exc:
+                reason = str(exc) if isinstance(exc, validation.InvalidReply) else repr(exc)
+                log.warning("round %d: rejected the reply of node %s (client %s): %s",
+                            rnd, node, node_client.get(node), reason)  # fmt: skip
+                rejected.append(who(node) | {"reason": reason})
+                continue
             up += update.count_bytes()
-            index = int(m["client-index"])
-            ok.append(Reply(index, messages.from_record(update), int(m["num-examples"])))
+            node_client[node] = client_ids[index]
+            ok.append(Reply(index, arrays, int(m["num-examples"])))
             train_stats[client_ids[index]] = {
-                k: float(m[k]) for k in ("steps", "lr-first", "lr-last", "loss", "seconds")
+                k: float(m[k])
+                for k in ("steps", "lr-first", "lr-last", "loss", "seconds")
+                if k in m
             } | {"bytes_up": update.count_bytes(), "bytes_down": down // len(sampled)}
-        failures = len(sampled) - len(ok)  # errors and timeouts alike
+            train_stats[client_ids[index]].update(
+                {k: float(m[k]) for k in ("dp-norm", "dp-scale") if k in m}
+            )
+        for node in sorted(set(sampled) - answered):
+            log.warning("round %d: no reply from node %s within fed.round_timeout", rnd, node)
+            failed.append(who(node) | {"reason": f"no reply within {cfg.fed.round_timeout:g}s"})
+        failures = len(sampled) - len(ok)  # errors, timeouts and rejected replies alike
         t_server = time.perf_counter()
         if len(ok) >= cfg.fed.min_clients:
             global_state = method.aggregate(global_state, sorted(ok, key=lambda r: r.client_index))
@@ -120,25 +160,35 @@ def run_federation(
         content = messages.server_message(global_state, cfg, rnd)
         eval_bytes = content[messages.GLOBAL].count_bytes() * len(nodes)
         clients: dict[str, dict[str, float]] = {}
+        eval_failed = []
         for reply in grid.send_and_receive(
             [Message(content, n, MessageType.EVALUATE, group_id=str(rnd)) for n in nodes],
             timeout=timeout,
         ):
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("round %d: evaluation failed on node %s: %s", rnd,
-                            reply.metadata.src_node_id, reply.error.reason)  # fmt: skip
+                log.warning("round %d: evaluation failed on node %s: %s", rnd, node,
+                            reply.error.reason)  # fmt: skip
+                eval_failed.append(who(node) | {"reason": f"error: {reply.error.reason}"})
                 continue
             m = reply.content[messages.METRICS]
-            clients[client_ids[int(m["client-index"])]] = {
+            index = int(m["client-index"])
+            if not 0 <= index < len(client_ids):
+                eval_failed.append(who(node) | {"reason": f"client-index {index} out of range"})
+                continue
+            node_client.setdefault(node, client_ids[index])
+            clients[client_ids[index]] = {
                 k.removeprefix("acc."): float(v) for k, v in m.items() if k.startswith("acc.")
             }
         entry = {
             "round": rnd, "seconds": time.perf_counter() - t0, "server_seconds": t_server, "bytes_up": up, "bytes_down": down,
             "bytes_eval": eval_bytes, "sampled": len(sampled), "failures": failures,
+            "failed": failed, "rejected": rejected, "eval_failed": eval_failed,
             "clients": dict(sorted(clients.items())), "train": dict(sorted(train_stats.items())),
         }  # fmt: skip
         results.add_round(record, entry)
         results.save_run(cfg.out_dir, record)
+        checkpoint.save(cfg, rnd, global_state, method.server_state(), rng.getstate(), record)
         if on_round:
             on_round(entry)
     return record

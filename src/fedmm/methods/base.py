@@ -314,6 +314,16 @@ class Method(ABC):
     def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
         """New global state from this round's replies."""
 
+    def server_state(self) -> NDArrays:
+        """State the server half keeps across rounds besides the global state (e.g. FedAdam's
+        moments), for checkpoints; flat ``{name: array}``.  Default: none."""
+        return {}
+
+    def load_server_state(self, state: NDArrays) -> None:
+        """Restore what ``server_state`` returned (resuming a run)."""
+        if state:
+            raise ValueError(f"{self.name} keeps no server state, got {sorted(state)[:3]}")
+
     # client half
     @abstractmethod
     def client_train(self, ctx: ClientContext, global_state: State) -> State:

@@ -10,7 +10,7 @@ The server treats the averaged client change as a pseudo-gradient and takes an A
 
 (no bias correction, as in the paper's Algorithm 2).  ``fedadam.server_lr`` = η,
 ``fedadam.beta1/beta2`` = β₁/β₂, ``fedadam.tau`` = τ.  The moments m, v are server state, kept on
-this object across rounds.  Views as FedAvg.
+this object across rounds (and in server checkpoints: ``server_state``).  Views as FedAvg.
 """
 
 from __future__ import annotations
@@ -42,3 +42,12 @@ class FedAdam(FedAvg):
             self.m[key], self.v[key] = m, v
             new_state[key] = (theta + c.server_lr * m / (np.sqrt(v) + c.tau)).astype(np.float32)
         return new_state
+
+    def server_state(self) -> NDArrays:
+        return {f"m/{k}": np.asarray(v) for k, v in self.m.items()} | {
+            f"v/{k}": np.asarray(v) for k, v in self.v.items()
+        }
+
+    def load_server_state(self, state: NDArrays) -> None:
+        self.m = {k[2:]: np.array(v) for k, v in state.items() if k.startswith("m/")}
+        self.v = {k[2:]: np.array(v) for k, v in state.items() if k.startswith("v/")}
