@@ -151,7 +151,10 @@ class TamperingGrid(InProcessGrid):
         replies = []
         for msg in msgs:
             reply = super().send_and_receive([msg], timeout=timeout)[0]
-            if msg.metadata.dst_node_id == self.bad and msg.metadata.message_type == MessageType.TRAIN:
+            if (
+                msg.metadata.dst_node_id == self.bad
+                and msg.metadata.message_type == MessageType.TRAIN
+            ):
                 arrays = messages.from_record(reply.content[messages.UPDATE])
                 metrics = dict(reply.content[messages.METRICS])
                 arrays, metrics = self.tamper(arrays, metrics)
@@ -187,7 +190,10 @@ def test_round_loop_rejects_logs_and_counts_bad_replies(tiny_cfg, tamper, reason
     assert record["history"][1]["rejected"][0]["client"] == "1-inverted"
     assert "rejected the reply of node 101" in caplog.text
     saved = json.loads((Path(cfg.out_dir) / "results.json").read_text())["runs"][0]
-    assert saved["history"][0]["rejected"][0]["reason"] == record["history"][0]["rejected"][0]["reason"]
+    assert (
+        saved["history"][0]["rejected"][0]["reason"]
+        == record["history"][0]["rejected"][0]["reason"]
+    )
 
 
 def test_rejected_reply_is_never_aggregated(tiny_cfg):
@@ -196,6 +202,7 @@ def test_rejected_reply_is_never_aggregated(tiny_cfg):
     tampered = run_federation(TamperingGrid(3, 101, _nan), cfg)
     failed = run_federation(InProcessGrid(3, failing={101}), cfg.with_overrides(
         {"out_dir": cfg.out_dir + "-failed"}))  # fmt: skip
+
     # the hostile client trained locally (its own personal view differs); the global one does not
     def global_view(r):
         return {c: v["global"] for c, v in r["history"][0]["clients"].items()}

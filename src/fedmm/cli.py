@@ -4,6 +4,10 @@
               [--clients K] [--seed S] [--out DIR] [--config FILE.toml] [--set key=value ...]
     fedmm bench [--benchmark NAME[,NAME...]] [--method ...] [--seeds 0,1,2] [--out DIR] [...]
               # methods x benchmarks x seeds -> bench.json, report.md, plots (resumable)
+    fedmm run --resume DIR   # continue every interrupted run checkpointed under DIR
+    fedmm certs --out DIR [--supernodes N] [--hosts H,...]   # TLS + SuperNode auth keys
+    fedmm deploy [run options] [--certs DIR] [--kill-node K --kill-after-round R]
+              # SuperLink + one SuperNode per client as OS processes (TLS, auth), then `flwr run`
     fedmm list            # methods, benchmarks, backbones, config keys with defaults
 
 Precedence: defaults < --config file < the flags above < --set.
@@ -41,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any option, e.g. --set train.lr=5e-4 (repeatable)")  # fmt: skip
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the interrupted runs checkpointed under DIR (their own options)")  # fmt: skip
     bench = sub.add_parser("bench", help="methods x benchmarks x seeds into one report (resumable)")
     for action in run._actions[1:]:  # the same options as `run` ...
-        if action.dest not in ("seed",):
+        if action.dest not in ("seed", "resume"):
             bench._add_action(action)
     bench.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     sub.add_parser("list", help="list methods, benchmarks, backbones and config keys")
@@ -130,6 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedmm.data import load_benchmark
     from fedmm.engine import run_method
 
+    if args.resume:
+        return cmd_resume(args)
     cfgs, methods = resolve_config(args)
     cfg = cfgs[0]
     out = Path(cfg.out_dir)
@@ -153,6 +161,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         f"\nresults: {out / 'results.json'}  table: {out / 'summary.md'}  plot: {out / 'curves.png'}"
     )
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue every run checkpointed under ``--resume DIR`` with the options it was made with
+    (``--set`` may change only where files are and how progress shows, see checkpoint.py)."""
+    from fedmm import results
+    from fedmm.engine import run_method
+    from fedmm.federation import checkpoint
+
+    out = Path(args.resume)
+    cfgs = checkpoint.find(out)
+    if not cfgs:
+        raise ConfigError(f"nothing to resume: no server checkpoints under {out}/checkpoints")
+    for cfg in cfgs:
+        cfg = cfg.with_overrides({"out_dir": str(out), **parse_set(args.set), "resume": True})
+        print(f"fedmm: resuming {cfg.method} on {cfg.data.benchmark} (seed {cfg.seed}) in {out}/",
+              flush=True)  # fmt: skip
+        run_method(cfg)
+    print()
+    print(results.summary_table(results.load(out)))
     return 0
 
 
