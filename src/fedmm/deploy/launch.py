@@ -1,0 +1,319 @@
+"""A real Flower deployment on one host: a SuperLink and N SuperNodes as separate OS processes.
+
+This is what runs at N hospitals, folded onto loopback so it can be tried (and tested) on one
+machine.  Each piece is a separate process started with Flower's own CLIs, exactly as on real
+machines (README, "Deploy across machines"):
+
+    flower-superlink  --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key
+                      --enable-supernode-auth --port P
+    flwr supernode register supernode-K.pub fedmm          (once per site, by the operator)
+    flower-supernode  --superlink 127.0.0.1:P --root-certificates ca.crt
+                      --auth-supernode-private-key supernode-K --node-config "partition-id=K ..."
+    flwr run APP fedmm --run-config "..." --stream          (the same ServerApp/ClientApp as
+                                                            fedmm's simulation)
+
+TLS material and auth keys come from ``certs.py``.  ``flwr`` reads the connection "fedmm"
+(address + CA) from ``$FLWR_HOME/config.toml``, which is written into the work directory, so
+nothing touches ``~/.flwr``.  Every process runs in its own process group and ``stop`` ends the
+groups (SIGTERM, then SIGKILL): Flower's SuperExec and app processes go with their parent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedmm.deploy import certs
+
+log = logging.getLogger(__name__)
+CONNECTION = "fedmm"  # the SuperLink connection's name in $FLWR_HOME/config.toml
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode}")
+        with socket.socket() as sock:
+            sock.settimeout(1.0)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def default_app_dir() -> Path:
+    """The fedmm project (pyproject.toml with [tool.flwr.app]) this package was loaded from."""
+    root = Path(__file__).resolve().parents[3]
+    if not (root / "pyproject.toml").is_file():
+        raise FileNotFoundError(
+            "cannot find fedmm's pyproject.toml beside the package; pass the project directory"
+        )
+    return root
+
+
+@dataclass
+class Deployment:
+    """The running processes of one local deployment and where their files are."""
+
+    workdir: Path
+    port: int
+    num_supernodes: int
+    env: dict[str, str]
+    superlink: subprocess.Popen | None = None
+    supernodes: dict[int, subprocess.Popen] = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ start
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        logfile = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(
+            cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+            start_new_session=True,  # own process group: stop() ends its children too
+        )  # fmt: skip
+        logfile.close()  # the child holds its own descriptor
+        log.info("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
+        return proc
+
+    def start_superlink(self, timeout: float = 60.0) -> None:
+        p = self.paths
+        self.superlink = self._spawn(
+            "superlink",
+            [self.bin("flower-superlink"), "--ssl-ca-certfile", str(p["ca_cert"]),
+             "--ssl-certfile", str(p["server_cert"]), "--ssl-keyfile", str(p["server_key"]),
+             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            self.env,
+        )  # fmt: skip
+        _wait_port(self.port, self.superlink, timeout)
+
+    def register(self, k: int, timeout: float = 60.0) -> None:
+        """``flwr supernode register``: the SuperLink will accept SuperNode ``k``'s key."""
+        pub = self.paths["supernode_keys"][k][1]
+        out = self.flwr(["supernode", "register", str(pub), CONNECTION], timeout=timeout)
+        if out.returncode != 0:
+            raise RuntimeError(f"registering {pub} failed:\n{out.stdout}{out.stderr}")
+
+    def start_supernode(self, k: int) -> None:
+        node_home = self.workdir / f"supernode-{k}"
+        node_home.mkdir(exist_ok=True)
+        env = self.env | {"FLWR_HOME": str(node_home / "flwr-home")}
+        self.supernodes[k] = self._spawn(
+            f"supernode-{k}",
+            [self.bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+             "--root-certificates", str(self.paths["ca_cert"]),
+             "--auth-supernode-private-key", str(self.paths["supernode_keys"][k][0]),
+             "--node-config", f"partition-id={k} num-partitions={self.num_supernodes}",
+             "--port", str(free_port()), "--max-retries", "20", "--max-wait-time", "120"],
+            env,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ use
+    def bin(self, name: str) -> str:
+        return str(Path(sys.executable).parent / name)
+
+    def flwr(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [self.bin("flwr"), *args], env=self.env, cwd=self.workdir, capture_output=True,
+            text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def online_nodes(self, timeout: float = 30.0) -> int:
+        out = self.flwr(["supernode", "list", CONNECTION, "--format", "json"], timeout)
+        try:
+            nodes = json.loads(out.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            return 0
+        return sum(1 for n in nodes if n.get("status") == "online")
+
+    def wait_online(self, n: int, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.online_nodes() < n:
+            for k, proc in self.supernodes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"supernode-{k} exited with {proc.returncode}; see "
+                        f"{self.workdir / f'supernode-{k}.log'}"
+                    )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {n} SuperNodes online after {timeout:.0f}s")
+            time.sleep(1.0)
+
+    def run(
+        self, run_config: dict, app: Path | None = None, timeout: float = 600.0, wait: bool = True
+    ) -> subprocess.Popen:
+        """``flwr run APP fedmm --run-config ... --stream``; waits unless ``wait=False``.
+
+        ``run_config`` values are fedmm options; strings are quoted as TOML wants them."""
+        items = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+        proc = self._spawn(
+            "flwr-run",
+            [self.bin("flwr"), "run", str(app or default_app_dir()), CONNECTION,
+             "--run-config", items, "--stream"],
+            self.env | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"},
+        )  # fmt: skip
+        if wait:
+            try:
+                proc.wait(timeout=timeout)
+            finally:
+                _kill_group(proc)
+        return proc
+
+    def kill_supernode(self, k: int) -> None:
+        """SIGKILL SuperNode ``k`` and its children: a site that crashes without saying so."""
+        _kill_group(self.supernodes[k], signal.SIGKILL)
+
+    def stop(self) -> None:
+        for proc in [*self.supernodes.values(), self.superlink]:
+            if proc is not None:
+                _kill_group(proc)
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "") + "'"
+
+
+def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    if proc.poll() is not None and sig != signal.SIGKILL:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=grace)
+
+
+def start(workdir: str | Path, num_supernodes: int, timeout: float = 120.0) -> Deployment:
+    """Certificates + keys (made once under ``workdir/certs``), a TLS SuperLink with SuperNode
+    authentication, every key registered, ``num_supernodes`` SuperNodes online."""
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cert_dir = workdir / "certs"
+    if (cert_dir / "ca.crt").is_file() and all(
+        (cert_dir / f"supernode-{k}").is_file() for k in range(num_supernodes)
+    ):
+        paths: dict = {
+            "ca_cert": cert_dir / "ca.crt", "server_cert": cert_dir / "server.pem",
+            "server_key": cert_dir / "server.key",
+            "supernode_keys": [(cert_dir / f"supernode-{k}", cert_dir / f"supernode-{k}.pub")
+                               for k in range(num_supernodes)],
+        }  # fmt: skip
+    else:
+        paths = certs.generate(cert_dir, num_supernodes)
+    home = workdir / "flwr-home"
+    home.mkdir(exist_ok=True)
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{paths["ca_cert"]}"\n'
+    )
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(home)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # the apps must import the fedmm this process runs (a checkout, not some installed copy)
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    dep = Deployment(workdir, port, num_supernodes, env, paths=paths)
+    try:
+        dep.start_superlink(timeout)
+        for k in range(num_supernodes):
+            dep.register(k)
+        for k in range(num_supernodes):
+            dep.start_supernode(k)
+        dep.wait_online(num_supernodes, timeout)
+    except BaseException:
+        dep.stop()
+        raise
+    return dep
+
+
+def run_config_of(cfg) -> dict:
+    """The options of ``cfg`` that differ from the defaults, for ``flwr run --run-config``."""
+    from fedmm.config import FedmmConfig
+
+    default = FedmmConfig().to_flat()
+    return {k: v for k, v in cfg.resolved().to_flat().items() if v != default[k]}
+
+
+def _rounds_done(out_dir: Path, cfg) -> int:
+    from fedmm import results
+
+    try:
+        runs = results.load(out_dir)["runs"]
+    except ValueError:  # being replaced right now
+        return 0
+    for run in runs:
+        if (run["method"], run["seed"], run.get("peft")) == (cfg.method, cfg.seed, cfg.peft.type):
+            return len(run["history"])
+    return 0
+
+
+def deploy_and_run(
+    cfg, workdir: str | Path, kill_node: int | None = None, kill_after_round: int = 1,
+    timeout: float = 900.0, app: Path | None = None,
+) -> dict:  # fmt: skip
+    """Start a deployment with ``fed.clients`` SuperNodes, run ``cfg`` with ``flwr run``, stop.
+
+    ``kill_node=K`` SIGKILLs SuperNode K as soon as round ``kill_after_round`` is in results.json
+    (i.e. while the next round's messages are out): a site crashing mid-run.  Returns the run
+    record from ``<out_dir>/results.json``.
+    """
+    from fedmm import results
+
+    cfg = cfg.resolved()
+    dep = start(workdir, cfg.fed.clients)
+    try:
+        proc = dep.run(run_config_of(cfg), app=app, wait=False)
+        deadline = time.monotonic() + timeout
+        killed = kill_node is None
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flwr run did not finish within {timeout:.0f}s")
+            if not killed and _rounds_done(Path(cfg.out_dir), cfg) >= kill_after_round:
+                log.warning("killing supernode-%d after round %d", kill_node, kill_after_round)
+                dep.kill_supernode(kill_node)
+                killed = True
+            time.sleep(0.2)
+        _kill_group(proc)
+    finally:
+        dep.stop()
+    for run in results.load(cfg.out_dir)["runs"]:
+        if (run["method"], run["seed"], run.get("peft")) == (cfg.method, cfg.seed, cfg.peft.type):
+            if len(run["history"]) != cfg.fed.rounds:
+                break
+            return run
+    raise RuntimeError(
+        f"the deployed run did not complete; logs: {Path(workdir) / 'flwr-run.log'}, "
+        f"{Path(workdir) / 'superlink.log'}, {Path(workdir)}/supernode-K.log"
+    )
