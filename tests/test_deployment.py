@@ -53,7 +53,9 @@ def test_deployment_with_tls_and_auth_matches_simulation_and_survives_a_killed_n
             assert stats["bytes_up"] == s["train"][client]["bytes_up"]
 
     last = hist_d[2]  # SuperNode 2 is dead: the round completes with the others
-    assert any(f["client"] == "2-blurred" for f in last["failed"]), last["failed"]
+    dead = [f for f in last["failed"] if f["client"] == "2-blurred"]
+    assert len(dead) == 1, last["failed"]  # either Flower's "Node Unavailable" or our timeout
+    assert all(f["client"] for f in last["failed"])  # every failure names its client
     assert "2-blurred" not in last["train"] and len(last["train"]) >= 2
     assert last["failures"] == last["sampled"] - len(last["train"])
     assert {"0-original", "1-inverted"} <= set(last["clients"])

@@ -65,6 +65,13 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float = 120.0) -> list[int]:
         time.sleep(0.5)
 
 
+def origin(reply: Message, sent: list[Message]) -> int:
+    """The node a reply is about.  An error the SuperLink makes for an unreachable node ("Node
+    Unavailable") comes from the SuperLink itself, so match it to the message it answers."""
+    by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 def run_federation(
     grid: Grid, cfg: FedmmConfig, on_round: Callable[[dict], None] | None = None
 ) -> dict:
@@ -109,14 +116,12 @@ def run_federation(
         sampled = sorted(rng.sample(nodes, n_sample))
         content = messages.server_message(global_state, cfg, rnd)
         down = content[messages.GLOBAL].count_bytes() * len(sampled)
-        replies = grid.send_and_receive(
-            [Message(content, n, MessageType.TRAIN, group_id=str(rnd)) for n in sampled],
-            timeout=timeout,
-        )
+        out = [Message(content, n, MessageType.TRAIN, group_id=str(rnd)) for n in sampled]
+        replies = grid.send_and_receive(out, timeout=timeout)
         ok, up, train_stats, failed, rejected, seen = [], 0, {}, [], [], set()
         answered = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = origin(reply, out)
             answered.add(node)
             if reply.has_error():
                 log.warning("round %d: node %s failed: %s", rnd, node, reply.error.reason)
@@ -161,11 +166,9 @@ def run_federation(
         eval_bytes = content[messages.GLOBAL].count_bytes() * len(nodes)
         clients: dict[str, dict[str, float]] = {}
         eval_failed = []
-        for reply in grid.send_and_receive(
-            [Message(content, n, MessageType.EVALUATE, group_id=str(rnd)) for n in nodes],
-            timeout=timeout,
-        ):
-            node = reply.metadata.src_node_id
+        out = [Message(content, n, MessageType.EVALUATE, group_id=str(rnd)) for n in nodes]
+        for reply in grid.send_and_receive(out, timeout=timeout):
+            node = origin(reply, out)
             if reply.has_error():
                 log.warning("round %d: evaluation failed on node %s: %s", rnd, node,
                             reply.error.reason)  # fmt: skip
