@@ -106,3 +106,47 @@ def test_node_without_partition_id_gets_a_clear_error(tiny_cfg):
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(RuntimeError, match="partition-id"):
         send(tiny_cfg, context, MessageType.TRAIN, 1)
+
+
+TRAIN_METRICS = {"client-index", "num-examples", "steps", "lr-first", "lr-last", "loss", "seconds"}
+DP_METRICS = {"dp-norm", "dp-scale"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_payload_audit_train_and_evaluate_of_every_method(tiny_cfg, name):
+    """Everything that leaves a client, for every method: the declared trainable tensors with the
+    model's own shapes (no raw images, token ids, embeddings or backbone weights) and named
+    scalar metrics -- in both the train and the evaluate reply."""
+    cfg = tiny_cfg.with_overrides({"method": name})
+    context = make_context(2)
+    model = get_runtime(cfg).model
+    train, global_np = send(cfg, context, MessageType.TRAIN, 1)
+    method = get_method(cfg)
+    declared = {
+        f"{part}/{k}": tuple(v.shape)
+        for part in method.upload_parts()
+        for k, v in part_module(model, part).state_dict().items()
+    }
+    update = messages.from_record(train.content[messages.UPDATE])
+    assert {k: v.shape for k, v in update.items()} == declared
+    assert all(v.dtype == "float32" for v in update.values())
+    assert set(train.content[messages.METRICS].keys()) == TRAIN_METRICS
+    evaluate, _ = send(cfg, context, MessageType.EVALUATE, 1, global_np)
+    assert set(evaluate.content.keys()) == {messages.METRICS}  # no arrays at all
+    metric_keys = set(evaluate.content[messages.METRICS].keys())
+    assert metric_keys == {f"acc.{v}" for v in method.views} | {
+        "client-index",
+        "num-examples",
+        "seconds",
+    }
+    # no array in any reply anywhere, other than the declared update
+    assert len(train.content.array_records) == 1 and not evaluate.content.array_records
+    assert not train.content.config_records and not evaluate.content.config_records
+
+
+def test_payload_audit_with_dp_adds_only_its_two_scalars(tiny_cfg):
+    cfg = tiny_cfg.with_overrides(
+        {"method": "fedavg", "dp.clip_norm": 0.5, "dp.noise_multiplier": 0.1}
+    )
+    train, _ = send(cfg, make_context(0), MessageType.TRAIN, 1)
+    assert set(train.content[messages.METRICS].keys()) == TRAIN_METRICS | DP_METRICS
