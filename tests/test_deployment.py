@@ -13,22 +13,47 @@ ones on 127.0.0.1; every wait is bounded.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from fedmm.deploy import launch
+from fedmm.cli import main
 from fedmm.engine import run_method
 
 FLOWER = Path(sys.executable).parent / "flower-superlink"
-pytestmark = pytest.mark.skipif(
+needs_flower = pytest.mark.skipif(
     not FLOWER.exists() and shutil.which("flower-superlink") is None,
     reason="Flower's deployment CLIs are not installed",
 )
 
 
+def test_certs_command_makes_a_ca_signed_server_cert_and_private_node_keys(tmp_path, capsys):
+    out = tmp_path / "certs"
+    assert (
+        main(["certs", "--out", str(out), "--supernodes", "2", "--hosts", "link.example,10.1.2.3"])
+        == 0
+    )
+    assert "register" in capsys.readouterr().out
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["link.example"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    for k in range(2):
+        key = serialization.load_ssh_private_key((out / f"supernode-{k}").read_bytes(), None)
+        assert key.curve.name == "secp384r1"  # Flower accepts NIST EC curves only
+        assert (out / f"supernode-{k}").stat().st_mode & 0o077 == 0
+        assert (out / f"supernode-{k}.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert (out / "server.key").stat().st_mode & 0o077 == 0
+
+
+@needs_flower
 def test_deployment_with_tls_and_auth_matches_simulation_and_survives_a_killed_node(
     tiny_cfg, tmp_path
 ):
@@ -36,9 +61,16 @@ def test_deployment_with_tls_and_auth_matches_simulation_and_survives_a_killed_n
         "method": "feddat", "fed.rounds": 3, "fed.min_clients": 2, "fed.round_timeout": 45.0,
         "seed": 3, "out_dir": str(tmp_path / "deployed"),
     })  # fmt: skip
-    deployed = launch.deploy_and_run(
-        cfg, tmp_path / "deployment", kill_node=2, kill_after_round=2, timeout=480
-    )
+    flat = cfg.to_flat()
+    args = ["deploy", "--method", "feddat", "--out", cfg.out_dir, "--clients", "3", "--seed", "3",
+            "--rounds", "3", "--workdir", str(tmp_path / "deployment"), "--kill-node", "2",
+            "--kill-after-round", "2", "--timeout", "480"]  # fmt: skip
+    for key in ("model.backbone", "model.image_size", "data.data_dir", "data.train_per_client",
+                "data.test_per_client", "train.local_steps", "train.batch_size", "cache_dir",
+                "progress", "fed.min_clients", "fed.round_timeout"):  # fmt: skip
+        args += ["--set", f"{key}={flat[key]}"]
+    assert main(args) == 0
+    deployed = json.loads((tmp_path / "deployed" / "results.json").read_text())["runs"][0]
     simulated = run_method(cfg.with_overrides({"out_dir": str(tmp_path / "simulated")}))
 
     hist_d, hist_s = deployed["history"], simulated["history"]

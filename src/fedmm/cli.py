@@ -52,6 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest not in ("seed", "resume"):
             bench._add_action(action)
     bench.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    certs = sub.add_parser("certs", help="TLS certificates + SuperNode auth keys for a deployment")
+    certs.add_argument("--out", default="certificates", help="directory (default: certificates)")
+    certs.add_argument("--supernodes", type=int, default=2, help="auth key pairs (default: 2)")
+    certs.add_argument("--hosts", default="localhost,127.0.0.1,::1",
+                       help="SuperLink host names/IPs the certificate is valid for")  # fmt: skip
+    deploy = sub.add_parser(
+        "deploy", help="run on a local deployment: SuperLink + SuperNodes as processes, TLS, auth"
+    )
+    for action in run._actions[1:]:
+        if action.dest not in ("method", "resume"):
+            deploy._add_action(action)
+    deploy.add_argument("--method", help="method name (default: fedavg)")
+    deploy.add_argument("--workdir", default="", help="certificates, logs, Flower homes "
+                        "(default: <out>/deployment)")  # fmt: skip
+    deploy.add_argument("--kill-node", type=int, default=None, metavar="K",
+                        help="fault drill: SIGKILL SuperNode K after --kill-after-round")  # fmt: skip
+    deploy.add_argument("--kill-after-round", type=int, default=1, metavar="R")
+    deploy.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
     sub.add_parser("list", help="list methods, benchmarks, backbones and config keys")
     return parser
 
@@ -185,6 +203,47 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedmm.deploy import certs
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    paths = certs.generate(args.out, args.supernodes, hosts)
+    print(f"CA: {paths['ca_cert']}  SuperLink: {paths['server_cert']}, {paths['server_key']}")
+    for private, public in paths["supernode_keys"]:
+        print(f"SuperNode key: {private} (stays on the site)  register: {public}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from fedmm import results
+    from fedmm.data import load_benchmark
+    from fedmm.deploy import launch
+
+    cfgs, methods = resolve_config(args)
+    if len(methods) != 1:
+        raise ConfigError("fedmm deploy runs one --method")
+    cfg = cfgs[0].with_overrides({"method": methods[0]}).resolved()
+    if not get_method_federated(cfg):
+        raise ConfigError(f"{cfg.method} runs without Flower; use fedmm run")
+    try:
+        load_benchmark(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    workdir = Path(args.workdir or Path(cfg.out_dir) / "deployment")
+    print(f"fedmm deploy: {cfg.method} on {cfg.data.benchmark}, {cfg.fed.clients} SuperNodes "
+          f"(TLS, node auth) -> {cfg.out_dir}/; logs in {workdir}/", flush=True)  # fmt: skip
+    launch.deploy_and_run(cfg, workdir, args.kill_node, args.kill_after_round, args.timeout)
+    data = results.load(cfg.out_dir)
+    print(results.summary_table(data))
+    return 0
+
+
+def get_method_federated(cfg: FedmmConfig) -> bool:
+    from fedmm.methods import get_method
+
+    return get_method(cfg).federated
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fedmm.bench import cell_config, run_bench
     from fedmm.data import load_benchmark
@@ -234,8 +293,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "certs":
+            return cmd_certs(args)
+        if args.command == "deploy":
+            return cmd_deploy(args)
         return cmd_run(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, TimeoutError, RuntimeError) as exc:
         print(f"fedmm: error: {exc}", file=sys.stderr)
         return 2
 
