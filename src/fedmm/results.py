@@ -8,10 +8,16 @@ Schema of ``<out>/results.json``::
                "clients": {client id: description},
                "history": [{"round", "seconds", "server_seconds", "bytes_up", "bytes_down",
                             "bytes_eval", "sampled", "failures",
+                            "failed" | "rejected" | "eval_failed": [{"node", "client", "reason"}],
                             "clients": {client id: {view: accuracy}},
                             "train": {client id: {"steps", "lr-first", "lr-last", "loss",
-                                                  "seconds", "bytes_up", "bytes_down"}}}],
+                                                  "seconds", "bytes_up", "bytes_down"
+                                                  [, "dp-norm", "dp-scale"]}}}],
+               "privacy": {"dp_clip_norm", "dp_noise_multiplier"},
                "final": {view: mean accuracy over clients in the last round}}]}
+
+``failed``: sampled nodes that errored or did not answer within ``fed.round_timeout``;
+``rejected``: replies refused by validation (federation/validation.py); ``failures`` counts both.
 
 ``bytes_up``/``bytes_down`` of a round: all sampled clients' training messages together; per
 client under ``train``.  ``server_seconds``: the method's aggregation step.  A run is identified
