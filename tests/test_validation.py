@@ -208,3 +208,15 @@ def test_rejected_reply_is_never_aggregated(tiny_cfg):
         return {c: v["global"] for c, v in r["history"][0]["clients"].items()}
 
     assert global_view(tampered) == global_view(failed)
+
+
+def test_evaluation_metrics_are_checked_too(tiny_cfg):
+    _, spec = honest_upload(tiny_cfg)
+    assert validation.check_eval_metrics({"client-index": 1, "acc.global": 0.5}, spec) == (
+        1, {"global": 0.5},
+    )  # fmt: skip
+    for bad in ({"client-index": float("nan")}, {"client-index": 3}, {},
+                {"client-index": 0, "acc.global": float("nan")},
+                {"client-index": 0, "acc.global": 7.0}):  # fmt: skip
+        with pytest.raises(validation.InvalidReply):
+            validation.check_eval_metrics(bad, spec)

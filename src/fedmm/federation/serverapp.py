@@ -174,15 +174,15 @@ def run_federation(
                             reply.error.reason)  # fmt: skip
                 eval_failed.append(who(node) | {"reason": f"error: {reply.error.reason}"})
                 continue
-            m = reply.content[messages.METRICS]
-            index = int(m["client-index"])
-            if not 0 <= index < len(client_ids):
-                eval_failed.append(who(node) | {"reason": f"client-index {index} out of range"})
+            try:
+                m = reply.content[messages.METRICS]
+                index, views = validation.check_eval_metrics(m, spec)
+            except (validation.InvalidReply, KeyError, TypeError) as exc:
+                log.warning("round %d: rejected the evaluation of node %s: %s", rnd, node, exc)
+                eval_failed.append(who(node) | {"reason": str(exc)})
                 continue
             node_client.setdefault(node, client_ids[index])
-            clients[client_ids[index]] = {
-                k.removeprefix("acc."): float(v) for k, v in m.items() if k.startswith("acc.")
-            }
+            clients[client_ids[index]] = views
         entry = {
             "round": rnd, "seconds": time.perf_counter() - t0, "server_seconds": t_server, "bytes_up": up, "bytes_down": down,
             "bytes_eval": eval_bytes, "sampled": len(sampled), "failures": failures,

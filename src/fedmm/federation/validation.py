@@ -116,6 +116,26 @@ def check_metrics(metrics: Mapping[str, float], spec: UploadSpec, seen: set[int]
     return int(index)
 
 
+def check_eval_metrics(
+    metrics: Mapping[str, float], spec: UploadSpec
+) -> tuple[int, dict[str, float]]:
+    """An evaluation reply: ``(client index, {view: accuracy})``, accuracies finite in [0, 1]."""
+    index = metrics.get("client-index")
+    if (
+        not isinstance(index, int | float)
+        or not math.isfinite(index)
+        or not (float(index).is_integer() and 0 <= index < spec.num_clients)
+    ):
+        raise InvalidReply(f"client-index = {index!r} is not in [0, {spec.num_clients})")
+    views = {}
+    for key, value in metrics.items():
+        if key.startswith("acc."):
+            if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise InvalidReply(f"metric {key!r} = {value!r} is not an accuracy in [0, 1]")
+            views[key.removeprefix("acc.")] = float(value)
+    return int(index), views
+
+
 def check_reply(
     arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float], spec: UploadSpec,
     seen: set[int],
@@ -125,5 +145,5 @@ def check_reply(
     return check_metrics(metrics, spec, seen)
 
 
-__all__ = ["InvalidReply", "UploadSpec", "check_arrays", "check_metrics", "check_reply",
-           "check_size"]  # fmt: skip
+__all__ = ["InvalidReply", "UploadSpec", "check_arrays", "check_eval_metrics", "check_metrics",
+           "check_reply", "check_size"]  # fmt: skip
