@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedmm.backbones.fusion import Backbone, FusionVLModel
+from fedmm.backbones.fusion import Backbone, FusionVLModel, VLModel
 from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
 
 BackboneBuilder = Callable[[], Backbone]
@@ -41,7 +41,7 @@ def load_backbone(name: str) -> Backbone:
 def build_model(
     model_cfg: ModelConfig,
     adapter_cfg: AdapterConfig,
-    num_answers: int,
+    num_answers: int | dict[str, int],
     peft_cfg: PeftConfig | None = None,
 ) -> FusionVLModel:
     backbone = load_backbone(model_cfg.backbone)
@@ -146,4 +146,12 @@ def tiny() -> Backbone:
     )
 
 
-__all__ = ["BACKBONES", "Backbone", "FusionVLModel", "build_model", "load_backbone", "register"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "FusionVLModel",
+    "VLModel",
+    "build_model",
+    "load_backbone",
+    "register",
+]

@@ -152,6 +152,9 @@ class ClientContext:
     stats: dict[str, float] = field(default_factory=dict)
     views: dict[str, float] = field(default_factory=dict)  # filled by ``view``
 
+    def __post_init__(self) -> None:
+        self.model.set_task(self.train.task)  # multi-task benchmarks: this client's head
+
     @property
     def device(self) -> torch.device:
         return next(self.model.visual_proj.parameters()).device
@@ -202,38 +205,81 @@ class ClientContext:
         self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(loss.detach())
 
     @torch.no_grad()
-    def predict(self, split: Encoded | None = None) -> torch.Tensor:
-        """Predicted answer indices of the model's current configuration (default: test split)."""
+    def logits(self, split: Encoded | None = None) -> torch.Tensor:
+        """Logits of the model's current configuration on ``split`` (default: test split)."""
         split = self.test if split is None else split
+        self.model.set_task(split.task)
         self.model.eval()
-        preds, bs = [], self.cfg.train.eval_batch_size
+        out, bs = [], self.cfg.train.eval_batch_size
         for start in range(0, len(split), bs):
             idx = torch.arange(start, min(start + bs, len(split)))
             feats, ids, mask, _ = split.batch(idx, self.device)
-            preds.append(self.model(feats, ids, mask).argmax(-1).cpu())
-        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+            out.append(self.model(feats, ids, mask).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.model.task_head()[-1].out_features)
 
-    def view(self, *names: str) -> dict[str, float]:
-        """Score the model's current configuration on the test split as view(s) ``names``.
+    def predict(self, split: Encoded | None = None) -> torch.Tensor:
+        """Predicted answer indices of the model's current configuration (default: test split)."""
+        return self.logits(split).argmax(-1)
 
-        Records ``views[name]`` = top-1 accuracy and, when the split tags rows with groups
-        (VQA-RAD: closed / open questions), ``views[f"{name}.{group}"]`` per group.  Several
-        names share one evaluation (FedDAT's ``personalized`` is its ``dat``).
+    def score(self, split: Encoded | None = None) -> dict[str, float]:
+        """The task's metrics on ``split`` (default: test), ``{"": primary, ".<extra>": ...}``.
+
+        Single-label tasks: top-1 accuracy, and per evaluation group (VQA-RAD: ``.closed`` /
+        ``.open``).  Multi-label tasks: mean AUROC over labels (primary) and ``.f1`` macro-F1.
         """
-        split = self.test
-        correct = (self.predict(split) == split.labels).float()
+        split = self.test if split is None else split
+        logits = self.logits(split)
+        if split.kind == "multilabel":
+            return multilabel_scores(logits, split.labels)
+        correct = (logits.argmax(-1) == split.labels).float()
         scores = {"": float(correct.mean()) if len(split) else 0.0}
         for group in sorted(set(split.groups or ())):
             rows = torch.tensor([g == group for g in split.groups])
             scores[f".{group}"] = float(correct[rows].mean())
+        return scores
+
+    def view(self, *names: str) -> dict[str, float]:
+        """Score the model's current configuration on the test split as view(s) ``names``.
+
+        Records ``views[name]`` = the task's primary metric (accuracy; multi-label: mean AUROC)
+        and ``views[f"{name}.{suffix}"]`` for the extras of ``score`` (groups, macro-F1).  Several
+        names share one evaluation (FedDAT's ``personalized`` is its ``dat``).
+        """
+        scores = self.score(self.test)
         for name in names:
             self.views.update({f"{name}{suffix}": v for suffix, v in scores.items()})
         return self.views
 
     def accuracy(self, split: Encoded | None = None) -> float:
-        """Top-1 accuracy of the model's current configuration on ``split`` (default: test)."""
-        split = self.test if split is None else split
-        return float((self.predict(split) == split.labels).float().mean()) if len(split) else 0.0
+        """The task's primary metric of the current configuration on ``split`` (default: test)."""
+        return self.score(split)[""]
+
+
+def multilabel_scores(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """``{"": mean AUROC, ".f1": macro-F1}`` of multi-label ``logits`` against 0/1 ``targets``.
+
+    AUROC per label by the rank statistic (ties get average ranks), averaged over the labels that
+    have both a positive and a negative example; F1 per label at logit 0 (probability 0.5),
+    averaged over labels with any positive example or prediction (0 when there is none).
+    """
+    from scipy.stats import rankdata
+
+    y, z = targets.numpy().astype(bool), logits.numpy()
+    aucs, f1s = [], []
+    for j in range(y.shape[1]):
+        pos, n_pos = y[:, j], int(y[:, j].sum())
+        n_neg = len(pos) - n_pos
+        if n_pos and n_neg:
+            ranks = rankdata(z[:, j])
+            aucs.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+        pred = z[:, j] > 0
+        tp, fp, fn = int((pred & pos).sum()), int((pred & ~pos).sum()), int((~pred & pos).sum())
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {
+        "": float(np.mean(aucs)) if aucs else 0.5,
+        ".f1": float(np.mean(f1s)) if f1s else 0.0,
+    }
 
 
 def model_groups(model: FusionVLModel, adapter_set: str) -> list[list[nn.Parameter]]:
@@ -271,13 +317,28 @@ def proximal_term(
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Single-label classification over the answer vocabulary: cross-entropy."""
+    """The task's loss: cross-entropy for single-label tasks (``labels`` long ``(B,)``),
+    BCE-with-logits for multi-label tasks (``labels`` float 0/1 ``(B, K)``)."""
+    if labels.is_floating_point():
+        return F.binary_cross_entropy_with_logits(logits, labels)
     return F.cross_entropy(logits, labels)
 
 
-def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, batch mean; teacher not detached here."""
+def distill_kl(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, multilabel: bool = False
+) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, batch mean; teacher not detached here.
+
+    ``multilabel``: each logit is its own Bernoulli, ``T² · mean_j KL(σ(t_j/T) ‖ σ(s_j/T))``.
+    """
     t = temperature
+    if multilabel:
+        s, q = student / t, teacher / t
+        p_t = torch.sigmoid(q)
+        kl = p_t * (F.logsigmoid(q) - F.logsigmoid(s)) + (1 - p_t) * (
+            F.logsigmoid(-q) - F.logsigmoid(-s)
+        )
+        return (t * t) * kl.mean()
     return (t * t) * F.kl_div(
         F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
         reduction="batchmean", log_target=True,
