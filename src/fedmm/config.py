@@ -129,6 +129,20 @@ class FedPIAConfig:
 
 
 @dataclass
+class TAPConfig:
+    """TAP (Lee et al. 2025): modality-task-pair modules, adaptive replacement, distillation."""
+
+    val_frac: float = 0.15  # held-out share of each client's training data for replacement
+    margin: float = 0.01  # replace when global score > personal score * (1 + margin)
+    combine: str = "sum"  # how a client's modality/task modules combine: sum | average
+    teacher_steps: int = 15  # stage 2: local finetuning steps of the global model (teacher)
+    distill_steps: int = 15  # stage 2: distillation steps into the personalised model
+    distill_lr: float = 2e-4  # stage 2 learning rate (cosine over its own steps)
+    temperature: float = 2.0  # T of the stage-2 distillation
+    lam: float = 1.0  # λ: task loss + λ·T²·KL(teacher ‖ student)
+
+
+@dataclass
 class DataConfig:
     """Which benchmark and how much of it each client holds."""
 
@@ -164,6 +178,7 @@ class FedmmConfig:
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
     ditto: DittoConfig = field(default_factory=DittoConfig)
     fedpia: FedPIAConfig = field(default_factory=FedPIAConfig)
+    tap: TAPConfig = field(default_factory=TAPConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
     # ------------------------------------------------------------------ flat views

@@ -43,6 +43,15 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, idx: torch.Tensor) -> Encoded:
+        """The rows ``idx`` as a split of their own (same task)."""
+        return Encoded(
+            self.feats[idx], self.input_ids[idx], self.attention_mask[idx], self.labels[idx],
+            None if self.groups is None else tuple(self.groups[i] for i in idx.tolist()),
+            None if self.image_present is None else self.image_present[idx],
+            self.task, self.kind,
+        )  # fmt: skip
+
     def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
         """``(feats, input_ids, attention_mask, labels)`` of rows ``idx`` on ``device``.
 

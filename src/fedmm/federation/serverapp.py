@@ -4,9 +4,11 @@ The loop is method-agnostic: each round it samples clients, sends them the metho
 hands the replies to ``method.aggregate``, broadcasts the new global state for evaluation, and
 records what happened.  It never looks inside a state or a method.
 
+    ask every node its client index once (query)
     for t in 1..R:
         S_t ← sample ⌈fraction·K⌉ nodes (seeded)
-        replies ← train(S_t, global)            # client half: method.client_train
+        replies ← train(S_t, global)            # client half: method.client_train; each client
+                                                # gets method.global_for_client(global, k)
         global ← method.aggregate(global, replies)   (if ≥ fed.min_clients replied)
         metrics ← evaluate(all nodes, global)   # client half: method.client_evaluate
 
@@ -65,6 +67,37 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float = 120.0) -> list[int]:
         time.sleep(0.5)
 
 
+def client_indices(grid: Grid, nodes: list[int], cfg: FedmmConfig) -> dict[int, int]:
+    """Ask every node once which client (data partition) it is: node id -> client index.
+
+    Methods whose clients hold different modules (TAP) send each client only its own part of
+    the global state, so the server must know who is who before the first round.
+    """
+    content = messages.server_message({}, cfg, 0)
+    replies = grid.send_and_receive(
+        [Message(content, n, MessageType.QUERY, group_id="clients") for n in nodes]
+    )
+    index_of = {}
+    for reply in replies:
+        if reply.has_error():
+            raise RuntimeError(
+                f"node {reply.metadata.src_node_id} did not say which client it is: "
+                f"{reply.error.reason}"
+            )
+        index_of[reply.metadata.src_node_id] = int(reply.content[messages.METRICS]["client-index"])
+    missing = sorted(set(nodes) - set(index_of))
+    if missing:
+        raise RuntimeError(f"nodes {missing} did not say which client they are")
+    if len(set(index_of.values())) != len(index_of):
+        raise RuntimeError(f"two nodes claim the same client index: {index_of}")
+    return index_of
+
+
+def client_message(method, global_state, cfg: FedmmConfig, rnd: int, index: int):
+    """The message to client ``index``: the part of the global state the method sends it."""
+    return messages.server_message(method.global_for_client(global_state, index), cfg, rnd)
+
+
 def run_federation(
     grid: Grid, cfg: FedmmConfig, on_round: Callable[[dict], None] | None = None
 ) -> dict:
@@ -74,6 +107,7 @@ def run_federation(
     client_ids = [c.client_id for c in runtime.benchmark.clients]
     global_state = method.init_global(runtime.model)
     nodes = wait_for_nodes(grid, cfg.fed.clients)
+    index_of = client_indices(grid, nodes, cfg)
     rng = random.Random(cfg.seed)
     n_sample = max(1, min(len(nodes), math.ceil(cfg.fed.fraction * len(nodes))))
     timeout = cfg.fed.round_timeout or None
@@ -84,10 +118,10 @@ def run_federation(
     for rnd in range(1, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
         sampled = sorted(rng.sample(nodes, n_sample))
-        content = messages.server_message(global_state, cfg, rnd)
-        down = content[messages.GLOBAL].count_bytes() * len(sampled)
+        contents = {n: client_message(method, global_state, cfg, rnd, index_of[n]) for n in sampled}
+        down = sum(c[messages.GLOBAL].count_bytes() for c in contents.values())
         replies = grid.send_and_receive(
-            [Message(content, n, MessageType.TRAIN, group_id=str(rnd)) for n in sampled],
+            [Message(contents[n], n, MessageType.TRAIN, group_id=str(rnd)) for n in sampled],
             timeout=timeout,
         )
         ok, up, train_stats = [], 0, {}
@@ -105,9 +139,11 @@ def run_federation(
             up += update.count_bytes()
             index = int(m["client-index"])
             ok.append(Reply(index, messages.from_record(update), int(m["num-examples"])))
-            train_stats[client_ids[index]] = {
-                k: float(m[k]) for k in ("steps", "lr-first", "lr-last", "loss", "seconds")
-            } | {"bytes_up": update.count_bytes(), "bytes_down": down // len(sampled)}
+            train_stats[client_ids[index]] = (
+                {k: float(m[k]) for k in ("steps", "lr-first", "lr-last", "loss", "seconds")}
+                | {k.removeprefix("stat."): float(v) for k, v in m.items() if k.startswith("stat.")}
+                | {"bytes_up": update.count_bytes(), "bytes_down": down // len(sampled)}
+            )
         failures = len(sampled) - len(ok)  # errors and timeouts alike
         t_server = time.perf_counter()
         if len(ok) >= cfg.fed.min_clients:
@@ -117,11 +153,11 @@ def run_federation(
                         rnd, len(ok), cfg.fed.min_clients)  # fmt: skip
         t_server = time.perf_counter() - t_server
 
-        content = messages.server_message(global_state, cfg, rnd)
-        eval_bytes = content[messages.GLOBAL].count_bytes() * len(nodes)
+        contents = {n: client_message(method, global_state, cfg, rnd, index_of[n]) for n in nodes}
+        eval_bytes = sum(c[messages.GLOBAL].count_bytes() for c in contents.values())
         clients: dict[str, dict[str, float]] = {}
         for reply in grid.send_and_receive(
-            [Message(content, n, MessageType.EVALUATE, group_id=str(rnd)) for n in nodes],
+            [Message(contents[n], n, MessageType.EVALUATE, group_id=str(rnd)) for n in nodes],
             timeout=timeout,
         ):
             if reply.has_error():

@@ -59,8 +59,16 @@ def get_parts(model: FusionVLModel, parts: Sequence[str]) -> State:
     }
 
 
-def load_parts(model: FusionVLModel, state: State, rename: dict[str, str] | None = None) -> None:
-    """Write ``get_parts``-style state into the model; ``rename`` maps a part to another part."""
+def load_parts(
+    model: FusionVLModel,
+    state: State,
+    rename: dict[str, str] | None = None,
+    partial: bool = False,
+) -> None:
+    """Write ``get_parts``-style state into the model; ``rename`` maps a part to another part.
+
+    ``partial``: a part may be given only some of its tensors (TAP: one task's head of several);
+    an unknown key is an error either way."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         part, name = key.split("/", 1)
@@ -68,9 +76,11 @@ def load_parts(model: FusionVLModel, state: State, rename: dict[str, str] | None
     for part, sub in grouped.items():
         module = part_module(model, part)
         device = next(module.parameters()).device
-        module.load_state_dict(
-            {k: torch.as_tensor(v).to(device) for k, v in sub.items()}, strict=True
+        result = module.load_state_dict(
+            {k: torch.as_tensor(v).to(device) for k, v in sub.items()}, strict=not partial
         )
+        if result.unexpected_keys:
+            raise KeyError(f"unknown tensors for part {part!r}: {result.unexpected_keys}")
 
 
 def select(state: State, parts: Sequence[str]) -> State:
@@ -396,3 +406,7 @@ class Method(ABC):
     def upload_parts(self) -> tuple[str, ...]:
         """Parts that leave the client."""
         return ()
+
+    def global_for_client(self, global_state: NDArrays, client_index: int) -> NDArrays:
+        """What the server sends client ``client_index`` (default: the whole global state)."""
+        return global_state
