@@ -39,7 +39,9 @@ def test_task_benchmark_from_the_real_data():
                                                      ("image", "text"), ("image",)]  # fmt: skip
     assert organ.train.labels.max() <= 2 and set(closed.train.labels.tolist()) == {0, 1}
     assert findings.train.labels.shape[1] == len(FINDINGS) and findings.train.labels.max() == 1
-    assert len(organ.train) + len(organ.test) == 315  # one record per image, every image once
+    data = load_vqa_rad()
+    asked = {r["image_name"] for r in data.train + data.test}
+    assert len(organ.train) + len(organ.test) == len(asked)  # one record per image asked about
     # the derivation: a finding is positive iff a closed question naming it was answered yes
     toy = [
         {"image_name": "a", "answer_type": "CLOSED", "answer": "yes", "question": "Is there a mass?"},
