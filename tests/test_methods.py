@@ -232,3 +232,14 @@ def test_ditto_personal_model_is_private_and_pulled_to_the_global_one(tiny_cfg):
         return sum(float(((pers[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
 
     assert personal_distance(1000.0) < 0.5 * personal_distance(0.0)
+
+
+def test_a_set_starts_the_same_whatever_other_sets_the_model_holds(tiny_cfg):
+    model = get_runtime(tiny_cfg).model
+    model.peft.ensure_sets(["global_adapter"])
+    model.reset_trainable(0)
+    alone = model.peft.state_dict_of("global_adapter")
+    model.peft.ensure_sets(["client_adapter", "frozen_global", "zzz"])  # sorted before and after
+    model.reset_trainable(0)
+    for key, value in model.peft.state_dict_of("global_adapter").items():
+        assert torch.equal(value, alone[key]), key

@@ -27,6 +27,7 @@ projection and the head.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -152,7 +153,11 @@ class VLModel(nn.Module):
         return self
 
     def reset_trainable(self, seed: int) -> None:
-        """Deterministically re-initialise every trainable part (same seed -> same init)."""
+        """Deterministically re-initialise every trainable part (same seed -> same init).
+
+        Each PEFT set draws from its own stream, seeded by (seed, set name): a set's initial
+        value does not depend on which other sets the model happens to hold (one process serves
+        several methods, and each adds its own sets)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for module in (self.visual_proj, self.head):
@@ -160,6 +165,7 @@ class VLModel(nn.Module):
                     if isinstance(layer, nn.Linear | nn.LayerNorm):
                         layer.reset_parameters()
             for name in sorted(self.peft.sets):
+                torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 self.peft.reset_set(name)
 
     @contextlib.contextmanager
