@@ -27,7 +27,7 @@ def send(cfg, context, kind, rnd, global_np=None):
     return clientapp.handle(msg, context, train=kind == MessageType.TRAIN), global_np
 
 
-METHODS = ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "fedpia", "feddat", "local"]
+METHODS = ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "fedpia", "feddat", "local", "tap"]
 OTHER_PEFT = [(m, t) for m in ("fedavg", "feddat") for t in ("lora", "prompt", "bitfit")]
 
 

@@ -126,14 +126,16 @@ def test_feddat_gradients_split_exactly_between_the_two_losses(tiny_cfg, peft_ty
 
 @pytest.mark.parametrize("peft_type", PEFT_TYPES)
 @pytest.mark.parametrize(
-    "method", ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "fedpia", "feddat", "local"]
+    "method",
+    ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "fedpia", "feddat", "local", "tap"],
 )
 def test_every_method_takes_the_same_steps_on_the_same_schedule(tiny_cfg, method, peft_type):
     if method == "fedpia" and peft_type in ("prompt", "bitfit"):
         pytest.skip("FedPIA refuses PEFT types without hidden units (tested in test_fedpia)")
     cfg = tiny_cfg.with_overrides(
-        {"method": method, "fed.rounds": 3, "train.warmup_frac": 0.2, "peft.type": peft_type}
-    )
+        {"method": method, "fed.rounds": 3, "train.warmup_frac": 0.2, "peft.type": peft_type,
+         "tap.combine": "average"}  # prompts combine by average only
+    )  # fmt: skip
     _, _, stats, _ = simulate_client(cfg, 3)
     total = cfg.train.local_steps * 3
     for rnd, s in enumerate(stats, 1):
