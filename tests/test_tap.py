@@ -148,7 +148,9 @@ def test_replacement_is_judged_on_held_out_validation_data(task_cfg, monkeypatch
                         or real_score(self, c, s, split))  # fmt: skip
     monkeypatch.setattr(TAP, "_train", lambda self, c, s, teacher=None: trained.append(c.train)
                         or real_train(self, c, s, teacher))  # fmt: skip
-    tap.client_train(ctx, to_torch(tap.global_for_client(global_np, 0)))
+    sent = to_torch(tap.global_for_client(global_np, 0))
+    ctx.state.update({f"personal:{k}": v.clone() for k, v in sent.items()})  # a second round
+    tap.client_train(ctx, sent)
     assert len(scored) == 2 and scored[0] is scored[1]  # both models on the same split
     val, train = scored[0], trained[0]
     assert len(val) + len(train) == len(full) and len(val) == round(0.15 * len(full))
@@ -182,6 +184,15 @@ def test_replacement_copies_the_global_copy_when_it_wins(task_cfg, monkeypatch):
     ctx = ctx_for(task_cfg, 2, rnd=2, state=dict(bad))
     tap.client_train(ctx, sent)
     assert ctx.stats["replaced"] == 0.0
+
+
+def test_a_first_round_starts_the_personal_model_from_the_trained_global_copy(task_cfg):
+    tap, rt = TAP(task_cfg), get_runtime(task_cfg)
+    sent = to_torch(tap.global_for_client(tap.init_global(rt.model), 1))
+    ctx = ctx_for(task_cfg, 1)
+    upload = tap.client_train(ctx, sent)
+    assert "replaced" not in ctx.stats  # no personalised model existed: nothing to decide
+    assert any(not torch.equal(ctx.state[f"personal:{k}"], v) for k, v in upload.items())
 
 
 def test_stage_two_runs_after_the_last_round_only(task_cfg):

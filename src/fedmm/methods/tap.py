@@ -27,7 +27,8 @@ Server (holds the union θ of every client's modules):
 Client, stage 1 (every round):
 
 1. load θ[K_k] as the *global copy* and train it ``train.local_steps`` steps on the task loss;
-2. **replacement**: score the trained global copy and the personalised model on a held-out
+2. **replacement** (from the client's second round on; in its first, the personalised model
+   starts as the trained global copy): score the trained global copy and the personalised model on a held-out
    validation split (``tap.val_frac`` of the client's training data, fixed by ``data.split_seed``,
    never trained on); if  score_global > score_personal · (1 + ``tap.margin``), every module of
    the task (the sets S_k, head t_k, proj) of the personalised model is replaced by the global
@@ -199,7 +200,7 @@ class TAP(Method):
         self.prepare(ctx.model)
         load_parts(ctx.model, global_state, partial=True)
         personal = {k.removeprefix("personal:"): v for k, v in ctx.state.items()}
-        return spec, dict(global_state), personal or dict(global_state)
+        return spec, dict(global_state), personal
 
     def _split(self, ctx: ClientContext) -> tuple[Encoded, Encoded]:
         """(training part, held-out validation part) of the client's training data."""
@@ -249,16 +250,18 @@ class TAP(Method):
         self._train(ctx, spec)
         global_copy = self._snapshot(ctx, spec)
         steps = ctx.stats["steps"]
-        # 2. replacement, judged on held-out validation data
-        score_global = self._score(ctx, spec, val)
-        load_parts(ctx.model, personal, partial=True)
-        score_personal = self._score(ctx, spec, val)
-        replace_it = score_global > score_personal * (1 + self.cfg.tap.margin)
-        if replace_it:
-            load_parts(ctx.model, global_copy, partial=True)
-        ctx.stats.update(
-            replaced=float(replace_it), val_global=score_global, val_personal=score_personal
-        )
+        # 2. replacement, judged on held-out validation data (a client's first round has no
+        #    personalised model yet: it starts as the trained global copy, no decision counted)
+        if personal:
+            score_global = self._score(ctx, spec, val)
+            load_parts(ctx.model, personal, partial=True)
+            score_personal = self._score(ctx, spec, val)
+            replace_it = score_global > score_personal * (1 + self.cfg.tap.margin)
+            if replace_it:
+                load_parts(ctx.model, global_copy, partial=True)
+            ctx.stats.update(
+                replaced=float(replace_it), val_global=score_global, val_personal=score_personal
+            )
         # 3. the personalised model
         self._train(ctx, spec)
         ctx.stats["personal_steps"] = ctx.stats["steps"] - steps
@@ -270,6 +273,7 @@ class TAP(Method):
 
     def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
         spec, received, personal = self._start(ctx, global_state)
+        personal = personal or received  # never trained here yet: the global model
         with ctx.model.active(*client_sets(spec), combine=self.cfg.tap.combine):
             ctx.view("global")
             load_parts(ctx.model, personal, partial=True)
