@@ -84,7 +84,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[list[FedmmConfig], list[st
 
 
 def validate(cfg: FedmmConfig, methods: list[str]) -> None:
-    from fedmm.backbones import BACKBONES
+    from fedmm.backbones import backbone_names
     from fedmm.data import BENCHMARKS
     from fedmm.methods import METHODS
 
@@ -98,9 +98,9 @@ def validate(cfg: FedmmConfig, methods: list[str]) -> None:
         raise ConfigError(
             f"unknown benchmark {cfg.data.benchmark!r}; choices: {', '.join(sorted(BENCHMARKS))}"
         )
-    if cfg.model.backbone not in BACKBONES:
+    if cfg.model.backbone not in backbone_names():
         raise ConfigError(
-            f"unknown backbone {cfg.model.backbone!r}; choices: {', '.join(sorted(BACKBONES))}"
+            f"unknown backbone {cfg.model.backbone!r}; choices: {', '.join(backbone_names())}"
         )
     if cfg.fed.rounds < 1 or cfg.fed.clients < 1:
         raise ConfigError("--rounds and --clients must be >= 1")
@@ -111,14 +111,14 @@ def validate(cfg: FedmmConfig, methods: list[str]) -> None:
 
 
 def cmd_list() -> None:
-    from fedmm.backbones import BACKBONES
+    from fedmm.backbones import backbone_names
     from fedmm.data import BENCHMARKS
     from fedmm.methods import METHODS
     from fedmm.peft import PEFT_TYPES
 
     print("methods:   ", ", ".join(METHODS))
     print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
-    print("backbones: ", ", ".join(sorted(BACKBONES)))
+    print("backbones: ", ", ".join(backbone_names()))
     print("peft types:", ", ".join(PEFT_TYPES))
     print("config keys (--set key=value):")
     for key, value in FedmmConfig().to_flat().items():

@@ -31,6 +31,14 @@ class ModelConfig:
     max_text_len: int = 24  # text tokens, [CLS] and [SEP] included
     head_hidden: int = 256  # hidden width of the task head MLP
     dropout: float = 0.1  # dropout in the head
+    # Hugging Face families (vilt | clip | siglip | blip, see docs/backbones.md): where to load from
+    hf_path: str = (
+        ""  # hub name, local directory or "tiny-random"; "" = the family's default hub name
+    )
+    hf_download: bool = (
+        False  # allow downloading hf_path from the hub (else local files/cache only)
+    )
+    gradient_checkpointing: bool = False  # recompute backbone activations in backward (less memory)
 
 
 @dataclass
@@ -67,6 +75,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_batch_size: int = 256
     threads: int = 0  # torch intra-op threads in each client process; 0 = all cores
+    precision: str = "fp32"  # fp32 | bf16 (torch.autocast where the device supports bf16)
+    accumulation: int = (
+        1  # micro-batches of batch_size per optimiser step (effective batch = product)
+    )
 
 
 @dataclass

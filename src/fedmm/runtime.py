@@ -167,6 +167,8 @@ class Runtime:
             map(str, (cfg.model.backbone, cfg.model.image_size, cfg.model.grid, self.benchmark.name,
                       cfg.data, cfg.fed.clients, name, raw.images.shape))
         )  # fmt: skip
+        if cfg.model.hf_path:  # Hugging Face families: the same family from another source
+            key_src += f"|{cfg.model.hf_path}"
         digest = hashlib.sha1(key_src.encode()).hexdigest()[:20]
         path = self.cache_dir / "features" / f"{digest}.pt"
         if path.is_file():

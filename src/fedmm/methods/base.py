@@ -20,7 +20,9 @@ no update from stale moments).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmm.backbones import FusionVLModel
+from fedmm.backbones import FusionVLModel, check_backbone_peft
 from fedmm.config import ConfigError, FedmmConfig, TrainConfig
 from fedmm.peft import PEFT_TYPES
 from fedmm.runtime import Encoded
@@ -131,6 +133,22 @@ def weighted_average(replies: Sequence[Reply], weighting: str = "samples") -> ND
 
 
 # ---------------------------------------------------------------------- client helpers
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` for ``precision = "bf16"`` (fp32 where the device has no bf16,
+    with a warning); nothing for ``fp32``.  Parameters and the tensors sent stay fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn(f"{device} has no bf16: train.precision=bf16 runs in fp32", stacklevel=2)
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Learning rate at global step ``step`` of ``total``: linear warm-up, then the schedule."""
     warmup = int(cfg.warmup_frac * total)
@@ -161,6 +179,7 @@ class ClientContext:
     total_steps: int  # over the whole run, for the learning-rate schedule
     stats: dict[str, float] = field(default_factory=dict)
     views: dict[str, float] = field(default_factory=dict)  # filled by ``view``
+    _micro: tuple[int, int] = field(default=(0, 1), init=False, repr=False)  # (micro-batch, k)
 
     def __post_init__(self) -> None:
         self.model.set_task(self.train.task)  # multi-task benchmarks: this client's head
@@ -180,9 +199,20 @@ class ClientContext:
             weight_decay=self.cfg.train.weight_decay,
         )
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``train.precision``: bf16 autocast on this device, or nothing (fp32)."""
+        return autocast_for(self.cfg.train.precision, self.device)
+
     def steps(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Yield ``steps_per_round`` training batches, setting the scheduled LR before each."""
+        """Yield ``steps_per_round`` optimiser steps' training batches, setting the scheduled LR.
+
+        With ``train.accumulation = k`` each optimiser step gets k micro-batches of
+        ``train.batch_size`` (``step`` accumulates their gradients and steps on the k-th); the step
+        budget, the schedule and ``stats["steps"]`` count optimiser steps.  The consumer's forward
+        runs under ``train.precision``'s autocast.
+        """
         n, bs = len(self.train), self.cfg.train.batch_size
+        k = max(1, self.cfg.train.accumulation)
         seed = self.cfg.seed * 1_000_003 + self.client_index * 9_176 + self.round
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout: the same masks whichever process runs this client
@@ -190,10 +220,6 @@ class ClientContext:
         pos = 0
         self.model.train()
         for i in range(self.steps_per_round):
-            if pos + min(bs, n) > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos : pos + bs]
-            pos += bs
             step = (self.round - 1) * self.steps_per_round + i
             lr = lr_at(step, self.total_steps, self.cfg.train)
             for group in optimizer.param_groups:
@@ -201,18 +227,32 @@ class ClientContext:
             self.stats.setdefault("lr_first", lr)
             self.stats["lr_last"] = lr
             self.stats["steps"] = self.stats.get("steps", 0) + 1
-            yield self.train.batch(idx, self.device)
+            for micro in range(k):
+                if pos + min(bs, n) > n:
+                    order, pos = torch.randperm(n, generator=gen), 0
+                idx = order[pos : pos + bs]
+                pos += bs
+                self._micro = (micro, k)
+                with self.autocast():
+                    yield self.train.batch(idx, self.device)
+        self._micro = (0, 1)
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        """Backward, clip, one optimiser step, gradients back to None."""
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        """Backward, clip, one optimiser step, gradients back to None (with accumulation: the
+        loss is scaled by 1/k and the step taken on the k-th micro-batch)."""
+        micro, k = self._micro
+        if micro == 0:
+            optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=False):  # backward outside autocast
+            (loss / k if k > 1 else loss).backward()
+        self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(loss.detach()) / k
+        if micro < k - 1:
+            return
         if self.cfg.train.grad_clip > 0:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(loss.detach())
 
     @torch.no_grad()
     def logits(self, split: Encoded | None = None) -> torch.Tensor:
@@ -224,7 +264,8 @@ class ClientContext:
         for start in range(0, len(split), bs):
             idx = torch.arange(start, min(start + bs, len(split)))
             feats, ids, mask, _ = split.batch(idx, self.device)
-            out.append(self.model(feats, ids, mask).float().cpu())
+            with self.autocast():
+                out.append(self.model(feats, ids, mask).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.model.task_head()[-1].out_features)
 
     def predict(self, split: Encoded | None = None) -> torch.Tensor:
@@ -370,6 +411,12 @@ class Method(ABC):
             raise ConfigError(
                 f"unknown peft.type {cfg.peft.type!r}; choices: {', '.join(PEFT_TYPES)}"
             )
+        if cfg.train.precision not in PRECISIONS or cfg.train.accumulation < 1:
+            raise ConfigError(
+                f"train.precision must be one of {PRECISIONS} (got {cfg.train.precision!r}) and "
+                f"train.accumulation >= 1 (got {cfg.train.accumulation})"
+            )
+        check_backbone_peft(cfg.model, cfg.peft)  # e.g. prompt tuning on a dual encoder
 
     def prepare(self, model: FusionVLModel) -> None:
         """Make sure the model has this method's adapter sets, then reset every trainable part."""
