@@ -32,12 +32,8 @@ class ModelConfig:
     head_hidden: int = 256  # hidden width of the task head MLP
     dropout: float = 0.1  # dropout in the head
     # Hugging Face families (vilt | clip | siglip | blip, see docs/backbones.md): where to load from
-    hf_path: str = (
-        ""  # hub name, local directory or "tiny-random"; "" = the family's default hub name
-    )
-    hf_download: bool = (
-        False  # allow downloading hf_path from the hub (else local files/cache only)
-    )
+    hf_path: str = ""  # hub name, local dir or "tiny-random"; "" = the family's default
+    hf_download: bool = False  # may fetch hf_path from the hub (else local files/cache only)
     gradient_checkpointing: bool = False  # recompute backbone activations in backward (less memory)
 
 
@@ -76,9 +72,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     threads: int = 0  # torch intra-op threads in each client process; 0 = all cores
     precision: str = "fp32"  # fp32 | bf16 (torch.autocast where the device supports bf16)
-    accumulation: int = (
-        1  # micro-batches of batch_size per optimiser step (effective batch = product)
-    )
+    accumulation: int = 1  # micro-batches per optimiser step: effective batch = batch_size x this
 
 
 @dataclass
