@@ -7,7 +7,7 @@ For a frozen linear layer ``y = W x + b`` a LoRA set adds a low-rank update
 (``peft.lora_r`` = r, ``peft.lora_alpha`` = α).  ``peft`` injects its ``lora.Linear`` layers into
 the modules named by ``peft.lora_targets``: comma-separated entries, each a last name component
 (e.g. ``query,value``) or, when it holds a regex character, a regular expression matched against
-the full module path (e.g. ``vision_model\..*\.q_proj``: unambiguous on two-tower backbones whose
+the full module path (e.g. ``vision_model.*q_proj``: unambiguous on two-tower backbones whose
 towers reuse names; no commas inside one); every set is
 one ``peft`` adapter name on those layers (A ~ Kaiming-uniform, B = 0: the set starts as the
 identity).  fedmm drives the layers' active adapters and scalings itself rather than through
