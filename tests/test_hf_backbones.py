@@ -290,3 +290,22 @@ def test_gradient_checkpointing_replays_the_active_sets_of_each_forward(tiny_cfg
         grads.append([p.grad.clone() for p in model.peft.parameters()])
     for a, b in zip(*grads):  # (without the replay, torch's checkpoint raises or grads differ)
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_row_without_its_image_never_sees_pixels(tiny_cfg, family):
+    """The (B, L + T_img) mask hides the image: that row's logits ignore its placeholder."""
+    cfg = hf_cfg(tiny_cfg, family, **{"model.dropout": 0.0})
+    model = build_model(cfg.model, cfg.adapter, 10, cfg.peft).eval()
+    model.peft.ensure_sets(["a"])
+    rng = np.random.default_rng(0)
+    feats = model.encode_images(rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8))
+    ids, mask = model.tokenize(["a red bar", "what is it", "b"])
+    full = torch.cat([mask, torch.tensor([1, 0, 1])[:, None].expand(-1, feats.shape[1])], 1)
+    other = feats.clone()
+    other[1] = torch.randn_like(other[1])
+    with torch.no_grad(), model.active("a"):
+        z, z_other = model(feats, ids, full), model(other, ids, full)
+        z_seen = model(other, ids, torch.ones_like(full))
+    assert torch.allclose(z[1], z_other[1], atol=1e-5)
+    assert not torch.allclose(z[1], z_seen[1], atol=1e-5)  # with the mask on, pixels matter
