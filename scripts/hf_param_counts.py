@@ -6,7 +6,7 @@
 No weights are needed: every model is built from a config with random weights on CPU.  "default"
 is the transformers config class with its defaults (``ViltConfig()``, ``CLIPConfig()``,
 ``SiglipConfig()``, ``BlipConfig()``), which are the base-size architectures of the families'
-default hub checkpoints.  Head: 10 answers (``model.head_hidden`` = 256).  Bytes per round are
+default hub checkpoints.  Prompt tuning: 16 tokens.  Head: 10 answers (``model.head_hidden`` = 256).  Bytes per round are
 what one client uploads (FedAvg: PEFT set + projection + head; FedDAT: global set + projection),
 fp32 on the wire; the download is the same size.
 """
@@ -33,7 +33,8 @@ def model_for(family: str, size: str, peft_type: str):
         fam = dataclasses.replace(FAMILIES[family], tiny_config=config_cls)
         cls = type(cls.__name__, (cls,), {"family": fam})
     model_cfg = ModelConfig(backbone=family, hf_path=TINY, image_size=0)
-    return cls(model_cfg, AdapterConfig(), 10, PeftConfig(type=peft_type))
+    # prompt: 16 tokens, as ViLT's 40 text positions leave 16 next to model.max_text_len = 24
+    return cls(model_cfg, AdapterConfig(), 10, PeftConfig(type=peft_type, prompt_length=16))
 
 
 def count(family: str, size: str) -> dict:

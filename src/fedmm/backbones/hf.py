@@ -201,6 +201,10 @@ def load_family(family: Family, model_cfg: ModelConfig) -> Loaded:
         model = cls.from_pretrained(source, local_files_only=offline)
         tok = transformers.AutoTokenizer.from_pretrained(source, local_files_only=offline)
         proc = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=offline)
+    except ImportError as exc:  # e.g. SigLIP's sentencepiece tokenizer
+        raise RuntimeError(
+            f"backbone {family.name}: loading {source!r} needs a missing package: {exc}"
+        ) from exc
     except (OSError, ValueError) as exc:
         if local:
             raise RuntimeError(
@@ -417,8 +421,10 @@ class ViltVLModel(HFVLModel):
             limit = self.hf.config.max_position_embeddings
             if self.peft.length + model_cfg.max_text_len > limit:
                 raise ConfigError(
-                    f"vilt: peft.prompt_length + model.max_text_len must be <= {limit} "
-                    "(its text position embeddings)"
+                    f"vilt: peft.prompt_length + model.max_text_len must be <= {limit} (its "
+                    f"text position embeddings), got {self.peft.length} + "
+                    f"{model_cfg.max_text_len}; e.g. --set peft.prompt_length="
+                    f"{max(1, limit - model_cfg.max_text_len)}"
                 )
 
     def adapter_points(self):
