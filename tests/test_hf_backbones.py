@@ -171,6 +171,18 @@ def test_hub_name_without_network_is_a_clear_error_and_never_attempted(tiny_cfg,
     assert f"huggingface-cli download {FAMILIES['clip'].hub_default} " in str(err.value)
 
 
+def test_cli_reports_missing_weights_before_any_run(tiny_cfg, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = Path(tiny_cfg.out_dir) / "never"
+    args = ["run", "--method", "fedavg", "--out", str(out), "--set", "model.backbone=siglip",
+            "--set", f"data.data_dir={tiny_cfg.data.data_dir}", "--set", "model.hf_download=true",
+            "--set", "data.train_per_client=10", "--set", "data.test_per_client=10"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"huggingface-cli download {FAMILIES['siglip'].hub_default} --local-dir" in err
+    assert "HF_HUB_OFFLINE is set" in err and not out.exists()
+
+
 def test_local_directory_uses_the_familys_tokenizer_and_image_processor(tiny_cfg, tmp_path):
     from transformers import BertTokenizer, ViltImageProcessor, ViltModel
 

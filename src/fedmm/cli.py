@@ -127,6 +127,7 @@ def cmd_list() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedmm import results
+    from fedmm.backbones.hf import check_source
     from fedmm.data import load_benchmark
     from fedmm.engine import run_method
 
@@ -135,6 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(cfg.out_dir)
     try:
         load_benchmark(cfg)  # missing data fails here, with install instructions, before any run
+        check_source(cfg.model)  # so do Hugging Face weights that are not on this machine
         results.load(out)  # an unreadable results.json is reported, never overwritten
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

@@ -177,6 +177,45 @@ class Loaded:
     pad_id: int = 0
 
 
+def _missing_message(family: Family, source: str, why: str) -> str:
+    return (
+        f"backbone {family.name}: {source!r} is neither a local directory nor in the local "
+        f"Hugging Face cache, and {why}. Download it once with "
+        f"`huggingface-cli download {source} --local-dir DIR` and pass "
+        f"--set model.hf_path=DIR (or allow downloads with --set model.hf_download=true on a "
+        f"machine with network access)."
+    )
+
+
+def check_source(model_cfg: ModelConfig) -> None:
+    """Fail fast (``ConfigError``, before any run) when a family's weights cannot be found
+    without a download that is not allowed; loads nothing."""
+    family = FAMILIES.get(model_cfg.backbone)
+    source = model_cfg.hf_path or (family.hub_default if family else "")
+    if family is None or source == TINY:
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"backbone {family.name}: {source} has no config.json")
+        return
+    if model_cfg.hf_download and not _env_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, "config.json")
+    except ValueError:  # not a valid repo id either
+        cached = None
+    if not isinstance(cached, str):
+        why = (
+            "HF_HUB_OFFLINE is set"
+            if _env_offline()
+            else ("downloads are off (model.hf_download = false)")
+        )
+        raise ConfigError(_missing_message(family, source, why))
+
+
 def load_family(family: Family, model_cfg: ModelConfig) -> Loaded:
     """The frozen ``transformers`` model, tokenizer and image normalisation of ``family``."""
     import transformers
@@ -219,11 +258,7 @@ def load_family(family: Family, model_cfg: ModelConfig) -> Loaded:
             else "the download failed"
         )
         raise RuntimeError(
-            f"backbone {family.name}: {source!r} is neither a local directory nor in the local "
-            f"Hugging Face cache, and {why}. Download it once with "
-            f"`huggingface-cli download {source} --local-dir DIR` and pass "
-            f"--set model.hf_path=DIR (or allow downloads with --set model.hf_download=true on a "
-            f"machine with network access). ({type(exc).__name__}: {exc})"
+            f"{_missing_message(family, source, why)} ({type(exc).__name__}: {exc})"
         ) from exc
     mean = tuple(getattr(proc, "image_mean", None) or family.image_mean)
     std = tuple(getattr(proc, "image_std", None) or family.image_std)
