@@ -32,7 +32,7 @@ def model_for(family: str, size: str, peft_type: str):
         config_cls = getattr(importlib.import_module("transformers"), DEFAULT_CONFIGS[family])
         fam = dataclasses.replace(FAMILIES[family], tiny_config=config_cls)
         cls = type(cls.__name__, (cls,), {"family": fam})
-    model_cfg = ModelConfig(backbone=family, hf_path=TINY, image_size=0)
+    model_cfg = ModelConfig(backbone=family, hf_path=TINY, image_size=224)  # counts: any size
     # prompt: 16 tokens, as ViLT's 40 text positions leave 16 next to model.max_text_len = 24
     return cls(model_cfg, AdapterConfig(), 10, PeftConfig(type=peft_type, prompt_length=16))
 

@@ -304,7 +304,7 @@ class HFVLModel(VLModel):
     """What the four families share: loading, freezing, PEFT, pixels as cached 'features'.
 
     ``encode_images`` returns the normalised pixels cut into patches, ``(N, P, 3·p·p)`` with
-    ``P = (S/p)²`` (S = ``model.image_size``, 0 = the family's native size; p = patch size): the
+    ``P = (S/p)²`` (S = ``model.image_size``; p = patch size): the
     towers carry PEFT modules, so resizing and normalising is all the frozen, cacheable work.
     Subclasses set the adapter insertion points and implement ``fuse``.
     """
@@ -331,11 +331,12 @@ class HFVLModel(VLModel):
         self.rescale = loaded.rescale
         vision_cfg = getattr(self.hf.config, "vision_config", self.hf.config)
         self.patch, self.native_size = int(vision_cfg.patch_size), int(vision_cfg.image_size)
-        self.image_size = model_cfg.image_size or self.native_size
-        if self.image_size % self.patch:
+        self.image_size = model_cfg.image_size
+        if self.image_size <= 0 or self.image_size % self.patch:
             raise ConfigError(
-                f"model.image_size={self.image_size} must be a multiple of {self.family.name}'s "
-                f"patch size {self.patch} (0 = its native {self.native_size})"
+                f"model.image_size={self.image_size} must be a positive multiple of "
+                f"{self.family.name}'s patch size {self.patch} (its native size: "
+                f"{self.native_size})"
             )
         points, dims = self.adapter_points()
         self.peft = build_hf_peft(
