@@ -275,13 +275,17 @@ def test_bf16_autocast_trains_in_bf16_and_keeps_fp32_parameters(tiny_cfg):
         get_method(cfg.with_overrides({"train.precision": "fp8"}))
 
 
-@pytest.mark.parametrize("peft_type", ["lora", "adapter"])
-def test_gradient_checkpointing_replays_the_active_sets_of_each_forward(tiny_cfg, peft_type):
+@pytest.mark.parametrize(
+    "backbone,peft_type", [("vilt", "lora"), ("vilt", "adapter"), ("tiny", "adapter")]
+)
+def test_gradient_checkpointing_replays_the_active_sets_of_each_forward(
+    tiny_cfg, backbone, peft_type
+):
     """FedDAT's pattern: two forwards under different active sets, one backward."""
     grads = []
     for ckpt in (False, True):
-        cfg = hf_cfg(tiny_cfg, "vilt", **{"peft.type": peft_type, "model.dropout": 0.0,
-                                          "model.gradient_checkpointing": ckpt})  # fmt: skip
+        cfg = hf_cfg(tiny_cfg, backbone, **{"peft.type": peft_type, "model.dropout": 0.0,
+                                            "model.gradient_checkpointing": ckpt})  # fmt: skip
         model = build_model(cfg.model, cfg.adapter, 10, cfg.peft)
         model.peft.ensure_sets(["c", "s"])
         model.reset_trainable(0)
@@ -289,16 +293,16 @@ def test_gradient_checkpointing_replays_the_active_sets_of_each_forward(tiny_cfg
             torch.manual_seed(0)
             for p in model.peft.parameters():  # away from the identity init
                 torch.nn.init.normal_(p, std=0.2)
-        for p in model.peft.parameters():
-            p.requires_grad_(True)
-        model.train()
-        feats = model.encode_images(np.arange(4 * 32 * 32, dtype=np.uint8).reshape(4, 32, 32))
-        ids, mask = model.tokenize(["a b", "c d e", "f", "g h"])
-        with model.active("c", "s", combine="average"):
-            z_dat = model(feats, ids, mask)
-        with model.active("s"):
-            z_s = model(feats, ids, mask)
-        (z_dat.square().mean() + (z_s * torch.arange(10.0)).mean()).backward()
+            for p in model.peft.parameters():
+                p.requires_grad_(True)
+            model.train()  # (the tiny backbone has dropout: same masks in both runs)
+            feats = model.encode_images(np.arange(4 * 32 * 32, dtype=np.uint8).reshape(4, 32, 32))
+            ids, mask = model.tokenize(["a b", "c d e", "f", "g h"])
+            with model.active("c", "s", combine="average"):
+                z_dat = model(feats, ids, mask)
+            with model.active("s"):
+                z_s = model(feats, ids, mask)
+            (z_dat.square().mean() + (z_s * torch.arange(10.0)).mean()).backward()
         grads.append([p.grad.clone() for p in model.peft.parameters()])
     for a, b in zip(*grads):  # (without the replay, torch's checkpoint raises or grads differ)
         assert torch.allclose(a, b, atol=1e-6)
