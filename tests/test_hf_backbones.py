@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
+from test_serverapp import InProcessGrid
 
 from fedmm.backbones import build_model
 from fedmm.backbones.hf import FAMILIES, TINY
@@ -276,7 +277,14 @@ def test_bf16_autocast_trains_in_bf16_and_keeps_fp32_parameters(tiny_cfg):
 
 
 @pytest.mark.parametrize(
-    "backbone,peft_type", [("vilt", "lora"), ("vilt", "adapter"), ("tiny", "adapter")]
+    "backbone,peft_type",
+    [
+        ("vilt", "lora"),
+        ("vilt", "adapter"),
+        ("tiny", "adapter"),
+        ("blip", "adapter"),
+        ("clip", "lora"),
+    ],
 )
 def test_gradient_checkpointing_replays_the_active_sets_of_each_forward(
     tiny_cfg, backbone, peft_type
@@ -325,3 +333,18 @@ def test_a_row_without_its_image_never_sees_pixels(tiny_cfg, family):
         z_seen = model(other, ids, torch.ones_like(full))
     assert torch.allclose(z[1], z_other[1], atol=1e-5)
     assert not torch.allclose(z[1], z_seen[1], atol=1e-5)  # with the mask on, pixels matter
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+@pytest.mark.parametrize("family", ["vilt", "blip"])
+def test_tap_on_task_and_modality_heterogeneity_with_every_memory_option(tiny_cfg, family):
+    """TAP on fmnist-task (text-only and image-only clients), checkpointing + bf16 + accumulation."""
+    cfg = hf_cfg(tiny_cfg, family, **{
+        "method": "tap", "data.benchmark": "fmnist-task", "fed.clients": 6, "fed.rounds": 1,
+        "tap.teacher_steps": 1, "tap.distill_steps": 1, "train.local_steps": 2,
+        "model.gradient_checkpointing": True, "train.precision": "bf16", "train.accumulation": 2,
+    }).resolved()  # fmt: skip
+    grid = InProcessGrid(6)
+    record = run_federation(grid, cfg)
+    assert record["history"][0]["failures"] == 0
+    assert all(s["steps"] == 2 for s in record["history"][0]["train"].values())

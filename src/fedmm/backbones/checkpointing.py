@@ -35,3 +35,7 @@ def enable_checkpointing(module: nn.Module, peft: PeftBank) -> None:
         module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also makes the word embeddings' output require grad (reentrant checkpointing
+    # needs it); non-reentrant does not, and it breaks in-place embedding sums (BLIP's text)
+    if hasattr(module, "disable_input_require_grads"):
+        module.disable_input_require_grads()
