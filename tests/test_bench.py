@@ -95,3 +95,16 @@ def test_cli_bench_and_run_check_benchmark_lists(capsys, tmp_path):
     assert main(["bench", "--benchmark", "fmnist-domain,nope", "--out", str(tmp_path)]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
     assert main(["bench", "--seeds", "0,x", "--out", str(tmp_path)]) == 2
+
+
+def test_report_has_a_per_task_table_for_multi_task_benchmarks():
+    def run(seed, acc):
+        return {"method": "tap", "peft": "adapter", "benchmark": "b", "seed": seed,
+                "views": ["global", "personalized"], "trainable_params": 1, "history": [],
+                "final": {"global": acc}, "final_by_task": {"vqa": {"global": acc},
+                                                           "tags": {"global": 0.5}}}  # fmt: skip
+
+    text = bench.report([run(0, 0.4), run(1, 0.6)],
+                        {"benchmarks": ["b"], "methods": ["tap"], "seeds": [0, 1], "peft": "adapter"})  # fmt: skip
+    assert "| method | tags global | tags personalized | vqa global | vqa personalized |" in text
+    assert "| tap | 50.0 ± 0.0 | — | 50.0 ± 14.1 | — |" in text

@@ -126,14 +126,16 @@ def test_feddat_gradients_split_exactly_between_the_two_losses(tiny_cfg, peft_ty
 
 @pytest.mark.parametrize("peft_type", PEFT_TYPES)
 @pytest.mark.parametrize(
-    "method", ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "fedpia", "feddat", "local"]
+    "method",
+    ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "fedpia", "feddat", "local", "tap"],
 )
 def test_every_method_takes_the_same_steps_on_the_same_schedule(tiny_cfg, method, peft_type):
     if method == "fedpia" and peft_type in ("prompt", "bitfit"):
         pytest.skip("FedPIA refuses PEFT types without hidden units (tested in test_fedpia)")
     cfg = tiny_cfg.with_overrides(
-        {"method": method, "fed.rounds": 3, "train.warmup_frac": 0.2, "peft.type": peft_type}
-    )
+        {"method": method, "fed.rounds": 3, "train.warmup_frac": 0.2, "peft.type": peft_type,
+         "tap.combine": "average"}  # prompts combine by average only
+    )  # fmt: skip
     _, _, stats, _ = simulate_client(cfg, 3)
     total = cfg.train.local_steps * 3
     for rnd, s in enumerate(stats, 1):
@@ -232,3 +234,14 @@ def test_ditto_personal_model_is_private_and_pulled_to_the_global_one(tiny_cfg):
         return sum(float(((pers[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
 
     assert personal_distance(1000.0) < 0.5 * personal_distance(0.0)
+
+
+def test_a_set_starts_the_same_whatever_other_sets_the_model_holds(tiny_cfg):
+    model = get_runtime(tiny_cfg).model
+    model.peft.ensure_sets(["global_adapter"])
+    model.reset_trainable(0)
+    alone = model.peft.state_dict_of("global_adapter")
+    model.peft.ensure_sets(["client_adapter", "frozen_global", "zzz"])  # sorted before and after
+    model.reset_trainable(0)
+    for key, value in model.peft.state_dict_of("global_adapter").items():
+        assert torch.equal(value, alone[key]), key

@@ -41,6 +41,9 @@ class InProcessGrid:
             kind = msg.metadata.message_type
             rnd = int(msg.content["config"]["round"])
             self.sent.append((node, kind, rnd))
+            if kind == MessageType.QUERY:
+                replies.append(clientapp.query(msg, self.contexts[node]))
+                continue
             if node in self.failing and kind == MessageType.TRAIN:
                 replies.append(Message(Error(code=0, reason="simulated crash"), reply_to=msg))
                 continue

@@ -134,6 +134,7 @@ def report(runs: list[dict], grid: dict) -> str:
                 f"{sum(h['seconds'] for h in hist) / n:.1f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += _task_lines(bruns, grid["methods"])
     lines += [
         "",
         "Views: `global` = the federated model, `personalized` = each client's own model "
@@ -141,6 +142,29 @@ def report(runs: list[dict], grid: dict) -> str:
         "time on the machine that ran the bench, including evaluation.",
     ]
     return "\n".join(lines)
+
+
+def _task_lines(runs: list[dict], methods: list[str]) -> list[str]:
+    """Per task (multi-task benchmarks): methods x (task, view), the task's metric, mean ± std."""
+    runs = [r for r in runs if r.get("final_by_task")]
+    if not runs:
+        return []
+    tasks = sorted({t for r in runs for t in r["final_by_task"]})
+    views = [
+        v for v in ("global", "personalized", "distilled") if any(v in r["views"] for r in runs)
+    ]
+    cols = [(t, v) for t in tasks for v in views]
+    head = ["method", *(f"{t} {v}" for t, v in cols)]
+    lines = ["", "Per task (accuracy; multi-label tasks: mean AUROC):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for method in methods:
+        mruns = [r for r in runs if r["method"] == method]
+        if mruns:
+            cells = [results.label(mruns[0])]
+            cells += [_mean_std([r["final_by_task"][t][v] for r in mruns
+                                 if v in r["final_by_task"].get(t, {})]) for t, v in cols]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _primary(run: dict) -> str:

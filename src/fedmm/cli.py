@@ -108,7 +108,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[list[FedmmConfig], list[st
 
 
 def validate(cfg: FedmmConfig, methods: list[str]) -> None:
-    from fedmm.backbones import BACKBONES
+    from fedmm.backbones import backbone_names
     from fedmm.data import BENCHMARKS
     from fedmm.methods import METHODS
 
@@ -122,9 +122,9 @@ def validate(cfg: FedmmConfig, methods: list[str]) -> None:
         raise ConfigError(
             f"unknown benchmark {cfg.data.benchmark!r}; choices: {', '.join(sorted(BENCHMARKS))}"
         )
-    if cfg.model.backbone not in BACKBONES:
+    if cfg.model.backbone not in backbone_names():
         raise ConfigError(
-            f"unknown backbone {cfg.model.backbone!r}; choices: {', '.join(sorted(BACKBONES))}"
+            f"unknown backbone {cfg.model.backbone!r}; choices: {', '.join(backbone_names())}"
         )
     if cfg.fed.rounds < 1 or cfg.fed.clients < 1:
         raise ConfigError("--rounds and --clients must be >= 1")
@@ -135,14 +135,14 @@ def validate(cfg: FedmmConfig, methods: list[str]) -> None:
 
 
 def cmd_list() -> None:
-    from fedmm.backbones import BACKBONES
+    from fedmm.backbones import backbone_names
     from fedmm.data import BENCHMARKS
     from fedmm.methods import METHODS
     from fedmm.peft import PEFT_TYPES
 
     print("methods:   ", ", ".join(METHODS))
     print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
-    print("backbones: ", ", ".join(sorted(BACKBONES)))
+    print("backbones: ", ", ".join(backbone_names()))
     print("peft types:", ", ".join(PEFT_TYPES))
     print("config keys (--set key=value):")
     for key, value in FedmmConfig().to_flat().items():
@@ -151,6 +151,7 @@ def cmd_list() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedmm import results
+    from fedmm.backbones.hf import check_source
     from fedmm.data import load_benchmark
     from fedmm.engine import run_method
 
@@ -161,6 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(cfg.out_dir)
     try:
         load_benchmark(cfg)  # missing data fails here, with install instructions, before any run
+        check_source(cfg.model)  # so do Hugging Face weights that are not on this machine
         results.load(out)  # an unreadable results.json is reported, never overwritten
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

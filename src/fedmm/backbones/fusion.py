@@ -4,7 +4,11 @@
           ──visual projection P (trainable)──> visual tokens V = F·Pᵀ ∈ R^{g²×d}
     text  ──frozen word embeddings──> T ∈ R^{L×d}
     [P ;] [T ; V] + position + modality-type embeddings ──frozen transformer layers (+ PEFT)──> H
-    logits = head([H_cls ; mean(H_text) ; mean(H_visual) ; mean(V)])
+    logits = head_task([H_cls ; mean(H_text) ; mean(H_visual) ; mean(V)])
+
+A record without an image (a text-only client) has its visual tokens masked out of attention and
+out of both visual means (which are then 0): no made-up image is ever fed as data.  A record
+without text holds [CLS] [SEP] only.  Multi-task benchmarks get one head per task (``VLModel``).
 
 (P: learned prompt tokens, with ``peft.type = "prompt"`` only.)
 
@@ -23,6 +27,7 @@ projection and the head.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -79,13 +84,109 @@ def build_peft(
     return BitFitBank(text)
 
 
-class FusionVLModel(nn.Module):
-    """Frozen backbone + named PEFT sets + trainable visual projection + task head."""
+def make_head(in_dim: int, model_cfg: ModelConfig, num_outputs: int) -> nn.Sequential:
+    """The task head MLP on pooled features: LayerNorm → Linear → GELU → Dropout → Linear."""
+    return nn.Sequential(
+        nn.LayerNorm(in_dim),  # the pooled parts differ in scale (fused states vs. projection)
+        nn.Linear(in_dim, model_cfg.head_hidden),
+        nn.GELU(),
+        nn.Dropout(model_cfg.dropout),
+        nn.Linear(model_cfg.head_hidden, num_outputs),
+    )
+
+
+class VLModel(nn.Module):
+    """What every fedmm model shares, whatever its backbone.
+
+    Subclasses set ``peft`` (a ``PeftBank``), ``visual_proj`` (the trainable projection) and call
+    ``_init_heads``; they implement ``encode_images`` (the frozen, cacheable image work),
+    ``tokenize``, ``forward(feats, input_ids, attention_mask)``, ``frozen_modules`` and
+    ``visual_token_shape``.
+
+    Heads: one head for a single-task benchmark (``head`` is the MLP), or one head per task
+    (``head`` is a ``ModuleDict`` keyed by task name; ``set_task`` picks the head ``forward``
+    uses).  The part ``head`` in states holds every task's head.
+    """
+
+    peft: PeftBank
+    visual_proj: nn.Module
+
+    def _init_heads(
+        self, in_dim: int, model_cfg: ModelConfig, num_answers: int | dict[str, int]
+    ) -> None:
+        if isinstance(num_answers, dict):
+            if not num_answers:
+                raise ValueError("a multi-task model needs at least one task")
+            self.head = nn.ModuleDict(
+                {t: make_head(in_dim, model_cfg, n) for t, n in num_answers.items()}
+            )
+            self.active_task = next(iter(num_answers))
+        else:
+            self.head = make_head(in_dim, model_cfg, num_answers)
+            self.active_task = ""
+        self.num_answers = num_answers
+
+    @property
+    def multitask(self) -> bool:
+        return isinstance(self.head, nn.ModuleDict)
+
+    def set_task(self, task: str) -> None:
+        """Make ``task``'s head the one ``forward`` uses ("" on a single-task model)."""
+        if self.multitask:
+            if task not in self.head:
+                raise KeyError(f"no head for task {task!r}; tasks: {list(self.head)}")
+            self.active_task = task
+        elif task:
+            raise KeyError(f"single-task model has no head for task {task!r}")
+
+    def task_head(self) -> nn.Module:
+        return self.head[self.active_task] if self.multitask else self.head
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The frozen towers (kept in eval mode: batch-norm statistics never move)."""
+        return []
+
+    def train(self, mode: bool = True) -> VLModel:
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def reset_trainable(self, seed: int) -> None:
+        """Deterministically re-initialise every trainable part (same seed -> same init).
+
+        Each PEFT set draws from its own stream, seeded by (seed, set name): a set's initial
+        value does not depend on which other sets the model happens to hold (one process serves
+        several methods, and each adds its own sets)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in (self.visual_proj, self.head):
+                for layer in module.modules():
+                    if isinstance(layer, nn.Linear | nn.LayerNorm):
+                        layer.reset_parameters()
+            for name in sorted(self.peft.sets):
+                torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                self.peft.reset_set(name)
+
+    @contextlib.contextmanager
+    def active(self, *names: str, combine: str = "single") -> Iterator[None]:
+        with self.peft.active(*names, combine=combine):
+            yield
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` ``(B, T, d)`` over the rows where ``mask`` ``(B, T)`` is 1 (0 if none)."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class FusionVLModel(VLModel):
+    """Frozen backbone + named PEFT sets + trainable visual projection + task head(s)."""
 
     def __init__(
         self,
         backbone: Backbone,
-        num_answers: int,
+        num_answers: int | dict[str, int],
         model_cfg: ModelConfig,
         adapter_cfg: AdapterConfig,
         peft_cfg: PeftConfig | None = None,
@@ -104,20 +205,20 @@ class FusionVLModel(nn.Module):
             self.text, backbone.adapter_points, peft_cfg or PeftConfig(), adapter_cfg
         )
         self.visual_proj = nn.Linear(backbone.vision_dim, d)
-        self.head = nn.Sequential(
-            nn.LayerNorm(4 * d),  # the pooled parts differ in scale (fused states vs. projection)
-            nn.Linear(4 * d, model_cfg.head_hidden),
-            nn.GELU(),
-            nn.Dropout(model_cfg.dropout),
-            nn.Linear(model_cfg.head_hidden, num_answers),
-        )
-        self.num_answers = num_answers
+        self._init_heads(4 * d, model_cfg, num_answers)
+        self._token_shape: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ frozen towers
-    def train(self, mode: bool = True) -> FusionVLModel:
-        super().train(mode)
-        self.vision.eval()  # batch-norm statistics of the frozen tower never move
-        return self
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vision]
+
+    def visual_token_shape(self) -> tuple[int, int]:
+        """``(visual tokens, channels)`` of ``encode_images``' output for one image."""
+        if self._token_shape is None:
+            size = self.model_cfg.image_size
+            probe = self.encode_images(np.zeros((1, size, size, 3), dtype=np.uint8))
+            self._token_shape = (probe.shape[1], probe.shape[2])
+        return self._token_shape
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
@@ -149,7 +250,11 @@ class FusionVLModel(nn.Module):
         text_emb = self.text.embeddings.word_embeddings(input_ids)
         visual = self.visual_proj(feats.to(text_emb.dtype))
         b, n_text, n_vis = input_ids.shape[0], input_ids.shape[1], visual.shape[1]
-        parts, masks = [text_emb, visual], [attention_mask, attention_mask.new_ones(b, n_vis)]
+        if attention_mask.shape[1] == n_text + n_vis:  # rows without an image mask V out
+            attention_mask, vis_mask = attention_mask[:, :n_text], attention_mask[:, n_text:]
+        else:
+            vis_mask = attention_mask.new_ones(b, n_vis)
+        parts, masks = [text_emb, visual], [attention_mask, vis_mask]
         types = [torch.zeros_like(input_ids), input_ids.new_ones(b, n_vis)]
         prompts = self.peft.prompt_tokens()
         n_p = 0 if prompts is None else prompts.shape[0]
@@ -162,34 +267,22 @@ class FusionVLModel(nn.Module):
             attention_mask=torch.cat(masks, 1),
             token_type_ids=torch.cat(types, 1),
         ).last_hidden_state[:, n_p:]
-        text_mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        text_mean = (hidden[:, :n_text] * text_mask).sum(1) / text_mask.sum(1).clamp(min=1.0)
         pooled = torch.cat(
-            [hidden[:, 0], text_mean, hidden[:, n_text:].mean(dim=1), visual.mean(dim=1)], dim=-1
+            [
+                hidden[:, 0],
+                masked_mean(hidden[:, :n_text], attention_mask),
+                masked_mean(hidden[:, n_text:], vis_mask),
+                masked_mean(visual, vis_mask),
+            ],
+            dim=-1,
         )
-        return self.head(pooled)
+        return self.task_head()(pooled)
 
     # ------------------------------------------------------------------ trainable state
-    def reset_trainable(self, seed: int) -> None:
-        """Deterministically re-initialise every trainable part (same seed -> same init)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.visual_proj.reset_parameters()
-            for layer in self.head:
-                if isinstance(layer, nn.Linear | nn.LayerNorm):
-                    layer.reset_parameters()
-            for name in sorted(self.peft.sets):
-                self.peft.reset_set(name)
-
     def frozen_state_keys(self) -> set[str]:
         """Names of backbone tensors (never to be sent anywhere)."""
         keys = {f"vision.{k}" for k in self.vision.state_dict()}
         return keys | {f"text.{k}" for k in self.text.state_dict() if "lora_" not in k}
-
-    @contextlib.contextmanager
-    def active(self, *names: str, combine: str = "single") -> Iterator[None]:
-        with self.peft.active(*names, combine=combine):
-            yield
 
 
 def preprocess_images(images: np.ndarray, size: int) -> torch.Tensor:

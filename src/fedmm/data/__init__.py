@@ -2,6 +2,14 @@
 
 A benchmark is data only (images, texts, labels); ``fedmm.runtime`` turns a client's raw split into
 model inputs (frozen visual features, token ids) once and caches them.
+
+Task and modality heterogeneity: a benchmark may declare several ``tasks`` (each with its own label
+space and kind: ``single`` = one label per record, cross-entropy, metric accuracy; ``multilabel`` =
+a 0/1 vector per record, BCE, metrics mean AUROC and macro-F1).  Each client then does one task
+(``ClientSpec.task``) and sees some modalities (``ClientSpec.modalities``): a client without
+images has ``RawSplit.images = None`` (the model masks the visual tokens out, no image is made
+up), a client without text has empty texts (the sequence holds [CLS] [SEP] only).  A benchmark
+without ``tasks`` is one single-label task over ``answers`` (every VQA benchmark).
 """
 
 from __future__ import annotations
@@ -18,22 +26,25 @@ from fedmm.config import ConfigError, FedmmConfig
 class RawSplit:
     """``images`` uint8 ``(N, H, W)`` or ``(N, H, W, 3)``; one text and one label per image.
 
+    ``images`` is None for a client without the image modality.  ``labels`` are int64 indices
+    ``(N,)`` into the task's answers, or a 0/1 float32 matrix ``(N, K)`` for a multi-label task.
     ``groups`` optionally tags each record with an evaluation group (VQA-RAD: "closed" / "open"
     answer type) so accuracy can be reported per group; ``None`` means one group.
     """
 
-    images: np.ndarray
+    images: np.ndarray | None
     texts: list[str]
-    labels: np.ndarray  # int64 indices into Benchmark.answers
+    labels: np.ndarray  # int64 indices into the task's answers, or (N, K) multi-hot
     groups: list[str] | None = None
 
     def __post_init__(self) -> None:
-        sizes = {len(self.images), len(self.texts), len(self.labels)}
+        n_images = len(self.texts) if self.images is None else len(self.images)
+        sizes = {n_images, len(self.texts), len(self.labels)}
         if self.groups is not None:
             sizes.add(len(self.groups))
         if len(sizes) != 1:
             raise ValueError(
-                f"split sizes differ: {len(self.images)} images, {len(self.texts)} texts, "
+                f"split sizes differ: {n_images} images, {len(self.texts)} texts, "
                 f"{len(self.labels)} labels"
                 + ("" if self.groups is None else f", {len(self.groups)} groups")
             )
@@ -42,24 +53,62 @@ class RawSplit:
         return len(self.labels)
 
 
+MODALITIES = ("image", "text")
+TASK_KINDS = ("single", "multilabel")
+
+
+@dataclass
+class Task:
+    """One task's label space: ``single`` (softmax over ``answers``) or ``multilabel``."""
+
+    kind: str
+    answers: list[str]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task kind must be one of {TASK_KINDS}, got {self.kind!r}")
+
+
 @dataclass
 class ClientSpec:
     client_id: str
     description: str
     train: RawSplit
     test: RawSplit
+    task: str = ""  # a key of Benchmark.tasks; "" on single-task benchmarks
+    modalities: tuple[str, ...] = MODALITIES
 
 
 @dataclass
 class Benchmark:
     name: str
     description: str
-    answers: list[str]
+    answers: list[str]  # single-task benchmarks: the label space; multi-task: unused ([])
     clients: list[ClientSpec]
     notes: dict = field(default_factory=dict)  # what the loader normalised, dropped, decided
+    tasks: dict[str, Task] = field(default_factory=dict)  # empty: one single-label task
+
+    def __post_init__(self) -> None:
+        for c in self.clients:
+            if self.tasks and c.task not in self.tasks:
+                raise ValueError(f"client {c.client_id}: task {c.task!r} not in {list(self.tasks)}")
+            if not set(c.modalities) <= set(MODALITIES) or not c.modalities:
+                raise ValueError(f"client {c.client_id}: modalities must be from {MODALITIES}")
+
+    def head_sizes(self) -> int | dict[str, int]:
+        """The model's output size: one int, or one size per task (one head each)."""
+        if not self.tasks:
+            return len(self.answers)
+        return {name: len(task.answers) for name, task in self.tasks.items()}
+
+    def task_kind(self, task: str) -> str:
+        return self.tasks[task].kind if self.tasks else "single"
 
     def pooled_train(self) -> RawSplit:
-        """All clients' training data together (the centralised baseline)."""
+        """All clients' training data together (the centralised baseline; one task only)."""
+        if self.tasks:
+            raise ValueError("a multi-task benchmark pools training data per task")
         tagged = all(c.train.groups is not None for c in self.clients)
         return RawSplit(
             images=np.concatenate([c.train.images for c in self.clients]),
@@ -108,8 +157,10 @@ from fedmm.data import fmnist, jsonl, vqa_rad  # noqa: E402,F401
 __all__ = [
     "BENCHMARKS",
     "FIXED_CLIENTS",
+    "MODALITIES",
     "Benchmark",
     "ClientSpec",
+    "Task",
     "RawSplit",
     "load_benchmark",
     "register",

@@ -19,6 +19,12 @@ Two heterogeneity settings, after FedDAT's benchmarks:
   (original, inverted, blurred, edge map, rotated 90°) and asks every question family.
 * ``fmnist-function`` (Function): client k asks only family ``FAMILIES[k % 5]``, original images.
 
+and a third, after FedDAT's Task benchmark and TAP's setting:
+
+* ``fmnist-task`` (Task): six fixed clients that differ in task (VQA, classification,
+  multi-label attributes, text classification) and in modality (image+text, image only, text
+  only); see ``build_task``.
+
 Every client holds ``data.train_per_client`` training images drawn from the Fashion-MNIST train
 set and ``data.test_per_client`` test images from its test set, disjoint across clients; the split
 is fixed by ``data.split_seed`` (not the run seed), so every method and seed sees the same data.
@@ -34,7 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from fedmm.config import FedmmConfig
-from fedmm.data import Benchmark, ClientSpec, RawSplit, register
+from fedmm.data import Benchmark, ClientSpec, RawSplit, Task, register
 
 DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FILES = {
@@ -189,6 +195,120 @@ def build(cfg: FedmmConfig, setting: str) -> Benchmark:
         else "Function (question family per client)"
     )
     return Benchmark(f"fmnist-{setting}", f"Fashion-MNIST VQA, {title}", list(ANSWERS), clients)
+
+
+# ---------------------------------------------------------------------- Task: tasks x modalities
+ATTRIBUTES = ["upper-body", "lower-body", "on-feet", "sleeves", "layered", "carried", "casual"]
+ITEM_ATTRIBUTES = {  # per Fashion-MNIST class, the attributes an annotator would tick
+    0: {"upper-body", "sleeves", "casual"},  # t-shirt
+    1: {"lower-body", "casual"},  # trouser
+    2: {"upper-body", "sleeves", "layered"},  # pullover
+    3: {"upper-body", "lower-body"},  # dress
+    4: {"upper-body", "sleeves", "layered"},  # coat
+    5: {"on-feet", "casual"},  # sandal
+    6: {"upper-body", "sleeves"},  # shirt
+    7: {"on-feet", "casual"},  # sneaker
+    8: {"carried"},  # bag
+    9: {"on-feet", "layered"},  # ankle boot
+}
+DESCRIPTION_WORDS = {  # text-only client: phrases that describe the item without naming it
+    "upper-body": ["worn on the torso", "covers the chest"],
+    "lower-body": ["covers the legs", "worn below the waist"],
+    "on-feet": ["worn on the feet", "you walk in it"],
+    "sleeves": ["has sleeves", "with arm openings"],
+    "layered": ["worn over other clothes", "keeps you warm"],
+    "carried": ["carried by hand or on a shoulder", "holds your things"],
+    "casual": ["for everyday wear", "informal"],
+}
+TASK_CLIENTS = (  # (task, modalities, image domain): the fixed clients of fmnist-task
+    ("vqa", ("image", "text"), "original"),
+    ("vqa", ("image", "text"), "blurred"),
+    ("classify", ("image",), "original"),
+    ("classify", ("image",), "inverted"),
+    ("attributes", ("image",), "original"),
+    ("describe", ("text",), "original"),
+)
+
+
+def describe(label: int, rng: np.random.Generator) -> str:
+    """A noisy description of an item of class ``label`` from its attributes (never its name)."""
+    attrs = sorted(ITEM_ATTRIBUTES[label])
+    keep = [a for a in attrs if rng.random() < 0.8] or [attrs[rng.integers(len(attrs))]]
+    phrases = [DESCRIPTION_WORDS[a][rng.integers(2)] for a in keep]
+    rng.shuffle(phrases)
+    return "a garment: " + ", ".join(phrases)
+
+
+def build_task(cfg: FedmmConfig) -> Benchmark:
+    """``fmnist-task``: six clients that differ in task *and* modality (TAP's setting).
+
+    =====  ===========  ===============  ========  ===============================================
+    id     task         kind             inputs    what
+    =====  ===========  ===============  ========  ===============================================
+    0, 1   vqa          single (18)      image+text VQA as fmnist-domain (original / blurred)
+    2, 3   classify     single (10)      image     the item class (original / inverted images)
+    4      attributes   multilabel (7)   image     ``ATTRIBUTES`` of the class (``ITEM_ATTRIBUTES``)
+    5      describe     single (6)       text      the clothing group from a noisy description
+    =====  ===========  ===============  ========  ===============================================
+
+    Images, sizes and the split follow ``fmnist-domain`` (``data.train_per_client`` /
+    ``data.test_per_client`` each, disjoint across clients, fixed by ``data.split_seed``).
+    The text-only client gets no images at all (``RawSplit.images = None``); image-only clients
+    get empty texts.  The multi-label targets are a fixed function of the class, so AUROC can
+    reach 1; the metric is mean AUROC (primary) and macro-F1.
+    """
+    raw = load_fashion_mnist(cfg.data.data_dir)
+    k, n_train, n_test = len(TASK_CLIENTS), cfg.data.train_per_client, cfg.data.test_per_client
+    if n_train < 1 or n_test < 1:
+        raise ValueError("data.train_per_client and data.test_per_client must be >= 1")
+    if k * n_train > len(raw["train_labels"]) or k * n_test > len(raw["test_labels"]):
+        raise ValueError(f"{k} clients x ({n_train} train, {n_test} test) exceeds Fashion-MNIST")
+    rng = np.random.default_rng(cfg.data.split_seed)
+    train_perm = rng.permutation(len(raw["train_labels"]))
+    test_perm = rng.permutation(len(raw["test_labels"]))
+    groups = sorted(set(GROUPS))
+    tasks = {
+        "vqa": Task("single", list(ANSWERS), "templated questions, image + text"),
+        "classify": Task("single", list(ITEMS), "item class from the image alone"),
+        "attributes": Task("multilabel", list(ATTRIBUTES), "garment attributes, image alone"),
+        "describe": Task("single", groups, "clothing group from a description, text alone"),
+    }
+
+    def split(task: str, modalities, domain: str, images, labels, idx) -> RawSplit:
+        ys = labels[idx]
+        if task == "vqa":
+            return _split(images, labels, idx, domain, FAMILIES, rng)
+        pics = apply_domain(images[idx], domain) if "image" in modalities else None
+        if task == "attributes":
+            targets = np.array(
+                [[a in ITEM_ATTRIBUTES[int(y)] for a in ATTRIBUTES] for y in ys], dtype=np.float32
+            )
+            return RawSplit(pics, [""] * len(ys), targets)
+        if task == "classify":
+            return RawSplit(pics, [""] * len(ys), ys.astype(np.int64))
+        texts = [describe(int(y), rng) for y in ys]
+        return RawSplit(None, texts, np.array([groups.index(GROUPS[int(y)]) for y in ys]))
+
+    clients = []
+    for i, (task, modalities, domain) in enumerate(TASK_CLIENTS):
+        train_idx = train_perm[i * n_train : (i + 1) * n_train]
+        test_idx = test_perm[i * n_test : (i + 1) * n_test]
+        clients.append(ClientSpec(
+            f"{i}-{task}", f"{task}: {tasks[task].description} ({domain} images)"
+            if "image" in modalities else f"{task}: {tasks[task].description}",
+            split(task, modalities, domain, raw["train_images"], raw["train_labels"], train_idx),
+            split(task, modalities, domain, raw["test_images"], raw["test_labels"], test_idx),
+            task=task, modalities=modalities,
+        ))  # fmt: skip
+    return Benchmark(
+        "fmnist-task", "Fashion-MNIST, Task: clients differ in task and modality", [], clients,
+        tasks=tasks,
+    )  # fmt: skip
+
+
+@register("fmnist-task", clients=len(TASK_CLIENTS))
+def fmnist_task(cfg: FedmmConfig) -> Benchmark:
+    return build_task(cfg)
 
 
 @register("fmnist-domain")

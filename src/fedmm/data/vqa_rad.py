@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmm.config import ConfigError, FedmmConfig
-from fedmm.data import Benchmark, ClientSpec, RawSplit, register
+from fedmm.data import Benchmark, ClientSpec, RawSplit, Task, register
 from fedmm.data.common import label_of, partition, read_images, vocabulary
 
 ORGANS = ("HEAD", "CHEST", "ABD")
@@ -254,6 +254,129 @@ def build(cfg: FedmmConfig, setting: str) -> Benchmark:
         f"unseen in training -> <unk>); normalised: {fixes}"
     )
     return Benchmark(f"vqa-rad-{setting}", description, answers, clients, notes)
+
+
+# ---------------------------------------------------------------------- Task: tasks x modalities
+FINDINGS = {  # finding -> words that name it in a closed question (whole words, lower case)
+    "mass": ("mass", "masses"),
+    "enlarged": ("enlarged", "enlargement", "cardiomegaly", "dilated"),
+    "lesion": ("lesion", "lesions"),
+    "fracture": ("fracture", "fractures", "fractured"),
+    "fluid": ("effusion", "effusions", "fluid"),
+    "pneumothorax": ("pneumothorax",),
+    "contrast": ("contrast", "enhancing", "enhancement"),
+    "shift": ("shift", "deviation", "deviated"),
+    "air": ("air",),
+    "normal": ("normal",),
+}
+TASK_CLIENTS = (  # (client id, task, modalities)
+    ("0-organ", "organ", ("image",)),
+    ("1-closed", "closed", ("image", "text")),
+    ("2-open", "open", ("image", "text")),
+    ("3-findings", "findings", ("image",)),
+)
+
+
+def image_findings(records: list[dict]) -> dict[str, np.ndarray]:
+    """Per image, a 0/1 vector over ``FINDINGS``, derived from its closed yes/no questions.
+
+    Finding j is 1 when at least one closed question about the image names it (a word of
+    ``FINDINGS[j]``) and is answered "yes"; otherwise 0 -- also when nobody asked, an assumption
+    the data cannot check.  Images none of whose closed yes/no questions name any finding are
+    left out.
+    """
+    import re
+
+    names = list(FINDINGS)
+    out: dict[str, np.ndarray] = {}
+    for r in records:
+        if r["answer_type"] != "CLOSED" or r["answer"] not in ("yes", "no"):
+            continue
+        words = set(re.findall(r"[a-z]+", r["question"].lower()))
+        hits = [j for j, f in enumerate(names) if words & set(FINDINGS[f])]
+        if not hits:
+            continue
+        vec = out.setdefault(r["image_name"], np.zeros(len(names), dtype=np.float32))
+        if r["answer"] == "yes":
+            vec[hits] = 1.0
+    return out
+
+
+def build_task(cfg: FedmmConfig) -> Benchmark:
+    """``vqa-rad-task``: four clients that differ in task and modality, from VQA-RAD.
+
+    * ``0-organ``: organ (HEAD / CHEST / ABD) from the image alone, one record per image;
+    * ``1-closed``: closed questions answered yes/no, image + text (other closed answers, e.g.
+      "ct", are left out and counted in ``notes``);
+    * ``2-open``: open questions, answer classification over the open training answers + <unk>,
+      image + text;
+    * ``3-findings``: multi-label findings per image (``image_findings``), image alone.
+
+    Always split by image (``image_disjoint_split``, seeded by ``data.split_seed``): per-image
+    tasks would otherwise test on training images.  Clients may share images (they hold
+    different tasks about the same pictures).
+    """
+    data = load_vqa_rad(cfg.data.data_dir)
+    train, test = image_disjoint_split(data, cfg.data.split_seed)
+    size = cfg.model.image_size
+    open_answers, open_index = vocabulary(
+        [r["answer"] for r in train if r["answer_type"] == "OPEN"]
+    )
+    tasks = {
+        "organ": Task("single", list(ORGANS), "organ from the image"),
+        "closed": Task("single", ["no", "yes"], "closed yes/no questions"),
+        "open": Task("single", open_answers, "open questions"),
+        "findings": Task("multilabel", list(FINDINGS), "findings derived from closed answers"),
+    }
+
+    def per_image(records: list[dict], task: str) -> RawSplit:
+        if task == "organ":
+            organ = {r["image_name"]: r["image_organ"] for r in records}
+            names = sorted(organ)
+            labels = np.asarray([ORGANS.index(organ[n]) for n in names], dtype=np.int64)
+        else:
+            found = image_findings(records)
+            names = sorted(found)
+            labels = np.stack([found[n] for n in names]) if names else np.zeros((0, len(FINDINGS)))
+        return RawSplit(load_images(data.root, names, size), [""] * len(names), labels)
+
+    def questions(records: list[dict], task: str) -> RawSplit:
+        if task == "closed":
+            rows = [r for r in records if r["answer_type"] == "CLOSED" and r["answer"] in
+                    ("yes", "no")]  # fmt: skip
+            labels = [("no", "yes").index(r["answer"]) for r in rows]
+        else:
+            rows = [r for r in records if r["answer_type"] == "OPEN"]
+            labels = [label_of(open_index, r["answer"]) for r in rows]
+        return RawSplit(
+            load_images(data.root, [r["image_name"] for r in rows], size),
+            [r["question"] for r in rows], np.asarray(labels, dtype=np.int64),
+        )  # fmt: skip
+
+    clients = []
+    for cid, task, modalities in TASK_CLIENTS:
+        make = per_image if task in ("organ", "findings") else questions
+        clients.append(ClientSpec(cid, f"{task}: {tasks[task].description}", make(train, task),
+                                  make(test, task), task=task, modalities=modalities))  # fmt: skip
+    other_closed = sum(
+        r["answer_type"] == "CLOSED" and r["answer"] not in ("yes", "no") for r in train + test
+    )
+    notes = {
+        "normalised": dict(data.normalised), "test_split": "image-disjoint (always)",
+        "closed_not_yes_no_left_out": other_closed,
+        "findings_images": {"train": len(clients[3].train), "test": len(clients[3].test)},
+        "findings_positive_rate": clients[3].train.labels.mean(0).round(3).tolist(),
+    }  # fmt: skip
+    description = (
+        "VQA-RAD, Task: organ (image only), closed yes/no, open answers (image + text), "
+        "findings (multi-label, image only); split by image"
+    )
+    return Benchmark("vqa-rad-task", description, [], clients, notes, tasks=tasks)
+
+
+@register("vqa-rad-task", clients=len(TASK_CLIENTS))
+def vqa_rad_task(cfg: FedmmConfig) -> Benchmark:
+    return build_task(cfg)
 
 
 @register("vqa-rad-organ", clients=len(ORGANS))

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 STATE_KEY, STATE_META = "fedmm.client_state", "fedmm.client_state_meta"
 
 app = ClientApp()
+CORE_STATS = {"steps", "lr_first", "lr_last", "loss_sum"}  # sent under their own names
 
 
 @app.train()
@@ -46,6 +47,14 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return handle(msg, context, train=False)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which client (data partition) this node is: the server asks once before round 1."""
+    return Message(
+        messages.client_reply(None, {"client-index": partition_id(context)}), reply_to=msg
+    )
 
 
 def partition_id(context: Context) -> int:
@@ -76,7 +85,8 @@ def handle(msg: Message, context: Context, train: bool) -> Message:
         save_state(context, cfg, index, rnd, ctx.state)
         arrays, dp_stats = dp.privatize(to_numpy(upload), global_arrays, cfg.dp)
         n_steps = ctx.stats.get("steps", 0)
-        metrics = {
+        metrics = {f"stat.{k}": v for k, v in ctx.stats.items() if k not in CORE_STATS}
+        metrics |= {
             "client-index": index, "num-examples": len(ctx.train), "steps": n_steps,
             "lr-first": ctx.stats.get("lr_first", 0.0), "lr-last": ctx.stats.get("lr_last", 0.0),
             "loss": ctx.stats.get("loss_sum", 0.0) / max(1, n_steps),
@@ -146,4 +156,4 @@ def save_state(context: Context, cfg: FedmmConfig, index: int, rnd: int, state: 
     os.replace(tmp.name, path)
 
 
-__all__ = ["app", "handle", "restore_state", "save_state", "state_path"]
+__all__ = ["app", "handle", "query", "restore_state", "save_state", "state_path"]

@@ -4,9 +4,11 @@ The loop is method-agnostic: each round it samples clients, sends them the metho
 hands the replies to ``method.aggregate``, broadcasts the new global state for evaluation, and
 records what happened.  It never looks inside a state or a method.
 
+    ask every node its client index once (query)
     for t in 1..R:
         S_t ← sample ⌈fraction·K⌉ nodes (seeded)
-        replies ← train(S_t, global)            # client half: method.client_train
+        replies ← train(S_t, global)            # client half: method.client_train; each client
+                                                # gets method.global_for_client(global, k)
         global ← method.aggregate(global, replies)   (if ≥ fed.min_clients replied)
         metrics ← evaluate(all nodes, global)   # client half: method.client_evaluate
 
@@ -29,6 +31,7 @@ from fedmm import results
 from fedmm.config import FedmmConfig
 from fedmm.federation import checkpoint, messages, validation
 from fedmm.methods import Reply, get_method
+from fedmm.methods.base import Method
 from fedmm.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,37 @@ def origin(reply: Message, sent: list[Message]) -> int:
     return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
+def client_indices(grid: Grid, nodes: list[int], cfg: FedmmConfig) -> dict[int, int]:
+    """Ask every node once which client (data partition) it is: node id -> client index.
+
+    Methods whose clients hold different modules (TAP) send each client only its own part of
+    the global state, so the server must know who is who before the first round.
+    """
+    content = messages.server_message({}, cfg, 0)
+    replies = grid.send_and_receive(
+        [Message(content, n, MessageType.QUERY, group_id="clients") for n in nodes]
+    )
+    index_of = {}
+    for reply in replies:
+        if reply.has_error():
+            raise RuntimeError(
+                f"node {reply.metadata.src_node_id} did not say which client it is: "
+                f"{reply.error.reason}"
+            )
+        index_of[reply.metadata.src_node_id] = int(reply.content[messages.METRICS]["client-index"])
+    missing = sorted(set(nodes) - set(index_of))
+    if missing:
+        raise RuntimeError(f"nodes {missing} did not say which client they are")
+    if len(set(index_of.values())) != len(index_of):
+        raise RuntimeError(f"two nodes claim the same client index: {index_of}")
+    return index_of
+
+
+def client_message(method, global_state, cfg: FedmmConfig, rnd: int, index: int):
+    """The message to client ``index``: the part of the global state the method sends it."""
+    return messages.server_message(method.global_for_client(global_state, index), cfg, rnd)
+
+
 def run_federation(
     grid: Grid, cfg: FedmmConfig, on_round: Callable[[dict], None] | None = None
 ) -> dict:
@@ -104,19 +138,24 @@ def run_federation(
     if first > cfg.fed.rounds:
         return record
     nodes = wait_for_nodes(grid, cfg.fed.clients)
+    index_of = client_indices(grid, nodes, cfg)
+    per_client = type(method).global_for_client is not Method.global_for_client
     n_sample = max(1, min(len(nodes), math.ceil(cfg.fed.fraction * len(nodes))))
     timeout = cfg.fed.round_timeout or None
-    node_client: dict[int, str] = {}  # learned from valid replies, to name a failing node's client
 
     def who(node: int) -> dict:
-        return {"node": node, "client": node_client.get(node)}
+        index = index_of.get(node)
+        return {"node": node, "client": None if index is None else client_ids[index]}
 
     for rnd in range(first, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
         sampled = sorted(rng.sample(nodes, n_sample))
-        content = messages.server_message(global_state, cfg, rnd)
-        down = content[messages.GLOBAL].count_bytes() * len(sampled)
-        out = [Message(content, n, MessageType.TRAIN, group_id=str(rnd)) for n in sampled]
+        contents = {n: client_message(method, global_state, cfg, rnd, index_of[n]) for n in sampled}
+        down = sum(c[messages.GLOBAL].count_bytes() for c in contents.values())
+        # a method that sends each client its own part expects only that part back
+        sent_keys = {n: set(c[messages.GLOBAL].keys()) for n, c in contents.items()
+                     if per_client}  # fmt: skip
+        out = [Message(contents[n], n, MessageType.TRAIN, group_id=str(rnd)) for n in sampled]
         replies = grid.send_and_receive(out, timeout=timeout)
         ok, up, train_stats, failed, rejected, seen = [], 0, {}, [], [], set()
         answered = set()
@@ -132,23 +171,26 @@ def run_federation(
                 update = reply.content[messages.UPDATE]
                 validation.check_size(update.count_bytes(), spec)
                 arrays = messages.from_record(update)
-                index = validation.check_reply(arrays, m, spec, seen)
+                index = validation.check_reply(
+                    arrays, m, spec, seen, index_of.get(node), sent_keys.get(node)
+                )
             except (validation.InvalidReply, KeyError, TypeError, ValueError) as exc:
                 reason = str(exc) if isinstance(exc, validation.InvalidReply) else repr(exc)
                 log.warning("round %d: rejected the reply of node %s (client %s): %s",
-                            rnd, node, node_client.get(node), reason)  # fmt: skip
+                            rnd, node, who(node)["client"], reason)  # fmt: skip
                 rejected.append(who(node) | {"reason": reason})
                 continue
             up += update.count_bytes()
-            node_client[node] = client_ids[index]
             ok.append(Reply(index, arrays, int(m["num-examples"])))
-            train_stats[client_ids[index]] = {
-                k: float(m[k])
-                for k in ("steps", "lr-first", "lr-last", "loss", "seconds")
-                if k in m
-            } | {"bytes_up": update.count_bytes(), "bytes_down": down // len(sampled)}
-            train_stats[client_ids[index]].update(
-                {k: float(m[k]) for k in ("dp-norm", "dp-scale") if k in m}
+            train_stats[client_ids[index]] = (
+                {
+                    k: float(m[k])
+                    for k in ("steps", "lr-first", "lr-last", "loss", "seconds")
+                    if k in m
+                }
+                | {k.removeprefix("stat."): float(v) for k, v in m.items() if k.startswith("stat.")}
+                | {k: float(m[k]) for k in ("dp-norm", "dp-scale") if k in m}
+                | {"bytes_up": update.count_bytes(), "bytes_down": down // len(sampled)}
             )
         for node in sorted(set(sampled) - answered):
             log.warning("round %d: no reply from node %s within fed.round_timeout", rnd, node)
@@ -162,11 +204,11 @@ def run_federation(
                         rnd, len(ok), cfg.fed.min_clients)  # fmt: skip
         t_server = time.perf_counter() - t_server
 
-        content = messages.server_message(global_state, cfg, rnd)
-        eval_bytes = content[messages.GLOBAL].count_bytes() * len(nodes)
+        contents = {n: client_message(method, global_state, cfg, rnd, index_of[n]) for n in nodes}
+        eval_bytes = sum(c[messages.GLOBAL].count_bytes() for c in contents.values())
         clients: dict[str, dict[str, float]] = {}
         eval_failed = []
-        out = [Message(content, n, MessageType.EVALUATE, group_id=str(rnd)) for n in nodes]
+        out = [Message(contents[n], n, MessageType.EVALUATE, group_id=str(rnd)) for n in nodes]
         for reply in grid.send_and_receive(out, timeout=timeout):
             node = origin(reply, out)
             if reply.has_error():
@@ -176,12 +218,11 @@ def run_federation(
                 continue
             try:
                 m = reply.content[messages.METRICS]
-                index, views = validation.check_eval_metrics(m, spec)
+                index, views = validation.check_eval_metrics(m, spec, index_of.get(node))
             except (validation.InvalidReply, KeyError, TypeError) as exc:
                 log.warning("round %d: rejected the evaluation of node %s: %s", rnd, node, exc)
                 eval_failed.append(who(node) | {"reason": str(exc)})
                 continue
-            node_client.setdefault(node, client_ids[index])
             clients[client_ids[index]] = views
         entry = {
             "round": rnd, "seconds": time.perf_counter() - t0, "server_seconds": t_server, "bytes_up": up, "bytes_down": down,

@@ -6,12 +6,15 @@ must stay frozen (``text.encoder.layer.0...``); an enormous example count hands 
 whole average; a huge tensor exhausts the server's memory.  So before ``method.aggregate`` every
 reply must match the method's declared upload exactly:
 
-    keys    == {"<part>/<param>" for part in method.upload_parts()}   (no more, no fewer)
+    keys    == {"<part>/<param>" for part in method.upload_parts()}   (no more, no fewer;
+               for methods that send each client its own part of the global state (TAP),
+               only the keys that client was sent)
     shape   == the server model's shape of that parameter,  dtype == float32
     values  finite (no NaN, no ±Inf)
     bytes   ≤ validate.max_upload_mb (default: the declared upload's own size)
     metrics finite scalars; 1 ≤ num-examples ≤ validate.max_examples (an integer);
-            0 ≤ client-index < fed.clients, at most one reply per client index per round
+            0 ≤ client-index < fed.clients, the index the node gave when asked who it is,
+            at most one reply per client index per round
 
 A violation raises ``InvalidReply`` with the reason; the round loop logs it with the node and
 client, counts it in results.json (``rejected``) and leaves the reply out.  Checks run on the
@@ -71,13 +74,17 @@ def check_size(num_bytes: int, spec: UploadSpec) -> None:
         raise InvalidReply(f"upload of {num_bytes} bytes exceeds the limit of {spec.max_bytes}")
 
 
-def check_arrays(arrays: Mapping[str, np.ndarray], spec: UploadSpec) -> None:
-    """Keys, shapes, dtypes and finiteness of a decoded upload."""
-    extra = sorted(set(arrays) - set(spec.shapes))
+def check_arrays(
+    arrays: Mapping[str, np.ndarray], spec: UploadSpec, sent_keys: set[str] | None = None
+) -> None:
+    """Keys, shapes, dtypes and finiteness of a decoded upload; ``sent_keys``: the keys this
+    client was sent, when the method sends each client only its own part (else all declared)."""
+    expected = set(spec.shapes) if sent_keys is None else set(spec.shapes) & set(sent_keys)
+    extra = sorted(set(arrays) - expected)
     if extra:
         more = f" (+{len(extra) - 3} more)" if len(extra) > 3 else ""
         raise InvalidReply(f"unexpected keys {extra[:3]}{more}: not part of the declared upload")
-    missing = sorted(set(spec.shapes) - set(arrays))
+    missing = sorted(expected - set(arrays))
     if missing:
         raise InvalidReply(f"missing keys {missing[:3]}" + (" ..." if len(missing) > 3 else ""))
     for key, value in arrays.items():
@@ -92,8 +99,16 @@ def check_arrays(arrays: Mapping[str, np.ndarray], spec: UploadSpec) -> None:
             raise InvalidReply(f"{key}: {bad} non-finite values (NaN or Inf)")
 
 
-def check_metrics(metrics: Mapping[str, float], spec: UploadSpec, seen: set[int]) -> int:
-    """Scalar metrics of a training reply; returns its client index (and adds it to ``seen``)."""
+def check_metrics(
+    metrics: Mapping[str, float],
+    spec: UploadSpec,
+    seen: set[int],
+    expected_index: int | None = None,
+) -> int:
+    """Scalar metrics of a training reply; returns its client index (not yet added to ``seen``).
+
+    ``expected_index``: the client index the node gave before round 1 -- a node speaks for its
+    own partition only."""
     for key in REQUIRED_METRICS:
         if key not in metrics:
             raise InvalidReply(f"metric {key!r} missing")
@@ -110,14 +125,15 @@ def check_metrics(metrics: Mapping[str, float], spec: UploadSpec, seen: set[int]
         raise InvalidReply(
             f"client-index = {metrics['client-index']!r} is not in [0, {spec.num_clients})"
         )
+    if expected_index is not None and int(index) != expected_index:
+        raise InvalidReply(f"client-index = {int(index)}, but this node is client {expected_index}")
     if int(index) in seen:
         raise InvalidReply(f"a second reply for client index {int(index)} in this round")
-    seen.add(int(index))
     return int(index)
 
 
 def check_eval_metrics(
-    metrics: Mapping[str, float], spec: UploadSpec
+    metrics: Mapping[str, float], spec: UploadSpec, expected_index: int | None = None
 ) -> tuple[int, dict[str, float]]:
     """An evaluation reply: ``(client index, {view: accuracy})``, accuracies finite in [0, 1]."""
     index = metrics.get("client-index")
@@ -127,6 +143,8 @@ def check_eval_metrics(
         or not (float(index).is_integer() and 0 <= index < spec.num_clients)
     ):
         raise InvalidReply(f"client-index = {index!r} is not in [0, {spec.num_clients})")
+    if expected_index is not None and int(index) != expected_index:
+        raise InvalidReply(f"client-index = {int(index)}, but this node is client {expected_index}")
     views = {}
     for key, value in metrics.items():
         if key.startswith("acc."):
@@ -138,11 +156,14 @@ def check_eval_metrics(
 
 def check_reply(
     arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float], spec: UploadSpec,
-    seen: set[int],
+    seen: set[int], expected_index: int | None = None, sent_keys: set[str] | None = None,
 ) -> int:  # fmt: skip
-    """Every check on one decoded training reply; returns its client index."""
-    check_arrays(arrays, spec)
-    return check_metrics(metrics, spec, seen)
+    """Every check on one decoded training reply; returns its client index, added to ``seen``
+    only when the whole reply is valid."""
+    index = check_metrics(metrics, spec, seen, expected_index)
+    check_arrays(arrays, spec, sent_keys)
+    seen.add(index)
+    return index
 
 
 __all__ = ["InvalidReply", "UploadSpec", "check_arrays", "check_eval_metrics", "check_metrics",

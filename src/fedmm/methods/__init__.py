@@ -13,9 +13,11 @@ from fedmm.methods.fedper import FedPer
 from fedmm.methods.fedpia import FedPIA
 from fedmm.methods.fedprox import FedProx
 from fedmm.methods.local import Local
+from fedmm.methods.tap import TAP
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Local, Centralized, FedAvg, FedProx, FedAdam, Ditto, FedPer, FedDAT, FedPIA)
+    m.name: m
+    for m in (Local, Centralized, FedAvg, FedProx, FedAdam, Ditto, FedPer, FedDAT, FedPIA, TAP)
 }
 
 

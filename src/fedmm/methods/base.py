@@ -20,7 +20,9 @@ no update from stale moments).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmm.backbones import FusionVLModel
+from fedmm.backbones import FusionVLModel, check_backbone_peft
 from fedmm.config import ConfigError, FedmmConfig, TrainConfig
 from fedmm.peft import PEFT_TYPES
 from fedmm.runtime import Encoded
@@ -59,8 +61,16 @@ def get_parts(model: FusionVLModel, parts: Sequence[str]) -> State:
     }
 
 
-def load_parts(model: FusionVLModel, state: State, rename: dict[str, str] | None = None) -> None:
-    """Write ``get_parts``-style state into the model; ``rename`` maps a part to another part."""
+def load_parts(
+    model: FusionVLModel,
+    state: State,
+    rename: dict[str, str] | None = None,
+    partial: bool = False,
+) -> None:
+    """Write ``get_parts``-style state into the model; ``rename`` maps a part to another part.
+
+    ``partial``: a part may be given only some of its tensors (TAP: one task's head of several);
+    an unknown key is an error either way."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         part, name = key.split("/", 1)
@@ -68,9 +78,11 @@ def load_parts(model: FusionVLModel, state: State, rename: dict[str, str] | None
     for part, sub in grouped.items():
         module = part_module(model, part)
         device = next(module.parameters()).device
-        module.load_state_dict(
-            {k: torch.as_tensor(v).to(device) for k, v in sub.items()}, strict=True
+        result = module.load_state_dict(
+            {k: torch.as_tensor(v).to(device) for k, v in sub.items()}, strict=not partial
         )
+        if result.unexpected_keys:
+            raise KeyError(f"unknown tensors for part {part!r}: {result.unexpected_keys}")
 
 
 def select(state: State, parts: Sequence[str]) -> State:
@@ -121,6 +133,22 @@ def weighted_average(replies: Sequence[Reply], weighting: str = "samples") -> ND
 
 
 # ---------------------------------------------------------------------- client helpers
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` for ``precision = "bf16"`` (fp32 where the device has no bf16,
+    with a warning); nothing for ``fp32``.  Parameters and the tensors sent stay fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn(f"{device} has no bf16: train.precision=bf16 runs in fp32", stacklevel=2)
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Learning rate at global step ``step`` of ``total``: linear warm-up, then the schedule."""
     warmup = int(cfg.warmup_frac * total)
@@ -151,6 +179,10 @@ class ClientContext:
     total_steps: int  # over the whole run, for the learning-rate schedule
     stats: dict[str, float] = field(default_factory=dict)
     views: dict[str, float] = field(default_factory=dict)  # filled by ``view``
+    _micro: tuple[int, int] = field(default=(0, 1), init=False, repr=False)  # (micro-batch, k)
+
+    def __post_init__(self) -> None:
+        self.model.set_task(self.train.task)  # multi-task benchmarks: this client's head
 
     @property
     def device(self) -> torch.device:
@@ -167,9 +199,20 @@ class ClientContext:
             weight_decay=self.cfg.train.weight_decay,
         )
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``train.precision``: bf16 autocast on this device, or nothing (fp32)."""
+        return autocast_for(self.cfg.train.precision, self.device)
+
     def steps(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Yield ``steps_per_round`` training batches, setting the scheduled LR before each."""
+        """Yield ``steps_per_round`` optimiser steps' training batches, setting the scheduled LR.
+
+        With ``train.accumulation = k`` each optimiser step gets k micro-batches of
+        ``train.batch_size`` (``step`` accumulates their gradients and steps on the k-th); the step
+        budget, the schedule and ``stats["steps"]`` count optimiser steps.  The consumer's forward
+        runs under ``train.precision``'s autocast.
+        """
         n, bs = len(self.train), self.cfg.train.batch_size
+        k = max(1, self.cfg.train.accumulation)
         seed = self.cfg.seed * 1_000_003 + self.client_index * 9_176 + self.round
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout: the same masks whichever process runs this client
@@ -177,10 +220,6 @@ class ClientContext:
         pos = 0
         self.model.train()
         for i in range(self.steps_per_round):
-            if pos + min(bs, n) > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos : pos + bs]
-            pos += bs
             step = (self.round - 1) * self.steps_per_round + i
             lr = lr_at(step, self.total_steps, self.cfg.train)
             for group in optimizer.param_groups:
@@ -188,52 +227,110 @@ class ClientContext:
             self.stats.setdefault("lr_first", lr)
             self.stats["lr_last"] = lr
             self.stats["steps"] = self.stats.get("steps", 0) + 1
-            yield self.train.batch(idx, self.device)
+            for micro in range(k):
+                if pos + min(bs, n) > n:
+                    order, pos = torch.randperm(n, generator=gen), 0
+                idx = order[pos : pos + bs]
+                pos += bs
+                self._micro = (micro, k)
+                with self.autocast():
+                    yield self.train.batch(idx, self.device)
+        self._micro = (0, 1)
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        """Backward, clip, one optimiser step, gradients back to None."""
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        """Backward, clip, one optimiser step, gradients back to None (with accumulation: the
+        loss is scaled by 1/k and the step taken on the k-th micro-batch)."""
+        micro, k = self._micro
+        if micro == 0:
+            optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=False):  # backward outside autocast
+            (loss / k if k > 1 else loss).backward()
+        self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(loss.detach()) / k
+        if micro < k - 1:
+            return
         if self.cfg.train.grad_clip > 0:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(loss.detach())
 
     @torch.no_grad()
-    def predict(self, split: Encoded | None = None) -> torch.Tensor:
-        """Predicted answer indices of the model's current configuration (default: test split)."""
+    def logits(self, split: Encoded | None = None) -> torch.Tensor:
+        """Logits of the model's current configuration on ``split`` (default: test split)."""
         split = self.test if split is None else split
+        self.model.set_task(split.task)
         self.model.eval()
-        preds, bs = [], self.cfg.train.eval_batch_size
+        out, bs = [], self.cfg.train.eval_batch_size
         for start in range(0, len(split), bs):
             idx = torch.arange(start, min(start + bs, len(split)))
             feats, ids, mask, _ = split.batch(idx, self.device)
-            preds.append(self.model(feats, ids, mask).argmax(-1).cpu())
-        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+            with self.autocast():
+                out.append(self.model(feats, ids, mask).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.model.task_head()[-1].out_features)
 
-    def view(self, *names: str) -> dict[str, float]:
-        """Score the model's current configuration on the test split as view(s) ``names``.
+    def predict(self, split: Encoded | None = None) -> torch.Tensor:
+        """Predicted answer indices of the model's current configuration (default: test split)."""
+        return self.logits(split).argmax(-1)
 
-        Records ``views[name]`` = top-1 accuracy and, when the split tags rows with groups
-        (VQA-RAD: closed / open questions), ``views[f"{name}.{group}"]`` per group.  Several
-        names share one evaluation (FedDAT's ``personalized`` is its ``dat``).
+    def score(self, split: Encoded | None = None) -> dict[str, float]:
+        """The task's metrics on ``split`` (default: test), ``{"": primary, ".<extra>": ...}``.
+
+        Single-label tasks: top-1 accuracy, and per evaluation group (VQA-RAD: ``.closed`` /
+        ``.open``).  Multi-label tasks: mean AUROC over labels (primary) and ``.f1`` macro-F1.
         """
-        split = self.test
-        correct = (self.predict(split) == split.labels).float()
+        split = self.test if split is None else split
+        logits = self.logits(split)
+        if split.kind == "multilabel":
+            return multilabel_scores(logits, split.labels)
+        correct = (logits.argmax(-1) == split.labels).float()
         scores = {"": float(correct.mean()) if len(split) else 0.0}
         for group in sorted(set(split.groups or ())):
             rows = torch.tensor([g == group for g in split.groups])
             scores[f".{group}"] = float(correct[rows].mean())
+        return scores
+
+    def view(self, *names: str) -> dict[str, float]:
+        """Score the model's current configuration on the test split as view(s) ``names``.
+
+        Records ``views[name]`` = the task's primary metric (accuracy; multi-label: mean AUROC)
+        and ``views[f"{name}.{suffix}"]`` for the extras of ``score`` (groups, macro-F1).  Several
+        names share one evaluation (FedDAT's ``personalized`` is its ``dat``).
+        """
+        scores = self.score(self.test)
         for name in names:
             self.views.update({f"{name}{suffix}": v for suffix, v in scores.items()})
         return self.views
 
     def accuracy(self, split: Encoded | None = None) -> float:
-        """Top-1 accuracy of the model's current configuration on ``split`` (default: test)."""
-        split = self.test if split is None else split
-        return float((self.predict(split) == split.labels).float().mean()) if len(split) else 0.0
+        """The task's primary metric of the current configuration on ``split`` (default: test)."""
+        return self.score(split)[""]
+
+
+def multilabel_scores(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """``{"": mean AUROC, ".f1": macro-F1}`` of multi-label ``logits`` against 0/1 ``targets``.
+
+    AUROC per label by the rank statistic (ties get average ranks), averaged over the labels that
+    have both a positive and a negative example; F1 per label at logit 0 (probability 0.5),
+    averaged over labels with any positive example or prediction (0 when there is none).
+    """
+    from scipy.stats import rankdata
+
+    y, z = targets.numpy().astype(bool), logits.numpy()
+    aucs, f1s = [], []
+    for j in range(y.shape[1]):
+        pos, n_pos = y[:, j], int(y[:, j].sum())
+        n_neg = len(pos) - n_pos
+        if n_pos and n_neg:
+            ranks = rankdata(z[:, j])
+            aucs.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+        pred = z[:, j] > 0
+        tp, fp, fn = int((pred & pos).sum()), int((pred & ~pos).sum()), int((~pred & pos).sum())
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {
+        "": float(np.mean(aucs)) if aucs else 0.5,
+        ".f1": float(np.mean(f1s)) if f1s else 0.0,
+    }
 
 
 def model_groups(model: FusionVLModel, adapter_set: str) -> list[list[nn.Parameter]]:
@@ -271,13 +368,28 @@ def proximal_term(
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Single-label classification over the answer vocabulary: cross-entropy."""
+    """The task's loss: cross-entropy for single-label tasks (``labels`` long ``(B,)``),
+    BCE-with-logits for multi-label tasks (``labels`` float 0/1 ``(B, K)``)."""
+    if labels.is_floating_point():
+        return F.binary_cross_entropy_with_logits(logits, labels)
     return F.cross_entropy(logits, labels)
 
 
-def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, batch mean; teacher not detached here."""
+def distill_kl(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, multilabel: bool = False
+) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, batch mean; teacher not detached here.
+
+    ``multilabel``: each logit is its own Bernoulli, ``T² · mean_j KL(σ(t_j/T) ‖ σ(s_j/T))``.
+    """
     t = temperature
+    if multilabel:
+        s, q = student / t, teacher / t
+        p_t = torch.sigmoid(q)
+        kl = p_t * (F.logsigmoid(q) - F.logsigmoid(s)) + (1 - p_t) * (
+            F.logsigmoid(-q) - F.logsigmoid(-s)
+        )
+        return (t * t) * kl.mean()
     return (t * t) * F.kl_div(
         F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
         reduction="batchmean", log_target=True,
@@ -299,6 +411,12 @@ class Method(ABC):
             raise ConfigError(
                 f"unknown peft.type {cfg.peft.type!r}; choices: {', '.join(PEFT_TYPES)}"
             )
+        if cfg.train.precision not in PRECISIONS or cfg.train.accumulation < 1:
+            raise ConfigError(
+                f"train.precision must be one of {PRECISIONS} (got {cfg.train.precision!r}) and "
+                f"train.accumulation >= 1 (got {cfg.train.accumulation})"
+            )
+        check_backbone_peft(cfg.model, cfg.peft)  # e.g. prompt tuning on a dual encoder
 
     def prepare(self, model: FusionVLModel) -> None:
         """Make sure the model has this method's adapter sets, then reset every trainable part."""
@@ -345,3 +463,7 @@ class Method(ABC):
     def upload_parts(self) -> tuple[str, ...]:
         """Parts that leave the client."""
         return ()
+
+    def global_for_client(self, global_state: NDArrays, client_index: int) -> NDArrays:
+        """What the server sends client ``client_index`` (default: the whole global state)."""
+        return global_state

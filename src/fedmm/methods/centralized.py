@@ -4,6 +4,8 @@
 ``CE(f(x; θ), y)``.  Equal budget: per "round" it takes ``local_steps × clients`` steps of the
 same batch size (the samples a whole federated round processes), on the same learning-rate
 schedule stretched over the run, and is evaluated on every client's test set after each round.
+On a multi-task benchmark the data are pooled per task (one head each) and each round trains
+the tasks one after the other, ``local_steps × (clients of the task)`` steps each.
 
 There is nothing to exchange, so this method runs outside Flower (``run_centralized``); its
 history has the same schema as a federated run (bytes are 0).  View: ``global``.
@@ -35,31 +37,31 @@ def run_centralized(cfg, on_round: Callable[[dict], None] | None = None) -> list
     """Train on pooled data for ``fed.rounds`` rounds; returns the per-round history."""
     runtime = get_runtime(cfg)
     method = Centralized(cfg)
-    n_clients = len(runtime.benchmark.clients)
-    steps = cfg.train.local_steps * n_clients
-    pooled = runtime.pooled_train()
+    specs = runtime.benchmark.clients
+    pooled = {task: runtime.pooled_train(task) for task in runtime.tasks()}
     state: State = {}
     history = []
     for rnd in range(1, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
-        ctx = ClientContext(
-            cfg, runtime.model, pooled, pooled, state, rnd, -1, steps, steps * cfg.fed.rounds
-        )
-        method.client_train(ctx, {})
-        clients = {}
-        for i, spec in enumerate(runtime.benchmark.clients):
-            ectx = ClientContext(
-                cfg,
-                runtime.model,
-                pooled,
-                runtime.client_split(i, "test"),
-                state,
-                rnd,
-                i,
-                steps,
-                steps * cfg.fed.rounds,
+        stats: dict[str, float] = {}
+        for task, data in pooled.items():  # one task after the other, each its clients' budget
+            steps = cfg.train.local_steps * sum(c.task == task for c in specs)
+            ctx = ClientContext(
+                cfg, runtime.model, data, data, state, rnd, -1, steps, steps * cfg.fed.rounds
             )
+            method.client_train(ctx, {})
+            stats.setdefault("lr_first", ctx.stats.get("lr_first", 0.0))
+            for key in ("steps", "loss_sum"):
+                stats[key] = stats.get(key, 0.0) + ctx.stats.get(key, 0.0)
+            stats["lr_last"] = ctx.stats.get("lr_last", 0.0)
+        clients = {}
+        for i, spec in enumerate(specs):
+            ectx = ClientContext(
+                cfg, runtime.model, runtime.client_split(i, "train"),
+                runtime.client_split(i, "test"), state, rnd, i, 1, cfg.fed.rounds,
+            )  # fmt: skip
             clients[spec.client_id] = method.client_evaluate(ectx, {})
+        ctx.stats = stats
         n_steps = ctx.stats.get("steps", 0)
         entry = {
             "round": rnd, "seconds": time.perf_counter() - t0, "bytes_up": 0, "bytes_down": 0,

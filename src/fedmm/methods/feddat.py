@@ -126,17 +126,17 @@ class FedDAT(Method):
             list(model.visual_proj.parameters()),
             list(model.head.parameters()),
         ])  # fmt: skip
-        t = cfg.temperature
+        t, multilabel = cfg.temperature, ctx.train.kind == "multilabel"
         for feats, ids, mask, labels in ctx.steps(opt):
             with model.active(CLIENT, FROZEN, combine=cfg.dat_combine):
                 z_dat = model(feats, ids, mask)
             with model.active(GLOBAL):
                 z_s = model(feats, ids, mask)
             loss_s = cfg.alpha * task_loss(z_s, labels) + (1 - cfg.alpha) * distill_kl(
-                z_s, z_dat.detach(), t
+                z_s, z_dat.detach(), t, multilabel
             )
             loss_dat = cfg.beta * task_loss(z_dat, labels) + (1 - cfg.beta) * distill_kl(
-                z_dat, z_s.detach(), t
+                z_dat, z_s.detach(), t, multilabel
             )
             ctx.step(opt, loss_s + loss_dat)
         ctx.state.clear()

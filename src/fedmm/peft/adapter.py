@@ -57,6 +57,9 @@ class AdapterBank(PeftBank):
 
     ``points`` are modules whose forward output is the residual stream after a block's FFN
     (e.g. ``BertLayer.output``); a forward hook on each adds the active adapters' output.
+    ``dim`` and ``bottleneck`` are one size for every point, or one per point (two-tower
+    backbones whose towers differ in width); a point whose output is a tuple is adapted on its
+    first element (the hidden states).
     """
 
     kind = "adapter"
@@ -64,24 +67,29 @@ class AdapterBank(PeftBank):
     def __init__(
         self,
         points: Sequence[nn.Module],
-        dim: int,
-        bottleneck: int,
+        dim: int | Sequence[int],
+        bottleneck: int | Sequence[int],
         init_std: float = 0.02,
         zero_init_up: bool = True,
     ) -> None:
         super().__init__()
-        if bottleneck < 1:
+        n = len(points)
+        self.dims = [dim] * n if isinstance(dim, int) else list(dim)
+        self.bottlenecks = [bottleneck] * n if isinstance(bottleneck, int) else list(bottleneck)
+        if len(self.dims) != n or len(self.bottlenecks) != n:
+            raise ValueError(f"{n} insertion points need {n} dims and bottlenecks")
+        if min(self.bottlenecks, default=1) < 1:
             raise ValueError(f"adapter bottleneck must be >= 1, got {bottleneck}")
-        self.dim, self.bottleneck = dim, bottleneck
+        self.dim, self.bottleneck = self.dims[0] if n else 0, self.bottlenecks[0] if n else 0
         self.init_std, self.zero_init_up = init_std, zero_init_up
-        self.num_points = len(points)
+        self.num_points = n
         self._hooks = [
             point.register_forward_hook(self._make_hook(i)) for i, point in enumerate(points)
         ]
 
     def _new_set(self, name: str) -> nn.Module:
         return nn.ModuleList(
-            BottleneckAdapter(self.dim, self.bottleneck) for _ in range(self.num_points)
+            BottleneckAdapter(d, r) for d, r in zip(self.dims, self.bottlenecks, strict=True)
         )
 
     def reset_set(self, name: str) -> None:
@@ -100,6 +108,8 @@ class AdapterBank(PeftBank):
             active = self._active
             if not active.names:
                 return output
+            if isinstance(output, tuple):  # (hidden states, attentions, ...)
+                return (hook(_module, _inputs, output[0]), *output[1:])
             delta = sum(self.sets[n][index](output) for n in active.names)
             return output + active.weight() * delta
 

@@ -27,7 +27,10 @@ class BitFitBank(PeftBank):
         self.layers = [
             (name, m)
             for name, m in text.named_modules()
-            if isinstance(m, nn.Linear | nn.LayerNorm) and getattr(m, "bias", None) is not None
+            if isinstance(m, nn.Linear | nn.LayerNorm)
+            and getattr(m, "bias", None) is not None
+            # nn.MultiheadAttention reads its out_proj's tensors without calling it: no hook runs
+            and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
         ]
         self._hooks = [
             m.register_forward_hook(self._make_hook(i)) for i, (_, m) in enumerate(self.layers)

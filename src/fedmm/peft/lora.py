@@ -5,7 +5,10 @@ For a frozen linear layer ``y = W x + b`` a LoRA set adds a low-rank update
     y = W x + b + (α / r) · B A x,     A ∈ R^{r×in}, B ∈ R^{out×r}
 
 (``peft.lora_r`` = r, ``peft.lora_alpha`` = α).  ``peft`` injects its ``lora.Linear`` layers into
-the modules named by ``peft.lora_targets`` (last name component, e.g. ``query,value``); every set is
+the modules named by ``peft.lora_targets``: comma-separated entries, each a last name component
+(e.g. ``query,value``) or, when it holds a regex character, a regular expression matched against
+the full module path (e.g. ``vision_model.*q_proj``: unambiguous on two-tower backbones whose
+towers reuse names; no commas inside one); every set is
 one ``peft`` adapter name on those layers (A ~ Kaiming-uniform, B = 0: the set starts as the
 identity).  fedmm drives the layers' active adapters and scalings itself rather than through
 ``set_adapter`` (which also flips ``requires_grad`` -- FedDAT's frozen copy must stay frozen):
@@ -19,6 +22,7 @@ with columns of B -- so the rank axis aligns exactly like an adapter's hidden un
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterable
 
@@ -34,11 +38,24 @@ def lora_rank_for_budget(text: nn.Module, targets: list[str], budget: int) -> in
     return max(1, round(budget / per_rank))
 
 
+_REGEX_CHARS = set("\\.*+?[](){}|^$")
+
+
+def _is_regex(target: str) -> bool:
+    return any(c in _REGEX_CHARS for c in target)
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(
+        re.fullmatch(t, name) if _is_regex(t) else name.rsplit(".", 1)[-1] == t for t in targets
+    )
+
+
 def _targets(text: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
     found = {
         name: m
         for name, m in text.named_modules()
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        if isinstance(m, nn.Linear) and _matches(name, targets)
     }
     if not found:
         names = sorted(
@@ -70,9 +87,16 @@ class LoraBank(PeftBank):
         from peft import LoraConfig, inject_adapter_in_model
 
         text = self._text[0]
+        # regex entries: hand peft the exact paths found (one full-match pattern), so peft and
+        # fedmm can never disagree on which layers a set covers
+        targets = (
+            "|".join(re.escape(p) for p in self.paths)
+            if any(_is_regex(t) for t in self.targets)
+            else self.targets
+        )
         config = LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=0.0, bias="none",
-            target_modules=self.targets, init_lora_weights=True,
+            target_modules=targets, init_lora_weights=True,
         )  # fmt: skip
         with warnings.catch_warnings():  # several adapters on one model is the point here
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")

@@ -1,0 +1,303 @@
+"""TAP -- Two-stage Adaptive Personalisation (Lee et al., 2025, arXiv 2509.26524).
+
+Setting: clients differ in **task** and **modality** (``fmnist-task``: VQA, classification,
+multi-label attributes, text classification; image+text, image-only, text-only clients).
+
+Modality-task-pair architecture on fedmm's single-stream model.  PEFT sets keyed by modality and
+by task, one head per task::
+
+    mod_shared, mod_image, mod_text          (modality modules, plus a shared one)
+    task_shared, task_<t> for every task t   (task modules, plus a shared one)
+    head/<t>.*                               (one head per task), proj (the visual projection)
+
+Client k (modalities M_k, task t_k) uses only S_k = {mod_shared} ∪ {mod_m : m ∈ M_k} ∪
+{task_shared, task_<t_k>}, active together at every insertion point (``tap.combine``):
+
+    sum:     h + Σ_{s ∈ S_k} A_s(h)          average: h + (1/|S_k|) Σ_{s ∈ S_k} A_s(h)
+
+Its keys K_k: the sets S_k, head ``t_k``, and ``proj`` when it has images ("mismatched
+architectures": nobody trains or receives what it does not use).
+
+Server (holds the union θ of every client's modules):
+
+* sends client k only θ[K_k] (``global_for_client``);
+* per key, the sample-weighted average over the replying clients that own it; a key no replying
+  client owns keeps its value:  θ^{t+1}[j] = Σ_{k∈O_j} n_k θ_k[j] / Σ_{k∈O_j} n_k.
+
+Client, stage 1 (every round):
+
+1. load θ[K_k] as the *global copy* and train it ``train.local_steps`` steps on the task loss;
+2. **replacement** (from the client's second round on; in its first, the personalised model
+   starts as the trained global copy): score the trained global copy and the personalised model on a held-out
+   validation split (``tap.val_frac`` of the client's training data, fixed by ``data.split_seed``,
+   never trained on); if  score_global > score_personal · (1 + ``tap.margin``), every module of
+   the task (the sets S_k, head t_k, proj) of the personalised model is replaced by the global
+   copy's (counted in results.json: ``train[client].replaced``, per round);
+3. train the personalised model ``train.local_steps`` steps on the task loss (like Ditto, TAP
+   trains two models per round: ``personal_steps``);
+4. upload the global copy's K_k tensors.  The personalised model never leaves the client.
+
+Stage 2 (after the last round, in the final evaluation): the final global sub-model, finetuned
+locally for ``tap.teacher_steps`` steps, is the teacher; the personalised model is distilled for
+``tap.distill_steps`` steps (learning rate ``tap.distill_lr``, cosine over those steps) on
+
+    L = task_loss(z_p, y) + λ·T²·KL(teacher ‖ student)        (``tap.lam``, ``tap.temperature``;
+                                                              Bernoulli KL per label for
+                                                              multi-label tasks)
+
+on logits.  Views: ``global`` (θ[K_k]), ``personalized`` (stage 1 alone) and, in the last round,
+``distilled`` (stage 1 + stage 2).
+
+Reference defects avoided: the global weights of every module reach the client (``load_parts``
+is strict about names: no prefix mismatch can be silently skipped; tested); only PEFT,
+projection and head tensors are exchanged, never the frozen backbone; replacement compares the
+two models on the same held-out validation data, not training losses of different batches;
+distillation is on logits; one frozen backbone per process.
+
+In a simulation all clients of a process share one model object, so its PEFT bank holds the
+union of sets; a client's computation and messages involve only its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from fedmm.backbones import VLModel
+from fedmm.config import ConfigError
+from fedmm.data import ClientSpec
+from fedmm.methods.base import (
+    ClientContext,
+    Method,
+    NDArrays,
+    Reply,
+    State,
+    distill_kl,
+    get_parts,
+    load_parts,
+    task_loss,
+    to_numpy,
+)  # fmt: skip
+from fedmm.peft import PEFT_TYPES
+from fedmm.runtime import Encoded, get_runtime
+
+
+def slug(task: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z]+", "_", task) or "main"
+
+
+def client_sets(spec: ClientSpec) -> list[str]:
+    """S_k: the PEFT sets client ``spec`` builds and trains."""
+    return [
+        "mod_shared", *(f"mod_{m}" for m in spec.modalities), "task_shared",
+        f"task_{slug(spec.task)}",
+    ]  # fmt: skip
+
+
+def owns(spec: ClientSpec, key: str) -> bool:
+    """Whether state key ``key`` ("<part>/<param>") belongs to client ``spec``'s modules."""
+    part = key.split("/", 1)[0]
+    if part == "proj":
+        return "image" in spec.modalities
+    if part == "head":
+        return not spec.task or key.startswith(f"head/{spec.task}.")
+    return part.removeprefix("adapter.") in client_sets(spec)
+
+
+def owned(state: dict, spec: ClientSpec) -> dict:
+    return {k: v for k, v in state.items() if owns(spec, k)}
+
+
+@contextlib.contextmanager
+def loaded(model: VLModel, state: State) -> Iterator[None]:
+    """Temporarily hold ``state`` in the model (the previous values come back on exit)."""
+    parts = sorted({k.split("/", 1)[0] for k in state})
+    saved = {k: v for k, v in get_parts(model, parts).items() if k in state}
+    load_parts(model, state, partial=True)
+    try:
+        yield
+    finally:
+        load_parts(model, saved, partial=True)
+
+
+class TAP(Method):
+    name = "tap"
+    views = ("global", "personalized", "distilled")
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        c = cfg.tap
+        if c.combine not in ("sum", "average"):
+            raise ConfigError(f"tap.combine must be sum or average, got {c.combine!r}")
+        if c.combine not in PEFT_TYPES[cfg.peft.type].combines:
+            raise ConfigError(
+                f"tap.combine={c.combine!r} is not defined for peft.type {cfg.peft.type!r}; "
+                "use tap.combine=average"
+            )
+        if not 0 < c.val_frac < 1:
+            raise ConfigError(f"tap.val_frac must be in (0, 1), got {c.val_frac}")
+        if min(c.teacher_steps, c.distill_steps) < 0 or c.margin < 0:
+            raise ConfigError("tap.teacher_steps, tap.distill_steps and tap.margin must be >= 0")
+
+    # ------------------------------------------------------------------ modules
+    def specs(self) -> list[ClientSpec]:
+        return get_runtime(self.cfg).benchmark.clients
+
+    def all_sets(self) -> list[str]:
+        return sorted({s for spec in self.specs() for s in client_sets(spec)})
+
+    def prepare(self, model: VLModel) -> None:
+        model.peft.ensure_sets(self.all_sets())
+        model.reset_trainable(self.cfg.seed)
+
+    def trainable_parts(self) -> tuple[str, ...]:
+        return ("proj", "head", *(f"adapter.{s}" for s in self.all_sets()))
+
+    def upload_parts(self) -> tuple[str, ...]:
+        return self.trainable_parts()  # each client uploads only its own keys of these
+
+    def count_trainable(self, model: VLModel) -> int:
+        """The server's union model (every client's modules, every head)."""
+        model.peft.ensure_sets(self.all_sets())
+        return sum(v.numel() for v in get_parts(model, self.trainable_parts()).values())
+
+    # ------------------------------------------------------------------ server
+    def init_global(self, model: VLModel) -> NDArrays:
+        self.prepare(model)
+        return to_numpy(get_parts(model, self.trainable_parts()))
+
+    def global_for_client(self, global_state: NDArrays, client_index: int) -> NDArrays:
+        return owned(global_state, self.specs()[client_index])
+
+    def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
+        weights = {r.client_index: 1.0 if self.cfg.fed.weighting == "uniform" else r.num_examples
+                   for r in replies}  # fmt: skip
+        new_state = {}
+        for key, value in global_state.items():
+            owners = [r for r in replies if key in r.arrays]
+            total = sum(weights[r.client_index] for r in owners)
+            if not owners or total <= 0:
+                new_state[key] = value  # nobody trained it this round
+                continue
+            new_state[key] = sum(
+                (weights[r.client_index] / total) * r.arrays[key].astype(np.float64) for r in owners
+            ).astype(np.float32)
+        return new_state
+
+    # ------------------------------------------------------------------ client
+    def _start(self, ctx: ClientContext, global_state: State) -> tuple[ClientSpec, State, State]:
+        """Load θ[K_k]; returns (spec, global copy, personalised model)."""
+        spec = self.specs()[ctx.client_index]
+        unexpected = [k for k in global_state if not owns(spec, k)]
+        if unexpected:  # the server must never send another client's modules
+            raise ValueError(f"client {spec.client_id} received modules it does not own: "
+                             f"{unexpected[:3]}")  # fmt: skip
+        self.prepare(ctx.model)
+        load_parts(ctx.model, global_state, partial=True)
+        personal = {k.removeprefix("personal:"): v for k, v in ctx.state.items()}
+        return spec, dict(global_state), personal
+
+    def _split(self, ctx: ClientContext) -> tuple[Encoded, Encoded]:
+        """(training part, held-out validation part) of the client's training data."""
+        n = len(ctx.train)
+        gen = torch.Generator().manual_seed(self.cfg.data.split_seed * 7919 + ctx.client_index)
+        order = torch.randperm(n, generator=gen)
+        n_val = max(1, round(self.cfg.tap.val_frac * n)) if n > 1 else 0
+        return ctx.train.subset(order[n_val:]), ctx.train.subset(order[:n_val])
+
+    def _params(self, ctx: ClientContext, spec: ClientSpec) -> list[list[torch.nn.Parameter]]:
+        model = ctx.model
+        groups = [model.peft.parameters_of(s) for s in client_sets(spec)]
+        groups.append(list(model.task_head().parameters()))
+        if "image" in spec.modalities:
+            groups.append(list(model.visual_proj.parameters()))
+        return groups
+
+    def _train(self, ctx: ClientContext, spec: ClientSpec, teacher: State | None = None) -> None:
+        """``ctx.steps`` AdamW steps of the client's modules on the task loss (+ distillation
+        from ``teacher``'s logits when given)."""
+        model, c = ctx.model, self.cfg.tap
+        multilabel = ctx.train.kind == "multilabel"
+        opt = ctx.optimizer(self._params(ctx, spec))
+        with model.active(*client_sets(spec), combine=c.combine):
+            for feats, ids, mask, labels in ctx.steps(opt):
+                if teacher is not None:  # before the student's forward: swapping the weights
+                    with loaded(model, teacher), torch.no_grad():  # in place would break autograd
+                        target = model(feats, ids, mask)
+                logits = model(feats, ids, mask)
+                loss = task_loss(logits, labels)
+                if teacher is not None:
+                    loss = loss + c.lam * distill_kl(logits, target, c.temperature, multilabel)
+                ctx.step(opt, loss)
+
+    def _score(self, ctx: ClientContext, spec: ClientSpec, split: Encoded) -> float:
+        with ctx.model.active(*client_sets(spec), combine=self.cfg.tap.combine):
+            return ctx.score(split)[""]
+
+    def _snapshot(self, ctx: ClientContext, spec: ClientSpec) -> State:
+        return owned(get_parts(ctx.model, self.trainable_parts()), spec)
+
+    def client_train(self, ctx: ClientContext, global_state: State) -> State:
+        spec, _, personal = self._start(ctx, global_state)
+        train, val = self._split(ctx)
+        ctx.train = train
+        # 1. the global copy
+        self._train(ctx, spec)
+        global_copy = self._snapshot(ctx, spec)
+        steps = ctx.stats["steps"]
+        # 2. replacement, judged on held-out validation data (a client's first round has no
+        #    personalised model yet: it starts as the trained global copy, no decision counted)
+        if personal:
+            score_global = self._score(ctx, spec, val)
+            load_parts(ctx.model, personal, partial=True)
+            score_personal = self._score(ctx, spec, val)
+            replace_it = score_global > score_personal * (1 + self.cfg.tap.margin)
+            if replace_it:
+                load_parts(ctx.model, global_copy, partial=True)
+            ctx.stats.update(
+                replaced=float(replace_it), val_global=score_global, val_personal=score_personal
+            )
+        # 3. the personalised model
+        self._train(ctx, spec)
+        ctx.stats["personal_steps"] = ctx.stats["steps"] - steps
+        ctx.stats["steps"] = steps
+        ctx.state.clear()
+        ctx.state.update({f"personal:{k}": v for k, v in self._snapshot(ctx, spec).items()})
+        # 4. upload the global copy (its own keys only)
+        return global_copy
+
+    def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
+        spec, received, personal = self._start(ctx, global_state)
+        personal = personal or received  # never trained here yet: the global model
+        with ctx.model.active(*client_sets(spec), combine=self.cfg.tap.combine):
+            ctx.view("global")
+            load_parts(ctx.model, personal, partial=True)
+            ctx.view("personalized")
+        if ctx.round == self.cfg.fed.rounds:
+            self._stage2(ctx, spec, received, personal)
+        return ctx.views
+
+    def _stage2(self, ctx: ClientContext, spec: ClientSpec, received: State, personal: State):
+        """Distil the locally finetuned final global model into the personalised model."""
+        c = self.cfg.tap
+        train, _ = self._split(ctx)
+
+        def sub_context(steps: int) -> ClientContext:
+            cfg = replace(self.cfg, train=replace(self.cfg.train, lr=c.distill_lr, warmup_frac=0))
+            return replace(ctx, cfg=cfg, train=train, round=1, steps_per_round=steps,
+                           total_steps=steps, stats={}, views={})  # fmt: skip
+
+        load_parts(ctx.model, received, partial=True)
+        if c.teacher_steps:
+            self._train(sub_context(c.teacher_steps), spec)
+        teacher = self._snapshot(ctx, spec)
+        load_parts(ctx.model, personal, partial=True)
+        if c.distill_steps:
+            self._train(sub_context(c.distill_steps), spec, teacher=teacher)
+        with ctx.model.active(*client_sets(spec), combine=c.combine):
+            ctx.view("distilled")
