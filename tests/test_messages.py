@@ -139,11 +139,11 @@ def test_payload_audit_train_and_evaluate_of_every_method(tiny_cfg, name):
     evaluate, _ = send(cfg, context, MessageType.EVALUATE, 1, global_np)
     assert set(evaluate.content.keys()) == {messages.METRICS}  # no arrays at all
     metric_keys = set(evaluate.content[messages.METRICS].keys())
-    assert metric_keys == {f"acc.{v}" for v in method.views} | {
-        "client-index",
-        "num-examples",
-        "seconds",
-    }
+    accuracies = {k for k in metric_keys if k.startswith("acc.")}
+    assert accuracies and accuracies <= {
+        f"acc.{v}" for v in method.views
+    }  # views not all every round (TAP)
+    assert metric_keys - accuracies == {"client-index", "num-examples", "seconds"}
     # no array in any reply anywhere, other than the declared update
     assert len(train.content.array_records) == 1 and not evaluate.content.array_records
     assert not train.content.config_records and not evaluate.content.config_records

@@ -220,3 +220,14 @@ def test_evaluation_metrics_are_checked_too(tiny_cfg):
                 {"client-index": 0, "acc.global": 7.0}):  # fmt: skip
         with pytest.raises(validation.InvalidReply):
             validation.check_eval_metrics(bad, spec)
+
+
+def test_a_node_speaks_only_for_its_own_client_and_sent_keys(tiny_cfg):
+    arrays, spec = honest_upload(tiny_cfg)
+    metrics = {"client-index": 2, "num-examples": 40}
+    with pytest.raises(validation.InvalidReply, match="this node is client 1"):
+        validation.check_reply(arrays, metrics, spec, set(), expected_index=1)
+    first = sorted(arrays)[0]  # a method that sent this client one tensor expects only that back
+    with pytest.raises(validation.InvalidReply, match="unexpected keys"):
+        validation.check_reply(arrays, metrics, spec, set(), sent_keys={first})
+    assert validation.check_reply({first: arrays[first]}, metrics, spec, set(), 2, {first}) == 2

@@ -160,8 +160,8 @@ def check_reply(
 ) -> int:  # fmt: skip
     """Every check on one decoded training reply; returns its client index, added to ``seen``
     only when the whole reply is valid."""
-    index = check_metrics(metrics, spec, seen, expected_index)
     check_arrays(arrays, spec, sent_keys)
+    index = check_metrics(metrics, spec, seen, expected_index)
     seen.add(index)
     return index
 
