@@ -22,7 +22,7 @@ from pathlib import Path
 from fedmm import __version__, results
 from fedmm.config import FedmmConfig
 
-VOLATILE = ("out_dir", "cache_dir", "progress")  # config keys that do not change a result
+VOLATILE = ("out_dir", "cache_dir", "progress", "resume")  # config keys that do not change a result
 
 
 def cell_config(cfg: FedmmConfig, method: str, seed: int, out: Path) -> FedmmConfig:
