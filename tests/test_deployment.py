@@ -58,7 +58,7 @@ def test_deployment_with_tls_and_auth_matches_simulation_and_survives_a_killed_n
     tiny_cfg, tmp_path
 ):
     cfg = tiny_cfg.with_overrides({
-        "method": "feddat", "fed.rounds": 3, "fed.min_clients": 2, "fed.round_timeout": 45.0,
+        "method": "feddat", "fed.rounds": 3, "fed.min_clients": 2, "fed.round_timeout": 90.0,
         "seed": 3, "out_dir": str(tmp_path / "deployed"),
     })  # fmt: skip
     flat = cfg.to_flat()
