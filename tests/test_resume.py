@@ -110,5 +110,5 @@ def test_cli_resume_continues_in_the_flower_simulation(tiny_cfg, capsys):
         checkpoint.path(cfg).parent.parent / "client_state" / f"feddat-{cfg.data.benchmark}-seed0"
     )
     assert torch.load(state / "client-0.pt", weights_only=True)["round"] == 3
-    assert torch.load(state / "client-0.prev.pt", weights_only=True)["round"] == 2
+    assert torch.load(state / "client-0.pt.prev", weights_only=True)["round"] == 2
     assert main(["run", "--resume", str(Path(cfg.out_dir) / "nothing-here")]) == 2

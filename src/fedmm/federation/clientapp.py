@@ -8,7 +8,7 @@ Client state (FedDAT's A_c, personal heads, the local model, ...) persists acros
 Flower ``Context`` (``context.state``) **and** on disk, atomically, in
 ``<out_dir>/client_state/<method>-<benchmark>-seed<S>/client-<K>.pt``.  A restarted node with an
 empty Context picks the disk copy up; in round 1 any old copy is ignored (a new run starts clean).
-The copy being replaced is kept as ``client-<K>.prev.pt``: when a server resumes an interrupted
+The copy being replaced is kept as ``client-<K>.pt.prev``: when a server resumes an interrupted
 round r+1 that this client had already trained, the client goes back to its state of round r.
 
 With ``dp.clip_norm > 0`` the upload is clipped and noised here, on the client (``dp.py``).
@@ -107,7 +107,7 @@ def state_path(cfg: FedmmConfig, index: int) -> Path:
 
 
 def prev_path(path: Path) -> Path:
-    return path.with_suffix(".prev.pt")
+    return path.with_name(path.name + ".prev")  # not client-*.pt: only current states match
 
 
 def restore_state(
