@@ -108,3 +108,11 @@ def test_report_has_a_per_task_table_for_multi_task_benchmarks():
                         {"benchmarks": ["b"], "methods": ["tap"], "seeds": [0, 1], "peft": "adapter"})  # fmt: skip
     assert "| method | tags global | tags personalized | vqa global | vqa personalized |" in text
     assert "| tap | 50.0 ± 0.0 | — | 50.0 ± 14.1 | — |" in text
+
+
+def test_a_cell_made_before_an_option_existed_counts_as_made_with_its_default(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"fed.rounds": 1})
+    stored = {"history": [{}], "config": cfg.to_flat()}
+    del stored["config"]["train.lr"]  # as if the option were newer than the stored run
+    assert bench._same(stored, cfg)
+    assert not bench._same(stored, cfg.with_overrides({"train.lr": 0.5}))

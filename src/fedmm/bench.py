@@ -31,9 +31,11 @@ def cell_config(cfg: FedmmConfig, method: str, seed: int, out: Path) -> FedmmCon
 
 
 def _same(run: dict, cfg: FedmmConfig) -> bool:
-    flat = cfg.to_flat()
+    """Whether a stored run was made with ``cfg``.  A key the stored config lacks (an option
+    added to fedmm after the run) counts as its default value, which is what the run used."""
+    flat, defaults = cfg.to_flat(), FedmmConfig().to_flat()
     return len(run["history"]) == cfg.fed.rounds and all(
-        run["config"].get(k) == v for k, v in flat.items() if k not in VOLATILE
+        run["config"].get(k, defaults[k]) == v for k, v in flat.items() if k not in VOLATILE
     )
 
 
