@@ -7,14 +7,18 @@ Schema of ``<out>/results.json``::
                "trainable_params": int, "config": {flat config},
                "clients": {client id: description},
                "history": [{"round", "seconds", "server_seconds", "bytes_up", "bytes_down",
-                            "bytes_eval", "sampled", "failures",
+                            "bytes_eval", "sampled", "failures", "evaluated",
                             "clients": {client id: {view: accuracy}},
                             "train": {client id: {"steps", "lr-first", "lr-last", "loss",
-                                                  "seconds", "bytes_up", "bytes_down"}}}],
+                                                  "seconds", "bytes_up", "bytes_down"}},
+                            "eval": {client id: {"seconds"}}}],
                "final": {view: mean accuracy over clients in the last round}}]}
 
 ``bytes_up``/``bytes_down`` of a round: all sampled clients' training messages together; per
-client under ``train``.  ``server_seconds``: the method's aggregation step.  A run is identified
+client under ``train``.  ``server_seconds``: the method's aggregation step.  ``seconds`` under
+``train`` and ``eval``: each client's own time handling the message, so ``seconds`` minus their sum
+is the engine's overhead.  Rounds without evaluation (``fed.eval_every``) have empty ``clients``
+and ``eval``; ``final`` is the last evaluated round's mean.  A run is identified
 by (method, peft, benchmark, seed); writing it again replaces it, so a directory collects a
 comparison across several ``fedmm run`` calls.  Files are written atomically.
 """
@@ -52,7 +56,8 @@ def new_run(
 
 def add_round(run: dict, entry: dict) -> None:
     run["history"].append(entry)
-    run["final"] = mean_views(entry["clients"])
+    if entry["clients"] or not run["final"]:  # a round without evaluation keeps the last one
+        run["final"] = mean_views(entry["clients"])
 
 
 def mean_views(clients: dict[str, dict[str, float]]) -> dict[str, float]:
