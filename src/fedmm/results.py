@@ -190,3 +190,12 @@ def write_curves(out_dir: str | Path, data: dict) -> None:
         fig.savefig(tmp.name, dpi=110)
     plt.close(fig)
     os.replace(tmp.name, path)
+
+
+def engine_overhead(entry: dict) -> dict[str, float]:
+    """One round of ``history``: its wall time, the clients' own seconds (training and evaluation
+    replies, summed) and the engine's share ``(wall − Σ client seconds) / wall``."""
+    client = sum(t.get("seconds", 0.0) for t in entry.get("train", {}).values())
+    client += sum(e.get("seconds", 0.0) for e in entry.get("eval", {}).values())
+    wall = float(entry["seconds"])
+    return {"wall": wall, "client": client, "overhead": (wall - client) / wall if wall else 0.0}
