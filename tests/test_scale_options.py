@@ -87,3 +87,14 @@ def test_eval_sampling_records_client_seconds_and_compresses_uploads(tiny_cfg):
 def test_eval_options_are_validated(tiny_cfg):
     with pytest.raises(ConfigError, match="eval_every"):
         run_federation(InProcessGrid(3), tiny_cfg.with_overrides({"fed.eval_every": 0}))
+
+
+def test_cli_rejects_bad_eval_and_compression_options_before_running(capsys, tmp_path):
+    from fedmm.cli import main
+
+    out = tmp_path / "never"
+    assert main(["run", "--set", "fed.compression=int4", "--out", str(out)]) == 2
+    assert "fed.compression must be one of none, fp16, int8" in capsys.readouterr().err
+    assert main(["run", "--set", "fed.eval_fraction=0", "--out", str(out)]) == 2
+    assert "fed.eval_fraction" in capsys.readouterr().err
+    assert not out.exists()
