@@ -6,12 +6,13 @@ sampled for training and 10 evaluated per round (``fed.fraction`` = ``fed.eval_f
 10/K; the last round evaluates all K), so a round's work is the same for every K: round time
 must grow with the sampled clients, not with K.  Fashion-MNIST's test set (10,000 images) limits
 K x ``data.test_per_client``, so this uses ``data.train_per_client`` = 100 and
-``data.test_per_client`` = 50.  Frozen features are cached in a separate process first (the
+``data.test_per_client`` = 50, and ``train.local_steps`` = 5 (``--steps``) to keep a run within
+minutes on a shared 2-core machine.  Frozen features are cached in a separate process first (the
 warm-cache case every later run sees).  Prints per round: wall time, Σ client seconds, engine
 overhead, server seconds (the method's aggregation) and, for the whole run, the peak summed RSS
 and PSS of this process and all its descendants (Ray's GCS, raylet, worker).
 
-    .venv/bin/python benchmarks/scale.py [--clients 20,100] [--method fedavg,fedpia] [--rounds 4]
+    .venv/bin/python benchmarks/scale.py [--clients 20,100] [--method fedavg,fedpia] [--rounds 3] [--steps 5]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ SAMPLED = 10
 def config(k: int, method: str, args: argparse.Namespace, out: str) -> FedmmConfig:
     return FedmmConfig().with_overrides({
         "method": method, "fed.clients": k, "fed.rounds": args.rounds,
+        "train.local_steps": args.steps,
         "fed.fraction": SAMPLED / k, "fed.eval_fraction": SAMPLED / k,
         "data.train_per_client": 100, "data.test_per_client": 50,
         "cache_dir": args.cache_dir, "out_dir": out, "progress": False, **parse_set(args.set),
@@ -55,7 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="20,100")
     parser.add_argument("--method", default="fedavg")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="train.local_steps")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "fedmm-scale"))
     parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
     parser.add_argument("--prewarm", help=argparse.SUPPRESS)
