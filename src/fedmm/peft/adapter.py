@@ -121,6 +121,8 @@ class AdapterBank(PeftBank):
         hands a copy of its output to every block (autograd sums the blocks' gradients there).
         The caller repeats the same rows in every block.
         """
+        if combine not in ("average", "sum"):
+            raise ValueError(f"row blocks combine by average or sum, not {combine!r}")
         for names in blocks:
             for name in names:
                 self._get(name)
