@@ -130,6 +130,14 @@ def validate(cfg: FedmmConfig, methods: list[str]) -> None:
         raise ConfigError("--rounds and --clients must be >= 1")
     if not 0 < cfg.fed.fraction <= 1:
         raise ConfigError(f"fed.fraction must be in (0, 1], got {cfg.fed.fraction}")
+    if cfg.fed.eval_every < 1 or not 0 < cfg.fed.eval_fraction <= 1:
+        raise ConfigError(
+            f"fed.eval_every must be >= 1 and fed.eval_fraction in (0, 1], got "
+            f"{cfg.fed.eval_every} and {cfg.fed.eval_fraction}"
+        )
+    from fedmm.federation.messages import check_compression
+
+    check_compression(cfg.fed.compression)
     if cfg.train.local_steps < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.local_steps and train.batch_size must be >= 1")
 

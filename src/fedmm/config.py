@@ -85,6 +85,9 @@ class FedConfig:
     min_clients: int = 1  # fewest replies a training round needs to aggregate
     weighting: str = "samples"  # samples | uniform: server average weights
     round_timeout: float = 0.0  # seconds to wait for replies; 0 = wait for all
+    eval_every: int = 1  # evaluate every N rounds and always after the last; 1 = every round
+    eval_fraction: float = 1.0  # fraction of clients evaluated (seeded sample; last round: all)
+    compression: str = "none"  # none | fp16 | int8: encoding of the uploaded update
 
 
 @dataclass

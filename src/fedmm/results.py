@@ -7,14 +7,15 @@ Schema of ``<out>/results.json``::
                "trainable_params": int, "config": {flat config},
                "clients": {client id: description},
                "history": [{"round", "seconds", "server_seconds", "bytes_up", "bytes_down",
-                            "bytes_eval", "sampled", "failures",
+                            "bytes_eval", "sampled", "failures", "evaluated",
                             "failed" | "rejected" | "eval_failed": [{"node", "client", "reason"}],
                             "clients": {client id: {view: accuracy}},
                             "train": {client id: {"steps", "lr-first", "lr-last", "loss",
                                                   "seconds", "bytes_up", "bytes_down"
-                                                  [, "dp-norm", "dp-scale"]}}}],
+                                                  [, "dp-norm", "dp-scale"]}},
+                            "eval": {client id: {"seconds"}}}],
                "privacy": {"dp_clip_norm", "dp_noise_multiplier"},
-               "final": {view: mean accuracy over clients in the last round},
+               "final": {view: mean accuracy over clients in the last evaluated round},
                multi-task benchmarks also: "tasks": {client id: task},
                "final_by_task": {task: {view: mean metric over that task's clients}},
                TAP: "replacements": {client id: {"task", "count", "rounds": [...]}}}]}
@@ -23,7 +24,10 @@ Schema of ``<out>/results.json``::
 ``rejected``: replies refused by validation (federation/validation.py); ``failures`` counts both.
 
 ``bytes_up``/``bytes_down`` of a round: all sampled clients' training messages together; per
-client under ``train``.  ``server_seconds``: the method's aggregation step.  A run is identified
+client under ``train``.  ``server_seconds``: the method's aggregation step.  ``seconds`` under
+``train`` and ``eval``: each client's own time handling the message, so ``seconds`` minus their sum
+is the engine's overhead.  Rounds without evaluation (``fed.eval_every``) have empty ``clients``
+and ``eval``; ``final`` is the last evaluated round's mean.  A run is identified
 by (method, peft, benchmark, seed); writing it again replaces it, so a directory collects a
 comparison across several ``fedmm run`` calls.  Files are written atomically.
 """
@@ -62,12 +66,15 @@ def new_run(
 
 def add_round(run: dict, entry: dict) -> None:
     run["history"].append(entry)
-    run["final"] = mean_views(entry["clients"])
-    if run.get("tasks"):  # the mean over clients mixes metrics; per task it does not
-        run["final_by_task"] = {
-            task: mean_views({c: m for c, m in entry["clients"].items() if run["tasks"][c] == task})
-            for task in sorted(set(run["tasks"].values()))
-        }
+    if entry["clients"] or not run["final"]:  # a round without evaluation keeps the last one
+        run["final"] = mean_views(entry["clients"])
+        if run.get("tasks"):  # the mean over clients mixes metrics; per task it does not
+            run["final_by_task"] = {
+                task: mean_views(
+                    {c: m for c, m in entry["clients"].items() if run["tasks"][c] == task}
+                )
+                for task in sorted(set(run["tasks"].values()))
+            }
     history = run["history"]
     clients = sorted({c for h in history for c, t in h["train"].items() if "replaced" in t})
     if clients:  # TAP's replacements: in which rounds the global copy beat the personal model
@@ -244,3 +251,12 @@ def write_curves(out_dir: str | Path, data: dict) -> None:
         fig.savefig(tmp.name, dpi=110)
     plt.close(fig)
     os.replace(tmp.name, path)
+
+
+def engine_overhead(entry: dict) -> dict[str, float]:
+    """One round of ``history``: its wall time, the clients' own seconds (training and evaluation
+    replies, summed) and the engine's share ``(wall − Σ client seconds) / wall``."""
+    client = sum(t.get("seconds", 0.0) for t in entry.get("train", {}).values())
+    client += sum(e.get("seconds", 0.0) for e in entry.get("eval", {}).values())
+    wall = float(entry["seconds"])
+    return {"wall": wall, "client": client, "overhead": (wall - client) / wall if wall else 0.0}

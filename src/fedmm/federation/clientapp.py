@@ -92,7 +92,8 @@ def handle(msg: Message, context: Context, train: bool) -> Message:
             "loss": ctx.stats.get("loss_sum", 0.0) / max(1, n_steps),
             "seconds": time.perf_counter() - t0, **dp_stats,
         }  # fmt: skip
-        return Message(messages.client_reply(arrays, metrics), reply_to=msg)
+        reply = messages.client_reply(arrays, metrics, cfg.fed.compression)
+        return Message(reply, reply_to=msg)
     views = method.client_evaluate(ctx, global_state)
     metrics = {f"acc.{view}": acc for view, acc in views.items()}
     metrics.update({"client-index": index, "num-examples": len(ctx.test),

@@ -7,7 +7,16 @@ Client -> server (``train``):
     "update": ArrayRecord of the method's upload (trainable tensors only)
     "metrics": MetricRecord of scalars (num-examples, client-index, steps, lr, loss, seconds)
 Client -> server (``evaluate``):
-    "metrics": MetricRecord {"acc.<view>": float, "client-index", "num-examples"}
+    "metrics": MetricRecord {"acc.<view>": float, "client-index", "num-examples", "seconds"}
+
+Update compression (``fed.compression``, the upload only; ``from_record`` decodes whatever
+arrived, so the server always sees float32 arrays under the original keys):
+
+* ``none``: float32 as is;
+* ``fp16``: float16 (relative error ≤ 2⁻¹¹ per value in float16's normal range);
+* ``int8``: per-tensor affine 8-bit quantisation, ``x ≈ lo + s·(q + 128)`` with ``q`` int8,
+  ``s = (max − min)/255``, ``lo = min``; the pair ``[lo, s]`` travels as float32 under
+  ``"<key>@int8"``.  Error ≤ s/2 per value (plus float32 rounding); a constant tensor is exact.
 """
 
 from __future__ import annotations
@@ -15,19 +24,64 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedmm.config import FedmmConfig
+from fedmm.config import ConfigError, FedmmConfig
 
 GLOBAL, CONFIG, UPDATE, METRICS = "global", "config", "update", "metrics"
+COMPRESSIONS = ("none", "fp16", "int8")
+INT8_SUFFIX = "@int8"
 
 
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(
-        {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()}
-    )
+def check_compression(compression: str) -> None:
+    if compression not in COMPRESSIONS:
+        raise ConfigError(
+            f"fed.compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}"
+        )
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tensor affine int8: ``(q, [lo, s])`` with ``x ≈ lo + s·(q + 128)``."""
+    x = np.asarray(x, dtype=np.float32)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    scale = (hi - lo) / 255.0
+    if scale > 0:
+        q = np.clip(np.rint((x - lo) / scale), 0, 255) - 128
+    else:
+        q = np.full(x.shape, -128.0)
+    return q.astype(np.int8), np.array([lo, scale], dtype=np.float32)
+
+
+def dequantize_int8(q: np.ndarray, params: np.ndarray) -> np.ndarray:
+    lo, scale = (float(v) for v in params)
+    return (lo + scale * (q.astype(np.float32) + 128.0)).astype(np.float32)
+
+
+def to_record(arrays: dict[str, np.ndarray], compression: str = "none") -> ArrayRecord:
+    """Arrays -> ArrayRecord, float32 or compressed (``compression``, see module docstring)."""
+    check_compression(compression)
+    out: dict[str, Array] = {}
+    for k, v in arrays.items():
+        if compression == "fp16":
+            out[k] = Array(np.ascontiguousarray(v, dtype=np.float16))
+        elif compression == "int8":
+            q, params = quantize_int8(v)
+            out[k], out[k + INT8_SUFFIX] = Array(np.ascontiguousarray(q)), Array(params)
+        else:
+            out[k] = Array(np.ascontiguousarray(v, dtype=np.float32))
+    return ArrayRecord(out)
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: record[k].numpy() for k in record.keys()}
+    """ArrayRecord -> float32 arrays under the original keys, whatever the encoding."""
+    out = {}
+    for k in record.keys():
+        if k.endswith(INT8_SUFFIX):
+            continue
+        value = record[k].numpy()
+        if k + INT8_SUFFIX in record:
+            out[k] = dequantize_int8(value, record[k + INT8_SUFFIX].numpy())
+        else:
+            out[k] = value.astype(np.float32, copy=False)
+    return out
 
 
 def server_message(arrays: dict[str, np.ndarray], cfg: FedmmConfig, rnd: int) -> RecordDict:
@@ -45,8 +99,11 @@ def read_server_message(content: RecordDict) -> tuple[dict[str, np.ndarray], Fed
     )
 
 
-def client_reply(arrays: dict[str, np.ndarray] | None, metrics: dict[str, float]) -> RecordDict:
+def client_reply(
+    arrays: dict[str, np.ndarray] | None, metrics: dict[str, float], compression: str = "none"
+) -> RecordDict:
+    """A client's reply; the update (if any) encoded with ``compression`` (``fed.compression``)."""
     records: dict = {METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})}
     if arrays is not None:
-        records[UPDATE] = to_record(arrays)
+        records[UPDATE] = to_record(arrays, compression)
     return RecordDict(records)

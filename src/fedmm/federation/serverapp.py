@@ -10,10 +10,18 @@ records what happened.  It never looks inside a state or a method.
         replies ← train(S_t, global)            # client half: method.client_train; each client
                                                 # gets method.global_for_client(global, k)
         global ← method.aggregate(global, replies)   (if ≥ fed.min_clients replied)
-        metrics ← evaluate(all nodes, global)   # client half: method.client_evaluate
+        if t ≡ 0 (mod fed.eval_every) or t = R:  # client half: method.client_evaluate
+            metrics ← evaluate(E_t, global)   E_t: all nodes in the last round, otherwise a
+                                              seeded sample of ⌈fed.eval_fraction·K⌉ nodes
 
 The same ``app`` runs under ``flwr run .`` (config from ``[tool.flwr.app.config]``) and under
-``fedmm run`` (config passed to ``make_server_app``).  Results go to ``<out_dir>/results.json``.
+``fedmm run`` (config passed to ``make_server_app``).  Results go to ``<out_dir>/results.json``,
+with every client's own seconds per training and evaluation reply: a round's wall time minus their
+sum is what the engine (Flower, Ray, serialisation, this loop) costs.
+
+With the defaults (``eval_every = 1``, ``eval_fraction = 1``) every node evaluates every round, so
+a round costs O(K) evaluations; with many clients, ``eval_every`` and ``eval_fraction`` make a
+round's cost grow with the sampled clients only.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from fedmm import results
-from fedmm.config import FedmmConfig
+from fedmm.config import ConfigError, FedmmConfig
 from fedmm.federation import checkpoint, messages, validation
 from fedmm.methods import Reply, get_method
 from fedmm.methods.base import Method
@@ -114,8 +122,16 @@ def run_federation(
     Every round ends with a server checkpoint (``checkpoint.py``); with ``resume=true`` the loop
     continues after the last checkpointed round.  Replies that fail validation (``validation.py``)
     and nodes that fail or time out are logged and recorded per round (``rejected``, ``failed``),
-    and the round aggregates the others when at least ``fed.min_clients`` remain.
+    and the round aggregates the others when at least ``fed.min_clients`` remain.  Evaluation
+    runs every ``fed.eval_every`` rounds on a seeded ``fed.eval_fraction`` of the nodes, and on
+    every node after the last round.
     """
+    if cfg.fed.eval_every < 1 or not 0 < cfg.fed.eval_fraction <= 1:
+        raise ConfigError(
+            f"fed.eval_every must be >= 1 and fed.eval_fraction in (0, 1], got "
+            f"{cfg.fed.eval_every} and {cfg.fed.eval_fraction}"
+        )
+    messages.check_compression(cfg.fed.compression)
     method = get_method(cfg)
     runtime = get_runtime(cfg)  # the server needs the trainable shapes and the client names
     client_ids = [c.client_id for c in runtime.benchmark.clients]
@@ -141,6 +157,8 @@ def run_federation(
     index_of = client_indices(grid, nodes, cfg)
     per_client = type(method).global_for_client is not Method.global_for_client
     n_sample = max(1, min(len(nodes), math.ceil(cfg.fed.fraction * len(nodes))))
+    eval_rng = random.Random(cfg.seed + 7919)  # its own stream: training samples never change
+    n_eval = max(1, min(len(nodes), math.ceil(cfg.fed.eval_fraction * len(nodes))))
     timeout = cfg.fed.round_timeout or None
 
     def who(node: int) -> dict:
@@ -204,12 +222,22 @@ def run_federation(
                         rnd, len(ok), cfg.fed.min_clients)  # fmt: skip
         t_server = time.perf_counter() - t_server
 
-        contents = {n: client_message(method, global_state, cfg, rnd, index_of[n]) for n in nodes}
+        last = rnd == cfg.fed.rounds
+        if last or rnd % cfg.fed.eval_every == 0:
+            eval_nodes = (
+                nodes if last or n_eval == len(nodes) else sorted(eval_rng.sample(nodes, n_eval))
+            )
+        else:
+            eval_nodes = []
+        contents = {
+            n: client_message(method, global_state, cfg, rnd, index_of[n]) for n in eval_nodes
+        }
         eval_bytes = sum(c[messages.GLOBAL].count_bytes() for c in contents.values())
         clients: dict[str, dict[str, float]] = {}
+        eval_stats: dict[str, dict[str, float]] = {}
         eval_failed = []
-        out = [Message(contents[n], n, MessageType.EVALUATE, group_id=str(rnd)) for n in nodes]
-        for reply in grid.send_and_receive(out, timeout=timeout):
+        out = [Message(contents[n], n, MessageType.EVALUATE, group_id=str(rnd)) for n in eval_nodes]
+        for reply in grid.send_and_receive(out, timeout=timeout) if out else []:
             node = origin(reply, out)
             if reply.has_error():
                 log.warning("round %d: evaluation failed on node %s: %s", rnd, node,
@@ -224,11 +252,15 @@ def run_federation(
                 eval_failed.append(who(node) | {"reason": str(exc)})
                 continue
             clients[client_ids[index]] = views
+            eval_stats[client_ids[index]] = (
+                {"seconds": float(m["seconds"])} if "seconds" in m else {}
+            )
         entry = {
             "round": rnd, "seconds": time.perf_counter() - t0, "server_seconds": t_server, "bytes_up": up, "bytes_down": down,
             "bytes_eval": eval_bytes, "sampled": len(sampled), "failures": failures,
             "failed": failed, "rejected": rejected, "eval_failed": eval_failed,
-            "clients": dict(sorted(clients.items())), "train": dict(sorted(train_stats.items())),
+            "evaluated": len(eval_nodes), "clients": dict(sorted(clients.items())),
+            "train": dict(sorted(train_stats.items())), "eval": dict(sorted(eval_stats.items())),
         }  # fmt: skip
         results.add_round(record, entry)
         results.save_run(cfg.out_dir, record)

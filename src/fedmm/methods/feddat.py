@@ -19,11 +19,18 @@ Local update, per batch (x, y), with temperature T, weights α, β (reference: T
     L_s   = α·CE(z_s, y)   + (1−α)·T²·KL(softmax(sg[z_DAT]/T) ‖ softmax(z_s/T))
     L_DAT = β·CE(z_DAT, y) + (1−β)·T²·KL(softmax(sg[z_s]/T)   ‖ softmax(z_DAT/T))
 
-(sg = stop-gradient).  One backward of ``L_s + L_DAT`` and **one** AdamW step per batch: A_s only
-appears in z_s and A_c only in z_DAT, and each distillation target is detached, so A_s receives
-exactly ∇L_s and A_c exactly ∇L_DAT -- the reference's steps 2 and 3 -- while the teacher pass
-z_DAT serves as both the step-1 target and the step-3 prediction (same parameters).  The shared
-projection and head receive ∇(L_s + L_DAT).  Â_s has ``requires_grad = False`` and is in no
+(sg = stop-gradient).  The reference runs three forward passes and two optimiser steps per batch
+(``reference_step``: 1. z_DAT without gradient; 2. z_s, L_s, step A_s; 3. z_DAT again, L_DAT, step
+A_c).  fedmm's fast path (``feddat_logits`` + ``feddat_losses``) takes one backward of
+``L_s + L_DAT`` and **one** AdamW step per batch: A_s only appears in z_s and A_c only in z_DAT,
+and each distillation target is detached, so A_s receives exactly ∇L_s and A_c exactly ∇L_DAT --
+the reference's steps 2 and 3 -- while the teacher pass z_DAT serves as both the step-1 target and
+the step-3 prediction (same parameters).  The shared projection and head receive
+∇(L_s + L_DAT).  With adapters, both paths run as **one** forward over ``2B`` rows (rows ``[0, B)``
+through A_s, rows ``[B, 2B)`` through the DAT: ``AdapterBank.row_blocks``), and the frozen first
+transformer block below the first adapter runs once for both.  Tested: the fast path's A_s and A_c
+follow the reference's updates step for step (dropout off, projection and head frozen, no
+clipping) and its gradients equal the two-forward ones for every trainable part.  Â_s has ``requires_grad = False`` and is in no
 optimiser group.  This keeps FedDAT on the same optimiser-step budget and learning-rate schedule
 as every other method (the reference steps its restarted schedule twice per batch).
 
@@ -43,8 +50,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+from torch import nn
+
 from fedmm.backbones import FusionVLModel
-from fedmm.config import ConfigError
+from fedmm.config import ConfigError, FedDATConfig
 from fedmm.methods.base import (
     ClientContext,
     Method,
@@ -59,9 +69,95 @@ from fedmm.methods.base import (
     to_numpy,
     weighted_average,
 )  # fmt: skip
-from fedmm.peft import PEFT_TYPES
+from fedmm.peft import PEFT_TYPES, AdapterBank
 
 GLOBAL, FROZEN, CLIENT = "global_adapter", "frozen_global", "client_adapter"
+LAYOUTS = ("batched-prefix", "batched", "two-forward")
+
+
+def feddat_losses(
+    z_s: torch.Tensor, z_dat: torch.Tensor, labels: torch.Tensor, cfg: FedDATConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_s, L_DAT)`` of the module docstring (each distillation target detached; a
+    multi-label task, float 0/1 ``labels``, distils per-label Bernoulli distributions)."""
+    t, multilabel = cfg.temperature, labels.is_floating_point()
+    loss_s = cfg.alpha * task_loss(z_s, labels) + (1 - cfg.alpha) * distill_kl(
+        z_s, z_dat.detach(), t, multilabel
+    )
+    loss_dat = cfg.beta * task_loss(z_dat, labels) + (1 - cfg.beta) * distill_kl(
+        z_dat, z_s.detach(), t, multilabel
+    )
+    return loss_s, loss_dat
+
+
+def prefix_block(model: FusionVLModel) -> nn.Module | None:
+    """The transformer block enclosing the first adapter (its inputs see no PEFT set), or None
+    when the backbone has no ``encoder.layer`` list or the PEFT type is not ``adapter``."""
+    bank = model.peft
+    layers = getattr(getattr(getattr(model, "text", None), "encoder", None), "layer", None)
+    if not isinstance(bank, AdapterBank) or not layers:
+        return None
+    return layers[0] if any(m is bank.points[0] for m in layers[0].modules()) else None
+
+
+def feddat_logits(
+    model: FusionVLModel,
+    feats: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    combine: str = "average",
+    layout: str = "batched-prefix",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z_s, z_DAT)`` on one batch.  ``layout``: ``batched-prefix`` (adapters: one forward of
+    ``2B`` rows, the frozen block below the first adapter once), ``batched`` (one forward of
+    ``2B`` rows), ``two-forward`` (two forwards of ``B``; the only layout for LoRA, prompts and
+    BitFit, whose sets act below or inside the first block)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "two-forward" or not isinstance(model.peft, AdapterBank):
+        with model.active(CLIENT, FROZEN, combine=combine):
+            z_dat = model(feats, ids, mask)
+        with model.active(GLOBAL):
+            z_s = model(feats, ids, mask)
+        return z_s, z_dat
+    block = prefix_block(model) if layout == "batched-prefix" else None
+    b = feats.shape[0]
+    with model.peft.row_blocks([(GLOBAL,), (CLIENT, FROZEN)], combine, prefix_block=block):
+        z = model(*(torch.cat([x, x]) for x in (feats, ids, mask)))
+    return z[:b], z[b:]
+
+
+def reference_step(
+    model: FusionVLModel,
+    opt_s: torch.optim.Optimizer,
+    opt_c: torch.optim.Optimizer,
+    batch: Sequence[torch.Tensor],
+    cfg: FedDATConfig,
+) -> tuple[float, float]:
+    """The reference's literal step: three forwards, two backwards, two optimiser steps.
+
+    1. z_DAT = f(x; DAT) without gradient;  2. z_s = f(x; A_s), L_s, step ``opt_s`` (A_s);
+    3. z_DAT = f(x; DAT) with gradient, L_DAT with sg[z_s], step ``opt_c`` (A_c).
+    Kept to pin the fast path against (tests) and to time it (``benchmarks/feddat_step.py``).
+    """
+    feats, ids, mask, labels = batch
+    with torch.no_grad(), model.active(CLIENT, FROZEN, combine=cfg.dat_combine):
+        z_dat = model(feats, ids, mask)
+    with model.active(GLOBAL):
+        z_s = model(feats, ids, mask)
+    loss_s, _ = feddat_losses(z_s, z_dat, labels, cfg)
+    opt_s.zero_grad(set_to_none=True)
+    loss_s.backward()
+    opt_s.step()
+    opt_s.zero_grad(set_to_none=True)
+    with model.active(CLIENT, FROZEN, combine=cfg.dat_combine):
+        z_dat = model(feats, ids, mask)
+    _, loss_dat = feddat_losses(z_s.detach(), z_dat, labels, cfg)
+    opt_c.zero_grad(set_to_none=True)
+    loss_dat.backward()
+    opt_c.step()
+    opt_c.zero_grad(set_to_none=True)
+    return float(loss_s.detach()), float(loss_dat.detach())
 
 
 class FedDAT(Method):
@@ -126,18 +222,9 @@ class FedDAT(Method):
             list(model.visual_proj.parameters()),
             list(model.head.parameters()),
         ])  # fmt: skip
-        t, multilabel = cfg.temperature, ctx.train.kind == "multilabel"
         for feats, ids, mask, labels in ctx.steps(opt):
-            with model.active(CLIENT, FROZEN, combine=cfg.dat_combine):
-                z_dat = model(feats, ids, mask)
-            with model.active(GLOBAL):
-                z_s = model(feats, ids, mask)
-            loss_s = cfg.alpha * task_loss(z_s, labels) + (1 - cfg.alpha) * distill_kl(
-                z_s, z_dat.detach(), t, multilabel
-            )
-            loss_dat = cfg.beta * task_loss(z_dat, labels) + (1 - cfg.beta) * distill_kl(
-                z_dat, z_s.detach(), t, multilabel
-            )
+            z_s, z_dat = feddat_logits(model, feats, ids, mask, cfg.dat_combine)
+            loss_s, loss_dat = feddat_losses(z_s, z_dat, labels, cfg)
             ctx.step(opt, loss_s + loss_dat)
         ctx.state.clear()
         ctx.state.update(get_parts(model, self.personal_parts()))

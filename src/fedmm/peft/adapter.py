@@ -17,18 +17,25 @@ activates one set, or combines several at every insertion point:
     average: h + (1/n) Σ_i A_i(h)       (FedDAT's Dual-Adapter Teacher with n = 2)
     sum:     h + Σ_i A_i(h)
 
+Row blocks (FedDAT's fast path): ``bank.row_blocks([("a",), ("b", "c")], combine=...)`` makes one
+forward over a batch of ``2B`` rows apply set ``a`` to rows ``[0, B)`` and the combination of ``b``
+and ``c`` to rows ``[B, 2B)`` -- two models in one batched pass.  When the first insertion point
+receives only ``B`` rows (the caller computed the frozen prefix below it once), its output is
+duplicated first, so both blocks share that prefix (and its gradient is the sum of both).
+
 Hidden-unit symmetry (FedPIA): permuting the r hidden units -- rows of W_down and b_down and
 columns of W_up together -- leaves ``A`` unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from fedmm.peft.base import PeftBank
+from fedmm.peft.base import Activation, PeftBank
 
 
 class BottleneckAdapter(nn.Module):
@@ -83,6 +90,9 @@ class AdapterBank(PeftBank):
         self.dim, self.bottleneck = self.dims[0] if n else 0, self.bottlenecks[0] if n else 0
         self.init_std, self.zero_init_up = init_std, zero_init_up
         self.num_points = n
+        self.points = list(points)  # plain list: the backbone owns these modules
+        self._blocks: tuple[Activation, ...] = ()  # row blocks (``row_blocks``); () = off
+        self._shared_prefix = False
         self._hooks = [
             point.register_forward_hook(self._make_hook(i)) for i, point in enumerate(points)
         ]
@@ -103,13 +113,83 @@ class AdapterBank(PeftBank):
         )
         return [{f"{p}.down.weight": 0, f"{p}.down.bias": 0, f"{p}.up.weight": 1} for p in points]
 
+    @contextlib.contextmanager
+    def row_blocks(
+        self,
+        blocks: Sequence[Sequence[str]],
+        combine: str = "average",
+        prefix_block: nn.Module | None = None,
+    ) -> Iterator[None]:
+        """Split the batch into ``len(blocks)`` equal row blocks, each with its own active sets
+        (``combine`` for blocks of several sets) -- several models in one batched forward.
+
+        ``prefix_block``: the module enclosing the first insertion point (a transformer block
+        whose inputs no PEFT set touches).  Its inputs are cut to the first block's rows, so the
+        frozen computation below the first adapter runs once, and the first insertion point
+        hands a copy of its output to every block (autograd sums the blocks' gradients there).
+        The caller repeats the same rows in every block.
+        """
+        if combine not in ("average", "sum"):
+            raise ValueError(f"row blocks combine by average or sum, not {combine!r}")
+        for names in blocks:
+            for name in names:
+                self._get(name)
+        n = len(blocks)
+        handles = []
+        if prefix_block is not None and n > 1:
+            if not any(m is self.points[0] for m in prefix_block.modules()):
+                raise ValueError("prefix_block must enclose the first insertion point")
+
+            def cut(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                rows = args[0].shape[0]
+                if rows % n:
+                    raise ValueError(f"{rows} rows do not split into {n} row blocks")
+
+                def first(x: object) -> object:
+                    if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == rows:
+                        return x[: rows // n]
+                    return x
+
+                return tuple(map(first, args)), {k: first(v) for k, v in kwargs.items()}
+
+            handles.append(prefix_block.register_forward_pre_hook(cut, with_kwargs=True))
+        previous = self._blocks, self._shared_prefix
+        self._blocks = tuple(
+            Activation(tuple(names), combine if len(names) > 1 else "single") for names in blocks
+        )
+        self._shared_prefix = prefix_block is not None and n > 1
+        try:
+            yield
+        finally:
+            self._blocks, self._shared_prefix = previous
+            for handle in handles:
+                handle.remove()
+
+    def _apply_blocks(self, index: int, output: torch.Tensor) -> torch.Tensor:
+        blocks = self._blocks
+        if index == 0 and self._shared_prefix:
+            parts: Sequence[torch.Tensor] = (output,) * len(blocks)
+        else:
+            if output.shape[0] % len(blocks):
+                raise ValueError(f"{output.shape[0]} rows do not split into {len(blocks)} blocks")
+            parts = output.chunk(len(blocks), dim=0)
+        out = []
+        for part, active in zip(parts, blocks):
+            if active.names:
+                delta = sum(self.sets[n][index](part) for n in active.names)
+                part = part + active.weight() * delta
+            out.append(part)
+        return torch.cat(out, dim=0)
+
     def _make_hook(self, index: int):
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+            if isinstance(output, tuple):  # (hidden states, attentions, ...)
+                return (hook(_module, _inputs, output[0]), *output[1:])
+            if self._blocks:
+                return self._apply_blocks(index, output)
             active = self._active
             if not active.names:
                 return output
-            if isinstance(output, tuple):  # (hidden states, attentions, ...)
-                return (hook(_module, _inputs, output[0]), *output[1:])
             delta = sum(self.sets[n][index](output) for n in active.names)
             return output + active.weight() * delta
 
