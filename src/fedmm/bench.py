@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedmm import __version__, results
 from fedmm.config import FedmmConfig
+from fedmm.files import atomic_write
 
 VOLATILE = ("out_dir", "cache_dir", "progress", "resume")  # config keys that do not change a result
 
@@ -79,8 +80,8 @@ def write_outputs(out: Path, cells: list[tuple], peft: str) -> None:
         "peft": peft,
     }
     payload = {"fedmm_version": __version__, "grid": grid, "runs": runs}
-    results._atomic_write(out / "bench.json", json.dumps(payload, indent=1).encode())
-    results._atomic_write(out / "report.md", (report(runs, grid) + "\n").encode())
+    atomic_write(out / "bench.json", json.dumps(payload, indent=1).encode())
+    atomic_write(out / "report.md", (report(runs, grid) + "\n").encode())
     plot(out, runs, grid)
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from fedmm import __version__
 from fedmm.config import FedmmConfig
 from fedmm.data import Benchmark
+from fedmm.files import atomic_write
 
 VIEW_ORDER = ("global", "personalized", "dat", "client")
 
@@ -96,13 +97,6 @@ def mean_views(clients: dict[str, dict[str, float]]) -> dict[str, float]:
     return {v: sum(a) / len(a) for v, a in sorted(views.items())}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, path)
-
-
 def load(out_dir: str | Path) -> dict:
     path = Path(out_dir) / "results.json"
     if not path.is_file():
@@ -131,7 +125,7 @@ def save_run(out_dir: str | Path, run: dict) -> None:
     data["runs"] = [r for r in data["runs"] if run_key(r) != run_key(run)]
     data["runs"].append(run)
     data["fedmm_version"] = __version__
-    _atomic_write(Path(out_dir) / "results.json", json.dumps(data, indent=1).encode())
+    atomic_write(Path(out_dir) / "results.json", json.dumps(data, indent=1).encode())
     write_summary(out_dir, data)
     write_curves(out_dir, data)
 
@@ -213,7 +207,7 @@ def task_table(runs: list[dict]) -> list[str]:
 
 
 def write_summary(out_dir: str | Path, data: dict) -> None:
-    _atomic_write(Path(out_dir) / "summary.md", (summary_table(data) + "\n").encode())
+    atomic_write(Path(out_dir) / "summary.md", (summary_table(data) + "\n").encode())
 
 
 def write_curves(out_dir: str | Path, data: dict) -> None:

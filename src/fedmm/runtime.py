@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from fedmm.backbones import FusionVLModel, build_model
 from fedmm.config import FedmmConfig
 from fedmm.data import Benchmark, RawSplit, load_benchmark
+from fedmm.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,7 @@ class Runtime:
                 log.warning("ignoring unreadable feature cache %s: %s", path, exc)
         feats = self.model.encode_images(raw.images).to(torch.float16)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
-                torch.save(feats, tmp.name)
-            os.replace(tmp.name, path)
+            atomic_torch_save(feats, path)
         except OSError as exc:  # read-only home etc.: caching is an optimisation only
             log.warning("could not write feature cache %s: %s", path, exc)
         return feats

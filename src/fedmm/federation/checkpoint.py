@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from fedmm.config import ConfigError, FedmmConfig
+from fedmm.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +68,7 @@ def save(cfg: FedmmConfig, rnd: int, global_state, server_state, rng_state, reco
         "record": json.dumps(record),
         "config": json.dumps(cfg.to_flat()),
     }
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".tmp") as tmp:
-        torch.save(payload, tmp.name)
-    os.replace(tmp.name, target)
+    atomic_torch_save(payload, target)
     return target
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from flwr.clientapp import ClientApp
 
 from fedmm.config import FedmmConfig
 from fedmm.federation import dp, messages
+from fedmm.files import atomic_torch_save
 from fedmm.methods import ClientContext, get_method
 from fedmm.methods.base import State, to_numpy, to_torch
 from fedmm.runtime import get_runtime
@@ -152,9 +152,7 @@ def save_state(context: Context, cfg: FedmmConfig, index: int, rnd: int, state: 
                 os.replace(path, prev_path(path))
         except Exception as exc:  # a torn or foreign file is not worth keeping
             log.warning("client %d: unreadable state file %s replaced: %s", index, path, exc)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        torch.save({"round": rnd, "state": {k: v.cpu() for k, v in state.items()}}, tmp.name)
-    os.replace(tmp.name, path)
+    atomic_torch_save({"round": rnd, "state": {k: v.cpu() for k, v in state.items()}}, path)
 
 
 __all__ = ["app", "handle", "query", "restore_state", "save_state", "state_path"]
