@@ -15,6 +15,7 @@ mean with a ±std band) and ``bench_bytes.png`` (final accuracy vs total bytes c
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 from pathlib import Path
@@ -216,7 +217,7 @@ def plot(out: Path, runs: list[dict], grid: dict) -> None:
             a.legend(fontsize=7)
     for f, name in ((fig, "bench_curves.png"), (fig2, "bench_bytes.png")):
         f.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        f.savefig(tmp, dpi=110)
+        png = io.BytesIO()
+        f.savefig(png, format="png", dpi=110)
         plt.close(f)
-        tmp.replace(out / name)
+        atomic_write(out / name, png.getvalue())

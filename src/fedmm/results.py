@@ -34,9 +34,8 @@ comparison across several ``fedmm run`` calls.  Files are written atomically.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from fedmm import __version__
@@ -240,11 +239,10 @@ def write_curves(out_dir: str | Path, data: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(out_dir) / "curves.png"
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".png") as tmp:
-        fig.savefig(tmp.name, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp.name, path)
+    atomic_write(Path(out_dir) / "curves.png", png.getvalue())
 
 
 def engine_overhead(entry: dict) -> dict[str, float]:

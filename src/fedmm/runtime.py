@@ -137,9 +137,7 @@ class Runtime:
                 torch.ones(len(p), dtype=torch.bool) if p.image_present is None
                 else p.image_present for p in parts
             ])  # fmt: skip
-        width = max(p.input_ids.shape[1] for p in parts)
-        pad = {"input_ids": width, "attention_mask": width}
-        cat = {f: torch.cat([_pad_cols(getattr(p, f), pad.get(f)) for p in parts]) for f in tensors}
+        cat = {f: torch.cat([getattr(p, f) for p in parts]) for f in tensors}  # one text width
         return Encoded(**cat, groups=groups, image_present=present, task=task, kind=parts[0].kind)
 
     def _encode(self, name: str, raw: RawSplit, task: str = "") -> Encoded:
@@ -184,13 +182,6 @@ class Runtime:
         except OSError as exc:  # read-only home etc.: caching is an optimisation only
             log.warning("could not write feature cache %s: %s", path, exc)
         return feats
-
-
-def _pad_cols(x: torch.Tensor, width: int | None) -> torch.Tensor:
-    """Right-pad a (N, L) token tensor with zeros to ``width`` columns (None: unchanged)."""
-    if width is None or x.shape[1] == width:
-        return x
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
 _RUNTIMES: dict[str, Runtime] = {}

@@ -240,7 +240,9 @@ class TAP(Method):
             return ctx.score(split)[""]
 
     def _snapshot(self, ctx: ClientContext, spec: ClientSpec) -> State:
-        return owned(get_parts(ctx.model, self.trainable_parts()), spec)
+        parts = ["head", *(f"adapter.{s}" for s in client_sets(spec))]
+        parts += ["proj"] if "image" in spec.modalities else []
+        return owned(get_parts(ctx.model, parts), spec)  # head: this task's only
 
     def client_train(self, ctx: ClientContext, global_state: State) -> State:
         spec, _, personal = self._start(ctx, global_state)
