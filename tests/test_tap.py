@@ -44,6 +44,11 @@ def test_task_benchmark_clients_differ_in_task_and_modality(task_cfg):
     assert attrs.dtype == np.float32 and attrs.shape[1] == 7 and set(np.unique(attrs)) <= {0, 1}
 
 
+def test_the_task_benchmark_refuses_another_client_count(task_cfg):
+    with pytest.raises(ValueError, match="6 fixed clients"):
+        load_benchmark(task_cfg.with_overrides({"fed.clients": 5}))
+
+
 def test_a_record_without_an_image_ignores_its_placeholder_features(task_cfg):
     rt = get_runtime(task_cfg)
     split = rt.client_split(5, "test")  # text only

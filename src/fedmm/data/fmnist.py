@@ -257,6 +257,9 @@ def build_task(cfg: FedmmConfig) -> Benchmark:
     get empty texts.  The multi-label targets are a fixed function of the class, so AUROC can
     reach 1; the metric is mean AUROC (primary) and macro-F1.
     """
+    if cfg.fed.clients != len(TASK_CLIENTS):
+        raise ValueError(f"fmnist-task has {len(TASK_CLIENTS)} fixed clients: set "
+                         f"fed.clients={len(TASK_CLIENTS)}, got {cfg.fed.clients}")  # fmt: skip
     raw = load_fashion_mnist(cfg.data.data_dir)
     k, n_train, n_test = len(TASK_CLIENTS), cfg.data.train_per_client, cfg.data.test_per_client
     if n_train < 1 or n_test < 1:

@@ -316,6 +316,9 @@ def build_task(cfg: FedmmConfig) -> Benchmark:
     tasks would otherwise test on training images.  Clients may share images (they hold
     different tasks about the same pictures).
     """
+    if cfg.fed.clients != len(TASK_CLIENTS):
+        raise ConfigError(f"vqa-rad-task has {len(TASK_CLIENTS)} fixed clients: set "
+                          f"fed.clients={len(TASK_CLIENTS)}, got {cfg.fed.clients}")  # fmt: skip
     data = load_vqa_rad(cfg.data.data_dir)
     train, test = image_disjoint_split(data, cfg.data.split_seed)
     size = cfg.model.image_size
