@@ -4,6 +4,7 @@
               [--clients K] [--seed S] [--out DIR] [--config FILE.toml] [--set key=value ...]
     fedmm bench [--benchmark NAME[,NAME...]] [--method ...] [--seeds 0,1,2] [--out DIR] [...]
               # methods x benchmarks x seeds -> bench.json, report.md, plots (resumable)
+    fedmm run --sites DIR [--site KEY=VALUE ...]   # one simulated client per site directory
     fedmm run --resume DIR   # continue every interrupted run checkpointed under DIR
     fedmm certs --out DIR [--supernodes N] [--hosts H,...]   # TLS + SuperNode auth keys
     fedmm deploy [run options] [--certs DIR] [--kill-node K --kill-after-round R]
@@ -23,6 +24,7 @@ import warnings
 from pathlib import Path
 
 from fedmm.config import ConfigError, FedmmConfig, load_toml, parse_set
+from fedmm.runtime import SITES
 
 FLAG_KEYS = {"benchmark": "data.benchmark", "peft": "peft.type", "rounds": "fed.rounds",
              "clients": "fed.clients", "seed": "seed", "out": "out_dir"}  # fmt: skip
@@ -44,12 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="TOML file with options (tables = sections)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any option, e.g. --set train.lr=5e-4 (repeatable)")  # fmt: skip
+    run.add_argument("--sites", metavar="DIR",
+                     help="site directories under DIR (fedmm split writes them): one client each, "
+                     "reading only its own directory")  # fmt: skip
+    run.add_argument("--site", action="append", default=[], metavar="KEY=VALUE",
+                     help="a site setting given to every simulated site, e.g. --site "
+                     "dp-clip-norm=1.0 (README: site settings)")  # fmt: skip
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.add_argument("--resume", metavar="DIR",
                      help="continue the interrupted runs checkpointed under DIR (their own options)")  # fmt: skip
     bench = sub.add_parser("bench", help="methods x benchmarks x seeds into one report (resumable)")
     for action in run._actions[1:]:  # the same options as `run` ...
-        if action.dest not in ("seed", "resume"):
+        if action.dest not in ("seed", "resume", "sites", "site"):
             bench._add_action(action)
     bench.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     certs = sub.add_parser("certs", help="TLS certificates + SuperNode auth keys for a deployment")
@@ -61,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "deploy", help="run on a local deployment: SuperLink + SuperNodes as processes, TLS, auth"
     )
     for action in run._actions[1:]:
-        if action.dest not in ("method", "resume"):
+        if action.dest not in ("method", "resume", "site"):
             deploy._add_action(action)
     deploy.add_argument("--method", help="method name (default: fedavg)")
     deploy.add_argument("--workdir", default="", help="certificates, logs, Flower homes "
@@ -85,6 +93,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[list[FedmmConfig], list[st
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
+    if getattr(args, "sites", None):
+        if getattr(args, "benchmark", None):
+            raise ConfigError("give either --sites DIR or --benchmark NAME, not both")
+        overrides["data.benchmark"], overrides["data.data_dir"] = SITES, args.sites
     overrides.update(parse_set(args.set))
     methods_arg = args.method if args.method is not None else overrides.pop("method", "fedavg")
     overrides.pop("method", None)
@@ -118,7 +130,7 @@ def validate(cfg: FedmmConfig, methods: list[str]) -> None:
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; choices: {', '.join(METHODS)}")
         METHODS[m](cfg.with_overrides({"method": m}))  # method x PEFT x options, before any run
-    if cfg.data.benchmark not in BENCHMARKS:
+    if cfg.data.benchmark not in BENCHMARKS and cfg.data.benchmark != SITES:
         raise ConfigError(
             f"unknown benchmark {cfg.data.benchmark!r}; choices: {', '.join(sorted(BENCHMARKS))}"
         )
@@ -142,6 +154,33 @@ def validate(cfg: FedmmConfig, methods: list[str]) -> None:
         raise ConfigError("train.local_steps and train.batch_size must be >= 1")
 
 
+def site_options(args: argparse.Namespace) -> dict:
+    """``--site KEY=VALUE`` settings, checked now (unknown keys, types, ranges)."""
+    from fedmm.federation.site import SiteSettings
+
+    site = parse_set(getattr(args, "site", []) or [])
+    SiteSettings.from_node_config(site)
+    return site
+
+
+def check_data(cfg: FedmmConfig) -> None:
+    """The run's data exists and reads (site directories and their schema, or the benchmark)."""
+    from fedmm.data import load_benchmark, sites
+
+    try:
+        if cfg.data.benchmark == SITES:
+            roots = sites.list_sites(Path(cfg.data.data_dir))
+            schema = sites.read_schema(Path(cfg.data.data_dir) / sites.SCHEMA_FILE)
+            for root in roots:
+                if sites.read_schema(root / sites.SCHEMA_FILE).sha256() != schema.sha256():
+                    raise ConfigError(f"{root / sites.SCHEMA_FILE} differs from "
+                                      f"{Path(cfg.data.data_dir) / sites.SCHEMA_FILE}")  # fmt: skip
+        else:
+            load_benchmark(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def cmd_list() -> None:
     from fedmm.backbones import backbone_names
     from fedmm.data import BENCHMARKS
@@ -160,7 +199,6 @@ def cmd_list() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedmm import results
     from fedmm.backbones.hf import check_source
-    from fedmm.data import load_benchmark
     from fedmm.engine import run_method
 
     if args.resume:
@@ -168,8 +206,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfgs, methods = resolve_config(args)
     cfg = cfgs[0]
     out = Path(cfg.out_dir)
+    site = site_options(args)
     try:
-        load_benchmark(cfg)  # missing data fails here, with install instructions, before any run
+        check_data(cfg)  # missing data fails here, with install instructions, before any run
         check_source(cfg.model)  # so do Hugging Face weights that are not on this machine
         results.load(out)  # an unreadable results.json is reported, never overwritten
     except ValueError as exc:
@@ -177,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"fedmm: {', '.join(methods)} on {cfg.data.benchmark} ({cfg.fed.clients} clients, "
           f"{cfg.fed.rounds} rounds, backbone {cfg.model.backbone}, seed {cfg.seed}) -> {out}/", flush=True)  # fmt: skip
     for method in methods:
-        run_method(cfg.with_overrides({"method": method}))
+        run_method(cfg.with_overrides({"method": method}), site)
     data = results.load(out)
     data["runs"] = [
         r for r in data["runs"]
@@ -226,7 +265,6 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from fedmm import results
-    from fedmm.data import load_benchmark
     from fedmm.deploy import launch
 
     cfgs, methods = resolve_config(args)
@@ -235,12 +273,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     cfg = cfgs[0].with_overrides({"method": methods[0]}).resolved()
     if not get_method_federated(cfg):
         raise ConfigError(f"{cfg.method} runs without Flower; use fedmm run")
-    try:
-        load_benchmark(cfg)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    check_data(cfg)
     workdir = Path(args.workdir or Path(cfg.out_dir) / "deployment")
-    print(f"fedmm deploy: {cfg.method} on {cfg.data.benchmark}, {cfg.fed.clients} SuperNodes "
+    print(f"fedmm deploy: {cfg.method} on {cfg.data.benchmark}, one SuperNode per site "
           f"(TLS, node auth) -> {cfg.out_dir}/; logs in {workdir}/", flush=True)  # fmt: skip
     launch.deploy_and_run(cfg, workdir, args.kill_node, args.kill_after_round, args.timeout)
     data = results.load(cfg.out_dir)

@@ -165,6 +165,9 @@ class DataConfig:
     dirichlet_by: str = "answer"  # vqa-rad-dirichlet: answer | organ, the skewed label per image
     clients_by: str = "column"  # jsonl: column (the records' `client`) | iid | dirichlet
     skip_missing_images: bool = False  # jsonl: drop records whose image is missing (and say so)
+    # the server's copy of the task schema (schema.json, shared like the CA certificate); ""
+    # = derived from the benchmark by the process that starts a rehearsal (fedmm run)
+    schema: str = ""
 
 
 @dataclass
@@ -231,6 +234,8 @@ class FedmmConfig:
         import os
 
         updates = {"out_dir": os.path.abspath(self.out_dir)}
+        if self.data.schema:
+            updates["data.schema"] = os.path.abspath(self.data.schema)
         if self.cache_dir:
             updates["cache_dir"] = os.path.abspath(self.cache_dir)
         if self.data.data_dir:
@@ -268,6 +273,32 @@ class FedmmConfig:
             else:
                 setattr(cfg, key, value)
         return cfg
+
+
+# ---------------------------------------------------------------------- site vs run
+# Options that belong to a site (a SuperNode's operator sets them with --node-config, see
+# fedmm.federation.site) or to the server process itself.  They never travel in a server message:
+# whoever submits a run decides the experiment, not which files a site reads or writes, on which
+# device it computes or how private its uploads are (the run's dp.* is a request; the site's
+# floor wins, see federation/site.py).
+SITE_KEYS = frozenset({"data.data_dir", "cache_dir", "device", "train.threads"})
+SERVER_KEYS = frozenset(
+    {"out_dir", "progress", "resume", "data.schema", "fed.round_timeout", "fed.min_clients",
+     "fed.eval_every", "fed.eval_fraction", "validate.max_examples", "validate.max_upload_mb"}
+)  # fmt: skip
+
+
+def experiment_keys() -> frozenset[str]:
+    """The allowlist of what a server message may carry: every option of the experiment (method,
+    PEFT, model id, hyper-parameters, schedule, rounds, compression, the run's DP request, the
+    data options of a rehearsed central benchmark) -- never a path, device or thread count."""
+    return frozenset(FedmmConfig().to_flat()) - SITE_KEYS - SERVER_KEYS
+
+
+def experiment_of(cfg: FedmmConfig) -> dict[str, Any]:
+    """The flat experiment options of ``cfg`` (``experiment_keys``), for a server message."""
+    keys = experiment_keys()
+    return {k: v for k, v in cfg.to_flat().items() if k in keys}
 
 
 def _coerce(key: str, raw: Any, kind: type) -> Any:

@@ -1,4 +1,15 @@
-"""Run methods: federated ones on Flower's simulation runtime, ``centralized`` in-process."""
+"""Run methods: federated ones on Flower's simulation runtime, ``centralized`` in-process.
+
+A simulation is a rehearsal of a deployment on one machine: the same ServerApp and ClientApp,
+each simulated SuperNode with its own site settings (``rehearsal_sites``), as an operator would
+give them with ``--node-config``:
+
+* ``data.benchmark = "sites"`` (``fedmm run --sites DIR``): one client per site directory under
+  ``DIR`` (``fedmm split`` writes them), each reading only its own directory;
+* any other benchmark: client K is partition K of that central benchmark (``partition-id``).
+
+Either way the server reads the task schema only (``data.schema``; for a central benchmark it is
+derived here, before the run, and written to ``<out>/schemas/``)."""
 
 from __future__ import annotations
 
@@ -6,12 +17,15 @@ import logging
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from fedmm import results
-from fedmm.config import FedmmConfig
+from fedmm.config import ConfigError, FedmmConfig
+from fedmm.data import sites
+from fedmm.federation.site import SiteSettings
 from fedmm.methods import get_method
 from fedmm.methods.centralized import run_centralized
-from fedmm.runtime import get_runtime, resolve_device
+from fedmm.runtime import SITES, get_runtime, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +43,67 @@ def _progress(cfg: FedmmConfig, label: str):
     return bar, on_round
 
 
-def run_method(cfg: FedmmConfig) -> dict:
-    """Run ``cfg.method`` to the end; returns the run record (also saved in results.json)."""
+def prepare(cfg: FedmmConfig) -> FedmmConfig:
+    """``cfg`` completed for a rehearsal: absolute paths, the server's schema (``data.schema``),
+    and, for site directories, ``fed.clients`` = the number of sites."""
     cfg = cfg.resolved()
+    if cfg.data.benchmark == SITES:
+        if not cfg.data.data_dir:
+            raise ConfigError("data.benchmark=sites needs the directory of site directories "
+                              "(fedmm run --sites DIR)")  # fmt: skip
+        roots = sites.list_sites(Path(cfg.data.data_dir))
+        updates = {"fed.clients": len(roots)}
+        if not cfg.data.schema:
+            updates["data.schema"] = str(Path(cfg.data.data_dir) / sites.SCHEMA_FILE)
+        return cfg.with_overrides(updates)
+    if cfg.data.schema:
+        return cfg
+    schema = get_runtime(cfg).schema  # the operator's machine holds the central benchmark
+    path = Path(cfg.out_dir) / "schemas" / f"{schema.name}-{schema.sha256()[:12]}.json"
+    sites.write_schema(schema, path)
+    return cfg.with_overrides({"data.schema": str(path)})
+
+
+def rehearsal_sites(cfg: FedmmConfig, site: dict | None = None) -> dict[int, dict]:
+    """Each simulated SuperNode's site settings (``--node-config`` keys): its data, its own state
+    directory under ``<out>/client_state/``, the run's cache, device and threads, plus ``site``
+    (e.g. a privacy floor) for every site."""
+    common = {"cache-dir": cfg.cache_dir, "device": cfg.device, "threads": cfg.train.threads}
+    out = Path(cfg.out_dir) / "client_state"
+    if cfg.data.benchmark == SITES:
+        roots = sites.list_sites(Path(cfg.data.data_dir))
+        settings = {k: {"data-dir": str(r), "state-dir": str(out / r.name)}
+                    for k, r in enumerate(roots)}  # fmt: skip
+    else:
+        settings = {k: {"data-dir": cfg.data.data_dir, "state-dir": str(out / f"site-{k}")}
+                    for k in range(cfg.fed.clients)}  # fmt: skip
+    for k in settings:
+        settings[k] |= common | dict(site or {})
+        SiteSettings.from_node_config(settings[k])  # a bad setting fails here, before the run
+    return settings
+
+
+def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
+    """Run ``cfg.method`` to the end; returns the run record (also saved in results.json).
+
+    ``site``: site settings (``--node-config`` keys, e.g. ``{"dp-clip-norm": 1.0}``) given to
+    every simulated site."""
+    cfg = prepare(cfg)
     method = get_method(cfg)
     label = f"{cfg.method} on {cfg.data.benchmark}"
     bar, on_round = _progress(cfg, label)
     t0 = time.perf_counter()
     try:
         if method.federated:
-            _simulate(cfg, on_round)
+            _simulate(cfg, on_round, rehearsal_sites(cfg, site))
         else:
             runtime = get_runtime(cfg)
+            bench = runtime.benchmark
             record = results.new_run(
-                cfg, runtime.benchmark, method.views, method.count_trainable(runtime.model)
-            )
+                cfg, runtime.schema.name, {c.client_id: c.description for c in bench.clients},
+                {c.client_id: c.task for c in bench.clients} if bench.tasks else None,
+                method.views, method.count_trainable(runtime.model),
+            )  # fmt: skip
 
             def save_round(entry: dict) -> None:
                 results.add_round(record, entry)
@@ -55,17 +115,17 @@ def run_method(cfg: FedmmConfig) -> dict:
         bar.close()
     log.info("%s finished in %.0fs", label, time.perf_counter() - t0)
     data = results.load(cfg.out_dir)
-    key = (cfg.method, cfg.peft.type, get_runtime(cfg).benchmark.name, cfg.seed)
+    key = (cfg.method, cfg.peft.type, sites.read_schema(Path(cfg.data.schema)).name, cfg.seed)
     for run in data["runs"]:
         if results.run_key(run) == key:
             return run
     raise RuntimeError(f"{label}: the run finished but wrote no results to {cfg.out_dir}")
 
 
-def _simulate(cfg: FedmmConfig, on_round) -> None:
+def _simulate(cfg: FedmmConfig, on_round, site_settings: dict[int, dict]) -> None:
     from flwr.simulation import run_simulation
 
-    from fedmm.federation.clientapp import app as client_app
+    from fedmm.federation.clientapp import make_client_app
     from fedmm.federation.serverapp import make_server_app
 
     cpus = max(1, os.cpu_count() or 1)
@@ -77,7 +137,7 @@ def _simulate(cfg: FedmmConfig, on_round) -> None:
     }
     run_simulation(
         server_app=make_server_app(replace(cfg), on_round),
-        client_app=client_app,
+        client_app=make_client_app(site_settings),
         num_supernodes=cfg.fed.clients,
         backend_config=backend_config,
     )

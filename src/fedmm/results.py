@@ -36,29 +36,34 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from pathlib import Path
 
 from fedmm import __version__
 from fedmm.config import FedmmConfig
-from fedmm.data import Benchmark
 from fedmm.files import atomic_write
 
 VIEW_ORDER = ("global", "personalized", "dat", "client")
 
 
 def new_run(
-    cfg: FedmmConfig, benchmark: Benchmark, views: tuple[str, ...], trainable_params: int
-) -> dict:
+    cfg: FedmmConfig, benchmark: str, clients: dict[str, str], tasks: dict[str, str] | None,
+    views: tuple[str, ...], trainable_params: int,
+) -> dict:  # fmt: skip
+    """A new run record: ``clients`` maps each client's name to its description, ``tasks`` each
+    client to its task (multi-task schemas; None otherwise).  ``run_id`` names the run's client
+    state at every site; it is kept when the run is resumed."""
     return {
         "method": cfg.method,
         "peft": cfg.peft.type,
-        "benchmark": benchmark.name,
+        "benchmark": benchmark,
         "seed": cfg.seed,
+        "run_id": uuid.uuid4().hex,
         "views": list(views),
         "trainable_params": trainable_params,
         "config": cfg.to_flat(),
-        "clients": {c.client_id: c.description for c in benchmark.clients},
-        **({"tasks": {c.client_id: c.task for c in benchmark.clients}} if benchmark.tasks else {}),
+        "clients": dict(sorted(clients.items())),
+        **({"tasks": dict(sorted(tasks.items()))} if tasks else {}),
         "history": [],
         "final": {},
     }

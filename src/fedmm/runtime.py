@@ -1,5 +1,11 @@
 """Per-process runtime: one model and the encoded client datasets, built once and reused.
 
+What a process loads is its own data only: a site (``data.benchmark = "sites"``) reads its site
+directory (``data.data_dir``, set from the site's own settings, ``fedmm.data.sites``); a rehearsal
+of a central benchmark builds that benchmark (every client of it) and each node uses its own
+partition; the centralised baseline pools every client.  The server builds no ``Runtime``: it
+needs the trainable shapes only, from the model config and the task schema (``server_model``).
+
 A Flower simulation actor (or a SuperNode process) serves many ``ClientApp`` calls; rebuilding the
 backbone or re-encoding images on every call would dominate the round time.  ``get_runtime``
 keeps one ``Runtime`` per (backbone, data) configuration in the process.
@@ -14,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +28,7 @@ import torch
 from fedmm.backbones import FusionVLModel, build_model
 from fedmm.config import FedmmConfig
 from fedmm.data import Benchmark, RawSplit, load_benchmark
+from fedmm.data import sites as site_data
 from fedmm.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -74,6 +81,15 @@ class Encoded:
         )
 
 
+SITES = "sites"  # data.benchmark of a federation of site directories
+
+
+def server_model(cfg: FedmmConfig, schema: site_data.Schema) -> FusionVLModel:
+    """The model the server holds: built from the model config and the task schema alone (for
+    the trainable shapes and the first global state), never from data."""
+    return build_model(cfg.model, cfg.adapter, schema.head_sizes(), cfg.peft)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,7 +113,23 @@ class Runtime:
         self.device = resolve_device(cfg.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        self.benchmark: Benchmark = load_benchmark(cfg)
+        if cfg.data.benchmark == SITES:
+            if not cfg.data.data_dir:
+                raise RuntimeError(
+                    "this site has no data-dir: set it in the SuperNode's --node-config "
+                    '(data-dir="/path/to/site", a directory written by fedmm split)'
+                )
+            root = Path(cfg.data.data_dir)
+            self.schema = site_data.read_schema(root / site_data.SCHEMA_FILE)
+            if (root / "train.jsonl").is_file():  # one site: its own records only
+                self.benchmark: Benchmark = site_data.load_site(root, cfg, self.schema)
+            else:  # every site of a rehearsal pooled (the centralised baseline)
+                parts = [site_data.load_site(r, cfg, self.schema)
+                         for r in site_data.list_sites(root)]  # fmt: skip
+                self.benchmark = replace(parts[0], clients=[c for p in parts for c in p.clients])
+        else:
+            self.benchmark = load_benchmark(cfg)
+            self.schema = site_data.schema_of(self.benchmark)
         self.model: FusionVLModel = build_model(
             cfg.model, cfg.adapter, self.benchmark.head_sizes(), cfg.peft
         ).to(self.device)

@@ -8,7 +8,10 @@ machines (README, "Deploy across machines"):
                       --enable-supernode-auth --port P
     flwr supernode register supernode-K.pub fedmm          (once per site, by the operator)
     flower-supernode  --superlink 127.0.0.1:P --root-certificates ca.crt
-                      --auth-supernode-private-key supernode-K --node-config "partition-id=K ..."
+                      --auth-supernode-private-key supernode-K
+                      --node-config 'data-dir="SITE_K" state-dir="..." ...'   (site settings,
+                                   federation/site.py; partition-id=K only to rehearse a central
+                                   benchmark)
     flwr run APP fedmm --run-config "..." --stream          (the same ServerApp/ClientApp as
                                                             fedmm's simulation)
 
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmm.deploy import certs
+from fedmm.federation.site import node_config_arg
 
 log = logging.getLogger(__name__)
 CONNECTION = "fedmm"  # the SuperLink connection's name in $FLWR_HOME/config.toml
@@ -74,6 +78,7 @@ class Deployment:
     port: int
     num_supernodes: int
     env: dict[str, str]
+    node_configs: list[dict] = field(default_factory=list)  # site settings of SuperNode k
     superlink: subprocess.Popen | None = None
     supernodes: dict[int, subprocess.Popen] = field(default_factory=dict)
     paths: dict = field(default_factory=dict)
@@ -117,7 +122,7 @@ class Deployment:
             [self.bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
              "--root-certificates", str(self.paths["ca_cert"]),
              "--auth-supernode-private-key", str(self.paths["supernode_keys"][k][0]),
-             "--node-config", f"partition-id={k} num-partitions={self.num_supernodes}",
+             "--node-config", node_config_arg(self.node_configs[k]),
              "--port", str(free_port()), "--max-retries", "20", "--max-wait-time", "120"],
             env,
         )  # fmt: skip
@@ -214,9 +219,13 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float 
         proc.wait(timeout=grace)
 
 
-def start(workdir: str | Path, num_supernodes: int, timeout: float = 120.0) -> Deployment:
+def start(
+    workdir: str | Path, node_configs: list[dict], timeout: float = 120.0
+) -> Deployment:
     """Certificates + keys (made once under ``workdir/certs``), a TLS SuperLink with SuperNode
-    authentication, every key registered, ``num_supernodes`` SuperNodes online."""
+    authentication, every key registered, one SuperNode per entry of ``node_configs`` (its site
+    settings, ``--node-config`` keys) online."""
+    num_supernodes = len(node_configs)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cert_dir = workdir / "certs"
@@ -244,7 +253,7 @@ def start(workdir: str | Path, num_supernodes: int, timeout: float = 120.0) -> D
     # the apps must import the fedmm this process runs (a checkout, not some installed copy)
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    dep = Deployment(workdir, port, num_supernodes, env, paths=paths)
+    dep = Deployment(workdir, port, num_supernodes, env, list(node_configs), paths=paths)
     try:
         dep.start_superlink(timeout)
         for k in range(num_supernodes):
@@ -259,11 +268,14 @@ def start(workdir: str | Path, num_supernodes: int, timeout: float = 120.0) -> D
 
 
 def run_config_of(cfg) -> dict:
-    """The options of ``cfg`` that differ from the defaults, for ``flwr run --run-config``."""
-    from fedmm.config import FedmmConfig
+    """The experiment and server options of ``cfg`` that differ from the defaults, for
+    ``flwr run --run-config``: never a site's path, device or threads (``config.SITE_KEYS``)."""
+    from fedmm.config import SITE_KEYS, FedmmConfig
 
     default = FedmmConfig().to_flat()
-    return {k: v for k, v in cfg.resolved().to_flat().items() if v != default[k]}
+    return {
+        k: v for k, v in cfg.resolved().to_flat().items() if v != default[k] and k not in SITE_KEYS
+    }
 
 
 def _rounds_done(out_dir: Path, cfg) -> int:
@@ -283,16 +295,26 @@ def deploy_and_run(
     cfg, workdir: str | Path, kill_node: int | None = None, kill_after_round: int = 1,
     timeout: float = 900.0, app: Path | None = None,
 ) -> dict:  # fmt: skip
-    """Start a deployment with ``fed.clients`` SuperNodes, run ``cfg`` with ``flwr run``, stop.
+    """Start a deployment, one SuperNode per site, run ``cfg`` with ``flwr run``, stop.
+
+    Sites: with ``data.benchmark = "sites"`` one per site directory under ``data.data_dir`` (its
+    ``data-dir``), else ``fed.clients`` partitions of the central benchmark (``partition-id``);
+    each with its own ``state-dir`` under ``<out>/client_state/``.  The ServerApp gets the run
+    config without any site path: it reads ``data.schema`` only.
 
     ``kill_node=K`` SIGKILLs SuperNode K as soon as round ``kill_after_round`` is in results.json
     (i.e. while the next round's messages are out): a site crashing mid-run.  Returns the run
     record from ``<out_dir>/results.json``.
     """
     from fedmm import results
+    from fedmm.engine import prepare, rehearsal_sites
 
-    cfg = cfg.resolved()
-    dep = start(workdir, cfg.fed.clients)
+    cfg = prepare(cfg)
+    node_configs = rehearsal_sites(cfg)
+    for k, node in node_configs.items():
+        if cfg.data.benchmark != "sites":
+            node["partition-id"] = k  # rehearsing a central benchmark: client K of it
+    dep = start(workdir, [node_configs[k] for k in sorted(node_configs)])
     try:
         proc = dep.run(run_config_of(cfg), app=app, wait=False)
         deadline = time.monotonic() + timeout

@@ -1,21 +1,35 @@
-"""The fedmm ClientApp (Flower Message API): one SuperNode = one client of the benchmark.
+"""The fedmm ClientApp (Flower Message API): one SuperNode = one site = one client.
 
-The node's data partition is ``node_config["partition-id"]`` (set by Flower's simulation runtime,
-or by ``--node-config "partition-id=K"`` for a SuperNode).  The experiment config arrives with each
-message from the server.  The method named there does the work; this file only moves records.
+What a client reads, writes and how private it is are the **site's** settings
+(``federation/site.py``: ``data-dir``, ``state-dir``, ``cache-dir``, ``device``, ``threads``, the
+privacy floor), from the SuperNode's ``--node-config`` -- in a simulation fedmm generates them
+per client (``make_client_app(sites=...)``).  The server's message carries the experiment only
+(``config.experiment_keys``); the client refuses, with an error reply and nothing written or
+changed, a message that carries anything else, a global state whose keys or shapes differ from
+its model's, non-finite values, a schema other than its own or a client index other than the one
+it declared (``RefusedMessage``).
+
+Data: a site directory (``data.benchmark = "sites"``) holds only this site's records; with
+``partition-id`` a node rehearses client K of a central benchmark.
 
 Client state (FedDAT's A_c, personal heads, the local model, ...) persists across rounds in the
 Flower ``Context`` (``context.state``) **and** on disk, atomically, in
-``<out_dir>/client_state/<method>-<benchmark>-seed<S>/client-<K>.pt``.  A restarted node with an
-empty Context picks the disk copy up; in round 1 any old copy is ignored (a new run starts clean).
-The copy being replaced is kept as ``client-<K>.pt.prev``: when a server resumes an interrupted
-round r+1 that this client had already trained, the client goes back to its state of round r.
+``<state-dir>/<method>-<peft>-<benchmark>-seed<S>-<run id>/client.pt`` -- the whole identity of
+the run, so another run never reads it.  A restarted node with an empty Context picks the disk
+copy up.  The copy being replaced is kept as ``client.pt.prev``: when a server resumes an
+interrupted round r+1 that this client had already trained, the client goes back to its state of
+round r.  The server says in every message which round of this client it last aggregated
+(``last-trained``); a client that finds no state of that round is a loud error, never a silent
+fresh start.
 
-With ``dp.clip_norm > 0`` the upload is clipped and noised here, on the client (``dp.py``).
+Differential privacy: the upload is clipped and noised here, on the client (``dp.py``), with the
+stricter of the run's request and the site's floor; ε is accounted per site (``privacy.py``) and a
+site refuses to train once its ``dp-max-epsilon`` would be exceeded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -27,132 +41,250 @@ from flwr.clientapp import ClientApp
 
 from fedmm.config import FedmmConfig
 from fedmm.federation import dp, messages
+from fedmm.federation.messages import RefusedMessage
+from fedmm.federation.privacy import LEDGER, Ledger
+from fedmm.federation.site import SiteSettings
 from fedmm.files import atomic_torch_save
 from fedmm.methods import ClientContext, get_method
-from fedmm.methods.base import State, to_numpy, to_torch
-from fedmm.runtime import get_runtime
+from fedmm.methods.base import ClientInfo, Method, State, to_numpy, to_torch
+from fedmm.runtime import SITES, Runtime, get_runtime
 
 log = logging.getLogger(__name__)
 STATE_KEY, STATE_META = "fedmm.client_state", "fedmm.client_state_meta"
-
-app = ClientApp()
 CORE_STATS = {"steps", "lr_first", "lr_last", "loss_sum"}  # sent under their own names
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    return handle(msg, context, train=True)
+def make_client_app(sites: dict[int, dict] | None = None) -> ClientApp:
+    """The ClientApp; ``sites``: simulation only, partition id -> that site's settings (the
+    ``--node-config`` keys a SuperNode's operator would set)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle(msg, context, train=True, sites=sites)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle(msg, context, train=False, sites=sites)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context, sites=sites)
+
+    return app
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return handle(msg, context, train=False)
+app = make_client_app()
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Which client (data partition) this node is: the server asks once before round 1."""
-    return Message(
-        messages.client_reply(None, {"client-index": partition_id(context)}), reply_to=msg
-    )
+def site_settings(context: Context, sites: dict[int, dict] | None = None) -> SiteSettings:
+    """This node's site settings: its node config (+ the simulated site's, in a simulation)."""
+    node = dict(context.node_config)
+    if sites is not None:
+        node = {**node, **sites[int(node["partition-id"])]}
+    return SiteSettings.from_node_config(node)
 
 
-def partition_id(context: Context) -> int:
-    try:
-        return int(context.node_config["partition-id"])
-    except KeyError as exc:
-        raise RuntimeError(
-            "this SuperNode has no 'partition-id' in its node config; start it with "
-            '--node-config "partition-id=K" (K = the client index in the benchmark)'
-        ) from exc
+class Site:
+    """This node's view of itself for one message: settings, run config, data, identity."""
+
+    def __init__(self, context: Context, experiment: FedmmConfig, sites=None) -> None:
+        self.settings = site_settings(context, sites)
+        self.cfg = self.settings.apply(experiment)
+        if self.cfg.data.benchmark != SITES and not self.settings.rehearsal:
+            raise RuntimeError(
+                f"the run rehearses the central benchmark {self.cfg.data.benchmark!r}, but this "
+                "SuperNode has no partition-id; a site serves site-directory runs "
+                "(data.benchmark=sites), or set partition-id=K to rehearse"
+            )
+        self.runtime: Runtime = get_runtime(self.cfg)
+        clients = self.runtime.benchmark.clients
+        self.local = 0 if self.cfg.data.benchmark == SITES else self.settings.partition_id
+        if not 0 <= self.local < len(clients):
+            raise RuntimeError(
+                f"partition-id {self.local} out of range: the benchmark has {len(clients)} clients"
+            )
+        self.spec = clients[self.local]
+        self.info = ClientInfo(self.spec.client_id, self.spec.task, tuple(self.spec.modalities))
+
+    def declared_index(self) -> int:
+        """The client index this site declares (-1: none, the server assigns one)."""
+        if self.cfg.data.benchmark != SITES:
+            return self.settings.partition_id
+        site_file = Path(self.cfg.data.data_dir) / "site.json"
+        if site_file.is_file():
+            index = json.loads(site_file.read_text()).get("index")
+            if isinstance(index, int) and index >= 0:
+                return index
+        return -1
+
+    def check(self, meta: dict) -> int:
+        """The client index the server addressed, after checking it and the schema."""
+        ours = self.runtime.schema.sha256()
+        if meta["schema-sha256"] != ours:
+            raise RefusedMessage(
+                f"the run's task schema (sha256 {meta['schema-sha256'][:12]}) differs from this "
+                f"site's ({ours[:12]}); every site and the server must hold the same schema.json"
+            )
+        index, declared = meta["client-index"], self.declared_index()
+        if index < 0 or (declared >= 0 and index != declared):
+            raise RefusedMessage(f"the server addressed client {index}, but this site is "
+                                 f"client {declared}")  # fmt: skip
+        return index
+
+    def state_file(self, run_id: str) -> Path:
+        c = self.cfg
+        run = f"{c.method}-{c.peft.type}-{self.runtime.schema.name}-seed{c.seed}-{run_id}"
+        return self.settings.state_root(self.spec.client_id) / run / "client.pt"
+
+    def split(self, name: str):
+        return self.runtime.client_split(self.local, name)
 
 
-def handle(msg: Message, context: Context, train: bool) -> Message:
+def handle_query(msg: Message, context: Context, sites=None) -> Message:
+    """Who this site is: the server asks once before round 1 (names, tasks, modalities, sizes;
+    never a record)."""
+    _, experiment, meta = messages.read_server_message(msg.content)
+    site = Site(context, experiment, sites)
+    notes = site.runtime.benchmark.notes.get("unknown_answers", {})
+    metrics = {
+        "client-index": site.declared_index(), "num-train": len(site.spec.train),
+        "num-test": len(site.spec.test), "unknown-train": int(notes.get("train", 0)),
+        "unknown-test": int(notes.get("test", 0)),
+    }  # fmt: skip
+    about = ConfigRecord({
+        "name": site.spec.client_id, "task": site.spec.task,
+        "modalities": ",".join(site.spec.modalities), "description": site.spec.description,
+        "schema-sha256": site.runtime.schema.sha256(),
+    })  # fmt: skip
+    reply = messages.client_reply(None, metrics)
+    reply[messages.SITE] = about
+    return Message(reply, reply_to=msg)
+
+
+def check_global(method: Method, site: Site, arrays: dict, index: int) -> None:
+    """The global state must have exactly the keys and shapes this client's model expects."""
+    expected = method.init_global(site.runtime.model)
+    if method.per_client_messages:
+        expected = method.global_for_client(expected, index)
+    extra, missing = sorted(set(arrays) - set(expected)), sorted(set(expected) - set(arrays))
+    if extra or missing:
+        raise RefusedMessage(
+            f"the global state does not match this client's model: unexpected keys {extra[:3]}, "
+            f"missing keys {missing[:3]}"
+        )
+    for key, value in arrays.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise RefusedMessage(f"global {key}: shape {tuple(value.shape)}, this client's model "
+                                 f"has {tuple(expected[key].shape)}")  # fmt: skip
+
+
+def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     t0 = time.perf_counter()
-    global_arrays, cfg, rnd = messages.read_server_message(msg.content)
-    index = partition_id(context)
-    runtime = get_runtime(cfg)
+    global_arrays, experiment, meta = messages.read_server_message(msg.content)
+    site = Site(context, experiment, sites)
+    cfg, rnd = site.cfg, meta["round"]
+    index = site.check(meta)
     method = get_method(cfg)
-    state = restore_state(context, cfg, index, rnd, train=train)
+    method.bind(site.runtime.schema.tasks, {index: site.info})
+    check_global(method, site, global_arrays, index)
+    state_file = site.state_file(meta["run-id"])
+    state = restore_state(context, state_file, cfg, rnd, meta["last-trained"], train=train)
     steps = cfg.train.local_steps
     ctx = ClientContext(
-        cfg, runtime.model, runtime.client_split(index, "train"), runtime.client_split(index, "test"),
-        state, rnd, index, steps, steps * cfg.fed.rounds,
+        cfg, site.runtime.model, site.split("train"), site.split("test"), state, rnd, index,
+        steps, steps * cfg.fed.rounds,
     )  # fmt: skip
     global_state = to_torch(global_arrays)
-    if train:
-        upload = method.client_train(ctx, global_state)
-        save_state(context, cfg, index, rnd, ctx.state)
-        arrays, dp_stats = dp.privatize(to_numpy(upload), global_arrays, cfg.dp)
-        n_steps = ctx.stats.get("steps", 0)
-        metrics = {f"stat.{k}": v for k, v in ctx.stats.items() if k not in CORE_STATS}
-        metrics |= {
-            "client-index": index, "num-examples": len(ctx.train), "steps": n_steps,
-            "lr-first": ctx.stats.get("lr_first", 0.0), "lr-last": ctx.stats.get("lr_last", 0.0),
-            "loss": ctx.stats.get("loss_sum", 0.0) / max(1, n_steps),
-            "seconds": time.perf_counter() - t0, **dp_stats,
-        }  # fmt: skip
-        reply = messages.client_reply(arrays, metrics, cfg.fed.compression)
-        return Message(reply, reply_to=msg)
-    views = method.client_evaluate(ctx, global_state)
-    metrics = {f"acc.{view}": acc for view, acc in views.items()}
-    metrics.update({"client-index": index, "num-examples": len(ctx.test),
-                    "seconds": time.perf_counter() - t0})  # fmt: skip
-    return Message(messages.client_reply(None, metrics), reply_to=msg)
+    if not train:
+        views = method.client_evaluate(ctx, global_state)
+        metrics = {f"acc.{view}": acc for view, acc in views.items()}
+        metrics.update({"client-index": index, "num-examples": len(ctx.test),
+                        "seconds": time.perf_counter() - t0})  # fmt: skip
+        return Message(messages.client_reply(None, metrics), reply_to=msg)
+
+    dp_cfg = site.settings.effective_dp(cfg.dp)
+    ledger = Ledger(state_file.parent / LEDGER)
+    epsilon = None
+    if dp_cfg.clip_norm > 0:  # before any work: a site over budget trains nothing
+        epsilon = ledger.check_budget(
+            dp_cfg.noise_multiplier, site.settings.dp_delta, site.settings.dp_max_epsilon
+        )
+    upload = method.client_train(ctx, global_state)
+    arrays, dp_stats = dp.privatize(to_numpy(upload), global_arrays, dp_cfg)
+    if dp_cfg.clip_norm > 0:
+        ledger.record(rnd, dp_cfg.noise_multiplier, dp_cfg.clip_norm)
+        dp_stats |= {"dp-clip-norm": dp_cfg.clip_norm,
+                     "dp-noise-multiplier": dp_cfg.noise_multiplier}  # fmt: skip
+        if epsilon is not None and epsilon < float("inf"):
+            dp_stats["dp-epsilon"] = epsilon
+    save_state(context, state_file, cfg, rnd, ctx.state)
+    n_steps = ctx.stats.get("steps", 0)
+    metrics = {f"stat.{k}": v for k, v in ctx.stats.items() if k not in CORE_STATS}
+    metrics |= {
+        "client-index": index, "num-examples": len(ctx.train), "steps": n_steps,
+        "lr-first": ctx.stats.get("lr_first", 0.0), "lr-last": ctx.stats.get("lr_last", 0.0),
+        "loss": ctx.stats.get("loss_sum", 0.0) / max(1, n_steps),
+        "seconds": time.perf_counter() - t0, **dp_stats,
+    }  # fmt: skip
+    return Message(messages.client_reply(arrays, metrics, cfg.fed.compression), reply_to=msg)
 
 
 # ---------------------------------------------------------------------- persistent state
-def state_path(cfg: FedmmConfig, index: int) -> Path:
-    run = f"{cfg.method}-{cfg.data.benchmark}-seed{cfg.seed}"
-    return Path(cfg.out_dir) / "client_state" / run / f"client-{index}.pt"
-
-
 def prev_path(path: Path) -> Path:
-    return path.with_name(path.name + ".prev")  # not client-*.pt: only current states match
+    return path.with_name(path.name + ".prev")
 
 
 def restore_state(
-    context: Context, cfg: FedmmConfig, index: int, rnd: int, train: bool = True
-) -> State:
+    context: Context, path: Path, cfg: FedmmConfig, rnd: int, last_trained: int = 0,
+    train: bool = True,
+) -> State:  # fmt: skip
     """The client's private state: from the Context, else (after a restart) from disk.
 
     Training in round ``rnd`` starts from the state of a round < rnd; evaluating in round ``rnd``
     reads the state that round's training left (≤ rnd).  A newer copy -- written by a round the
     server never completed, before it was restarted -- is passed over for the one before it.
+    ``last_trained`` (from the server): the last round of this client the server aggregated; a
+    state older than that, or none at all, is an error -- the site lost what the run depends on.
     """
     newest = rnd - 1 if train else rnd
     meta = context.state.get(STATE_META)
     if (
-        meta is not None and str(meta["method"]) == cfg.method and STATE_KEY in context.state
-        and int(meta.get("round", 0)) <= newest
+        meta is not None and str(meta["path"]) == str(path) and STATE_KEY in context.state
+        and last_trained <= int(meta.get("round", 0)) <= newest
     ):  # fmt: skip
         return to_torch(messages.from_record(context.state[STATE_KEY]))
-    if rnd <= 1 and train:
-        return {}
-    path = state_path(cfg, index)
+    found = 0
     for candidate in (path, prev_path(path)):
         if candidate.is_file():
             saved = torch.load(candidate, weights_only=True)
-            if 0 < saved.get("round", 0) <= newest:
-                log.info("client %d: restored state of round %d from %s",
-                         index, saved["round"], candidate)  # fmt: skip
+            found = max(found, int(saved.get("round", 0)))
+            if 0 < saved.get("round", 0) <= newest and saved["round"] >= last_trained:
+                if saved["round"] < rnd - 1 or not train:
+                    log.info("restored client state of round %d from %s", saved["round"], candidate)
                 return dict(saved["state"])
+    if last_trained > 0:
+        raise RuntimeError(
+            f"client state of round {last_trained} (the last round the server aggregated from this "
+            f"client) is missing: {path} holds {'nothing' if not found else f'round {found}'}. "
+            "The site's state-dir was lost or changed; restore it, or start a new run"
+        )
     return {}
 
 
-def save_state(context: Context, cfg: FedmmConfig, index: int, rnd: int, state: State) -> None:
+def save_state(context: Context, path: Path, cfg: FedmmConfig, rnd: int, state: State) -> None:
     """Keep ``state`` in the Context and on disk (atomically; the previous round's copy kept)."""
     context.state[STATE_KEY] = messages.to_record(to_numpy(state))
-    context.state[STATE_META] = ConfigRecord({"method": cfg.method, "round": rnd})
-    path = state_path(cfg, index)
+    context.state[STATE_META] = ConfigRecord({"path": str(path), "round": rnd})
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file():
         try:
             if torch.load(path, weights_only=True).get("round", 0) < rnd:
                 os.replace(path, prev_path(path))
         except Exception as exc:  # a torn or foreign file is not worth keeping
-            log.warning("client %d: unreadable state file %s replaced: %s", index, path, exc)
+            log.warning("unreadable state file %s replaced: %s", path, exc)
     atomic_torch_save({"round": rnd, "state": {k: v.cpu() for k, v in state.items()}}, path)
 
 
-__all__ = ["app", "handle", "query", "restore_state", "save_state", "state_path"]
+__all__ = ["Site", "app", "handle", "handle_query", "make_client_app", "restore_state",
+           "save_state", "site_settings"]  # fmt: skip

@@ -1,8 +1,17 @@
 """What crosses the wire, in one place: Flower records <-> fedmm states.
 
-Server -> client (``train`` / ``evaluate``):
+Server -> client (``query`` / ``train`` / ``evaluate``):
     "global": ArrayRecord of the method's global state (trainable tensors only)
-    "config": ConfigRecord {"round": int, "fedmm": flat config as JSON}
+    "config": ConfigRecord {"round": int, "experiment": the run's experiment options as JSON
+              (``config.experiment_keys``: never a path, device or thread count),
+              "client-index": int (-1 in the query), "schema-sha256": str,
+              "last-trained": the last round whose training reply of this client the server
+              aggregated (0: none), "run-id": hex id of the run (kept across a resume)}
+Client -> server (``query``):
+    "metrics": MetricRecord {"client-index" (-1: the site declares none), "num-train",
+               "num-test", "unknown-train", "unknown-test"}
+    "site": ConfigRecord {"name", "task", "modalities" (comma-separated), "description",
+            "schema-sha256"}
 Client -> server (``train``):
     "update": ArrayRecord of the method's upload (trainable tensors only)
     "metrics": MetricRecord of scalars (num-examples, client-index, steps, lr, loss, seconds)
@@ -21,12 +30,14 @@ arrived, so the server always sees float32 arrays under the original keys):
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedmm.config import ConfigError, FedmmConfig
+from fedmm.config import ConfigError, FedmmConfig, experiment_keys, experiment_of
 
-GLOBAL, CONFIG, UPDATE, METRICS = "global", "config", "update", "metrics"
+GLOBAL, CONFIG, UPDATE, METRICS, SITE = "global", "config", "update", "metrics", "site"
 COMPRESSIONS = ("none", "fp16", "int8")
 INT8_SUFFIX = "@int8"
 
@@ -84,19 +95,55 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return out
 
 
-def server_message(arrays: dict[str, np.ndarray], cfg: FedmmConfig, rnd: int) -> RecordDict:
-    return RecordDict(
-        {GLOBAL: to_record(arrays), CONFIG: ConfigRecord({"round": rnd, "fedmm": cfg.to_json()})}
-    )
+class RefusedMessage(ValueError):
+    """A server message a client must not act on; nothing is written or changed."""
 
 
-def read_server_message(content: RecordDict) -> tuple[dict[str, np.ndarray], FedmmConfig, int]:
-    config = content[CONFIG]
-    return (
-        from_record(content[GLOBAL]),
-        FedmmConfig.from_json(str(config["fedmm"])),
-        int(config["round"]),
-    )
+def server_message(
+    arrays: dict[str, np.ndarray], cfg: FedmmConfig, rnd: int, client_index: int = -1,
+    schema_sha: str = "", last_trained: int = 0, run_id: str = "",
+) -> RecordDict:  # fmt: skip
+    config = {
+        "round": rnd, "experiment": json.dumps(experiment_of(cfg), sort_keys=True),
+        "client-index": client_index, "schema-sha256": schema_sha, "last-trained": last_trained,
+        "run-id": run_id,
+    }  # fmt: skip
+    return RecordDict({GLOBAL: to_record(arrays), CONFIG: ConfigRecord(config)})
+
+
+def read_server_message(content: RecordDict) -> tuple[dict[str, np.ndarray], FedmmConfig, dict]:
+    """``(global arrays, experiment config, meta)``; meta holds round, client-index,
+    schema-sha256 and last-trained.  Raises ``RefusedMessage`` for a message that carries an
+    option outside the experiment allowlist, a malformed config or non-finite global values."""
+    try:
+        config = content[CONFIG]
+        experiment = json.loads(str(config["experiment"]))
+        meta = {
+            "round": int(config["round"]), "client-index": int(config["client-index"]),
+            "schema-sha256": str(config["schema-sha256"]),
+            "last-trained": int(config["last-trained"]), "run-id": str(config["run-id"]),
+        }  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RefusedMessage(f"malformed server message: {exc!r}") from None
+    if not meta["run-id"].isalnum() and meta["run-id"]:
+        raise RefusedMessage(f"malformed run id {meta['run-id']!r}")  # it names a directory
+    if not isinstance(experiment, dict):
+        raise RefusedMessage("malformed server message: the experiment is not a JSON object")
+    foreign = sorted(set(experiment) - experiment_keys())
+    if foreign:
+        raise RefusedMessage(
+            f"the server sent options that are not its to set: {', '.join(foreign)} (a site's "
+            "paths, device, threads and privacy floor come from its own --node-config)"
+        )
+    try:
+        cfg = FedmmConfig().with_overrides(experiment)
+        arrays = from_record(content[GLOBAL])
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        raise RefusedMessage(f"malformed server message: {exc}") from None
+    bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
+    if bad:
+        raise RefusedMessage(f"the global state holds non-finite values in {bad[:3]}")
+    return arrays, cfg, meta
 
 
 def client_reply(

@@ -14,6 +14,11 @@ records what happened.  It never looks inside a state or a method.
             metrics ← evaluate(E_t, global)   E_t: all nodes in the last round, otherwise a
                                               seeded sample of ⌈fed.eval_fraction·K⌉ nodes
 
+The server never loads data: it builds the trainable shapes from the model config and the task
+schema (``data.schema``, the server's copy of the ``schema.json`` every site holds), and learns
+the clients' names, tasks, modalities and sizes from their replies to the query.  What it sends
+is the experiment only (``config.experiment_keys``).
+
 The same ``app`` runs under ``flwr run .`` (config from ``[tool.flwr.app.config]``) and under
 ``fedmm run`` (config passed to ``make_server_app``).  Results go to ``<out_dir>/results.json``,
 with every client's own seconds per training and evaluation reply: a round's wall time minus their
@@ -37,10 +42,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmm import results
 from fedmm.config import ConfigError, FedmmConfig
+from fedmm.data import sites
 from fedmm.federation import checkpoint, messages, validation
 from fedmm.methods import Reply, get_method
-from fedmm.methods.base import Method
-from fedmm.runtime import get_runtime
+from fedmm.methods.base import ClientInfo
+from fedmm.runtime import server_model
 
 log = logging.getLogger(__name__)
 
@@ -83,35 +89,65 @@ def origin(reply: Message, sent: list[Message]) -> int:
     return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
-def client_indices(grid: Grid, nodes: list[int], cfg: FedmmConfig) -> dict[int, int]:
-    """Ask every node once which client (data partition) it is: node id -> client index.
+def query_clients(
+    grid: Grid, nodes: list[int], cfg: FedmmConfig, schema_sha: str
+) -> tuple[dict[int, int], dict[int, ClientInfo], dict[int, dict]]:
+    """Ask every node once who it is: ``(node -> client index, index -> ClientInfo, index ->
+    {"num_train", "num_test", "unknown_train", "unknown_test"})``.
 
-    Methods whose clients hold different modules (TAP) send each client only its own part of
-    the global state, so the server must know who is who before the first round.
+    A site may declare its index (a rehearsed partition, or ``index`` in its site.json); when no
+    site declares one, indices follow the sorted site names.  Two sites with the same index or
+    name, or a schema other than the run's, stop the run before round 1.
     """
-    content = messages.server_message({}, cfg, 0)
+    content = messages.server_message({}, cfg, 0, schema_sha=schema_sha)
     replies = grid.send_and_receive(
         [Message(content, n, MessageType.QUERY, group_id="clients") for n in nodes]
     )
-    index_of = {}
+    found: dict[int, tuple[int, ClientInfo, dict]] = {}
     for reply in replies:
+        node = reply.metadata.src_node_id
         if reply.has_error():
+            raise RuntimeError(f"node {node} did not say which client it is: {reply.error.reason}")
+        m, about = reply.content[messages.METRICS], reply.content[messages.SITE]
+        if str(about["schema-sha256"]) != schema_sha:
             raise RuntimeError(
-                f"node {reply.metadata.src_node_id} did not say which client it is: "
-                f"{reply.error.reason}"
+                f"site {about['name']!r} (node {node}) holds another task schema than the run's "
+                f"data.schema ({str(about['schema-sha256'])[:12]} vs {schema_sha[:12]})"
             )
-        index_of[reply.metadata.src_node_id] = int(reply.content[messages.METRICS]["client-index"])
-    missing = sorted(set(nodes) - set(index_of))
+        modalities = tuple(x for x in str(about["modalities"]).split(",") if x)
+        info = ClientInfo(str(about["name"]), str(about["task"]), modalities)
+        sizes = {k.replace("-", "_"): int(m[k])
+                 for k in ("num-train", "num-test", "unknown-train", "unknown-test")}  # fmt: skip
+        found[node] = (int(m["client-index"]), info, sizes | {"description": about["description"]})
+    missing = sorted(set(nodes) - set(found))
     if missing:
         raise RuntimeError(f"nodes {missing} did not say which client they are")
-    if len(set(index_of.values())) != len(index_of):
-        raise RuntimeError(f"two nodes claim the same client index: {index_of}")
-    return index_of
+    names = [info.client_id for _, info, _ in found.values()]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"two sites have the same name: {sorted(names)}")
+    declared = {node: index for node, (index, _, _) in found.items()}
+    if all(i < 0 for i in declared.values()):
+        order = sorted(found, key=lambda n: found[n][1].client_id)
+        declared = {node: k for k, node in enumerate(order)}
+    elif any(i < 0 for i in declared.values()):
+        raise RuntimeError(f"some sites declare a client index and others do not: {declared}")
+    if len(set(declared.values())) != len(declared):
+        raise RuntimeError(f"two nodes claim the same client index: {declared}")
+    if not all(0 <= i < cfg.fed.clients for i in declared.values()):
+        raise RuntimeError(f"client indices {sorted(declared.values())} outside "
+                           f"[0, fed.clients={cfg.fed.clients})")  # fmt: skip
+    infos = {declared[n]: found[n][1] for n in found}
+    sizes = {declared[n]: found[n][2] for n in found}
+    return declared, infos, sizes
 
 
-def client_message(method, global_state, cfg: FedmmConfig, rnd: int, index: int):
-    """The message to client ``index``: the part of the global state the method sends it."""
-    return messages.server_message(method.global_for_client(global_state, index), cfg, rnd)
+def load_schema(cfg: FedmmConfig) -> sites.Schema:
+    if not cfg.data.schema:
+        raise ConfigError(
+            "the server needs the task schema: set data.schema=PATH to the schema.json every "
+            "site holds (fedmm split writes one; fedmm run and fedmm deploy set it themselves)"
+        )
+    return sites.read_schema(cfg.data.schema)
 
 
 def run_federation(
@@ -133,29 +169,41 @@ def run_federation(
         )
     messages.check_compression(cfg.fed.compression)
     method = get_method(cfg)
-    runtime = get_runtime(cfg)  # the server needs the trainable shapes and the client names
-    client_ids = [c.client_id for c in runtime.benchmark.clients]
-    global_state = method.init_global(runtime.model)
-    spec = validation.UploadSpec.from_model(method, runtime.model, cfg)
+    schema = load_schema(cfg)
+    schema_sha = schema.sha256()
+    first, saved = 1, checkpoint.load(cfg) if cfg.resume else None
+    if saved is not None:
+        first = saved.round + 1
+        if first > cfg.fed.rounds:
+            return saved.record
+    nodes = wait_for_nodes(grid, cfg.fed.clients)
+    index_of, infos, sizes = query_clients(grid, nodes, cfg, schema_sha)
+    client_ids = {k: info.client_id for k, info in infos.items()}
+    method.bind(list(schema.tasks), infos)
+    model = server_model(cfg, schema)  # shapes from the model config and the schema alone
+    global_state = method.init_global(model)
+    spec = validation.UploadSpec.from_model(method, model, cfg)
     rng = random.Random(cfg.seed)
     record = results.new_run(
-        cfg, runtime.benchmark, method.views,
-        trainable_params=method.count_trainable(runtime.model),
+        cfg, schema.name, {info.client_id: sizes[k]["description"] for k, info in infos.items()},
+        {info.client_id: info.task for info in infos.values()} if not schema.single else None,
+        method.views, trainable_params=method.count_trainable(model),
     )  # fmt: skip
     record["privacy"] = {"dp_clip_norm": cfg.dp.clip_norm,
                          "dp_noise_multiplier": cfg.dp.noise_multiplier}  # fmt: skip
-    first = 1
-    saved = checkpoint.load(cfg) if cfg.resume else None
+    record["data"] = {client_ids[k]: {key: v for key, v in s.items() if key != "description"}
+                      for k, s in sorted(sizes.items())}  # fmt: skip
     if saved is not None:
-        global_state, record, first = saved.global_state, saved.record, saved.round + 1
+        global_state, record = saved.global_state, saved.record
         method.load_server_state(saved.server_state)
         rng.setstate(saved.rng_state)
         log.warning("resuming %s from the checkpoint of round %d", cfg.method, saved.round)
-    if first > cfg.fed.rounds:
-        return record
-    nodes = wait_for_nodes(grid, cfg.fed.clients)
-    index_of = client_indices(grid, nodes, cfg)
-    per_client = type(method).global_for_client is not Method.global_for_client
+    by_name = {name: k for k, name in client_ids.items()}
+    last_trained = {k: 0 for k in client_ids}  # what each client's state must hold
+    for entry in record["history"]:
+        for name in entry["train"]:
+            if name in by_name:
+                last_trained[by_name[name]] = entry["round"]
     n_sample = max(1, min(len(nodes), math.ceil(cfg.fed.fraction * len(nodes))))
     eval_rng = random.Random(cfg.seed + 7919)  # its own stream: training samples never change
     n_eval = max(1, min(len(nodes), math.ceil(cfg.fed.eval_fraction * len(nodes))))
@@ -165,14 +213,22 @@ def run_federation(
         index = index_of.get(node)
         return {"node": node, "client": None if index is None else client_ids[index]}
 
+    def client_message(rnd: int, node: int):
+        """The message to one node: the part of the global state the method sends it."""
+        k = index_of[node]
+        return messages.server_message(
+            method.global_for_client(global_state, k), cfg, rnd, k, schema_sha, last_trained[k],
+            record["run_id"],
+        )  # fmt: skip
+
     for rnd in range(first, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
         sampled = sorted(rng.sample(nodes, n_sample))
-        contents = {n: client_message(method, global_state, cfg, rnd, index_of[n]) for n in sampled}
+        contents = {n: client_message(rnd, n) for n in sampled}
         down = sum(c[messages.GLOBAL].count_bytes() for c in contents.values())
         # a method that sends each client its own part expects only that part back
         sent_keys = {n: set(c[messages.GLOBAL].keys()) for n, c in contents.items()
-                     if per_client}  # fmt: skip
+                     if method.per_client_messages}  # fmt: skip
         out = [Message(contents[n], n, MessageType.TRAIN, group_id=str(rnd)) for n in sampled]
         replies = grid.send_and_receive(out, timeout=timeout)
         ok, up, train_stats, failed, rejected, seen = [], 0, {}, [], [], set()
@@ -207,7 +263,8 @@ def run_federation(
                     if k in m
                 }
                 | {k.removeprefix("stat."): float(v) for k, v in m.items() if k.startswith("stat.")}
-                | {k: float(m[k]) for k in ("dp-norm", "dp-scale") if k in m}
+                | {k: float(m[k]) for k in ("dp-norm", "dp-scale", "dp-clip-norm",
+                                             "dp-noise-multiplier", "dp-epsilon") if k in m}
                 | {"bytes_up": update.count_bytes(), "bytes_down": down // len(sampled)}
             )
         for node in sorted(set(sampled) - answered):
@@ -217,6 +274,8 @@ def run_federation(
         t_server = time.perf_counter()
         if len(ok) >= cfg.fed.min_clients:
             global_state = method.aggregate(global_state, sorted(ok, key=lambda r: r.client_index))
+            for r in ok:
+                last_trained[r.client_index] = rnd
         else:
             log.warning("round %d: %d replies < fed.min_clients=%d; global state kept",
                         rnd, len(ok), cfg.fed.min_clients)  # fmt: skip
@@ -229,9 +288,7 @@ def run_federation(
             )
         else:
             eval_nodes = []
-        contents = {
-            n: client_message(method, global_state, cfg, rnd, index_of[n]) for n in eval_nodes
-        }
+        contents = {n: client_message(rnd, n) for n in eval_nodes}
         eval_bytes = sum(c[messages.GLOBAL].count_bytes() for c in contents.values())
         clients: dict[str, dict[str, float]] = {}
         eval_stats: dict[str, dict[str, float]] = {}

@@ -102,6 +102,16 @@ def num_params(model: FusionVLModel, parts: Sequence[str]) -> int:
 
 
 # ---------------------------------------------------------------------- server helpers
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the server learns about a client from its site (the query handshake): its name, its
+    task of the schema ("" on single-task schemas) and its modalities.  Never its data."""
+
+    client_id: str
+    task: str = ""
+    modalities: tuple[str, ...] = ("image", "text")
+
+
 @dataclass
 class Reply:
     """One client's training reply as the server's aggregation sees it."""
@@ -404,6 +414,7 @@ class Method(ABC):
     views: tuple[str, ...] = ("global",)
     adapter_sets: tuple[str, ...] = ()
     federated: bool = True  # False: trained without the round loop (centralised)
+    per_client_messages: bool = False  # True: global_for_client sends each client its own part
 
     def __init__(self, cfg: FedmmConfig) -> None:
         self.cfg = cfg
@@ -463,6 +474,11 @@ class Method(ABC):
     def upload_parts(self) -> tuple[str, ...]:
         """Parts that leave the client."""
         return ()
+
+    def bind(self, tasks: Sequence[str], clients: dict[int, ClientInfo]) -> None:
+        """The schema's tasks and the clients (server: all, from the query; client: itself), for
+        methods whose modules depend on them (TAP).  Default: nothing to do."""
+        return None
 
     def global_for_client(self, global_state: NDArrays, client_index: int) -> NDArrays:
         """What the server sends client ``client_index`` (default: the whole global state)."""

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -70,9 +70,10 @@ import torch
 
 from fedmm.backbones import VLModel
 from fedmm.config import ConfigError
-from fedmm.data import ClientSpec
+from fedmm.data import MODALITIES
 from fedmm.methods.base import (
     ClientContext,
+    ClientInfo,
     Method,
     NDArrays,
     Reply,
@@ -84,14 +85,14 @@ from fedmm.methods.base import (
     to_numpy,
 )  # fmt: skip
 from fedmm.peft import PEFT_TYPES
-from fedmm.runtime import Encoded, get_runtime
+from fedmm.runtime import Encoded
 
 
 def slug(task: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", task) or "main"
 
 
-def client_sets(spec: ClientSpec) -> list[str]:
+def client_sets(spec: ClientInfo) -> list[str]:
     """S_k: the PEFT sets client ``spec`` builds and trains."""
     return [
         "mod_shared", *(f"mod_{m}" for m in spec.modalities), "task_shared",
@@ -99,7 +100,7 @@ def client_sets(spec: ClientSpec) -> list[str]:
     ]  # fmt: skip
 
 
-def owns(spec: ClientSpec, key: str) -> bool:
+def owns(spec: ClientInfo, key: str) -> bool:
     """Whether state key ``key`` ("<part>/<param>") belongs to client ``spec``'s modules."""
     part = key.split("/", 1)[0]
     if part == "proj":
@@ -109,7 +110,7 @@ def owns(spec: ClientSpec, key: str) -> bool:
     return part.removeprefix("adapter.") in client_sets(spec)
 
 
-def owned(state: dict, spec: ClientSpec) -> dict:
+def owned(state: dict, spec: ClientInfo) -> dict:
     return {k: v for k, v in state.items() if owns(spec, k)}
 
 
@@ -128,6 +129,7 @@ def loaded(model: VLModel, state: State) -> Iterator[None]:
 class TAP(Method):
     name = "tap"
     views = ("global", "personalized", "distilled")
+    per_client_messages = True  # each client is sent (and returns) only its own modules
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -145,11 +147,26 @@ class TAP(Method):
             raise ConfigError("tap.teacher_steps, tap.distill_steps and tap.margin must be >= 0")
 
     # ------------------------------------------------------------------ modules
-    def specs(self) -> list[ClientSpec]:
-        return get_runtime(self.cfg).benchmark.clients
+    def bind(self, tasks: Sequence[str], clients: Mapping[int, ClientInfo]) -> None:
+        """The schema's tasks and who is who (server: every client, from the sites' replies to
+        the query; client: itself): TAP's modules depend on each client's task and modalities."""
+        self._tasks = sorted(tasks)
+        self._clients = dict(clients)
+
+    def spec_of(self, client_index: int) -> ClientInfo:
+        if client_index not in getattr(self, "_clients", {}):
+            raise RuntimeError(
+                f"TAP does not know client {client_index}'s task and modalities "
+                "(Method.bind was not called with it)"
+            )
+        return self._clients[client_index]
 
     def all_sets(self) -> list[str]:
-        return sorted({s for spec in self.specs() for s in client_sets(spec)})
+        """Every module of the federation: each modality's and each task's of the schema."""
+        if not hasattr(self, "_tasks"):
+            raise RuntimeError("TAP needs the schema's tasks (Method.bind) before its modules")
+        info = [ClientInfo("", t, MODALITIES) for t in self._tasks]
+        return sorted({s for spec in info for s in client_sets(spec)})
 
     def prepare(self, model: VLModel) -> None:
         model.peft.ensure_sets(self.all_sets())
@@ -172,7 +189,7 @@ class TAP(Method):
         return to_numpy(get_parts(model, self.trainable_parts()))
 
     def global_for_client(self, global_state: NDArrays, client_index: int) -> NDArrays:
-        return owned(global_state, self.specs()[client_index])
+        return owned(global_state, self.spec_of(client_index))
 
     def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
         weights = {r.client_index: 1.0 if self.cfg.fed.weighting == "uniform" else r.num_examples
@@ -190,9 +207,9 @@ class TAP(Method):
         return new_state
 
     # ------------------------------------------------------------------ client
-    def _start(self, ctx: ClientContext, global_state: State) -> tuple[ClientSpec, State, State]:
+    def _start(self, ctx: ClientContext, global_state: State) -> tuple[ClientInfo, State, State]:
         """Load θ[K_k]; returns (spec, global copy, personalised model)."""
-        spec = self.specs()[ctx.client_index]
+        spec = self.spec_of(ctx.client_index)
         unexpected = [k for k in global_state if not owns(spec, k)]
         if unexpected:  # the server must never send another client's modules
             raise ValueError(f"client {spec.client_id} received modules it does not own: "
@@ -210,7 +227,7 @@ class TAP(Method):
         n_val = max(1, round(self.cfg.tap.val_frac * n)) if n > 1 else 0
         return ctx.train.subset(order[n_val:]), ctx.train.subset(order[:n_val])
 
-    def _params(self, ctx: ClientContext, spec: ClientSpec) -> list[list[torch.nn.Parameter]]:
+    def _params(self, ctx: ClientContext, spec: ClientInfo) -> list[list[torch.nn.Parameter]]:
         model = ctx.model
         groups = [model.peft.parameters_of(s) for s in client_sets(spec)]
         groups.append(list(model.task_head().parameters()))
@@ -218,7 +235,7 @@ class TAP(Method):
             groups.append(list(model.visual_proj.parameters()))
         return groups
 
-    def _train(self, ctx: ClientContext, spec: ClientSpec, teacher: State | None = None) -> None:
+    def _train(self, ctx: ClientContext, spec: ClientInfo, teacher: State | None = None) -> None:
         """``ctx.steps`` AdamW steps of the client's modules on the task loss (+ distillation
         from ``teacher``'s logits when given)."""
         model, c = ctx.model, self.cfg.tap
@@ -235,11 +252,11 @@ class TAP(Method):
                     loss = loss + c.lam * distill_kl(logits, target, c.temperature, multilabel)
                 ctx.step(opt, loss)
 
-    def _score(self, ctx: ClientContext, spec: ClientSpec, split: Encoded) -> float:
+    def _score(self, ctx: ClientContext, spec: ClientInfo, split: Encoded) -> float:
         with ctx.model.active(*client_sets(spec), combine=self.cfg.tap.combine):
             return ctx.score(split)[""]
 
-    def _snapshot(self, ctx: ClientContext, spec: ClientSpec) -> State:
+    def _snapshot(self, ctx: ClientContext, spec: ClientInfo) -> State:
         parts = ["head", *(f"adapter.{s}" for s in client_sets(spec))]
         parts += ["proj"] if "image" in spec.modalities else []
         return owned(get_parts(ctx.model, parts), spec)  # head: this task's only
@@ -284,7 +301,7 @@ class TAP(Method):
             self._stage2(ctx, spec, received, personal)
         return ctx.views
 
-    def _stage2(self, ctx: ClientContext, spec: ClientSpec, received: State, personal: State):
+    def _stage2(self, ctx: ClientContext, spec: ClientInfo, received: State, personal: State):
         """Distil the locally finetuned final global model into the personalised model."""
         c = self.cfg.tap
         train, _ = self._split(ctx)

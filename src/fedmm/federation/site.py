@@ -1,0 +1,165 @@
+"""Site settings: what belongs to a site, set by its operator, never by the server.
+
+A SuperNode's operator passes them with Flower's ``--node-config`` (space-separated
+``key=value``, strings quoted as TOML wants them)::
+
+    flower-supernode ... --node-config 'data-dir="/srv/fedmm/site" state-dir="/var/lib/fedmm"
+                                        dp-clip-norm=1.0 dp-noise-multiplier=0.8 dp-max-epsilon=8'
+
+In a simulation (``fedmm run``) fedmm generates them per client (``engine.py``).
+
+=======================  ==========  ===========================================================
+key                      default     meaning
+=======================  ==========  ===========================================================
+``data-dir``             (required)  this site's data: a site directory (``schema.json``,
+                                     ``train.jsonl``, ``test.jsonl``, images; ``fedmm split``
+                                     writes them); with ``partition-id``, the files of a central
+                                     benchmark to rehearse (fmnist-*: the Fashion-MNIST dir;
+                                     "" = the benchmark's default search)
+``state-dir``            see below   client state (private models) and the privacy ledger;
+                                     "" = ``$XDG_STATE_HOME/fedmm/<site>`` (``~/.local/state``)
+``cache-dir``            ""          encoded-data cache; "" = ``$XDG_CACHE_HOME/fedmm``
+``device``               auto        auto | cpu | cuda | cuda:N
+``threads``              0           torch intra-op threads; 0 = all cores
+``dp-clip-norm``         0           privacy floor: clip the update to at most this L2 norm
+                                     (0 = no floor); the client uses min(run's, floor)
+``dp-noise-multiplier``  0           privacy floor: at least this σ; the client uses
+                                     max(run's, floor)
+``dp-max-epsilon``       0           privacy budget: refuse to train once ε (at ``dp-delta``)
+                                     would exceed it; 0 = no budget
+``dp-delta``             1e-5        δ of the reported ε
+``model-dir``            ""          local Hugging Face weights for the run's model family
+                                     (instead of the run's ``model.hf_path``)
+``partition-id``         (none)      rehearsal only: this node is client K of a central
+                                     benchmark (Flower's simulation sets it)
+=======================  ==========  ===========================================================
+
+The stricter-of rule (``effective_dp``): a site that sets a floor always clips and noises at
+least that much, whatever the run asks; a run may ask for more privacy, never less.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from fedmm.config import ConfigError, DPConfig, FedmmConfig
+
+FLOWER_KEYS = {"num-partitions"}  # set by Flower's simulation; fedmm does not need it
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """One site's own settings (see the module docstring for each key)."""
+
+    data_dir: str = ""
+    state_dir: str = ""
+    cache_dir: str = ""
+    device: str = "auto"
+    threads: int = 0
+    dp_clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_max_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    model_dir: str = ""
+    partition_id: int = -1  # -1: a site directory, not a rehearsed partition
+
+    def __post_init__(self) -> None:
+        for name in ("dp_clip_norm", "dp_noise_multiplier", "dp_max_epsilon"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"site setting {node_key(name)} must be >= 0, got {value}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"site setting dp-delta must be in (0, 1), got {self.dp_delta}")
+        if self.threads < 0:
+            raise ConfigError(f"site setting threads must be >= 0, got {self.threads}")
+        if self.dp_noise_multiplier > 0 and self.dp_clip_norm <= 0:
+            raise ConfigError(
+                "site setting dp-noise-multiplier needs dp-clip-norm > 0 (noise is scaled by it)"
+            )
+
+    @property
+    def rehearsal(self) -> bool:
+        """True when this node is a partition of a central benchmark (``partition-id``)."""
+        return self.partition_id >= 0
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteSettings:
+        """Parse Flower's node config; an unknown key is an error naming the valid ones."""
+        known = {node_key(f.name): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in node_config.items():
+            if key in FLOWER_KEYS:
+                continue
+            if key not in known:
+                raise ConfigError(
+                    f"unknown site setting {key!r} in the SuperNode's --node-config; valid: "
+                    + ", ".join(sorted(known))
+                )
+            f = known[key]
+            kind = type(getattr(cls, f.name))
+            try:
+                values[f.name] = kind(raw) if kind is not int else int(str(raw))
+            except ValueError:
+                raise ConfigError(
+                    f"site setting {key} expects a {kind.__name__}, got {raw!r}"
+                ) from None
+        return cls(**values)
+
+    def to_node_config(self) -> dict[str, Any]:
+        """The non-default settings as ``--node-config`` keys (for fedmm's own launchers)."""
+        default = SiteSettings()
+        return {
+            node_key(f.name): getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+    def apply(self, cfg: FedmmConfig) -> FedmmConfig:
+        """The run's experiment ``cfg`` completed with this site's paths, device and threads."""
+        updates: dict[str, Any] = {
+            "data.data_dir": self.data_dir, "cache_dir": self.cache_dir, "device": self.device,
+            "train.threads": self.threads,
+        }  # fmt: skip
+        if self.model_dir:
+            updates["model.hf_path"] = self.model_dir
+        return cfg.with_overrides(updates)
+
+    def state_root(self, site_name: str) -> Path:
+        """Where this site keeps client state and its privacy ledger."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "fedmm" / site_name
+
+    def effective_dp(self, requested: DPConfig) -> DPConfig:
+        """The stricter of the run's request and this site's floor: the smaller positive clip
+        norm and the larger noise multiplier."""
+        clips = [c for c in (requested.clip_norm, self.dp_clip_norm) if c > 0]
+        clip = min(clips) if clips else 0.0
+        sigma = max(requested.noise_multiplier, self.dp_noise_multiplier) if clip > 0 else 0.0
+        return replace(requested, clip_norm=clip, noise_multiplier=sigma)
+
+
+def node_key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def node_config_arg(settings: Mapping[str, Any]) -> str:
+    """``--node-config`` text: ``key=value`` pairs, strings quoted as TOML wants them."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return " ".join(f"{k}={value(v)}" for k, v in settings.items())
+
+
+__all__ = ["SiteSettings", "node_config_arg", "node_key"]
