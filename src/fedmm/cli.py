@@ -9,6 +9,8 @@
     fedmm certs --out DIR [--supernodes N] [--hosts H,...]   # TLS + SuperNode auth keys
     fedmm deploy [run options] [--certs DIR] [--kill-node K --kill-after-round R]
               # SuperLink + one SuperNode per client as OS processes (TLS, auth), then `flwr run`
+    fedmm split --benchmark NAME [--clients K] --out DIR [--config FILE.toml] [--set key=value ...]
+              # one site directory per client + the task schema (fedmm.data.sites)
     fedmm list            # methods, benchmarks, backbones, config keys with defaults
 
 Precedence: defaults < --config file < the flags above < --set.
@@ -78,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fault drill: SIGKILL SuperNode K after --kill-after-round")  # fmt: skip
     deploy.add_argument("--kill-after-round", type=int, default=1, metavar="R")
     deploy.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
+    split = sub.add_parser(
+        "split", help="write a benchmark as site directories (one per client) + schema.json"
+    )
+    split.add_argument("--benchmark", help="benchmark name (default: fmnist-domain)")
+    split.add_argument("--clients", type=int, help="number of clients (default: 5)")
+    split.add_argument("--out", required=True, help="directory for the site directories")
+    split.add_argument("--config", help="TOML file with options (tables = sections)")
+    split.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any option, e.g. --set data.train_per_client=100")  # fmt: skip
+    split.set_defaults(method=None)
     sub.add_parser("list", help="list methods, benchmarks, backbones and config keys")
     return parser
 
@@ -289,6 +301,27 @@ def get_method_federated(cfg: FedmmConfig) -> bool:
     return get_method(cfg).federated
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from fedmm.data import load_benchmark
+    from fedmm.data.sites import SCHEMA_FILE, check_split_dir, write_sites
+
+    cfgs, _ = resolve_config(args)
+    if len(cfgs) != 1:
+        raise ConfigError("fedmm split takes one --benchmark")
+    out = Path(args.out)
+    try:
+        check_split_dir(out)  # before building the benchmark, which may take a while
+        bench = load_benchmark(cfgs[0])
+        sites = write_sites(bench, out)
+    except (ValueError, FileExistsError) as exc:
+        raise ConfigError(str(exc)) from exc
+    for site, c in zip(sites, bench.clients):
+        print(f"{site}  {c.client_id}  task {c.task or bench.name}  {len(c.train)} train  "
+              f"{len(c.test)} test")  # fmt: skip
+    print(f"schema: {out / SCHEMA_FILE}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fedmm.bench import cell_config, run_bench
     from fedmm.data import load_benchmark
@@ -342,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_certs(args)
         if args.command == "deploy":
             return cmd_deploy(args)
+        if args.command == "split":
+            return cmd_split(args)
         return cmd_run(args)
     except (ConfigError, FileNotFoundError, TimeoutError, RuntimeError) as exc:
         print(f"fedmm: error: {exc}", file=sys.stderr)
