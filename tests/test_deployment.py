@@ -1,9 +1,12 @@
 """A real deployment: SuperLink + 3 SuperNodes as OS processes on 127.0.0.1, TLS, node auth.
 
-One federation of 3 rounds (tiny backbone) serves two checks, to keep the suite short:
+The sites are directories written by ``fedmm split``; each SuperNode's ``--node-config`` names
+its own (``data-dir``), and the ServerApp's run config names none -- it reads the task schema
+only.  One federation of 3 rounds (tiny backbone) serves two checks, to keep the suite short:
 
-* rounds 1-2 are fault-free and must equal the Flower simulation (Ray) of the same config and
-  seed: the same accuracies per client and view, training losses within 1e-5 relative;
+* rounds 1-2 are fault-free and must equal ``fedmm run --sites`` (Flower's simulation) on the
+  same site directories, config and seed: the same accuracies per client and view, training
+  losses within 1e-5 relative;
 * SuperNode 2 is SIGKILLed as soon as round 2 is recorded (round 3's messages are out): round 3
   must complete with the two others (fed.min_clients = 2), the dead node counted in ``failed``.
 
@@ -62,16 +65,25 @@ def test_deployment_with_tls_and_auth_matches_simulation_and_survives_a_killed_n
         "seed": 3, "out_dir": str(tmp_path / "deployed"),
     })  # fmt: skip
     flat = cfg.to_flat()
-    args = ["deploy", "--method", "feddat", "--out", cfg.out_dir, "--clients", "3", "--seed", "3",
-            "--rounds", "3", "--workdir", str(tmp_path / "deployment"), "--kill-node", "2",
-            "--kill-after-round", "2", "--timeout", "480"]  # fmt: skip
-    for key in ("model.backbone", "model.image_size", "data.data_dir", "data.train_per_client",
-                "data.test_per_client", "train.local_steps", "train.batch_size", "cache_dir",
+    sites = tmp_path / "sites"
+    split = ["split", "--benchmark", "fmnist-domain", "--clients", "3", "--out", str(sites)]
+    for key in ("model.backbone", "model.image_size", "data.train_per_client",
+                "data.test_per_client"):  # fmt: skip
+        split += ["--set", f"{key}={flat[key]}"]
+    assert main(split) == 0
+    args = ["deploy", "--method", "feddat", "--out", cfg.out_dir, "--sites", str(sites),
+            "--seed", "3", "--rounds", "3", "--workdir", str(tmp_path / "deployment"),
+            "--kill-node", "2", "--kill-after-round", "2", "--timeout", "480"]  # fmt: skip
+    for key in ("model.backbone", "model.image_size", "train.local_steps", "train.batch_size",
                 "progress", "fed.min_clients", "fed.round_timeout"):  # fmt: skip
         args += ["--set", f"{key}={flat[key]}"]
     assert main(args) == 0
     deployed = json.loads((tmp_path / "deployed" / "results.json").read_text())["runs"][0]
-    simulated = run_method(cfg.with_overrides({"out_dir": str(tmp_path / "simulated")}))
+    # the ServerApp's run config held no site path: it could not have read any site's data
+    assert deployed["config"]["data.data_dir"] == "" and deployed["config"]["cache_dir"] == ""
+    site_cfg = cfg.with_overrides({"data.benchmark": "sites", "data.data_dir": str(sites),
+                                   "out_dir": str(tmp_path / "simulated")})  # fmt: skip
+    simulated = run_method(site_cfg)
 
     hist_d, hist_s = deployed["history"], simulated["history"]
     assert [h["round"] for h in hist_d] == [1, 2, 3]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import run_federation
 from flwr.app import MessageType
 from test_messages import make_context, send
 from test_serverapp import InProcessGrid
 
 from fedmm.config import DPConfig
 from fedmm.federation import dp, messages
-from fedmm.federation.serverapp import run_federation
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

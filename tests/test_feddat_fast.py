@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import bound_method
 
-from fedmm.methods import ClientContext, get_method
+from fedmm.methods import ClientContext
 from fedmm.methods.base import to_torch
 from fedmm.methods.feddat import (
     CLIENT,
@@ -23,7 +24,7 @@ from fedmm.runtime import get_runtime
 
 def loaded(cfg):
     """A FedDAT client model after round-1 loading, with a non-trivial A_s and A_c."""
-    method = get_method(cfg)
+    method = bound_method(cfg)
     rt = get_runtime(cfg)
     steps = cfg.train.local_steps
     ctx = ClientContext(cfg, rt.model, rt.client_split(0, "train"), rt.client_split(0, "test"),

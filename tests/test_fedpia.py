@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import bound_method
 
 from fedmm.config import ConfigError, FedPIAConfig
-from fedmm.methods import Reply, get_method
+from fedmm.methods import Reply
 from fedmm.methods.base import get_parts, load_parts, to_numpy, to_torch, weighted_average
 from fedmm.methods.fedpia import ADAPTER, align, permute, unit_groups
 from fedmm.runtime import get_runtime
@@ -20,7 +21,7 @@ def pia(tiny_cfg, request):
         {"method": "fedpia", "adapter.zero_init_up": False, "peft.type": request.param,
          "peft.lora_r": 6}
     )  # fmt: skip
-    method = get_method(cfg)
+    method = bound_method(cfg)
     model = get_runtime(cfg).model
     state = method.init_global(model)
     rng = np.random.default_rng(0)  # LoRA's B starts at zero: make every rank component distinct
@@ -87,7 +88,7 @@ def test_identity_alignment_reduces_the_server_step_to_fedavg(pia):
 @pytest.mark.parametrize("anchor", ["global", "largest", "fedavg"])
 def test_merging_permuted_copies_of_one_adapter_returns_it(pia, anchor):
     cfg, _, _, state = pia
-    method = get_method(cfg.with_overrides({"fedpia.anchor": anchor}))
+    method = bound_method(cfg.with_overrides({"fedpia.anchor": anchor}))
     rng = np.random.default_rng(4)
     replies = [Reply(i, random_perms(state, rng), 10 + i) for i in range(3)]
     merged = method.aggregate(state, replies)
@@ -101,7 +102,7 @@ def test_merging_permuted_copies_of_one_adapter_returns_it(pia, anchor):
 def test_client_integrates_local_and_aligned_global(pia):
     cfg, method, model, state = pia
     for lam, expect in ((1.0, "local"), (0.0, "global")):
-        m = get_method(
+        m = bound_method(
             cfg.with_overrides({"fedpia.lam": lam, "train.lr": 0.0, "train.warmup_frac": 0.0})
         )
         local = random_perms({k: v + 0.5 for k, v in state.items()}, np.random.default_rng(5))
@@ -120,7 +121,7 @@ def test_client_integrates_local_and_aligned_global(pia):
 
 def test_bad_options_are_rejected(tiny_cfg):
     with pytest.raises(ConfigError, match="anchor"):
-        get_method(tiny_cfg.with_overrides({"method": "fedpia", "fedpia.anchor": "median"}))
+        bound_method(tiny_cfg.with_overrides({"method": "fedpia", "fedpia.anchor": "median"}))
 
 
 def test_get_parts_keys_match_the_alignment_layout(pia):
@@ -155,9 +156,9 @@ def test_sinkhorn_gives_a_soft_plan_that_sharpens_as_the_regulariser_shrinks(pia
 @pytest.mark.parametrize("peft_type", ["prompt", "bitfit"])
 def test_fedpia_refuses_peft_types_without_hidden_units(tiny_cfg, peft_type):
     with pytest.raises(ConfigError, match=f"peft.type '{peft_type}' has none"):
-        get_method(tiny_cfg.with_overrides({"method": "fedpia", "peft.type": peft_type}))
+        bound_method(tiny_cfg.with_overrides({"method": "fedpia", "peft.type": peft_type}))
 
 
 def test_bad_solver_is_rejected(tiny_cfg):
     with pytest.raises(ConfigError, match="solver"):
-        get_method(tiny_cfg.with_overrides({"method": "fedpia", "fedpia.solver": "hungarian"}))
+        bound_method(tiny_cfg.with_overrides({"method": "fedpia", "fedpia.solver": "hungarian"}))

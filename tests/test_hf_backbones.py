@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import bound_method, run_federation, server_msg
 from flwr.app import Context, Message, MessageType, RecordDict
 from test_serverapp import InProcessGrid
 
@@ -22,8 +23,6 @@ from fedmm.backbones.hf import FAMILIES, TINY
 from fedmm.cli import main
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.federation import clientapp, messages
-from fedmm.federation.serverapp import run_federation
-from fedmm.methods import get_method
 from fedmm.methods.base import ClientContext, part_module, supervised_update
 from fedmm.peft import AdapterBank, LoraBank
 from fedmm.runtime import get_runtime
@@ -87,7 +86,7 @@ class CheckingGrid:
         replies = []
         for msg in msgs:
             train = msg.metadata.message_type == MessageType.TRAIN
-            reply = clientapp.handle(msg, self.contexts[msg.metadata.dst_node_id], train=train)
+            reply = clientapp.dispatch(msg, self.contexts[msg.metadata.dst_node_id])
             if train:
                 check_upload(self.cfg, reply)
                 self.uploads += 1
@@ -97,7 +96,7 @@ class CheckingGrid:
 
 def check_upload(cfg: FedmmConfig, reply: Message) -> None:
     update = reply.content[messages.UPDATE]
-    method, model = get_method(cfg), get_runtime(cfg).model
+    method, model = bound_method(cfg), get_runtime(cfg).model
     expected = {
         f"{part}/{k}" for part in method.upload_parts() for k in part_module(model, part).state_dict()
     }  # fmt: skip
@@ -119,15 +118,15 @@ def test_two_round_federation_fedavg_and_feddat_through_the_round_loop(tiny_cfg,
         for h in record["history"]:
             assert h["failures"] == 0 and h["bytes_up"] > 0
             assert all(s["steps"] == cfg.train.local_steps for s in h["train"].values())
-        assert set(record["final"]) == set(get_method(cfg).views)
+        assert set(record["final"]) == set(bound_method(cfg).views)
 
 
 def train_reply(cfg: FedmmConfig) -> Message:
     """One client's round-1 training reply, in-process (as tests/test_messages.py does)."""
     context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 3},
                       state=RecordDict(), run_config={})  # fmt: skip
-    global_np = get_method(cfg).init_global(get_runtime(cfg).model)
-    msg = Message(messages.server_message(global_np, cfg, 1), 100, MessageType.TRAIN)
+    global_np = bound_method(cfg).init_global(get_runtime(cfg).model)
+    msg = Message(server_msg(cfg, global_np, 1), 100, MessageType.TRAIN)
     return clientapp.handle(msg, context, train=True)
 
 
@@ -273,7 +272,7 @@ def test_bf16_autocast_trains_in_bf16_and_keeps_fp32_parameters(tiny_cfg):
     assert seen == [torch.bfloat16]
     assert all(p.dtype == torch.float32 for p in ctx.model.peft.parameters_of("x"))
     with pytest.raises(ConfigError, match="train.precision"):
-        get_method(cfg.with_overrides({"train.precision": "fp8"}))
+        bound_method(cfg.with_overrides({"train.precision": "fp8"}))
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import bound_method, server_msg
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from fedmm.federation import clientapp, messages
-from fedmm.methods import get_method
 from fedmm.methods.base import Method, part_module
 from fedmm.runtime import get_runtime
 
@@ -19,11 +19,12 @@ def make_context(index=0) -> Context:
                    state=RecordDict(), run_config={})  # fmt: skip
 
 
-def send(cfg, context, kind, rnd, global_np=None):
-    method = get_method(cfg)
+def send(cfg, context, kind, rnd, global_np=None, last_trained=0):
+    method = bound_method(cfg)
     if global_np is None:
         global_np = method.init_global(get_runtime(cfg).model)
-    msg = Message(messages.server_message(global_np, cfg, rnd), 100, kind)
+    index = int(context.node_config.get("partition-id", 0))
+    msg = Message(server_msg(cfg, global_np, rnd, index, last_trained), 100, kind)
     return clientapp.handle(msg, context, train=kind == MessageType.TRAIN), global_np
 
 
@@ -43,7 +44,7 @@ def test_train_reply_holds_only_declared_trainable_tensors_and_scalars(tiny_cfg,
     assert isinstance(content[messages.METRICS], MetricRecord)
     assert all(isinstance(v, float | int) for v in content[messages.METRICS].values())
     keys = set(content[messages.UPDATE].keys())
-    method = get_method(cfg)
+    method = bound_method(cfg)
     assert {k.split("/")[0] for k in keys} == set(method.upload_parts())
     model = get_runtime(cfg).model
     expected = {
@@ -82,13 +83,14 @@ def test_evaluate_reply_holds_only_metrics_per_view(tiny_cfg):
     assert all(0.0 <= m[k] <= 1.0 for k in m.keys() if k.startswith("acc."))
 
 
-def test_client_state_persists_in_context_and_on_disk(tiny_cfg):
+def test_client_state_persists_in_context_and_on_disk(tiny_cfg, tmp_path):
     cfg = tiny_cfg.with_overrides({"method": "feddat"})
     context = make_context(1)
     send(cfg, context, MessageType.TRAIN, 1)
     assert clientapp.STATE_KEY in context.state
     in_context = messages.from_record(context.state[clientapp.STATE_KEY])
-    path = clientapp.state_path(cfg, 1)
+    # the whole identity of the run names the file: method, PEFT, benchmark, seed, run id
+    (path,) = (tmp_path / "xdg-state" / "fedmm").glob("1-inverted/feddat-adapter-fmnist-domain-seed0-test/client.pt")
     on_disk = torch.load(path, weights_only=True)
     assert on_disk["round"] == 1
     assert set(on_disk["state"]) == set(in_context)
@@ -96,10 +98,14 @@ def test_client_state_persists_in_context_and_on_disk(tiny_cfg):
         assert torch.allclose(v, torch.from_numpy(in_context[k]))
 
     # a restarted node (empty Context) resumes from disk in round 2 ...
-    restored = clientapp.restore_state(make_context(1), cfg, 1, 2)
+    restored = clientapp.restore_state(make_context(1), path, cfg, 2, last_trained=1)
     assert set(restored) == set(in_context)
     # ... but a new run (round 1) starts clean
-    assert clientapp.restore_state(make_context(1), cfg, 1, 1) == {}
+    assert clientapp.restore_state(make_context(1), path, cfg, 1) == {}
+    # and a client whose state of the last aggregated round is gone is a loud error
+    path.unlink()
+    with pytest.raises(RuntimeError, match="client state of round 1"):
+        clientapp.restore_state(make_context(1), path, cfg, 2, last_trained=1)
 
 
 def test_node_without_partition_id_gets_a_clear_error(tiny_cfg):
@@ -121,7 +127,7 @@ def test_payload_audit_train_and_evaluate_of_every_method(tiny_cfg, name):
     context = make_context(2)
     model = get_runtime(cfg).model
     train, global_np = send(cfg, context, MessageType.TRAIN, 1)
-    method = get_method(cfg)
+    method = bound_method(cfg)
     declared = {
         f"{part}/{k}": tuple(v.shape)
         for part in method.upload_parts()
@@ -149,10 +155,11 @@ def test_payload_audit_train_and_evaluate_of_every_method(tiny_cfg, name):
     assert not train.content.config_records and not evaluate.content.config_records
 
 
-def test_payload_audit_with_dp_adds_only_its_two_scalars(tiny_cfg):
+def test_payload_audit_with_dp_adds_only_its_scalars(tiny_cfg):
     cfg = tiny_cfg.with_overrides(
         {"method": "fedavg", "dp.clip_norm": 0.5, "dp.noise_multiplier": 0.1}
     )
     train, _ = send(cfg, make_context(0), MessageType.TRAIN, 1)
     names = {k for k in train.content[messages.METRICS].keys() if not k.startswith("stat.")}
-    assert names == TRAIN_METRICS | DP_METRICS
+    assert names == TRAIN_METRICS | DP_METRICS | {"dp-clip-norm", "dp-noise-multiplier",
+                                                  "dp-epsilon"}  # what the client applied

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import bound_method
 
-from fedmm.methods import METHODS, ClientContext, Reply, get_method
+from fedmm.methods import METHODS, ClientContext, Reply
 from fedmm.methods.base import distill_kl, get_parts, lr_at, task_loss, to_torch, weighted_average
 from fedmm.methods.centralized import run_centralized
 from fedmm.methods.feddat import CLIENT, FROZEN, GLOBAL
@@ -22,7 +23,7 @@ def client_ctx(cfg, state, rnd, index=0):
 
 def simulate_client(cfg, rounds):
     """Rounds of one client with the server's aggregation in between (one client: identity)."""
-    method = get_method(cfg)
+    method = bound_method(cfg)
     rt = get_runtime(cfg)
     global_np = method.init_global(rt.model)
     state, snapshots, stats = {}, [], []
@@ -44,7 +45,7 @@ PEFT_TYPES = ["adapter", "lora", "prompt", "bitfit"]
 def test_feddat_client_adapter_changes_in_every_round(tiny_cfg, peft_type):
     cfg = tiny_cfg.with_overrides({"method": "feddat", "fed.rounds": 4, "peft.type": peft_type})
     model = get_runtime(cfg).model
-    get_method(cfg).prepare(model)
+    bound_method(cfg).prepare(model)
     previous = get_parts(model, [f"adapter.{CLIENT}"])
     _, snaps, _, _ = simulate_client(cfg, 4)
     for rnd, snap in enumerate(snaps, 1):
@@ -64,13 +65,13 @@ def test_feddat_keeps_client_adapter_and_head_private(tiny_cfg):
     method, snaps, _, global_np = simulate_client(cfg, 1)
     assert all(k.split("/")[0] in (f"adapter.{GLOBAL}", "proj") for k in global_np)
     assert set(k.split("/")[0] for k in snaps[0]) == {f"adapter.{CLIENT}", "head"}
-    shared = get_method(cfg.with_overrides({"feddat.federate_head": True}))
+    shared = bound_method(cfg.with_overrides({"feddat.federate_head": True}))
     assert "head" in shared.upload_parts() and "head" not in shared.personal_parts()
 
 
 def test_feddat_frozen_copy_equals_received_global_and_is_not_trained(tiny_cfg):
     cfg = tiny_cfg.with_overrides({"method": "feddat"})
-    method = get_method(cfg)
+    method = bound_method(cfg)
     rt = get_runtime(cfg)
     received = to_torch(method.init_global(rt.model))
     received = {k: v + 0.01 * torch.randn_like(v) for k, v in received.items()}  # a non-trivial A_s
@@ -89,7 +90,7 @@ def test_feddat_gradients_split_exactly_between_the_two_losses(tiny_cfg, peft_ty
     cfg = tiny_cfg.with_overrides(
         {"method": "feddat", "adapter.zero_init_up": False, "peft.type": peft_type}
     )
-    method = get_method(cfg)
+    method = bound_method(cfg)
     rt = get_runtime(cfg)
     model, dc = rt.model, cfg.feddat
     ctx = client_ctx(cfg, {}, 1)
@@ -185,7 +186,7 @@ def test_registry_lists_the_foundation_methods():
 def test_fedprox_with_zero_mu_is_fedavg_and_mu_pulls_towards_the_global_model(tiny_cfg):
     def one_round(name, mu):
         cfg = tiny_cfg.with_overrides({"method": name, "fedprox.mu": mu, "model.dropout": 0.0})
-        method = get_method(cfg)
+        method = bound_method(cfg)
         start = to_torch(method.init_global(get_runtime(cfg).model))
         torch.manual_seed(0)
         upload = method.client_train(client_ctx(cfg, {}, 1), start)
@@ -210,7 +211,7 @@ def test_fedadam_server_step_follows_the_adam_update(tiny_cfg):
     cfg = tiny_cfg.with_overrides(
         {"method": "fedadam", "fedadam.server_lr": 0.1, "fedadam.tau": 1e-3}
     )
-    method = get_method(cfg)
+    method = bound_method(cfg)
     theta = {"w": np.array([1.0, -1.0], dtype=np.float32)}
     reply = Reply(0, {"w": np.array([1.5, -1.0], dtype=np.float32)}, 5)
     new = method.aggregate(theta, [reply])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import bound_method
 
 from fedmm.backbones import build_model
 from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
-from fedmm.methods import get_method
 
 TYPES = ["adapter", "lora", "prompt", "bitfit"]
 
@@ -129,12 +129,12 @@ def test_lora_rank_defaults_to_the_adapter_budget_and_targets_are_checked():
 
 def test_unknown_peft_type_and_senseless_combinations_fail_clearly(tiny_cfg):
     with pytest.raises(ConfigError, match="unknown peft.type 'ia3'.*adapter, lora, prompt, bitfit"):
-        get_method(tiny_cfg.with_overrides({"peft.type": "ia3"}))
+        bound_method(tiny_cfg.with_overrides({"peft.type": "ia3"}))
     with pytest.raises(
         ConfigError, match="dat_combine='sum' is not defined for peft.type 'prompt'"
     ):
-        get_method(tiny_cfg.with_overrides(
+        bound_method(tiny_cfg.with_overrides(
             {"method": "feddat", "peft.type": "prompt", "feddat.dat_combine": "sum"}
         ))  # fmt: skip
     with pytest.raises(ConfigError, match="fedpia aligns hidden units"):
-        get_method(tiny_cfg.with_overrides({"method": "fedpia", "peft.type": "bitfit"}))
+        bound_method(tiny_cfg.with_overrides({"method": "fedpia", "peft.type": "bitfit"}))

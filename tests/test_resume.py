@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import bound_method, run_federation
 from flwr.app import MessageType
 from test_serverapp import InProcessGrid
 
 from fedmm.cli import main
 from fedmm.config import ConfigError
+from fedmm.engine import prepare, rehearsal_sites
 from fedmm.federation import checkpoint
-from fedmm.federation.serverapp import run_federation
-from fedmm.methods import get_method
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -33,8 +33,8 @@ class Interrupted(RuntimeError):
 class CrashingGrid(InProcessGrid):
     """Raises (the server 'dies') when asked to evaluate round ``crash_round``."""
 
-    def __init__(self, n: int, crash_round: int) -> None:
-        super().__init__(n)
+    def __init__(self, n: int, crash_round: int, sites: dict | None = None) -> None:
+        super().__init__(n, sites=sites)
         self.crash_round = crash_round
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -84,31 +84,32 @@ def test_resume_without_checkpoint_starts_clean_and_refuses_other_configs(tiny_c
 
 
 def test_fedadam_server_state_round_trips(tiny_cfg):
-    method = get_method(tiny_cfg.with_overrides({"method": "fedadam"}))
+    method = bound_method(tiny_cfg.with_overrides({"method": "fedadam"}))
     method.m, method.v = {"a": np.ones(3)}, {"a": np.full(3, 2.0)}
-    other = get_method(tiny_cfg.with_overrides({"method": "fedadam"}))
+    other = bound_method(tiny_cfg.with_overrides({"method": "fedadam"}))
     other.load_server_state(method.server_state())
     assert np.array_equal(other.m["a"], method.m["a"]) and np.array_equal(
         other.v["a"], method.v["a"]
     )
     with pytest.raises(ValueError):
-        get_method(tiny_cfg).load_server_state({"m/a": np.ones(1)})
+        bound_method(tiny_cfg).load_server_state({"m/a": np.ones(1)})
 
 
 def test_cli_resume_continues_in_the_flower_simulation(tiny_cfg, capsys):
     """`fedmm run --resume DIR` picks the checkpoint up and finishes the run on the Ray runtime."""
     cfg = tiny_cfg.with_overrides({"method": "feddat", "fed.rounds": 3})
     full = run_federation(InProcessGrid(3), cfg.with_overrides({"out_dir": cfg.out_dir + "-full"}))
+    sites = rehearsal_sites(prepare(cfg))  # the sites keep their state where the simulation does
     with pytest.raises(Interrupted):
-        run_federation(CrashingGrid(3, crash_round=3), cfg)
+        run_federation(CrashingGrid(3, crash_round=3, sites=sites), cfg)
     assert main(["run", "--resume", cfg.out_dir, "--set", "progress=false"]) == 0
     assert "resuming feddat" in capsys.readouterr().out
     run = json.loads((Path(cfg.out_dir) / "results.json").read_text())["runs"][0]
     assert rounds(run) == rounds(full)
     # the client state on disk is round 3's, with round 2's kept beside it
-    state = (
-        checkpoint.path(cfg).parent.parent / "client_state" / f"feddat-{cfg.data.benchmark}-seed0"
+    (state,) = (Path(cfg.out_dir) / "client_state" / "site-0").glob(
+        f"feddat-adapter-{cfg.data.benchmark}-seed0-{run['run_id']}"
     )
-    assert torch.load(state / "client-0.pt", weights_only=True)["round"] == 3
-    assert torch.load(state / "client-0.pt.prev", weights_only=True)["round"] == 2
+    assert torch.load(state / "client.pt", weights_only=True)["round"] == 3
+    assert torch.load(state / "client.pt.prev", weights_only=True)["round"] == 2
     assert main(["run", "--resume", str(Path(cfg.out_dir) / "nothing-here")]) == 2

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import run_federation
 from flwr.app import MessageType
 
 from fedmm.config import ConfigError
 from fedmm.federation import messages
-from fedmm.federation.serverapp import run_federation
 from tests.test_serverapp import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_federation
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 
 from fedmm.federation import clientapp
-from fedmm.federation.serverapp import run_federation
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -17,14 +17,15 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 class InProcessGrid:
     """Delivers each message to the ClientApp handler of its node, in this process."""
 
-    def __init__(self, n: int, failing: set[int] = frozenset()) -> None:
+    def __init__(self, n: int, failing: set[int] = frozenset(), sites: dict | None = None) -> None:
+        """``sites``: each node's site settings (default: none but its partition)."""
         self.contexts = {
             100 + i: Context(
                 run_id=1,
                 node_id=100 + i,
                 state=RecordDict(),
                 run_config={},
-                node_config={"partition-id": i, "num-partitions": n},
+                node_config={"partition-id": i, "num-partitions": n, **(sites or {}).get(i, {})},
             )  # fmt: skip
             for i in range(n)
         }
@@ -41,15 +42,10 @@ class InProcessGrid:
             kind = msg.metadata.message_type
             rnd = int(msg.content["config"]["round"])
             self.sent.append((node, kind, rnd))
-            if kind == MessageType.QUERY:
-                replies.append(clientapp.query(msg, self.contexts[node]))
-                continue
             if node in self.failing and kind == MessageType.TRAIN:
                 replies.append(Message(Error(code=0, reason="simulated crash"), reply_to=msg))
                 continue
-            replies.append(
-                clientapp.handle(msg, self.contexts[node], train=kind == MessageType.TRAIN)
-            )
+            replies.append(clientapp.dispatch(msg, self.contexts[node]))
         return replies
 
 

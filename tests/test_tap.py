@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import bound_method
 
 from fedmm.data import load_benchmark
-from fedmm.methods import ClientContext, Reply, get_method
+from fedmm.methods import ClientContext, Reply
 from fedmm.methods.base import get_parts, multilabel_scores, part_module, task_loss, to_torch
 from fedmm.methods.tap import TAP, client_sets, owns
 from fedmm.runtime import get_runtime
@@ -87,7 +88,7 @@ def test_every_method_scores_each_task_with_its_metric(task_cfg, method):
 
 # ---------------------------------------------------------------------- TAP
 def test_clients_receive_and_send_only_their_own_modules(task_cfg):
-    tap, rt = TAP(task_cfg), get_runtime(task_cfg)
+    tap, rt = bound_method(task_cfg), get_runtime(task_cfg)
     global_np = tap.init_global(rt.model)
     frozen = rt.model.frozen_state_keys()
     for index, spec in enumerate(rt.benchmark.clients):
@@ -105,7 +106,7 @@ def test_clients_receive_and_send_only_their_own_modules(task_cfg):
 
 
 def test_a_client_receiving_a_foreign_module_refuses_it(task_cfg):
-    tap, rt = TAP(task_cfg), get_runtime(task_cfg)
+    tap, rt = bound_method(task_cfg), get_runtime(task_cfg)
     global_np = tap.init_global(rt.model)
     with pytest.raises(ValueError, match="does not own"):
         tap.client_train(ctx_for(task_cfg, 5), to_torch(global_np))
@@ -113,7 +114,7 @@ def test_a_client_receiving_a_foreign_module_refuses_it(task_cfg):
 
 def test_the_global_weights_reach_the_client(task_cfg):
     """The reference's bug: aggregated fusion weights never loaded (strict=False, wrong prefix)."""
-    tap, rt = TAP(task_cfg), get_runtime(task_cfg)
+    tap, rt = bound_method(task_cfg), get_runtime(task_cfg)
     global_np = tap.init_global(rt.model)
     rng = np.random.default_rng(0)
     marked = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in global_np.items()}
@@ -126,7 +127,7 @@ def test_the_global_weights_reach_the_client(task_cfg):
 
 
 def test_aggregation_is_per_key_over_owners_and_keeps_unowned_keys(task_cfg):
-    tap, rt = TAP(task_cfg), get_runtime(task_cfg)
+    tap, rt = bound_method(task_cfg), get_runtime(task_cfg)
     global_np = tap.init_global(rt.model)
     a = {k: v + 1 for k, v in tap.global_for_client(global_np, 2).items()}  # classify, image
     b = {k: v + 3 for k, v in tap.global_for_client(global_np, 5).items()}  # describe, text
@@ -142,7 +143,7 @@ def test_aggregation_is_per_key_over_owners_and_keeps_unowned_keys(task_cfg):
 
 
 def test_replacement_is_judged_on_held_out_validation_data(task_cfg, monkeypatch):
-    tap = TAP(task_cfg)
+    tap = bound_method(task_cfg)
     rt = get_runtime(task_cfg)
     global_np = tap.init_global(rt.model)
     ctx = ctx_for(task_cfg, 0)
@@ -171,7 +172,7 @@ def test_replacement_is_judged_on_held_out_validation_data(task_cfg, monkeypatch
 
 
 def test_replacement_copies_the_global_copy_when_it_wins(task_cfg, monkeypatch):
-    tap = TAP(task_cfg)
+    tap = bound_method(task_cfg)
     rt = get_runtime(task_cfg)
     global_np = tap.init_global(rt.model)
     sent = to_torch(tap.global_for_client(global_np, 2))
@@ -192,7 +193,7 @@ def test_replacement_copies_the_global_copy_when_it_wins(task_cfg, monkeypatch):
 
 
 def test_a_first_round_starts_the_personal_model_from_the_trained_global_copy(task_cfg):
-    tap, rt = TAP(task_cfg), get_runtime(task_cfg)
+    tap, rt = bound_method(task_cfg), get_runtime(task_cfg)
     sent = to_torch(tap.global_for_client(tap.init_global(rt.model), 1))
     ctx = ctx_for(task_cfg, 1)
     upload = tap.client_train(ctx, sent)
@@ -201,7 +202,7 @@ def test_a_first_round_starts_the_personal_model_from_the_trained_global_copy(ta
 
 
 def test_stage_two_runs_after_the_last_round_only(task_cfg):
-    tap, rt = TAP(task_cfg), get_runtime(task_cfg)
+    tap, rt = bound_method(task_cfg), get_runtime(task_cfg)
     global_np = tap.init_global(rt.model)
     sent = to_torch(tap.global_for_client(global_np, 4))
     state: dict = {}
@@ -223,5 +224,5 @@ def test_module_sets_follow_the_client_modalities_and_task(task_cfg):
     assert client_sets(bench.clients[5]) == ["mod_shared", "mod_text", "task_shared",
                                              "task_describe"]  # fmt: skip
     model = get_runtime(task_cfg).model
-    get_method(task_cfg).prepare(model)
+    bound_method(task_cfg).prepare(model)
     assert part_module(model, "adapter.task_attributes") is not None

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bound_method, run_federation
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from test_serverapp import InProcessGrid
 
 from fedmm.federation import messages, validation
-from fedmm.federation.serverapp import run_federation
-from fedmm.methods import get_method
 from fedmm.runtime import get_runtime
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -22,7 +21,7 @@ FROZEN_KEY = "text.encoder.layer.0.attention.self.query.weight"
 
 
 def honest_upload(cfg):
-    method = get_method(cfg)
+    method = bound_method(cfg)
     model = get_runtime(cfg).model
     arrays = method.init_global(model)
     return arrays, validation.UploadSpec.from_model(method, model, cfg)
@@ -135,7 +134,7 @@ def test_size_limit_and_duplicate_client(tiny_cfg):
     with pytest.raises(validation.InvalidReply, match="second reply"):
         validation.check_reply(arrays, {"client-index": 2, "num-examples": 40}, spec, seen)
     cfg = tiny_cfg.with_overrides({"validate.max_examples": 10})
-    spec10 = validation.UploadSpec.from_model(get_method(cfg), get_runtime(cfg).model, cfg)
+    spec10 = validation.UploadSpec.from_model(bound_method(cfg), get_runtime(cfg).model, cfg)
     with pytest.raises(validation.InvalidReply, match="max_examples=10"):
         validation.check_reply(arrays, {"client-index": 0, "num-examples": 40}, spec10, set())
 

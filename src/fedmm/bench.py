@@ -24,7 +24,9 @@ from fedmm import __version__, results
 from fedmm.config import FedmmConfig
 from fedmm.files import atomic_write
 
-VOLATILE = ("out_dir", "cache_dir", "progress", "resume")  # config keys that do not change a result
+# config keys that do not change a result (data.schema: where the server's copy of the schema is;
+# its content is the benchmark's)
+VOLATILE = ("out_dir", "cache_dir", "progress", "resume", "data.schema")
 
 
 def cell_config(cfg: FedmmConfig, method: str, seed: int, out: Path) -> FedmmConfig:

@@ -115,6 +115,11 @@ class Schema:
         """One single-label task: a ``Benchmark`` without ``tasks`` (every VQA benchmark)."""
         return self.single and next(iter(self.tasks.values())).kind == "single"
 
+    def task_names(self) -> list[str]:
+        """The tasks as clients name them: ``[""]`` for a plain schema (one single-label task),
+        else the schema's task names."""
+        return [""] if self.plain else list(self.tasks)
+
     def head_sizes(self) -> int | dict[str, int]:
         """One task: its number of labels; several: ``{task: number of labels}``.
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedmm.config import FedmmConfig
@@ -75,6 +75,14 @@ def make_client_app(sites: dict[int, dict] | None = None) -> ClientApp:
 
 
 app = make_client_app()
+
+
+def dispatch(msg: Message, context: Context, sites: dict[int, dict] | None = None) -> Message:
+    """Handle ``msg`` by its type, as the ClientApp does (for in-process grids in tests)."""
+    kind = msg.metadata.message_type
+    if kind == MessageType.QUERY:
+        return handle_query(msg, context, sites)
+    return handle(msg, context, train=kind == MessageType.TRAIN, sites=sites)
 
 
 def site_settings(context: Context, sites: dict[int, dict] | None = None) -> SiteSettings:
@@ -186,7 +194,7 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     cfg, rnd = site.cfg, meta["round"]
     index = site.check(meta)
     method = get_method(cfg)
-    method.bind(site.runtime.schema.tasks, {index: site.info})
+    method.bind(site.runtime.schema.task_names(), {index: site.info})
     check_global(method, site, global_arrays, index)
     state_file = site.state_file(meta["run-id"])
     state = restore_state(context, state_file, cfg, rnd, meta["last-trained"], train=train)
@@ -286,5 +294,5 @@ def save_state(context: Context, path: Path, cfg: FedmmConfig, rnd: int, state: 
     atomic_torch_save({"round": rnd, "state": {k: v.cpu() for k, v in state.items()}}, path)
 
 
-__all__ = ["Site", "app", "handle", "handle_query", "make_client_app", "restore_state",
+__all__ = ["Site", "app", "dispatch", "handle", "handle_query", "make_client_app", "restore_state",
            "save_state", "site_settings"]  # fmt: skip

@@ -179,7 +179,7 @@ def run_federation(
     nodes = wait_for_nodes(grid, cfg.fed.clients)
     index_of, infos, sizes = query_clients(grid, nodes, cfg, schema_sha)
     client_ids = {k: info.client_id for k, info in infos.items()}
-    method.bind(list(schema.tasks), infos)
+    method.bind(schema.task_names(), infos)
     model = server_model(cfg, schema)  # shapes from the model config and the schema alone
     global_state = method.init_global(model)
     spec = validation.UploadSpec.from_model(method, model, cfg)
