@@ -228,7 +228,7 @@ def test_jsonl_missing_images_are_reported_or_dropped_and_counted(byo_dir):
         BENCHMARKS["jsonl"](cfg)
     text = str(err.value)
     assert text.startswith("8 record(s)") and text.count("img/") == 5
-    assert "train.jsonl:5 img/4.png" in text and "skip_missing_images" in text
+    assert "train.jsonl:5: image img/4.png missing" in text and "skip_missing_images" in text
     bench = BENCHMARKS["jsonl"](cfg.with_overrides({"data.skip_missing_images": True}))
     assert bench.notes["missing_images_dropped"] == 8
     assert sum(len(c.train) + len(c.test) for c in bench.clients) == 21 - 8

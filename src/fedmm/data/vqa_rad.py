@@ -39,7 +39,6 @@ as wrong (``notes["unk_index"]``, ``notes["test_unk"]``).  Every record keeps it
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -49,7 +48,14 @@ import numpy as np
 
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data import Benchmark, ClientSpec, RawSplit, Task, register
-from fedmm.data.common import label_of, partition, read_images, vocabulary
+from fedmm.data.common import (
+    label_of,
+    normalize_answer,
+    partition,
+    read_images,
+    read_json,
+    vocabulary,
+)
 
 ORGANS = ("HEAD", "CHEST", "ABD")
 
@@ -76,7 +82,7 @@ def find_vqa_rad(root: str = "") -> Path | None:
 
 
 def normalise_answer(answer: object) -> str:
-    return " ".join(str(answer).split()).lower()
+    return normalize_answer(answer)
 
 
 QTYPE_FIXES = {"ATRIB": "ATTRIB", "PRSE": "PRES"}  # typos in the real trainset.json
@@ -98,12 +104,27 @@ def load_vqa_rad(root: str = "") -> VqaRad:
     changed: Counter = Counter()
     splits = {}
     for split in ("train", "test"):
-        records = json.loads((path / f"{split}set.json").read_text())
+        file = path / f"{split}set.json"
+        records = read_json(file)
+        if not isinstance(records, list):
+            raise ValueError(
+                f"{file}: expected a JSON list of records, got {type(records).__name__}"
+            )
         for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                raise ValueError(
+                    f"{file}: record {i}: expected an object, got {type(rec).__name__}"
+                )
             for key in ("image_name", "image_organ", "question", "question_type", "answer",
                         "answer_type"):  # fmt: skip
                 if key not in rec:
-                    raise ValueError(f"{path / f'{split}set.json'}: record {i} has no {key!r}")
+                    raise ValueError(f"{file}: record {i} has no {key!r}")
+            for key in ("image_name", "image_organ", "question", "question_type", "answer_type"):
+                if not isinstance(rec[key], str) or not rec[key].strip():
+                    raise ValueError(f"{file}: record {i} (qid {rec.get('qid', '?')}): field "
+                                     f"{key!r} must be a non-empty string, got {rec[key]!r}")  # fmt: skip
+            if not normalise_answer(rec["answer"]):
+                raise ValueError(f"{file}: record {i} (qid {rec.get('qid', '?')}): empty answer")
             raw = rec["answer"]
             if not isinstance(raw, str):
                 changed["answer not a string"] += 1
