@@ -294,7 +294,7 @@ def save_run(out_dir: str | Path, run: dict) -> None:
 
 
 def _views(runs: list[dict]) -> list[str]:
-    seen = {v for r in runs for v in r["final"]}
+    seen = {v for r in runs for v in (*r["final"], *r.get("views", ()))}  # n/a: nobody scored
     return [v for v in VIEW_ORDER if v in seen] + sorted(seen - set(VIEW_ORDER))
 
 
