@@ -283,3 +283,25 @@ def test_empty_test_split_has_no_score_and_empty_train_takes_no_step(tiny_cfg):
     assert list(ctx.steps(opt)) == [] and "steps" not in ctx.stats
     full = ClientContext(tiny_cfg, runtime.model, train, train, {}, 1, 0, 3, 6)
     assert 0.0 <= full.score()[""] <= 1.0
+
+
+def test_vqa_rad_question_type_split_with_a_client_without_test_rows_is_refused(tmp_path):
+    root = tmp_path / "vqa"
+    (root / "images").mkdir(parents=True)
+    train, test = [], []
+    for i in range(6):
+        name = f"synpic{i}.png"
+        Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(root / "images" / name)
+        rec = {"image_name": name, "image_organ": "HEAD", "question": f"q{i}?",
+               "answer": "Yes ", "answer_type": "CLOSED"}  # fmt: skip
+        train += [{**rec, "question_type": "PRES"}, {**rec, "question_type": "POS"}]
+        test.append({**rec, "question_type": "PRES"})  # no POS question in the test set
+    (root / "trainset.json").write_text(json.dumps(train))
+    (root / "testset.json").write_text(json.dumps(test))
+    cfg = FedmmConfig().with_overrides({"data.benchmark": "vqa-rad-qtype", "fed.clients": 2,
+                                        "data.data_dir": str(root), "model.image_size": 8})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"client 0-POS: 0 test rows.*fewer clients"):
+        load_benchmark(cfg)
+    bench = load_benchmark(cfg.with_overrides({"data.allow_empty_clients": True}))
+    assert bench.excluded == {"0-POS": "0 test rows"}
+    assert bench.notes["answers_normalised"] == 18  # "Yes " -> "yes", train and test

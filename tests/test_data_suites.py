@@ -96,6 +96,7 @@ def test_organ_benchmark_labels_groups_and_notes(vqa_dir):
     assert bench.notes["unk_index"] not in train_labels  # <unk> is never a training target
     assert bench.clients[0].test.labels[0] == bench.notes["unk_index"]  # "never in train"
     assert bench.notes["test_unk"] >= 1 and bench.notes["normalised"]["answer not a string"] == 18
+    assert bench.notes["answers_normalised"] == 18 + bench.notes["normalised"]["answer case/space"]
     assert "normalised:" in bench.description
     for c in bench.clients:
         assert set(c.train.groups) == {"closed", "open"}

@@ -39,7 +39,7 @@ def _number(key: str, value: float, lo: float, hi: float, lo_open: bool, hi_open
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"unknown {key} {value!r}; choices: {', '.join(choices)}")
 
 
 # (key, lo, hi, lo open, hi open): every numeric option and its valid range
@@ -229,7 +229,7 @@ def text_skeleton(cfg: FedmmConfig):
         text = load_backbone(name).text
         return text, text.config.max_position_embeddings, True
     if name in MODEL_BUILDERS:
-        from fedmm.backbones.hf import FAMILIES, TINY, _env_offline
+        from fedmm.backbones.hf import FAMILIES, TINY
 
         family = FAMILIES.get(name)
         if family is None:
@@ -238,10 +238,8 @@ def text_skeleton(cfg: FedmmConfig):
         if source == TINY:
             config = family.tiny_config()
         else:
-            try:
-                config = transformers.AutoConfig.from_pretrained(
-                    source, local_files_only=_env_offline() or not cfg.model.hf_download
-                )
+            try:  # never a download here, even with model.hf_download: only what is local
+                config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
             except (OSError, ValueError):
                 return None
         model = _meta(lambda: getattr(transformers, family.hf_class)(config))

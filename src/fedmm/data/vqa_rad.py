@@ -142,6 +142,12 @@ def load_vqa_rad(root: str = "") -> VqaRad:
     return VqaRad(path, splits["train"], splits["test"], answers, changed)
 
 
+def answers_normalised(data: VqaRad) -> int:
+    """How many answers the loader changed (case, spacing, a number turned into a string):
+    the same count the ``jsonl`` benchmark reports under ``notes["answers_normalised"]``."""
+    return data.normalised["answer case/space"] + data.normalised["answer not a string"]
+
+
 def load_images(root: Path, names: list[str], size: int) -> np.ndarray:
     """uint8 ``(N, size, size, 3)`` RGB images from ``root/images``, each file read once per process."""
     return read_images([root / "images" / name for name in names], size)
@@ -261,6 +267,7 @@ def build(cfg: FedmmConfig, setting: str) -> Benchmark:
     shared = {r["image_name"] for r in train} & {r["image_name"] for r in test}
     notes = {
         "normalised": dict(data.normalised),
+        "answers_normalised": answers_normalised(data),
         "test_split": cfg.data.test_split,
         "train_questions": len(train),
         "test_questions": len(test),
@@ -386,7 +393,10 @@ def build_task(cfg: FedmmConfig) -> Benchmark:
         r["answer_type"] == "CLOSED" and r["answer"] not in ("yes", "no") for r in train + test
     )
     notes = {
-        "normalised": dict(data.normalised), "test_split": "image-disjoint (always)",
+        "normalised": dict(data.normalised), "answers_normalised": answers_normalised(data),
+        "test_split": "image-disjoint (always)",
+        "test_unk": sum(r["answer_type"] == "OPEN" and r["answer"] not in open_index
+                        for r in test),  # open test answers unseen in training -> <unk>
         "closed_not_yes_no_left_out": other_closed,
         "findings_images": {"train": len(clients[3].train), "test": len(clients[3].test)},
         "findings_positive_rate": clients[3].train.labels.mean(0).round(3).tolist(),
