@@ -65,7 +65,9 @@ def test_hostile_server_messages_are_refused_and_nothing_is_written(tiny_cfg, tm
     train(cfg, ctx, 1, global_np)  # a valid round: state and privacy ledger exist
     state_root = tmp_path / "xdg-state"
     before, context_before = snapshot(state_root), dict(ctx.state)
-    assert any(p.name == "client.pt" for p in before) and any(p.name == "privacy.json" for p in before)
+    assert any(p.name == "client.pt" for p in before) and any(
+        p.name == "privacy.json" for p in before
+    )
 
     good = Message(server_msg(cfg, global_np, 2, 0, last_trained=1), 100, MessageType.TRAIN)
     key = next(iter(global_np))

@@ -96,6 +96,7 @@ def test_organ_benchmark_labels_groups_and_notes(vqa_dir):
     assert bench.notes["unk_index"] not in train_labels  # <unk> is never a training target
     assert bench.clients[0].test.labels[0] == bench.notes["unk_index"]  # "never in train"
     assert bench.notes["test_unk"] >= 1 and bench.notes["normalised"]["answer not a string"] == 18
+    assert bench.notes["answers_normalised"] == 18 + bench.notes["normalised"]["answer case/space"]
     assert "normalised:" in bench.description
     for c in bench.clients:
         assert set(c.train.groups) == {"closed", "open"}
@@ -228,7 +229,7 @@ def test_jsonl_missing_images_are_reported_or_dropped_and_counted(byo_dir):
         BENCHMARKS["jsonl"](cfg)
     text = str(err.value)
     assert text.startswith("8 record(s)") and text.count("img/") == 5
-    assert "train.jsonl:5 img/4.png" in text and "skip_missing_images" in text
+    assert "train.jsonl:5: image img/4.png missing" in text and "skip_missing_images" in text
     bench = BENCHMARKS["jsonl"](cfg.with_overrides({"data.skip_missing_images": True}))
     assert bench.notes["missing_images_dropped"] == 8
     assert sum(len(c.train) + len(c.test) for c in bench.clients) == 21 - 8

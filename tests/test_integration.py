@@ -57,6 +57,9 @@ def test_two_round_flower_simulation_fedavg_and_feddat(tiny_cfg, capsys):
             for views in h["clients"].values():
                 assert set(views) == set(run["views"])
         assert set(run["final"]) == set(run["views"])
+        assert run["health"]["status"] == "ok" and run["health"]["trained"] == 6
+        assert run["loader_notes"] == {} and run["excluded_clients"] == {}
+    assert printed.count("-> ok") == 2  # one health line per run
     assert set(runs["feddat"]["views"]) == {"global", "personalized", "dat", "client"}
     # FedDAT uploads A_s + projection only; FedAvg also the head
     assert runs["feddat"]["history"][0]["bytes_up"] < runs["fedavg"]["history"][0]["bytes_up"]

@@ -90,7 +90,9 @@ def test_client_state_persists_in_context_and_on_disk(tiny_cfg, tmp_path):
     assert clientapp.STATE_KEY in context.state
     in_context = messages.from_record(context.state[clientapp.STATE_KEY])
     # the whole identity of the run names the file: method, PEFT, benchmark, seed, run id
-    (path,) = (tmp_path / "xdg-state" / "fedmm").glob("1-inverted/feddat-adapter-fmnist-domain-seed0-test/client.pt")
+    (path,) = (tmp_path / "xdg-state" / "fedmm").glob(
+        "1-inverted/feddat-adapter-fmnist-domain-seed0-test/client.pt"
+    )
     on_disk = torch.load(path, weights_only=True)
     assert on_disk["round"] == 1
     assert set(on_disk["state"]) == set(in_context)
@@ -161,5 +163,8 @@ def test_payload_audit_with_dp_adds_only_its_scalars(tiny_cfg):
     )
     train, _ = send(cfg, make_context(0), MessageType.TRAIN, 1)
     names = {k for k in train.content[messages.METRICS].keys() if not k.startswith("stat.")}
-    assert names == TRAIN_METRICS | DP_METRICS | {"dp-clip-norm", "dp-noise-multiplier",
-                                                  "dp-epsilon"}  # what the client applied
+    assert names == TRAIN_METRICS | DP_METRICS | {
+        "dp-clip-norm",
+        "dp-noise-multiplier",
+        "dp-epsilon",
+    }  # what the client applied

@@ -197,8 +197,9 @@ def plot(out: Path, runs: list[dict], grid: dict) -> None:
                 continue
             view = _primary(mruns[0])
             rounds = min(len(r["history"]) for r in mruns)
-            acc = np.array([[100 * results.mean_views(h["clients"]).get(view, np.nan)
-                             for h in r["history"][:rounds]] for r in mruns])  # fmt: skip
+            acc = np.array([[100 * results.mean_views(h["clients"], r.get("excluded_clients", {}))
+                             .get(view, np.nan) for h in r["history"][:rounds]]
+                            for r in mruns])  # fmt: skip
             xs = np.arange(1, rounds + 1)
             color = colors[i % len(colors)]
             ax.plot(xs, acc.mean(0), marker="o", color=color, label=f"{method} ({view})")

@@ -14,6 +14,11 @@
     fedmm list            # methods, benchmarks, backbones, config keys with defaults
 
 Precedence: defaults < --config file < the flags above < --set.
+
+Exit status: 0 = done; 2 = refused before anything ran (an unknown name, an option out of its
+range -- every option is checked first, ``fedmm.validate`` --, data that cannot be used);
+3 = ran, but a run trained nothing or evaluated nothing, or (without ``--allow-partial``) some
+client-rounds did not train or evaluate (the health line of each run says which).
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.add_argument("--resume", metavar="DIR",
                      help="continue the interrupted runs checkpointed under DIR (their own options)")  # fmt: skip
+    run.add_argument("--allow-partial", action="store_true",
+                     help="exit 0 also when some client-rounds did not train or evaluate (a run "
+                          "that trained or evaluated nothing always exits 3)")  # fmt: skip
     bench = sub.add_parser("bench", help="methods x benchmarks x seeds into one report (resumable)")
     for action in run._actions[1:]:  # the same options as `run` ...
         if action.dest not in ("seed", "resume", "sites", "site"):
@@ -132,38 +140,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[list[FedmmConfig], list[st
 
 
 def validate(cfg: FedmmConfig, methods: list[str]) -> None:
-    from fedmm.backbones import backbone_names
-    from fedmm.data import BENCHMARKS
-    from fedmm.methods import METHODS
+    """Every option checked before anything starts (``fedmm.validate.validate_config``)."""
+    from fedmm.validate import validate_config
 
-    if not methods:
-        raise ConfigError(f"--method is empty; choices: {', '.join(METHODS)}")
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"unknown method {m!r}; choices: {', '.join(METHODS)}")
-        METHODS[m](cfg.with_overrides({"method": m}))  # method x PEFT x options, before any run
-    if cfg.data.benchmark not in BENCHMARKS and cfg.data.benchmark != SITES:
-        raise ConfigError(
-            f"unknown benchmark {cfg.data.benchmark!r}; choices: {', '.join(sorted(BENCHMARKS))}"
-        )
-    if cfg.model.backbone not in backbone_names():
-        raise ConfigError(
-            f"unknown backbone {cfg.model.backbone!r}; choices: {', '.join(backbone_names())}"
-        )
-    if cfg.fed.rounds < 1 or cfg.fed.clients < 1:
-        raise ConfigError("--rounds and --clients must be >= 1")
-    if not 0 < cfg.fed.fraction <= 1:
-        raise ConfigError(f"fed.fraction must be in (0, 1], got {cfg.fed.fraction}")
-    if cfg.fed.eval_every < 1 or not 0 < cfg.fed.eval_fraction <= 1:
-        raise ConfigError(
-            f"fed.eval_every must be >= 1 and fed.eval_fraction in (0, 1], got "
-            f"{cfg.fed.eval_every} and {cfg.fed.eval_fraction}"
-        )
-    from fedmm.federation.messages import check_compression
-
-    check_compression(cfg.fed.compression)
-    if cfg.train.local_steps < 1 or cfg.train.batch_size < 1:
-        raise ConfigError("train.local_steps and train.batch_size must be >= 1")
+    validate_config(cfg, methods)
 
 
 def site_options(args: argparse.Namespace) -> dict:
@@ -175,8 +155,9 @@ def site_options(args: argparse.Namespace) -> dict:
     return site
 
 
-def check_data(cfg: FedmmConfig) -> None:
-    """The run's data exists and reads (site directories and their schema, or the benchmark)."""
+def check_data(cfg: FedmmConfig):
+    """The run's data exists and reads (site directories and their schema, or the benchmark);
+    returns the benchmark (None for site directories: each site reads its own)."""
     from fedmm.data import load_benchmark, sites
 
     try:
@@ -187,8 +168,8 @@ def check_data(cfg: FedmmConfig) -> None:
                 if sites.read_schema(root / sites.SCHEMA_FILE).sha256() != schema.sha256():
                     raise ConfigError(f"{root / sites.SCHEMA_FILE} differs from "
                                       f"{Path(cfg.data.data_dir) / sites.SCHEMA_FILE}")  # fmt: skip
-        else:
-            load_benchmark(cfg)
+            return None
+        return load_benchmark(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -220,13 +201,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(cfg.out_dir)
     site = site_options(args)
     try:
-        check_data(cfg)  # missing data fails here, with install instructions, before any run
-        check_source(cfg.model)  # so do Hugging Face weights that are not on this machine
+        # missing or bad data fails here, with install instructions, before any run; so do
+        # Hugging Face weights that are not on this machine
+        benchmark = check_data(cfg)
+        check_source(cfg.model)
         results.load(out)  # an unreadable results.json is reported, never overwritten
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from exc
     print(f"fedmm: {', '.join(methods)} on {cfg.data.benchmark} ({cfg.fed.clients} clients, "
           f"{cfg.fed.rounds} rounds, backbone {cfg.model.backbone}, seed {cfg.seed}) -> {out}/", flush=True)  # fmt: skip
+    print_notes(benchmark)
     for method in methods:
         run_method(cfg.with_overrides({"method": method}), site)
     data = results.load(out)
@@ -240,7 +224,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         f"\nresults: {out / 'results.json'}  table: {out / 'summary.md'}  plot: {out / 'curves.png'}"
     )
-    return 0
+    return health_exit(data["runs"], args.allow_partial)
+
+
+def print_notes(benchmark) -> None:
+    """What the loader did to the data (read, normalised, dropped, unseen), before the run."""
+    from fedmm import results
+
+    if benchmark is None:  # site directories: each site reports its own (results.json)
+        return
+    lines = results.loader_notes_lines(benchmark.notes)
+    if benchmark.excluded:
+        lines.append("clients left out of every mean (data.allow_empty_clients): " + ", ".join(
+            f"{c} ({why})" for c, why in benchmark.excluded.items()))  # fmt: skip
+    if lines:
+        print("data: " + "\n      ".join(lines), flush=True)
+
+
+# the runs finished but trained or evaluated nothing (or only partly, without --allow-partial)
+EXIT_UNHEALTHY = 3
+
+
+def health_exit(runs: list[dict], allow_partial: bool) -> int:
+    """0 when every run trained and evaluated (partial runs too, with ``allow_partial``); else
+    say why on stderr and return ``EXIT_UNHEALTHY``."""
+    from fedmm import results
+
+    problems = [p for r in runs if (p := results.unhealthy(r, allow_partial))]
+    if not runs:
+        problems = ["no run was recorded"]
+    for problem in problems:
+        print(f"fedmm: error: {problem}", file=sys.stderr)
+    return EXIT_UNHEALTHY if problems else 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -259,9 +274,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
         print(f"fedmm: resuming {cfg.method} on {cfg.data.benchmark} (seed {cfg.seed}) in {out}/",
               flush=True)  # fmt: skip
         run_method(cfg)
+    data = results.load(out)
     print()
-    print(results.summary_table(results.load(out)))
-    return 0
+    print(results.summary_table(data))
+    keys = {(c.method, c.peft.type, c.data.benchmark, c.seed) for c in cfgs}
+    return health_exit([r for r in data["runs"] if results.run_key(r) in keys],
+                       getattr(args, "allow_partial", False))  # fmt: skip
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -335,19 +353,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--seeds is empty")
     out = Path(cfgs[0].out_dir)
     try:
-        for cfg in cfgs:  # missing data fails here, before any cell runs
-            load_benchmark(cell_config(cfg, methods[0], seeds[0], out))
-    except ValueError as exc:
+        # missing or bad data fails here, before any cell runs
+        benchmarks = [load_benchmark(cell_config(c, methods[0], seeds[0], out)) for c in cfgs]
+    except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from exc
     cells = len(methods) * len(cfgs) * len(seeds)
     print(f"fedmm bench: {len(methods)} methods x {len(cfgs)} benchmarks x {len(seeds)} seeds "
           f"= {cells} cells -> {out}/", flush=True)  # fmt: skip
+    for benchmark in benchmarks:
+        print(f"{benchmark.name}:", flush=True)
+        print_notes(benchmark)
     done = run_bench(cfgs, methods, seeds, out)
     print(f"\n{done['ran']} cells ran, {cells - done['ran']} were already complete")
     print((out / "report.md").read_text())
     print(f"bench: {out / 'bench.json'}  report: {out / 'report.md'}  plots: "
           f"{out / 'bench_curves.png'}, {out / 'bench_bytes.png'}")  # fmt: skip
-    return 0
+    from fedmm import results
+
+    keys = {(m, cfg.peft.type, cfg.data.benchmark, s) for cfg in cfgs for m in methods
+            for s in seeds}  # fmt: skip
+    runs = [r for r in results.load(out)["runs"] if results.run_key(r) in keys]
+    for r in runs:
+        print(f"{results.label(r)} on {r['benchmark']} seed {r['seed']}: {results.health_line(r)}")
+    return health_exit(runs, args.allow_partial)
 
 
 def main(argv: list[str] | None = None) -> int:

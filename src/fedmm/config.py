@@ -164,7 +164,9 @@ class DataConfig:
     alpha: float = 0.5  # Dirichlet concentration of the label-skew partitions (smaller = more skew)
     dirichlet_by: str = "answer"  # vqa-rad-dirichlet: answer | organ, the skewed label per image
     clients_by: str = "column"  # jsonl: column (the records' `client`) | iid | dirichlet
-    skip_missing_images: bool = False  # jsonl: drop records whose image is missing (and say so)
+    skip_missing_images: bool = False  # jsonl: drop records with a missing or unreadable image
+    normalize_answers: bool = True  # jsonl: strip, collapse spaces, lower-case every answer
+    allow_empty_clients: bool = False  # keep clients with 0 train or 0 test rows, out of every mean
     # the server's copy of the task schema (schema.json, shared like the CA certificate); ""
     # = derived from the benchmark by the process that starts a rehearsal (fedmm run)
     schema: str = ""
@@ -341,9 +343,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    data = path.read_bytes()
     try:
-        with path.open("rb") as fh:
-            return flatten(tomllib.load(fh))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # tomllib would raise a bare decoder error, no place
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
+    try:
+        return flatten(tomllib.loads(text))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
 

@@ -102,7 +102,7 @@ def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
             record = results.new_run(
                 cfg, runtime.schema.name, {c.client_id: c.description for c in bench.clients},
                 {c.client_id: c.task for c in bench.clients} if bench.tasks else None,
-                method.views, method.count_trainable(runtime.model),
+                method.views, method.count_trainable(runtime.model), bench.notes, bench.excluded,
             )  # fmt: skip
 
             def save_round(entry: dict) -> None:

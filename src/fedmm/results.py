@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from fedmm import __version__
@@ -48,11 +50,14 @@ VIEW_ORDER = ("global", "personalized", "dat", "client")
 
 def new_run(
     cfg: FedmmConfig, benchmark: str, clients: dict[str, str], tasks: dict[str, str] | None,
-    views: tuple[str, ...], trainable_params: int,
+    views: tuple[str, ...], trainable_params: int, notes: dict | None = None,
+    excluded: dict[str, str] | None = None,
 ) -> dict:  # fmt: skip
-    """A new run record: ``clients`` maps each client's name to its description, ``tasks`` each
-    client to its task (multi-task schemas; None otherwise).  ``run_id`` names the run's client
-    state at every site; it is kept when the run is resumed."""
+    """A run record with no rounds yet: ``clients`` maps each client's name to its description,
+    ``tasks`` each client to its task (multi-task schemas; None otherwise).  ``notes``: what the
+    data loaders did (a server passes what its sites report).  Clients in ``excluded`` (name ->
+    why) are recorded as ``excluded_clients`` and left out of every mean.  ``run_id`` names the
+    run's client state at every site; it is kept when the run is resumed."""
     return {
         "method": cfg.method,
         "peft": cfg.peft.type,
@@ -64,22 +69,44 @@ def new_run(
         "config": cfg.to_flat(),
         "clients": dict(sorted(clients.items())),
         **({"tasks": dict(sorted(tasks.items()))} if tasks else {}),
+        "loader_notes": _json_safe(notes or {}),
+        "excluded_clients": dict(excluded or {}),
         "history": [],
         "final": {},
+        "health": {},
     }
+
+
+def attach_notes(run: dict, notes: dict) -> None:
+    """Store (or replace) the data loader's notes in ``run["loader_notes"]``."""
+    run["loader_notes"] = _json_safe(notes)
+
+
+def _json_safe(value):
+    """``value`` with numpy scalars/arrays and tuples turned into plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return value.tolist()
+    return value
 
 
 def add_round(run: dict, entry: dict) -> None:
     run["history"].append(entry)
+    excluded = run.get("excluded_clients", {})
     if entry["clients"] or not run["final"]:  # a round without evaluation keeps the last one
-        run["final"] = mean_views(entry["clients"])
+        run["final"] = mean_views(entry["clients"], excluded)
         if run.get("tasks"):  # the mean over clients mixes metrics; per task it does not
             run["final_by_task"] = {
                 task: mean_views(
-                    {c: m for c, m in entry["clients"].items() if run["tasks"][c] == task}
+                    {c: m for c, m in entry["clients"].items() if run["tasks"][c] == task},
+                    excluded,
                 )
                 for task in sorted(set(run["tasks"].values()))
             }
+    run["health"] = health(run)
     history = run["history"]
     clients = sorted({c for h in history for c, t in h["train"].items() if "replaced" in t})
     if clients:  # TAP's replacements: in which rounds the global copy beat the personal model
@@ -93,12 +120,144 @@ def add_round(run: dict, entry: dict) -> None:
         }
 
 
-def mean_views(clients: dict[str, dict[str, float]]) -> dict[str, float]:
+def mean_views(
+    clients: dict[str, dict[str, float]], excluded: Iterable[str] = ()
+) -> dict[str, float]:
+    """``{view: mean over clients}``.  Clients in ``excluded`` (``run["excluded_clients"]``) and
+    values that are not finite numbers (a client scored on nothing) are left out: such a client
+    never drags a mean down.  A view nobody scored is absent."""
+    skip = set(excluded)
     views: dict[str, list[float]] = {}
-    for metrics in clients.values():
+    for client, metrics in clients.items():
+        if client in skip:
+            continue
         for view, acc in metrics.items():
-            views.setdefault(view, []).append(acc)
+            if isinstance(acc, int | float) and math.isfinite(acc):
+                views.setdefault(view, []).append(float(acc))
     return {v: sum(a) / len(a) for v, a in sorted(views.items())}
+
+
+# ---------------------------------------------------------------------- health of a run
+def health(run: dict) -> dict:
+    """Did the run train and evaluate?  Counted over its whole history:
+
+    * ``sampled``: client-rounds asked to train (centralised: one pooled update per round);
+      ``trained``: of those, the valid replies that took at least one step;
+    * ``expected``: evaluations asked for; ``evaluated``: those that came back with a score;
+    * ``rejected`` (refused by validation), ``failed`` (errors, timeouts), ``eval_failed``;
+    * ``status``: ``no rounds``, ``trained nothing``, ``evaluated nothing``, ``partial`` (some
+      client-rounds or evaluations missing) or ``ok``.
+
+    Clients in ``excluded_clients`` are not held against the run: one with no training rows is
+    not expected to train (its reply carries 0 examples and is refused), one with no test rows
+    not to score (its scores are left out of every mean either way).
+    """
+    excluded = run.get("excluded_clients", {})
+    no_train = {c for c, why in excluded.items() if "train" in why}
+    no_test = {c for c, why in excluded.items() if "test" in why}
+    counts = dict.fromkeys(
+        ("sampled", "trained", "expected", "evaluated", "rejected", "failed", "eval_failed"), 0
+    )
+    for h in run.get("history", []):
+        train = h.get("train", {})
+        rejected = h.get("rejected", [])
+        skipped = sum(x.get("client") in no_train for x in rejected)
+        skipped += sum(c in no_train for c in train)
+        counts["sampled"] += (h.get("sampled") or len(train)) - skipped
+        counts["trained"] += sum(
+            c not in no_train and t.get("steps", 1) > 0 for c, t in train.items()
+        )
+        counts["rejected"] += sum(x.get("client") not in no_train for x in rejected)
+        counts["failed"] += sum(x.get("client") not in no_train for x in h.get("failed", []))
+        eval_failed = h.get("eval_failed", [])
+        counts["eval_failed"] += sum(x.get("client") not in no_test for x in eval_failed)
+        clients = h.get("clients", {})
+        asked_excluded = {c for c in clients if c in no_test}
+        asked_excluded |= {x.get("client") for x in eval_failed if x.get("client") in no_test}
+        counts["expected"] += h.get("evaluated", len(clients)) - len(asked_excluded)
+        counts["evaluated"] += sum(
+            c not in no_test and any(isinstance(v, int | float) and math.isfinite(v)
+                                     for v in m.values())
+            for c, m in clients.items()
+        )  # fmt: skip
+    if not run.get("history"):
+        status = "no rounds"
+    elif counts["trained"] == 0:
+        status = "trained nothing"
+    elif counts["evaluated"] == 0:
+        status = "evaluated nothing"
+    elif counts["trained"] < counts["sampled"] or counts["evaluated"] < counts["expected"]:
+        status = "partial"
+    else:
+        status = "ok"
+    return counts | {"status": status}
+
+
+def health_line(run: dict) -> str:
+    """One line: ``health: 15/15 client-rounds trained, 15/15 evaluations, 0 rejected, 0 failed
+    -> ok`` (plus evaluation failures and excluded clients when there are any)."""
+    h = health(run)
+    line = (
+        f"{h['trained']}/{h['sampled']} client-rounds trained, {h['evaluated']}/{h['expected']} "
+        f"evaluations, {h['rejected']} rejected, {h['failed']} failed"
+    )
+    if h["eval_failed"]:
+        line += f", {h['eval_failed']} evaluations failed"
+    excluded = run.get("excluded_clients", {})
+    if excluded:
+        line += "; excluded from every mean (n/a): " + ", ".join(
+            f"{c} ({why})" for c, why in sorted(excluded.items())
+        )
+    return f"health: {line} -> {h['status']}"
+
+
+def unhealthy(run: dict, allow_partial: bool = False) -> str | None:
+    """Why ``run`` must not count as a finished run (a CLI exits non-zero), or None.
+
+    A run that trained nothing or evaluated nothing is never fine; a ``partial`` one is fine only
+    with ``allow_partial``."""
+    h = health(run)
+    if h["status"] == "ok" or (h["status"] == "partial" and allow_partial):
+        return None
+    why = h["status"] + ("" if h["status"] != "partial" else
+                         " (use --allow-partial to accept partial runs)")  # fmt: skip
+    return f"{label(run)} seed {run['seed']} on {run['benchmark']}: {why}; {health_line(run)}"
+
+
+# ---------------------------------------------------------------------- loader notes
+NOTE_LABELS = {
+    "records_read": "records read",
+    "train_records": "training records kept",
+    "test_records": "test records kept",
+    "train_questions": "training questions",
+    "test_questions": "test questions",
+    "missing_images_dropped": "records dropped: image missing",
+    "unreadable_images_dropped": "records dropped: image unreadable",
+    "normalize_answers": "answer normalisation (strip, collapse spaces, lower-case)",
+    "answers_normalised": "answers normalised",
+    "normalised": "normalised",
+    "test_unk": "test answers unseen in training -> <unk>",
+    "unk_index": "<unk> label index",
+    "clients_by": "clients by",
+    "test_split": "test split",
+    "test_images_seen_in_train": "test images also in training",
+    "closed_not_yes_no_left_out": "closed questions not yes/no, left out",
+}
+
+
+def loader_notes_lines(notes: dict) -> list[str]:
+    """Human-readable lines for a benchmark's ``notes`` (what the loader read, normalised,
+    dropped, mapped to ``<unk>``), in the notes' order; ``[]`` for no notes."""
+    lines = []
+    for key, value in notes.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "nothing"
+        elif isinstance(value, bool):
+            value = "on" if value else "off"
+        elif isinstance(value, list):
+            value = "[" + ", ".join(map(str, value)) + "]"
+        lines.append(f"{NOTE_LABELS.get(key, key.replace('_', ' '))}: {value}")
+    return lines
 
 
 def load(out_dir: str | Path) -> dict:
@@ -106,8 +265,8 @@ def load(out_dir: str | Path) -> dict:
     if not path.is_file():
         return {"fedmm_version": __version__, "runs": []}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(
             f"{path} is not valid JSON ({exc}); move it away or pick another --out"
         ) from exc
@@ -135,7 +294,7 @@ def save_run(out_dir: str | Path, run: dict) -> None:
 
 
 def _views(runs: list[dict]) -> list[str]:
-    seen = {v for r in runs for v in r["final"]}
+    seen = {v for r in runs for v in (*r["final"], *r.get("views", ()))}  # n/a: nobody scored
     return [v for v in VIEW_ORDER if v in seen] + sorted(seen - set(VIEW_ORDER))
 
 
@@ -161,7 +320,14 @@ def summary_table(data: dict) -> str:
             hist = r["history"]
             n = max(1, len(hist))
             cells = [label(r), str(r["seed"]), str(len(hist))]
-            cells += [f"{100 * r['final'][v]:.1f}" if v in r["final"] else "—" for v in views]
+            cells += [
+                f"{100 * r['final'][v]:.1f}"
+                if v in r["final"]
+                else "n/a"  # a view of the method that no (included) client scored
+                if v.split(".", 1)[0] in r.get("views", ())
+                else "—"
+                for v in views
+            ]
             cells += [
                 f"{r['trainable_params']:,}",
                 f"{sum(h['seconds'] for h in hist) / n:.1f}",
@@ -170,11 +336,15 @@ def summary_table(data: dict) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        lines += [f"- {label(r)} seed {r['seed']}: {health_line(r)}" for r in runs]
+        lines.append("")
     lines += task_table(data["runs"])
     lines.append(
         "Accuracy in %, mean over clients after the last round (multi-label tasks: mean AUROC, "
-        "see the per-task table). KB: one client's training messages per round (tensor "
-        "payload), averaged over the sampled clients and rounds."
+        "see the per-task table); n/a: no included client was scored in that view. KB: one "
+        "client's training messages per round (tensor payload), averaged over the sampled "
+        "clients and rounds. Health: client-rounds that trained / were sampled, evaluations "
+        "that came back / were asked for, replies rejected by validation, nodes that failed."
     )
     return "\n".join(lines)
 
@@ -234,7 +404,9 @@ def write_curves(out_dir: str | Path, data: dict) -> None:
                 if view == "dat":  # FedDAT's dat view is its personalized view: drawn once
                     continue
                 xs = [h["round"] for h in r["history"]]
-                ys = [100 * mean_views(h["clients"]).get(view, float("nan")) for h in r["history"]]
+                excluded = r.get("excluded_clients", {})
+                ys = [100 * mean_views(h["clients"], excluded).get(view, float("nan"))
+                      for h in r["history"]]  # fmt: skip
                 ax.plot(xs, ys, styles.get(view, "-."), color=colors[i % len(colors)], marker="o",
                         label=f"{label(r)} s{r['seed']} ({view})")  # fmt: skip
         ax.set_title(bench)

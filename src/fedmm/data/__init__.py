@@ -88,6 +88,8 @@ class Benchmark:
     clients: list[ClientSpec]
     notes: dict = field(default_factory=dict)  # what the loader normalised, dropped, decided
     tasks: dict[str, Task] = field(default_factory=dict)  # empty: one single-label task
+    # clients left out of every mean (data.allow_empty_clients): client id -> why ("0 test rows")
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for c in self.clients:
@@ -147,8 +149,59 @@ def load_benchmark(cfg: FedmmConfig) -> Benchmark:
         raise ConfigError(f"unknown benchmark {name!r}; choices: {', '.join(sorted(BENCHMARKS))}")
     key = f"{name}|{cfg.data}|{cfg.fed.clients}|{cfg.model.image_size}"  # file images are resized
     if key not in _CACHE:
-        _CACHE[key] = BENCHMARKS[name](cfg)
+        benchmark = BENCHMARKS[name](cfg)
+        check_clients(benchmark, cfg)
+        _CACHE[key] = benchmark
     return _CACHE[key]
+
+
+def empty_clients(benchmark: Benchmark) -> dict[str, str]:
+    """Clients with nothing to learn from or nothing to be scored on: client id -> why."""
+    out = {}
+    for c in benchmark.clients:
+        why = [f"0 {name} rows" for name, split in (("train", c.train), ("test", c.test))
+               if len(split) == 0]  # fmt: skip
+        if why:
+            out[c.client_id] = " and ".join(why)
+    return out
+
+
+def _split_hint(cfg: FedmmConfig) -> str:
+    """What a user can change so that every client gets rows, for this benchmark."""
+    name, d = cfg.data.benchmark, cfg.data
+    if name == "jsonl" and d.clients_by == "column":
+        return "give each such client records in both train.jsonl and test.jsonl"
+    if name.startswith("fmnist"):
+        return "set data.train_per_client and data.test_per_client >= 1"
+    options = [f"use fewer clients (fed.clients={cfg.fed.clients})"]
+    if name == "vqa-rad-dirichlet" or (name == "jsonl" and d.clients_by == "dirichlet"):
+        options += ["a larger data.alpha", "another data.split_seed"]
+    elif name == "jsonl":
+        options += ["another data.split_seed", "add records"]
+    if name.startswith("vqa-rad"):
+        options += ["data.test_split=image-disjoint"]
+    return ", ".join(options[:-1]) + " or " + options[-1]
+
+
+def check_clients(benchmark: Benchmark, cfg: FedmmConfig) -> None:
+    """Refuse (``ConfigError``, before any run) a split that leaves a client 0 training or 0 test
+    rows -- it would train on nothing, or be scored on nothing and drag every mean down -- naming
+    the clients and what to change.  With ``data.allow_empty_clients = true`` such clients are
+    kept but recorded in ``benchmark.excluded``: they take no training step, send no score, and
+    results leave them out of every mean (shown as ``n/a``, listed in ``excluded_clients``)."""
+    empty = empty_clients(benchmark)
+    if not empty:
+        return
+    if cfg.data.allow_empty_clients:
+        benchmark.excluded = dict(empty)
+        return
+    listed = "; ".join(f"client {cid}: {why}" for cid, why in empty.items())
+    raise ConfigError(
+        f"{benchmark.name}: {len(empty)} of {len(benchmark.clients)} clients would have "
+        f"nothing to learn from or nothing to be scored on ({listed}). To fix the split, "
+        f"{_split_hint(cfg)}; or set data.allow_empty_clients=true to keep them out of every "
+        "mean (shown as n/a)."
+    )
 
 
 # builders register themselves on import
@@ -162,6 +215,8 @@ __all__ = [
     "ClientSpec",
     "Task",
     "RawSplit",
+    "check_clients",
+    "empty_clients",
     "load_benchmark",
     "register",
 ]

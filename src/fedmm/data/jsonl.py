@@ -3,7 +3,9 @@
 Format (also in docs/data.md): one JSON object per line, blank lines ignored.
 
 * ``image`` (string, required): image file path relative to ``data.data_dir``; any format PIL
-  reads, converted to RGB and resized to ``model.image_size``.
+  reads, mapped to 8-bit RGB by its real range (``fedmm.data.common.to_rgb8``: 16-bit and float
+  images scaled from their own min..max, alpha composited on black) and resized to
+  ``model.image_size``.
 * ``text`` (string, required): the question or caption.
 * ``answer`` (string): the label; or ``labels`` (list of strings) with exactly one element --
   multi-label records (more than one label) are rejected for now, since a RawSplit holds one
@@ -21,11 +23,20 @@ Clients (``data.clients_by``):
   ``data.split_seed``); each client's train / test set is its records from each file, so a client's
   test labels follow its training skew.
 
-Answers: the sorted training answers (kept exactly as written) plus ``<unk>`` for test answers
-never seen in training (they count as wrong).  A malformed line raises ``ValueError`` naming
-``file:line`` and the field.  Missing image files raise one ``FileNotFoundError`` with their count
-and up to 5 examples, unless ``data.skip_missing_images = true``: then those records are dropped
-and the count is in ``Benchmark.notes["missing_images_dropped"]``.
+Answers: with ``data.normalize_answers = true`` (the default) every answer gets the standard VQA
+normalisation (``normalize_answer``: strip, internal whitespace collapsed, lower-case), so "Yes"
+and "yes " are one class; how many answers it changed is ``notes["answers_normalised"]``.  The
+label space is the sorted training answers plus ``<unk>`` for test answers never seen in training
+(they count as wrong; their number is ``notes["test_unk"]``).
+
+Errors name the place.  A malformed line raises ``ValueError`` naming ``file:line`` and the field
+(also: not UTF-8, with the byte and its column; a whitespace-only ``image`` or ``text``).  Every
+image is opened and decoded before anything else: files that are missing, not images, corrupt or
+truncated give one error with their count and up to 5 ``file:line: image PATH missing`` /
+``... cannot be read (reason)`` examples (``FileNotFoundError`` when all are missing, else
+``ImageReadError``), unless ``data.skip_missing_images = true``: then those records are dropped
+and counted in ``notes["missing_images_dropped"]`` / ``notes["unreadable_images_dropped"]``.
+``Benchmark.notes`` also holds the records read per file and kept in the end.
 """
 
 from __future__ import annotations
@@ -37,29 +48,52 @@ import numpy as np
 
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data import Benchmark, ClientSpec, RawSplit, register
-from fedmm.data.common import label_of, partition, read_images, vocabulary
+from fedmm.data.common import (
+    ImageReadError,
+    image_problem,
+    label_of,
+    normalize_answer,
+    partition,
+    read_images,
+    vocabulary,
+)
 
 FILES = ("train.jsonl", "test.jsonl")
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Validated records of one file, each with its ``file:line`` as ``where``."""
+    """Validated records of one file, each with its ``file:line`` as ``where``.
+
+    The file must be UTF-8 (a leading byte-order mark is allowed): a line that is not gives
+    ``file:line: not valid UTF-8 (byte 0x.. at column ..)``, the column counted in bytes from 1.
+    Lines end at ``\\n`` (a ``\\r`` before it is dropped); blank lines are skipped."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                "save the file as UTF-8"
+            ) from None
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: invalid JSON: {exc.msg}") from None
+            raise ValueError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         for key in ("image", "text"):
             if key not in obj:
                 raise ValueError(f"{where}: missing required field {key!r}")
-            if not isinstance(obj[key], str) or not obj[key]:
-                raise ValueError(f"{where}: field {key!r} must be a non-empty string")
+            if not isinstance(obj[key], str) or not obj[key].strip():
+                got = (
+                    "only whitespace" if isinstance(obj[key], str) and obj[key] else repr(obj[key])
+                )
+                raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {got}")
         if ("answer" in obj) == ("labels" in obj):
             raise ValueError(f"{where}: field 'answer' (or 'labels'): give exactly one of them")
         if "labels" in obj:
@@ -106,20 +140,37 @@ def jsonl_benchmark(cfg: FedmmConfig) -> Benchmark:
                 f"{root / name} does not exist (the jsonl benchmark reads {FILES})"
             )
     train, test = (read_jsonl(root / name) for name in FILES)
+    notes: dict = {"records_read": {"train": len(train), "test": len(test)},
+                   "normalize_answers": cfg.data.normalize_answers, "answers_normalised": 0}  # fmt: skip
+    if cfg.data.normalize_answers:
+        for r in train + test:
+            norm = normalize_answer(r["answer"])
+            notes["answers_normalised"] += norm != r["answer"]
+            r["answer"] = norm
+    empty = next((r for r in train + test if not r["answer"]), None)
+    if empty is not None:
+        raise ValueError(f"{empty['where']}: field 'answer' is empty after normalisation")
 
-    missing = [r for r in train + test if not (root / r["image"]).is_file()]
-    notes: dict = {"missing_images_dropped": 0}
-    if missing and not cfg.data.skip_missing_images:
-        examples = "; ".join(f"{r['where']} {r['image']}" for r in missing[:5])
-        raise FileNotFoundError(
-            f"{len(missing)} record(s) name image files that do not exist under {root}, e.g. "
-            f"{examples}. Fix the paths, or set data.skip_missing_images=true to drop them."
+    # every image is opened and decoded now (and cached for encoding): missing, corrupt,
+    # truncated or non-image files are reported together, each with its file:line
+    problems = [(r, image_problem(root / r["image"], cfg.model.image_size)) for r in train + test]
+    bad = [(r, why) for r, why in problems if why is not None]
+    missing = sum(why == "missing" for _, why in bad)
+    notes |= {"missing_images_dropped": 0, "unreadable_images_dropped": 0}
+    if bad and not cfg.data.skip_missing_images:
+        examples = "; ".join(f"{r['where']}: image {r['image']} {why}" for r, why in bad[:5])
+        kind = FileNotFoundError if missing == len(bad) else ImageReadError
+        raise kind(
+            f"{len(bad)} record(s) name image files under {root} that are missing ({missing}) "
+            f"or cannot be read ({len(bad) - missing}), e.g. {examples}. Fix or remove them, or "
+            "set data.skip_missing_images=true to drop those records."
         )
-    if missing:
-        gone = {id(r) for r in missing}
+    if bad:
+        gone = {id(r) for r, _ in bad}
         train = [r for r in train if id(r) not in gone]
         test = [r for r in test if id(r) not in gone]
-        notes["missing_images_dropped"] = len(missing)
+        notes["missing_images_dropped"] = missing
+        notes["unreadable_images_dropped"] = len(bad) - missing
     if not train or not test:
         raise ValueError(f"{root}: train.jsonl and test.jsonl must each hold at least one record")
 
@@ -161,7 +212,11 @@ def jsonl_benchmark(cfg: FedmmConfig) -> Benchmark:
 
     def encode(records: list[dict]) -> RawSplit:
         return RawSplit(
-            read_images([root / r["image"] for r in records], cfg.model.image_size),
+            read_images(
+                [root / r["image"] for r in records],
+                cfg.model.image_size,
+                [r["where"] for r in records],
+            ),
             [r["text"] for r in records],
             np.asarray([label_of(index, r["answer"]) for r in records], dtype=np.int64),
             groups=[r["group"] for r in records] if tagged else None,
@@ -174,12 +229,16 @@ def jsonl_benchmark(cfg: FedmmConfig) -> Benchmark:
     ]  # fmt: skip
     notes |= {
         "clients_by": how,
+        "train_records": len(train),
+        "test_records": len(test),
         "unk_index": len(answers) - 1,
         "test_unk": sum(r["answer"] not in index for r in test),
     }
     description = (
         f"JSONL data from {root} ({len(train)} train / {len(test)} test records, clients by {how}, "
         f"{notes['missing_images_dropped']} records with missing images dropped, "
+        f"{notes['unreadable_images_dropped']} with unreadable images dropped, "
+        f"{notes['answers_normalised']} answers normalised, "
         f"{notes['test_unk']} test answers unseen in training -> <unk>)"
     )
     return Benchmark("jsonl", description, answers, clients, notes)

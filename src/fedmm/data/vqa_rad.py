@@ -39,7 +39,6 @@ as wrong (``notes["unk_index"]``, ``notes["test_unk"]``).  Every record keeps it
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -49,7 +48,14 @@ import numpy as np
 
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data import Benchmark, ClientSpec, RawSplit, Task, register
-from fedmm.data.common import label_of, partition, read_images, vocabulary
+from fedmm.data.common import (
+    label_of,
+    normalize_answer,
+    partition,
+    read_images,
+    read_json,
+    vocabulary,
+)
 
 ORGANS = ("HEAD", "CHEST", "ABD")
 
@@ -76,7 +82,7 @@ def find_vqa_rad(root: str = "") -> Path | None:
 
 
 def normalise_answer(answer: object) -> str:
-    return " ".join(str(answer).split()).lower()
+    return normalize_answer(answer)
 
 
 QTYPE_FIXES = {"ATRIB": "ATTRIB", "PRSE": "PRES"}  # typos in the real trainset.json
@@ -98,12 +104,27 @@ def load_vqa_rad(root: str = "") -> VqaRad:
     changed: Counter = Counter()
     splits = {}
     for split in ("train", "test"):
-        records = json.loads((path / f"{split}set.json").read_text())
+        file = path / f"{split}set.json"
+        records = read_json(file)
+        if not isinstance(records, list):
+            raise ValueError(
+                f"{file}: expected a JSON list of records, got {type(records).__name__}"
+            )
         for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                raise ValueError(
+                    f"{file}: record {i}: expected an object, got {type(rec).__name__}"
+                )
             for key in ("image_name", "image_organ", "question", "question_type", "answer",
                         "answer_type"):  # fmt: skip
                 if key not in rec:
-                    raise ValueError(f"{path / f'{split}set.json'}: record {i} has no {key!r}")
+                    raise ValueError(f"{file}: record {i} has no {key!r}")
+            for key in ("image_name", "image_organ", "question", "question_type", "answer_type"):
+                if not isinstance(rec[key], str) or not rec[key].strip():
+                    raise ValueError(f"{file}: record {i} (qid {rec.get('qid', '?')}): field "
+                                     f"{key!r} must be a non-empty string, got {rec[key]!r}")  # fmt: skip
+            if not normalise_answer(rec["answer"]):
+                raise ValueError(f"{file}: record {i} (qid {rec.get('qid', '?')}): empty answer")
             raw = rec["answer"]
             if not isinstance(raw, str):
                 changed["answer not a string"] += 1
@@ -119,6 +140,12 @@ def load_vqa_rad(root: str = "") -> VqaRad:
         splits[split] = records
     answers = sorted({r["answer"] for r in splits["train"]})
     return VqaRad(path, splits["train"], splits["test"], answers, changed)
+
+
+def answers_normalised(data: VqaRad) -> int:
+    """How many answers the loader changed (case, spacing, a number turned into a string):
+    the same count the ``jsonl`` benchmark reports under ``notes["answers_normalised"]``."""
+    return data.normalised["answer case/space"] + data.normalised["answer not a string"]
 
 
 def load_images(root: Path, names: list[str], size: int) -> np.ndarray:
@@ -240,6 +267,7 @@ def build(cfg: FedmmConfig, setting: str) -> Benchmark:
     shared = {r["image_name"] for r in train} & {r["image_name"] for r in test}
     notes = {
         "normalised": dict(data.normalised),
+        "answers_normalised": answers_normalised(data),
         "test_split": cfg.data.test_split,
         "train_questions": len(train),
         "test_questions": len(test),
@@ -365,7 +393,10 @@ def build_task(cfg: FedmmConfig) -> Benchmark:
         r["answer_type"] == "CLOSED" and r["answer"] not in ("yes", "no") for r in train + test
     )
     notes = {
-        "normalised": dict(data.normalised), "test_split": "image-disjoint (always)",
+        "normalised": dict(data.normalised), "answers_normalised": answers_normalised(data),
+        "test_split": "image-disjoint (always)",
+        "test_unk": sum(r["answer_type"] == "OPEN" and r["answer"] not in open_index
+                        for r in test),  # open test answers unseen in training -> <unk>
         "closed_not_yes_no_left_out": other_closed,
         "findings_images": {"train": len(clients[3].train), "test": len(clients[3].test)},
         "findings_positive_rate": clients[3].train.labels.mean(0).round(3).tolist(),

@@ -219,9 +219,7 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float 
         proc.wait(timeout=grace)
 
 
-def start(
-    workdir: str | Path, node_configs: list[dict], timeout: float = 120.0
-) -> Deployment:
+def start(workdir: str | Path, node_configs: list[dict], timeout: float = 120.0) -> Deployment:
     """Certificates + keys (made once under ``workdir/certs``), a TLS SuperLink with SuperNode
     authentication, every key registered, one SuperNode per entry of ``node_configs`` (its site
     settings, ``--node-config`` keys) online."""

@@ -34,7 +34,15 @@ log = logging.getLogger(__name__)
 
 # Options that may differ between the interrupted and the resuming process: where things are and
 # how they are shown, not what is computed.
-MAY_DIFFER = {"resume", "progress", "out_dir", "cache_dir", "device", "data.data_dir", "data.schema"}
+MAY_DIFFER = {
+    "resume",
+    "progress",
+    "out_dir",
+    "cache_dir",
+    "device",
+    "data.data_dir",
+    "data.schema",
+}
 
 
 @dataclass

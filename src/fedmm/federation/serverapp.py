@@ -47,6 +47,7 @@ from fedmm.federation import checkpoint, messages, validation
 from fedmm.methods import Reply, get_method
 from fedmm.methods.base import ClientInfo
 from fedmm.runtime import server_model
+from fedmm.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else FedmmConfig().with_overrides(dict(context.run_config))
         run_cfg = run_cfg.resolved()
+        validate_config(run_cfg)  # flwr run / a deployment: the same one pass before round 1
         run_federation(grid, run_cfg, on_round)
 
     return app
@@ -184,15 +186,21 @@ def run_federation(
     global_state = method.init_global(model)
     spec = validation.UploadSpec.from_model(method, model, cfg)
     rng = random.Random(cfg.seed)
+    data = {client_ids[k]: {key: v for key, v in s.items() if key != "description"}
+            for k, s in sorted(sizes.items())}  # fmt: skip
+    # a site with nothing to learn from or nothing to be scored on is never averaged in (its
+    # loader refused it unless data.allow_empty_clients); it is not sampled for training
+    excluded = {name: ", ".join(f"0 {split} rows" for split in ("train", "test")
+                                if d[f"num_{split}"] == 0)
+                for name, d in data.items() if not (d["num_train"] and d["num_test"])}  # fmt: skip
     record = results.new_run(
         cfg, schema.name, {info.client_id: sizes[k]["description"] for k, info in infos.items()},
         {info.client_id: info.task for info in infos.values()} if not schema.single else None,
-        method.views, trainable_params=method.count_trainable(model),
+        method.views, method.count_trainable(model), notes={"sites": data}, excluded=excluded,
     )  # fmt: skip
     record["privacy"] = {"dp_clip_norm": cfg.dp.clip_norm,
                          "dp_noise_multiplier": cfg.dp.noise_multiplier}  # fmt: skip
-    record["data"] = {client_ids[k]: {key: v for key, v in s.items() if key != "description"}
-                      for k, s in sorted(sizes.items())}  # fmt: skip
+    record["data"] = data
     if saved is not None:
         global_state, record = saved.global_state, saved.record
         method.load_server_state(saved.server_state)
@@ -204,7 +212,10 @@ def run_federation(
         for name in entry["train"]:
             if name in by_name:
                 last_trained[by_name[name]] = entry["round"]
-    n_sample = max(1, min(len(nodes), math.ceil(cfg.fed.fraction * len(nodes))))
+    trainable = [n for n in nodes if sizes[index_of[n]]["num_train"] > 0]
+    if not trainable:
+        raise RuntimeError("no site holds any training record")
+    n_sample = max(1, min(len(trainable), math.ceil(cfg.fed.fraction * len(trainable))))
     eval_rng = random.Random(cfg.seed + 7919)  # its own stream: training samples never change
     n_eval = max(1, min(len(nodes), math.ceil(cfg.fed.eval_fraction * len(nodes))))
     timeout = cfg.fed.round_timeout or None
@@ -223,7 +234,7 @@ def run_federation(
 
     for rnd in range(first, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
-        sampled = sorted(rng.sample(nodes, n_sample))
+        sampled = sorted(rng.sample(trainable, n_sample))
         contents = {n: client_message(rnd, n) for n in sampled}
         down = sum(c[messages.GLOBAL].count_bytes() for c in contents.values())
         # a method that sends each client its own part expects only that part back
@@ -263,8 +274,17 @@ def run_federation(
                     if k in m
                 }
                 | {k.removeprefix("stat."): float(v) for k, v in m.items() if k.startswith("stat.")}
-                | {k: float(m[k]) for k in ("dp-norm", "dp-scale", "dp-clip-norm",
-                                             "dp-noise-multiplier", "dp-epsilon") if k in m}
+                | {
+                    k: float(m[k])
+                    for k in (
+                        "dp-norm",
+                        "dp-scale",
+                        "dp-clip-norm",
+                        "dp-noise-multiplier",
+                        "dp-epsilon",
+                    )
+                    if k in m
+                }
                 | {"bytes_up": update.count_bytes(), "bytes_down": down // len(sampled)}
             )
         for node in sorted(set(sampled) - answered):

@@ -222,6 +222,8 @@ class ClientContext:
         runs under ``train.precision``'s autocast.
         """
         n, bs = len(self.train), self.cfg.train.batch_size
+        if n == 0:  # nothing to learn from: no step (a batch of 0 rows has a NaN loss)
+            return
         k = max(1, self.cfg.train.accumulation)
         seed = self.cfg.seed * 1_000_003 + self.client_index * 9_176 + self.round
         gen = torch.Generator().manual_seed(seed)
@@ -287,13 +289,18 @@ class ClientContext:
 
         Single-label tasks: top-1 accuracy, and per evaluation group (VQA-RAD: ``.closed`` /
         ``.open``).  Multi-label tasks: mean AUROC over labels (primary) and ``.f1`` macro-F1.
+        An empty split has no score: ``{}`` (not 0.0, which would be averaged in as a real
+        accuracy, and not NaN, which poisons every mean it touches); the client's evaluation
+        reply then carries no view and results leave it out of every mean.
         """
         split = self.test if split is None else split
+        if len(split) == 0:
+            return {}
         logits = self.logits(split)
         if split.kind == "multilabel":
             return multilabel_scores(logits, split.labels)
         correct = (logits.argmax(-1) == split.labels).float()
-        scores = {"": float(correct.mean()) if len(split) else 0.0}
+        scores = {"": float(correct.mean())}
         for group in sorted(set(split.groups or ())):
             rows = torch.tensor([g == group for g in split.groups])
             scores[f".{group}"] = float(correct[rows].mean())
@@ -311,9 +318,10 @@ class ClientContext:
             self.views.update({f"{name}{suffix}": v for suffix, v in scores.items()})
         return self.views
 
-    def accuracy(self, split: Encoded | None = None) -> float:
-        """The task's primary metric of the current configuration on ``split`` (default: test)."""
-        return self.score(split)[""]
+    def accuracy(self, split: Encoded | None = None) -> float | None:
+        """The task's primary metric of the current configuration on ``split`` (default: test);
+        None for an empty split (no score)."""
+        return self.score(split).get("")
 
 
 def multilabel_scores(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:

