@@ -142,8 +142,7 @@ def test_epsilon_is_accounted_at_the_site_and_the_budget_stops_training(tiny_cfg
 
     # in a federation the round goes on without it, and ε per round is in results.json
     run_cfg = tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 2})
-    grid = InProcessGrid(3)
-    grid.contexts[100].node_config.update(site)
+    grid = InProcessGrid(3, sites={0: site}, errors_as_replies=True)
     record = run_federation(grid, run_cfg)
     r1, r2 = record["history"]
     assert r1["train"]["0-original"]["dp-epsilon"] == pytest.approx(one)

@@ -58,7 +58,11 @@ def test_two_round_flower_simulation_fedavg_and_feddat(tiny_cfg, capsys):
                 assert set(views) == set(run["views"])
         assert set(run["final"]) == set(run["views"])
         assert run["health"]["status"] == "ok" and run["health"]["trained"] == 6
-        assert run["loader_notes"] == {} and run["excluded_clients"] == {}
+        # what each site reported of its own data: sizes, nothing outside the schema
+        assert set(run["loader_notes"]["sites"]) == set(run["clients"])
+        assert all(n["unknown_train"] == n["unknown_test"] == 0
+                   for n in run["loader_notes"]["sites"].values())  # fmt: skip
+        assert run["excluded_clients"] == {}
     assert printed.count("-> ok") == 2  # one health line per run
     assert set(runs["feddat"]["views"]) == {"global", "personalized", "dat", "client"}
     # FedDAT uploads A_s + projection only; FedAvg also the head

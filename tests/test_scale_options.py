@@ -94,7 +94,7 @@ def test_cli_rejects_bad_eval_and_compression_options_before_running(capsys, tmp
 
     out = tmp_path / "never"
     assert main(["run", "--set", "fed.compression=int4", "--out", str(out)]) == 2
-    assert "fed.compression must be one of none, fp16, int8" in capsys.readouterr().err
+    assert "fed.compression 'int4'; choices: none, fp16, int8" in capsys.readouterr().err
     assert main(["run", "--set", "fed.eval_fraction=0", "--out", str(out)]) == 2
     assert "fed.eval_fraction" in capsys.readouterr().err
     assert not out.exists()

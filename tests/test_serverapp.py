@@ -17,8 +17,14 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 class InProcessGrid:
     """Delivers each message to the ClientApp handler of its node, in this process."""
 
-    def __init__(self, n: int, failing: set[int] = frozenset(), sites: dict | None = None) -> None:
-        """``sites``: each node's site settings (default: none but its partition)."""
+    def __init__(
+        self, n: int, failing: set[int] = frozenset(), sites: dict | None = None,
+        errors_as_replies: bool = False,
+    ) -> None:  # fmt: skip
+        """``sites``: each node's site settings (default: none but its partition).
+        ``errors_as_replies``: a ClientApp exception becomes an error reply, as Flower makes it
+        (default: it propagates, so a test sees it)."""
+        self.errors_as_replies = errors_as_replies
         self.contexts = {
             100 + i: Context(
                 run_id=1,
@@ -45,7 +51,12 @@ class InProcessGrid:
             if node in self.failing and kind == MessageType.TRAIN:
                 replies.append(Message(Error(code=0, reason="simulated crash"), reply_to=msg))
                 continue
-            replies.append(clientapp.dispatch(msg, self.contexts[node]))
+            try:
+                replies.append(clientapp.dispatch(msg, self.contexts[node]))
+            except Exception as exc:
+                if not self.errors_as_replies:
+                    raise
+                replies.append(Message(Error(code=0, reason=repr(exc)), reply_to=msg))
         return replies
 
 
