@@ -77,6 +77,7 @@ def test_hostile_server_messages_are_refused_and_nothing_is_written(tiny_cfg, tm
         "the site's threads": with_experiment(good, **{"train.threads": 64}),
         "where the site writes": with_experiment(good, cache_dir="/tmp/elsewhere"),
         "an unknown option": with_experiment(good, **{"train.nonsense": 1}),
+        "a local model path": with_experiment(good, **{"model.hf_path": "/etc/models"}),
         "a frozen backbone tensor": server_msg(
             cfg, {**global_np, "text/encoder.layer.0.weight": np.zeros((4, 4), np.float32)}, 2,
             0, 1),

@@ -62,7 +62,7 @@ def test_deployment_with_tls_and_auth_matches_simulation_and_survives_a_killed_n
 ):
     cfg = tiny_cfg.with_overrides({
         "method": "feddat", "fed.rounds": 3, "fed.min_clients": 2, "fed.round_timeout": 90.0,
-        "seed": 3, "out_dir": str(tmp_path / "deployed"),
+        "seed": 3, "out_dir": str(tmp_path / "deployed"), "train.threads": 1,
     })  # fmt: skip
     flat = cfg.to_flat()
     sites = tmp_path / "sites"
@@ -75,7 +75,7 @@ def test_deployment_with_tls_and_auth_matches_simulation_and_survives_a_killed_n
             "--seed", "3", "--rounds", "3", "--workdir", str(tmp_path / "deployment"),
             "--kill-node", "2", "--kill-after-round", "2", "--timeout", "480"]  # fmt: skip
     for key in ("model.backbone", "model.image_size", "train.local_steps", "train.batch_size",
-                "progress", "fed.min_clients", "fed.round_timeout"):  # fmt: skip
+                "train.threads", "progress", "fed.min_clients", "fed.round_timeout"):  # fmt: skip
         args += ["--set", f"{key}={flat[key]}"]
     assert main(args) == 0
     deployed = json.loads((tmp_path / "deployed" / "results.json").read_text())["runs"][0]

@@ -116,7 +116,8 @@ def test_node_without_partition_id_gets_a_clear_error(tiny_cfg):
         send(tiny_cfg, context, MessageType.TRAIN, 1)
 
 
-TRAIN_METRICS = {"client-index", "num-examples", "steps", "lr-first", "lr-last", "loss", "seconds"}
+TRAIN_METRICS = {"client-index", "num-examples", "steps", "lr-first", "lr-last", "loss", "seconds",
+                 "load-seconds"}  # fmt: skip
 DP_METRICS = {"dp-norm", "dp-scale"}
 
 
@@ -151,7 +152,7 @@ def test_payload_audit_train_and_evaluate_of_every_method(tiny_cfg, name):
     assert accuracies and accuracies <= {
         f"acc.{v}" for v in method.views
     }  # views not all every round (TAP)
-    assert metric_keys - accuracies == {"client-index", "num-examples", "seconds"}
+    assert metric_keys - accuracies == {"client-index", "num-examples", "seconds", "load-seconds"}
     # no array in any reply anywhere, other than the declared update
     assert len(train.content.array_records) == 1 and not evaluate.content.array_records
     assert not train.content.config_records and not evaluate.content.config_records

@@ -22,6 +22,7 @@ from pathlib import Path
 from fedmm import results
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data import sites
+from fedmm.federation.clientapp import is_local_path
 from fedmm.federation.site import SiteSettings
 from fedmm.methods import get_method
 from fedmm.methods.centralized import run_centralized
@@ -69,6 +70,8 @@ def rehearsal_sites(cfg: FedmmConfig, site: dict | None = None) -> dict[int, dic
     directory under ``<out>/client_state/``, the run's cache, device and threads, plus ``site``
     (e.g. a privacy floor) for every site."""
     common = {"cache-dir": cfg.cache_dir, "device": cfg.device, "threads": cfg.train.threads}
+    if is_local_path(cfg.model.hf_path):  # the operator's local weights: every site's own copy
+        common["model-dir"] = cfg.model.hf_path
     out = Path(cfg.out_dir) / "client_state"
     if cfg.data.benchmark == SITES:
         roots = sites.list_sites(Path(cfg.data.data_dir))

@@ -42,6 +42,7 @@ and counted in ``notes["missing_images_dropped"]`` / ``notes["unreadable_images_
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -61,14 +62,14 @@ from fedmm.data.common import (
 FILES = ("train.jsonl", "test.jsonl")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Validated records of one file, each with its ``file:line`` as ``where``.
+def json_lines(path: Path) -> Iterator[tuple[str, dict]]:
+    """``(file:line, object)`` of every non-blank line of a JSON-lines file.
 
     The file must be UTF-8 (a leading byte-order mark is allowed): a line that is not gives
     ``file:line: not valid UTF-8 (byte 0x.. at column ..)``, the column counted in bytes from 1.
-    Lines end at ``\\n`` (a ``\\r`` before it is dropped); blank lines are skipped."""
+    Lines end at ``\\n`` (a ``\\r`` before it is dropped); blank lines are skipped.  A line that
+    is not a JSON object raises ``ValueError`` naming ``file:line`` (and the column)."""
     data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
-    records = []
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         where = f"{path}:{lineno}"
         try:
@@ -86,6 +87,14 @@ def read_jsonl(path: Path) -> list[dict]:
             raise ValueError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Validated records of one file, each with its ``file:line`` as ``where`` (``json_lines``
+    reads the lines)."""
+    records = []
+    for where, obj in json_lines(path):
         for key in ("image", "text"):
             if key not in obj:
                 raise ValueError(f"{where}: missing required field {key!r}")

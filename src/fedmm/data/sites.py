@@ -84,6 +84,7 @@ import numpy as np
 from fedmm.config import FedmmConfig
 from fedmm.data import MODALITIES, TASK_KINDS, Benchmark, ClientSpec, RawSplit, Task
 from fedmm.data.common import read_images
+from fedmm.data.jsonl import json_lines
 from fedmm.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -333,16 +334,7 @@ def read_site_records(path: Path, kind: str, modalities: tuple[str, ...]) -> lis
                                 "test.jsonl (one JSON record per line)")  # fmt: skip
     records = []
     site = path.parent.resolve()
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: invalid JSON: {exc.msg}") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for where, obj in json_lines(path):
         image = None
         if "image" in modalities:
             image = obj.get("image")

@@ -309,6 +309,10 @@ def deploy_and_run(
 
     cfg = prepare(cfg)
     node_configs = rehearsal_sites(cfg)
+    if cfg.train.threads == 0:  # the sites share this host's cores, and run at the same time
+        share = max(1, (os.cpu_count() or 1) // len(node_configs))
+        for node in node_configs.values():
+            node["threads"] = share
     for k, node in node_configs.items():
         if cfg.data.benchmark != "sites":
             node["partition-id"] = k  # rehearsing a central benchmark: client K of it

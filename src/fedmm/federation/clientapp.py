@@ -29,7 +29,6 @@ site refuses to train once its ``dp-max-epsilon`` would be exceeded.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -40,6 +39,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedmm.config import FedmmConfig
+from fedmm.data import sites as site_data
 from fedmm.federation import dp, messages
 from fedmm.federation.messages import RefusedMessage
 from fedmm.federation.privacy import LEDGER, Ledger
@@ -93,11 +93,21 @@ def site_settings(context: Context, sites: dict[int, dict] | None = None) -> Sit
     return SiteSettings.from_node_config(node)
 
 
+def is_local_path(name: str) -> bool:
+    """Whether ``model.hf_path`` names a directory rather than a hub id or ``tiny-random``."""
+    return name.startswith(("/", "./", "../", "~", "\\")) or (len(name) > 1 and name[1] == ":")
+
+
 class Site:
     """This node's view of itself for one message: settings, run config, data, identity."""
 
     def __init__(self, context: Context, experiment: FedmmConfig, sites=None) -> None:
         self.settings = site_settings(context, sites)
+        if is_local_path(experiment.model.hf_path) and not self.settings.model_dir:
+            raise RefusedMessage(
+                f"the run names a local path as model.hf_path ({experiment.model.hf_path!r}); "
+                "where a site keeps its weights is its own setting: model-dir"
+            )
         self.cfg = self.settings.apply(experiment)
         if self.cfg.data.benchmark != SITES and not self.settings.rehearsal:
             raise RuntimeError(
@@ -119,12 +129,8 @@ class Site:
         """The client index this site declares (-1: none, the server assigns one)."""
         if self.cfg.data.benchmark != SITES:
             return self.settings.partition_id
-        site_file = Path(self.cfg.data.data_dir) / "site.json"
-        if site_file.is_file():
-            index = json.loads(site_file.read_text()).get("index")
-            if isinstance(index, int) and index >= 0:
-                return index
-        return -1
+        index = site_data.read_site_info(Path(self.cfg.data.data_dir)).index
+        return -1 if index is None else index
 
     def check(self, meta: dict) -> int:
         """The client index the server addressed, after checking it and the schema."""
@@ -191,6 +197,8 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     t0 = time.perf_counter()
     global_arrays, experiment, meta = messages.read_server_message(msg.content)
     site = Site(context, experiment, sites)
+    site.split("train"), site.split("test")  # encoded now, so load-seconds counts the data too
+    load_seconds = time.perf_counter() - t0  # model + this site's data: ~0 once a process has them
     cfg, rnd = site.cfg, meta["round"]
     index = site.check(meta)
     method = get_method(cfg)
@@ -208,7 +216,8 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
         views = method.client_evaluate(ctx, global_state)
         metrics = {f"acc.{view}": acc for view, acc in views.items()}
         metrics.update({"client-index": index, "num-examples": len(ctx.test),
-                        "seconds": time.perf_counter() - t0})  # fmt: skip
+                        "seconds": time.perf_counter() - t0,
+                        "load-seconds": load_seconds})  # fmt: skip
         return Message(messages.client_reply(None, metrics), reply_to=msg)
 
     dp_cfg = site.settings.effective_dp(cfg.dp)
@@ -233,7 +242,7 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
         "client-index": index, "num-examples": len(ctx.train), "steps": n_steps,
         "lr-first": ctx.stats.get("lr_first", 0.0), "lr-last": ctx.stats.get("lr_last", 0.0),
         "loss": ctx.stats.get("loss_sum", 0.0) / max(1, n_steps),
-        "seconds": time.perf_counter() - t0, **dp_stats,
+        "seconds": time.perf_counter() - t0, "load-seconds": load_seconds, **dp_stats,
     }  # fmt: skip
     return Message(messages.client_reply(arrays, metrics, cfg.fed.compression), reply_to=msg)
 

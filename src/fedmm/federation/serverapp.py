@@ -270,7 +270,7 @@ def run_federation(
             train_stats[client_ids[index]] = (
                 {
                     k: float(m[k])
-                    for k in ("steps", "lr-first", "lr-last", "loss", "seconds")
+                    for k in ("steps", "lr-first", "lr-last", "loss", "seconds", "load-seconds")
                     if k in m
                 }
                 | {k.removeprefix("stat."): float(v) for k, v in m.items() if k.startswith("stat.")}
@@ -329,9 +329,9 @@ def run_federation(
                 eval_failed.append(who(node) | {"reason": str(exc)})
                 continue
             clients[client_ids[index]] = views
-            eval_stats[client_ids[index]] = (
-                {"seconds": float(m["seconds"])} if "seconds" in m else {}
-            )
+            eval_stats[client_ids[index]] = {
+                k: float(m[k]) for k in ("seconds", "load-seconds") if k in m
+            }
         entry = {
             "round": rnd, "seconds": time.perf_counter() - t0, "server_seconds": t_server, "bytes_up": up, "bytes_down": down,
             "bytes_eval": eval_bytes, "sampled": len(sampled), "failures": failures,
