@@ -180,3 +180,31 @@ def test_the_server_never_loads_data(tiny_cfg, tmp_path, monkeypatch):
     assert all(len(h["train"]) == 3 for h in record["history"])
     assert {c: d["num_train"] for c, d in record["data"].items()} == dict.fromkeys(
         record["clients"], 40)  # fmt: skip
+
+
+def test_the_feature_cache_is_keyed_by_content_not_by_path(tiny_cfg, tmp_path):
+    """A site replaces an image under the same name: the next process computes new features for
+    it and reuses the cached ones of every unchanged split."""
+    from PIL import Image
+
+    import fedmm.runtime
+    from fedmm.data import common, load_benchmark, sites
+
+    root = tmp_path / "sites"
+    sites.write_sites(load_benchmark(tiny_cfg), root)
+    site = sites.list_sites(root)[0]
+    cfg = tiny_cfg.with_overrides({"data.benchmark": "sites", "data.data_dir": str(site)})
+    before = get_runtime(cfg).client_split(0, "train").feats.clone()
+    features = tmp_path / "xdg-cache" / "fedmm" / "features"
+    assert len(list(features.glob("*.pt"))) == 1
+    image = site / "images" / "train-00000.png"
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+    fedmm.runtime._RUNTIMES.clear()  # a new process: nothing in memory
+    common._IMAGES.clear()
+    runtime = get_runtime(cfg)
+    after = runtime.client_split(0, "train").feats
+    assert not np.array_equal(after[0].numpy(), before[0].numpy())
+    assert np.array_equal(after[1:].numpy(), before[1:].numpy())
+    assert len(list(features.glob("*.pt"))) == 2
+    runtime.client_split(0, "test")  # the unchanged test split: one more entry, computed once
+    assert len(list(features.glob("*.pt"))) == 3

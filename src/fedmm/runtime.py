@@ -12,7 +12,9 @@ keeps one ``Runtime`` per (backbone, data) configuration in the process.
 
 Frozen visual features (the vision tower has no PEFT modules inside, so its output never changes)
 are computed once per client split and cached in memory and on disk under ``cache_dir``, keyed
-by backbone, preprocessing and data options, and reused across rounds, methods and seeds.
+by the vision tower's identity and a hash of the pixels (a content key: a site's changed image is
+never served stale features), and reused across rounds, methods, seeds and processes -- which
+matters in a deployment, where Flower starts a fresh process for every message.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedmm.backbones import FusionVLModel, build_model
@@ -192,13 +195,15 @@ class Runtime:
         return enc
 
     def _visual_features(self, name: str, raw: RawSplit) -> torch.Tensor:
+        """Frozen visual features of ``raw``'s images, cached on disk under a content key: the
+        vision tower's identity and a hash of the pixels themselves, so the same images share one
+        entry wherever they come from, and a changed image never reads a stale one."""
         cfg = self.cfg
+        pixels = hashlib.sha256(np.ascontiguousarray(raw.images).tobytes()).hexdigest()
         key_src = "|".join(
-            map(str, (cfg.model.backbone, cfg.model.image_size, cfg.model.grid, self.benchmark.name,
-                      cfg.data, cfg.fed.clients, name, raw.images.shape))
+            map(str, (cfg.model.backbone, cfg.model.image_size, cfg.model.grid,
+                      cfg.model.hf_path, raw.images.shape, raw.images.dtype, pixels))
         )  # fmt: skip
-        if cfg.model.hf_path:  # Hugging Face families: the same family from another source
-            key_src += f"|{cfg.model.hf_path}"
         digest = hashlib.sha1(key_src.encode()).hexdigest()[:20]
         path = self.cache_dir / "features" / f"{digest}.pt"
         if path.is_file():
