@@ -1,6 +1,7 @@
 """Server checkpoints: a federated run survives the server's death and resumes where it stopped.
 
-After every round the server writes, atomically (temp file + ``os.replace``), one file
+After every round the server writes, atomically and durably (``fedmm.files``: temp file, fsync,
+``os.replace``, fsync of the directory) and *before* results.json, one file
 ``<out_dir>/checkpoints/<method>-<peft>-<benchmark>-seed<S>.pt`` holding everything the rest of the
 run depends on:
 
