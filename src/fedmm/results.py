@@ -29,7 +29,8 @@ client under ``train``.  ``server_seconds``: the method's aggregation step.  ``s
 is the engine's overhead.  Rounds without evaluation (``fed.eval_every``) have empty ``clients``
 and ``eval``; ``final`` is the last evaluated round's mean.  A run is identified
 by (method, peft, benchmark, seed); writing it again replaces it, so a directory collects a
-comparison across several ``fedmm run`` calls.  Files are written atomically.
+comparison across several ``fedmm run`` calls.  Files are written atomically and durably
+(``fedmm.files``), results.json after the round's checkpoint.
 """
 
 from __future__ import annotations
@@ -211,6 +212,38 @@ def health_line(run: dict) -> str:
     return f"health: {line} -> {h['status']}"
 
 
+def sites_scored(run: dict) -> tuple[int, int]:
+    """``(N, K)``: the N of the run's K included clients (``excluded_clients`` left out) whose
+    scores make ``final``, i.e. that were scored in the last evaluated round."""
+    excluded = run.get("excluded_clients", {})
+    included = [c for c in run.get("clients", {}) if c not in excluded]
+    evaluated = [h["clients"] for h in run.get("history", []) if h.get("clients")]
+    scores = evaluated[-1] if evaluated else {}
+    scored = sum(
+        any(isinstance(v, int | float) and math.isfinite(v) for v in scores.get(c, {}).values())
+        for c in included
+    )
+    return scored, len(included)
+
+
+def missing_line(run: dict, max_reason: int = 120) -> str | None:
+    """Who is missing in the run's last round and why, from its ``failed``, ``rejected`` and
+    ``eval_failed`` entries: ``missing in the last round: 2-blurred (no reply within 90s),
+    0-original (evaluation: error: ...)``; None when every site answered."""
+    if not run.get("history"):
+        return None
+    last = run["history"][-1]
+    parts = []
+    for key, stage in (("failed", ""), ("rejected", "rejected: "), ("eval_failed", "evaluation: ")):
+        for x in last.get(key, []):
+            who = x.get("client") or f"node {x.get('node')}"
+            reason = " ".join(str(x.get("reason", "")).split())
+            if len(reason) > max_reason:
+                reason = reason[: max_reason - 1] + "…"
+            parts.append(f"{who} ({stage}{reason})")
+    return "missing in the last round: " + ", ".join(parts) if parts else None
+
+
 def unhealthy(run: dict, allow_partial: bool = False) -> str | None:
     """Why ``run`` must not count as a finished run (a CLI exits non-zero), or None.
 
@@ -320,8 +353,10 @@ def summary_table(data: dict) -> str:
             hist = r["history"]
             n = max(1, len(hist))
             cells = [label(r), str(r["seed"]), str(len(hist))]
+            scored, expected = sites_scored(r)
+            partial = f" ({scored}/{expected})" if scored < expected else ""
             cells += [
-                f"{100 * r['final'][v]:.1f}"
+                f"{100 * r['final'][v]:.1f}{partial}"
                 if v in r["final"]
                 else "n/a"  # a view of the method that no (included) client scored
                 if v.split(".", 1)[0] in r.get("views", ())
@@ -336,12 +371,17 @@ def summary_table(data: dict) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        lines += [f"- {label(r)} seed {r['seed']}: {health_line(r)}" for r in runs]
+        for r in runs:
+            lines.append(f"- {label(r)} seed {r['seed']}: {health_line(r)}")
+            if missing := missing_line(r):
+                lines.append(f"  {missing}")
         lines.append("")
     lines += task_table(data["runs"])
     lines.append(
         "Accuracy in %, mean over clients after the last round (multi-label tasks: mean AUROC, "
-        "see the per-task table); n/a: no included client was scored in that view. KB: one "
+        "see the per-task table); n/a: no included client was scored in that view; (N/K): the "
+        "mean is over the N of K sites scored in the last evaluated round (the line 'missing in "
+        "the last round' under the table says which and why). KB: one "
         "client's training messages per round (tensor payload), averaged over the sampled "
         "clients and rounds. Health: client-rounds that trained / were sampled, evaluations "
         "that came back / were asked for, replies rejected by validation, nodes that failed."
