@@ -19,11 +19,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedmm import results
+from fedmm import logs, results
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data import sites
 from fedmm.federation.clientapp import is_local_path
 from fedmm.federation.site import SiteSettings
+from fedmm.files import remove_stale_temps
 from fedmm.methods import get_method
 from fedmm.methods.centralized import run_centralized
 from fedmm.runtime import SITES, get_runtime, resolve_device
@@ -100,6 +101,7 @@ def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
         if method.federated:
             _simulate(cfg, on_round, rehearsal_sites(cfg, site))
         else:
+            remove_stale_temps(cfg.out_dir)  # a federated run's ServerApp does this itself
             runtime = get_runtime(cfg)
             bench = runtime.benchmark
             record = results.new_run(
@@ -138,9 +140,10 @@ def _simulate(cfg: FedmmConfig, on_round, site_settings: dict[int, dict]) -> Non
         "client_resources": {"num_cpus": cpus, "num_gpus": gpus},
         "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False},
     }
-    run_simulation(
-        server_app=make_server_app(replace(cfg), on_round),
-        client_app=make_client_app(site_settings),
-        num_supernodes=cfg.fed.clients,
-        backend_config=backend_config,
-    )
+    with logs.workers_log_like_me():  # a worker's INFO lines only where this process shows them
+        run_simulation(
+            server_app=make_server_app(replace(cfg), on_round),
+            client_app=make_client_app(site_settings),
+            num_supernodes=cfg.fed.clients,
+            backend_config=backend_config,
+        )
