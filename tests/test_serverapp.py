@@ -22,8 +22,9 @@ class InProcessGrid:
         errors_as_replies: bool = False,
     ) -> None:  # fmt: skip
         """``sites``: each node's site settings (default: none but its partition).
-        ``errors_as_replies``: a ClientApp exception becomes an error reply, as Flower makes it
-        (default: it propagates, so a test sees it)."""
+        ``errors_as_replies``: a ClientApp exception becomes an error reply with the short
+        reason the registered ClientApp handlers send (``clientapp.short_error``), as Flower
+        makes it (default: it propagates, so a test sees it)."""
         self.errors_as_replies = errors_as_replies
         self.contexts = {
             100 + i: Context(
@@ -56,7 +57,8 @@ class InProcessGrid:
             except Exception as exc:
                 if not self.errors_as_replies:
                     raise
-                replies.append(Message(Error(code=0, reason=repr(exc)), reply_to=msg))
+                reason = clientapp.short_error(exc)
+                replies.append(Message(Error(code=2, reason=reason), reply_to=msg))
         return replies
 
 

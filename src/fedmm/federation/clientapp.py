@@ -16,11 +16,19 @@ Client state (FedDAT's A_c, personal heads, the local model, ...) persists acros
 Flower ``Context`` (``context.state``) **and** on disk, atomically, in
 ``<state-dir>/<method>-<peft>-<benchmark>-seed<S>-<run id>/client.pt`` -- the whole identity of
 the run, so another run never reads it.  A restarted node with an empty Context picks the disk
-copy up.  The copy being replaced is kept as ``client.pt.prev``: when a server resumes an
+copy up (a ``.fedmm-*.tmp`` that a killed write left beside it is removed before the next save).
+The copy being replaced is kept as ``client.pt.prev``: when a server resumes an
 interrupted round r+1 that this client had already trained, the client goes back to its state of
 round r.  The server says in every message which round of this client it last aggregated
 (``last-trained``); a client that finds no state of that round is a loud error, never a silent
 fresh start.
+
+Errors: the functions registered on the ClientApp (``as_site``) log a failure in full in the
+site's own log and raise a ``SiteError`` holding only the error's class and a short reason without
+absolute paths (``short_error``) -- Flower sends that text to the server, which records it in
+results.json.  ``handle`` / ``handle_query`` / ``dispatch`` raise the original exceptions (tests
+call them directly).  ``as_site`` also configures logging in the ``flwr-clientapp`` process
+(``fedmm.logs``), so lines such as "restored client state of round R" reach the site's log.
 
 Differential privacy: the upload is clipped and noised here, on the client (``dp.py``), with the
 stricter of the run's request and the site's floor; ε is accounted per site (``privacy.py``) and a
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -38,13 +47,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
+from fedmm import logs
 from fedmm.config import FedmmConfig
 from fedmm.data import sites as site_data
 from fedmm.federation import dp, messages
 from fedmm.federation.messages import RefusedMessage
 from fedmm.federation.privacy import LEDGER, Ledger
 from fedmm.federation.site import SiteSettings
-from fedmm.files import atomic_torch_save
+from fedmm.files import atomic_torch_save, remove_stale_temps
 from fedmm.methods import ClientContext, get_method
 from fedmm.methods.base import ClientInfo, Method, State, to_numpy, to_torch
 from fedmm.runtime import SITES, Runtime, get_runtime
@@ -61,17 +71,61 @@ def make_client_app(sites: dict[int, dict] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle(msg, context, train=True, sites=sites)
+        return as_site(handle, msg, context, train=True, sites=sites)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle(msg, context, train=False, sites=sites)
+        return as_site(handle, msg, context, train=False, sites=sites)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return handle_query(msg, context, sites=sites)
+        return as_site(handle_query, msg, context, sites=sites)
 
     return app
+
+
+class SiteError(RuntimeError):
+    """What leaves a site when handling a message failed: the error's class and a short reason
+    without local paths (``short_error``); the full error is in the site's own log."""
+
+
+_SEP = r"[/\\]"
+_PART = r"[^\s'\"`/\\,;()\[\]{}<>|]+"
+# an absolute path: / or \ or C:\ not inside a word, a relative path or a URL ("https://...")
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w.~:/\\])(?:[A-Za-z]:)?(?:{_SEP}{_PART})+{_SEP}?")
+MAX_REASON = 200
+
+
+def strip_paths(text: str) -> str:
+    """``text`` with every absolute path replaced by its last component:
+    ``'/srv/hosp/a/train.jsonl:6'`` -> ``'train.jsonl:6'``."""
+
+    def last(match: re.Match) -> str:
+        return re.split(_SEP, match.group(0).rstrip("/\\"))[-1]
+
+    return _ABSOLUTE_PATH.sub(last, text)
+
+
+def short_error(exc: BaseException) -> str:
+    """The reason a site sends when handling a message failed: ``"ClassName: message"`` with
+    absolute paths cut to their last component and the message cut to ``MAX_REASON``
+    characters.  What a site's paths reveal about it stays in its own log."""
+    text = " ".join(strip_paths(str(exc)).split())
+    if len(text) > MAX_REASON:
+        text = text[: MAX_REASON - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def as_site(handler, msg: Message, context: Context, **kwargs) -> Message:
+    """``handler(msg, context, **kwargs)`` as the ClientApp runs it: logging configured, and any
+    exception logged here in full and re-raised as a ``SiteError`` with a short reason (Flower
+    sends an exception's text to the server, which records it in results.json)."""
+    logs.configure("clientapp")
+    try:
+        return handler(msg, context, **kwargs)
+    except Exception as exc:
+        log.exception("%s message failed", msg.metadata.message_type)
+        raise SiteError(short_error(exc)) from None
 
 
 app = make_client_app()
@@ -294,6 +348,7 @@ def save_state(context: Context, path: Path, cfg: FedmmConfig, rnd: int, state: 
     context.state[STATE_KEY] = messages.to_record(to_numpy(state))
     context.state[STATE_META] = ConfigRecord({"path": str(path), "round": rnd})
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)  # a write of a killed client process
     if path.is_file():
         try:
             if torch.load(path, weights_only=True).get("round", 0) < rnd:
@@ -303,5 +358,6 @@ def save_state(context: Context, path: Path, cfg: FedmmConfig, rnd: int, state: 
     atomic_torch_save({"round": rnd, "state": {k: v.cpu() for k, v in state.items()}}, path)
 
 
-__all__ = ["Site", "app", "dispatch", "handle", "handle_query", "make_client_app", "restore_state",
-           "save_state", "site_settings"]  # fmt: skip
+__all__ = ["Site", "SiteError", "app", "as_site", "dispatch", "handle", "handle_query",
+           "make_client_app", "restore_state", "save_state", "short_error", "site_settings",
+           "strip_paths"]  # fmt: skip
