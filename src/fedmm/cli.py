@@ -7,10 +7,12 @@
     fedmm run --sites DIR [--site KEY=VALUE ...]   # one simulated client per site directory
     fedmm run --resume DIR   # continue every interrupted run checkpointed under DIR
     fedmm certs --out DIR [--supernodes N] [--hosts H,...]   # TLS + SuperNode auth keys
-    fedmm deploy [run options] [--certs DIR] [--kill-node K --kill-after-round R]
+    fedmm deploy [run options] [--certs DIR] [--kill-node K --kill-after-round R] [--drill]
+    fedmm deploy --resume DIR   # continue a deployed run on its deployment
               # SuperLink + one SuperNode per client as OS processes (TLS, auth), then `flwr run`
     fedmm split --benchmark NAME [--clients K] --out DIR [--config FILE.toml] [--set key=value ...]
               # one site directory per client + the task schema (fedmm.data.sites)
+    fedmm site --config site.toml   # a site: its SuperNode from its settings, kept up
     fedmm list            # methods, benchmarks, backbones, config keys with defaults
 
 Precedence: defaults < --config file < the flags above < --set.
@@ -88,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fault drill: SIGKILL SuperNode K after --kill-after-round")  # fmt: skip
     deploy.add_argument("--kill-after-round", type=int, default=1, metavar="R")
     deploy.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
+    deploy.add_argument("--drill", action="store_true",
+                        help="fault drill: kill a site mid-round and restart it, kill the "
+                        "ServerApp, kill and restart the SuperLink, resume; then compare with an "
+                        "uninterrupted simulation of the same sites (exit 1 if they differ)")  # fmt: skip
+    deploy.add_argument("--resume", metavar="DIR",
+                        help="continue the deployed runs checkpointed under DIR on the same "
+                        "deployment (their own options; --set may change operational ones)")  # fmt: skip
     split = sub.add_parser(
         "split", help="write a benchmark as site directories (one per client) + schema.json"
     )
@@ -98,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any option, e.g. --set data.train_per_client=100")  # fmt: skip
     split.set_defaults(method=None)
+    site = sub.add_parser(
+        "site", help="run this site's SuperNode from its settings and keep it up (restarts)"
+    )
+    site.add_argument("--config", required=True, help="the site's TOML file (README: a site)")
     sub.add_parser("list", help="list methods, benchmarks, backbones and config keys")
     return parser
 
@@ -258,19 +271,43 @@ def health_exit(runs: list[dict], allow_partial: bool) -> int:
     return EXIT_UNHEALTHY if problems else 0
 
 
-def cmd_resume(args: argparse.Namespace) -> int:
-    """Continue every run checkpointed under ``--resume DIR`` with the options it was made with
-    (``--set`` may change only where files are and how progress shows, see checkpoint.py)."""
-    from fedmm import results
-    from fedmm.engine import run_method
+def resumable(out: Path, engine: str, overrides: dict) -> list[FedmmConfig]:
+    """The runs checkpointed under ``out`` that ran on ``engine`` (simulation / deployment), each
+    with its own options; ``overrides`` may change only locations and operational options."""
     from fedmm.federation import checkpoint
 
-    out = Path(args.resume)
-    cfgs = checkpoint.find(out)
-    if not cfgs:
+    allowed = checkpoint.MAY_DIFFER | checkpoint.OPERATIONAL
+    refused = sorted(k for k in overrides if k.replace("-", "_") not in allowed)
+    if refused:
+        raise ConfigError(
+            f"a resumed run keeps its own options; --set may change only {', '.join(sorted(allowed))}"
+            f" (got {', '.join(refused)})"
+        )
+    runs = checkpoint.find_runs(out)
+    if not runs:
         raise ConfigError(f"nothing to resume: no server checkpoints under {out}/checkpoints")
+    other = {"simulation": "fedmm run --resume", "deployment": "fedmm deploy --resume"}
+    cfgs = []
+    for cfg, record in runs:
+        ran = record.get("engine", "simulation")
+        if ran != engine:
+            raise ConfigError(
+                f"{cfg.method} (seed {cfg.seed}) in {out} ran as a {ran}; resume it where it ran: "
+                f"{other[ran]} {out}"
+            )
+        cfgs.append(cfg.with_overrides({"out_dir": str(out), **overrides, "resume": True}))
+    return cfgs
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue every run checkpointed under ``--resume DIR`` with the options it was made with
+    (``--set`` may change only locations and operational options, see checkpoint.py)."""
+    from fedmm import results
+    from fedmm.engine import run_method
+
+    out = Path(args.resume)
+    cfgs = resumable(out, "simulation", parse_set(args.set))
     for cfg in cfgs:
-        cfg = cfg.with_overrides({"out_dir": str(out), **parse_set(args.set), "resume": True})
         print(f"fedmm: resuming {cfg.method} on {cfg.data.benchmark} (seed {cfg.seed}) in {out}/",
               flush=True)  # fmt: skip
         run_method(cfg)
@@ -280,6 +317,23 @@ def cmd_resume(args: argparse.Namespace) -> int:
     keys = {(c.method, c.peft.type, c.data.benchmark, c.seed) for c in cfgs}
     return health_exit([r for r in data["runs"] if results.run_key(r) in keys],
                        getattr(args, "allow_partial", False))  # fmt: skip
+
+
+def cmd_deploy_resume(args: argparse.Namespace) -> int:
+    """``fedmm deploy --resume DIR``: every deployed run checkpointed under DIR, on the same
+    deployment (its work directory: certificates, the SuperLink's database, each site's state)."""
+    from fedmm import results
+    from fedmm.deploy import launch
+
+    out = Path(args.resume)
+    for cfg in resumable(out, "deployment", parse_set(args.set)):
+        workdir = Path(args.workdir or out / "deployment")
+        print(f"fedmm deploy: resuming {cfg.method} (seed {cfg.seed}) in {out}/ on the deployment "
+              f"in {workdir}/", flush=True)  # fmt: skip
+        launch.deploy_and_run(cfg, workdir, timeout=args.timeout)
+    data = results.load(out)
+    print(results.summary_table(data))
+    return 0
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -293,7 +347,29 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drill(cfg: FedmmConfig, workdir: Path, timeout: float) -> int:
+    """``fedmm deploy --drill``: launch.drill, then the same run uninterrupted in a simulation."""
+    from fedmm.deploy import launch
+    from fedmm.engine import run_method
+
+    if cfg.train.threads == 0:  # the same thread count on both sides: the same float sums
+        cfg = cfg.with_overrides({"train.threads": 1})
+    done = launch.drill(cfg, workdir, timeout=timeout, emit=lambda m: print(m, flush=True))
+    calm = run_method(cfg.with_overrides({"out_dir": str(Path(cfg.out_dir) / "uninterrupted")}))
+    worst = 0.0
+    for d, u in zip(done["run"]["history"], calm["history"], strict=True):
+        for client, views in u["clients"].items():
+            for view, acc in views.items():
+                worst = max(worst, abs(d["clients"].get(client, {}).get(view, -1.0) - acc))
+    for what, sec in done["seconds"].items():
+        print(f"drill: {what.replace('_', ' ')}: {sec:.0f} s")
+    print(f"drill: largest accuracy difference to the uninterrupted run: {worst:.2e}")
+    return 0 if worst <= 1e-6 else 1
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.resume:
+        return cmd_deploy_resume(args)
     from fedmm import results
     from fedmm.deploy import launch
 
@@ -307,6 +383,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or Path(cfg.out_dir) / "deployment")
     print(f"fedmm deploy: {cfg.method} on {cfg.data.benchmark}, one SuperNode per site "
           f"(TLS, node auth) -> {cfg.out_dir}/; logs in {workdir}/", flush=True)  # fmt: skip
+    if args.drill:
+        return cmd_drill(cfg, workdir, args.timeout)
     launch.deploy_and_run(cfg, workdir, args.kill_node, args.kill_after_round, args.timeout)
     data = results.load(cfg.out_dir)
     print(results.summary_table(data))
@@ -403,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_certs(args)
         if args.command == "deploy":
             return cmd_deploy(args)
+        if args.command == "site":
+            from fedmm.deploy.site import SiteConfig, run_site
+
+            return run_site(SiteConfig.load(args.config), emit=lambda m: print(m, flush=True))
         if args.command == "split":
             return cmd_split(args)
         return cmd_run(args)

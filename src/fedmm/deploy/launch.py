@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmm.deploy import certs
-from fedmm.federation.site import node_config_arg
 
 log = logging.getLogger(__name__)
 CONNECTION = "fedmm"  # the SuperLink connection's name in $FLWR_HOME/config.toml
@@ -101,30 +100,58 @@ class Deployment:
             [self.bin("flower-superlink"), "--ssl-ca-certfile", str(p["ca_cert"]),
              "--ssl-certfile", str(p["server_cert"]), "--ssl-keyfile", str(p["server_key"]),
              "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-             "--host", "127.0.0.1", "--port", str(self.port)],
+             "--database", str(self.database), "--host", "127.0.0.1", "--port", str(self.port)],
             self.env,
         )  # fmt: skip
         _wait_port(self.port, self.superlink, timeout)
+
+    @property
+    def database(self) -> Path:
+        """The SuperLink's persistent state (registered keys, nodes, runs): a restarted SuperLink
+        keeps every registration, so sites reconnect without registering again."""
+        return self.workdir / "superlink.db"
+
+    def kill_superlink(self) -> None:
+        """SIGKILL the SuperLink and its children (SuperExec, the ServerApp): a crash."""
+        _kill_group(self.superlink, signal.SIGKILL)
+
+    def kill_serverapp(self) -> bool:
+        """SIGKILL the running ``flwr-serverapp`` process(es) of this deployment; True if any."""
+        killed = False
+        for pid in _children(self.superlink.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(part.endswith(b"flwr-serverapp") for part in cmdline):
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+        return killed
 
     def register(self, k: int, timeout: float = 60.0) -> None:
         """``flwr supernode register``: the SuperLink will accept SuperNode ``k``'s key."""
         pub = self.paths["supernode_keys"][k][1]
         out = self.flwr(["supernode", "register", str(pub), CONNECTION], timeout=timeout)
-        if out.returncode != 0:
+        if out.returncode != 0 and "already in use" not in out.stdout + out.stderr:
+            # "already in use": registered before, kept in the SuperLink's database (a resume)
             raise RuntimeError(f"registering {pub} failed:\n{out.stdout}{out.stderr}")
 
     def start_supernode(self, k: int) -> None:
+        """Site ``k`` as its operator runs it: ``fedmm site --config site.toml`` (the runner
+        that starts ``flower-supernode`` and restarts it with backoff, ``deploy/site.py``)."""
         node_home = self.workdir / f"supernode-{k}"
         node_home.mkdir(exist_ok=True)
-        env = self.env | {"FLWR_HOME": str(node_home / "flwr-home")}
+        config = node_home / "site.toml"
+        config.write_text(
+            f'superlink = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = {_toml(str(self.paths["ca_cert"]))}\n'
+            f'auth-key = {_toml(str(self.paths["supernode_keys"][k][0]))}\n'
+            f'flwr-home = {_toml(str(node_home / "flwr-home"))}\nport = {free_port()}\n\n'
+            "[settings]\n" + "".join(f"{key} = {_toml(v)}\n" for key, v in self.node_configs[k].items())
+        )  # fmt: skip
         self.supernodes[k] = self._spawn(
-            f"supernode-{k}",
-            [self.bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-             "--root-certificates", str(self.paths["ca_cert"]),
-             "--auth-supernode-private-key", str(self.paths["supernode_keys"][k][0]),
-             "--node-config", node_config_arg(self.node_configs[k]),
-             "--port", str(free_port()), "--max-retries", "20", "--max-wait-time", "120"],
-            env,
+            f"supernode-{k}", [sys.executable, "-m", "fedmm.cli", "site", "--config", str(config)],
+            self.env,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ use
@@ -194,12 +221,27 @@ class Deployment:
         self.stop()
 
 
+def _children(pid: int) -> list[int]:
+    """Every descendant process of ``pid`` (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = Path(f"/proc/{parent}/task").iterdir()
+            kids = [int(c) for t in tasks for c in (t / "children").read_text().split()]
+        except OSError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
 def _toml(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    return "'" + str(value).replace("'", "") + "'"
+    return "'" + str(value).replace("'", "") + "'"  # a TOML literal string: no escapes
 
 
 def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
@@ -289,6 +331,48 @@ def _rounds_done(out_dir: Path, cfg) -> int:
     return 0
 
 
+def site_nodes(cfg) -> list[dict]:
+    """Each site's settings for a deployment of ``cfg`` on this host (``cfg`` prepared): its own
+    data and state directory; a share of the cores when the run sets no thread count (the sites
+    run at the same time here); ``partition-id`` only when rehearsing a central benchmark."""
+    from fedmm.engine import rehearsal_sites
+
+    node_configs = rehearsal_sites(cfg)
+    if cfg.train.threads == 0:
+        share = max(1, (os.cpu_count() or 1) // len(node_configs))
+        for node in node_configs.values():
+            node["threads"] = share
+    for k, node in node_configs.items():
+        if cfg.data.benchmark != "sites":
+            node["partition-id"] = k  # rehearsing a central benchmark: client K of it
+    return [node_configs[k] for k in sorted(node_configs)]
+
+
+def _watch(proc: subprocess.Popen, timeout: float, on_tick=None) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"flwr run did not finish within {timeout:.0f}s")
+        if on_tick is not None:
+            on_tick()
+        time.sleep(0.2)
+    _kill_group(proc)
+
+
+def _finished_run(cfg, workdir: Path) -> dict:
+    from fedmm import results
+
+    for run in results.load(cfg.out_dir)["runs"]:
+        if (run["method"], run["seed"], run.get("peft")) == (cfg.method, cfg.seed, cfg.peft.type):
+            if len(run["history"]) != cfg.fed.rounds:
+                break
+            return run
+    raise RuntimeError(
+        f"the deployed run did not complete; logs: {workdir / 'flwr-run.log'}, "
+        f"{workdir / 'superlink.log'}, {workdir}/supernode-K.log"
+    )
+
+
 def deploy_and_run(
     cfg, workdir: str | Path, kill_node: int | None = None, kill_after_round: int = 1,
     timeout: float = 900.0, app: Path | None = None,
@@ -298,46 +382,89 @@ def deploy_and_run(
     Sites: with ``data.benchmark = "sites"`` one per site directory under ``data.data_dir`` (its
     ``data-dir``), else ``fed.clients`` partitions of the central benchmark (``partition-id``);
     each with its own ``state-dir`` under ``<out>/client_state/``.  The ServerApp gets the run
-    config without any site path: it reads ``data.schema`` only.
+    config without any site path: it reads ``data.schema`` only.  With ``resume=true`` the
+    deployment in ``workdir`` (its certificates and SuperLink database) is started again and the
+    run continues from its checkpoint.
 
     ``kill_node=K`` SIGKILLs SuperNode K as soon as round ``kill_after_round`` is in results.json
     (i.e. while the next round's messages are out): a site crashing mid-run.  Returns the run
     record from ``<out_dir>/results.json``.
     """
-    from fedmm import results
-    from fedmm.engine import prepare, rehearsal_sites
+    from fedmm.engine import prepare
 
     cfg = prepare(cfg)
-    node_configs = rehearsal_sites(cfg)
-    if cfg.train.threads == 0:  # the sites share this host's cores, and run at the same time
-        share = max(1, (os.cpu_count() or 1) // len(node_configs))
-        for node in node_configs.values():
-            node["threads"] = share
-    for k, node in node_configs.items():
-        if cfg.data.benchmark != "sites":
-            node["partition-id"] = k  # rehearsing a central benchmark: client K of it
-    dep = start(workdir, [node_configs[k] for k in sorted(node_configs)])
+    workdir = Path(workdir)
+    dep = start(workdir, site_nodes(cfg))
+    killed = kill_node is None
+
+    def fault() -> None:
+        nonlocal killed
+        if not killed and _rounds_done(Path(cfg.out_dir), cfg) >= kill_after_round:
+            log.warning("killing supernode-%d after round %d", kill_node, kill_after_round)
+            dep.kill_supernode(kill_node)
+            killed = True
+
     try:
-        proc = dep.run(run_config_of(cfg), app=app, wait=False)
-        deadline = time.monotonic() + timeout
-        killed = kill_node is None
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"flwr run did not finish within {timeout:.0f}s")
-            if not killed and _rounds_done(Path(cfg.out_dir), cfg) >= kill_after_round:
-                log.warning("killing supernode-%d after round %d", kill_node, kill_after_round)
-                dep.kill_supernode(kill_node)
-                killed = True
-            time.sleep(0.2)
-        _kill_group(proc)
+        _watch(dep.run(run_config_of(cfg), app=app, wait=False), timeout, fault)
     finally:
         dep.stop()
-    for run in results.load(cfg.out_dir)["runs"]:
-        if (run["method"], run["seed"], run.get("peft")) == (cfg.method, cfg.seed, cfg.peft.type):
-            if len(run["history"]) != cfg.fed.rounds:
-                break
-            return run
-    raise RuntimeError(
-        f"the deployed run did not complete; logs: {Path(workdir) / 'flwr-run.log'}, "
-        f"{Path(workdir) / 'superlink.log'}, {Path(workdir)}/supernode-K.log"
-    )
+    return _finished_run(cfg, workdir)
+
+
+def drill(cfg, workdir: str | Path, site: int = 1, timeout: float = 1800.0,
+          emit=print) -> dict:  # fmt: skip
+    """The fault drill of a deployment, as an operator lives it, timed:
+
+    1. round 1 completes; while round 2 is out, site ``site`` is SIGKILLed (SuperNode and its
+       runner) and restarted with ``fedmm site`` (refused until the SuperLink's heartbeat window
+       passes, then online);
+    2. the ServerApp process is SIGKILLed before round 2 completes (the run dies; its checkpoint
+       is round 1's);
+    3. the SuperLink is SIGKILLed and restarted with its database (no site registers again);
+    4. the run is resumed with its own options (``resume=true``) and finishes.
+
+    Returns ``{"run": the resumed run's record, "seconds": {...}}``: site back online after its
+    kill, SuperLink back with every site online, resume to the end.  ``cfg.fed.rounds`` must be at
+    least 2."""
+    from fedmm.engine import prepare
+
+    cfg = prepare(cfg)
+    if cfg.fed.rounds < 2:
+        raise ValueError("the drill needs fed.rounds >= 2")
+    workdir = Path(workdir)
+    nodes = site_nodes(cfg)
+    dep = start(workdir, nodes)
+    seconds: dict[str, float] = {}
+    try:
+        proc = dep.run(run_config_of(cfg), wait=False)
+        deadline = time.monotonic() + timeout
+        while _rounds_done(Path(cfg.out_dir), cfg) < 1:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"round 1 never completed; see {workdir / 'flwr-run.log'}")
+            time.sleep(0.2)
+        emit(f"drill: round 1 done; killing site {site} (SuperNode + runner) while round 2 is out")
+        t0 = time.monotonic()
+        dep.kill_supernode(site)
+        dep.start_supernode(site)
+        if not dep.kill_serverapp():
+            raise RuntimeError("no flwr-serverapp process to kill: the run ended too soon")
+        _kill_group(proc, signal.SIGKILL)
+        emit("drill: killed the ServerApp mid-round 2; waiting for the site to come back")
+        dep.wait_online(len(nodes), timeout=300)
+        seconds["site_back_online"] = time.monotonic() - t0
+        emit(f"drill: site {site} online again after {seconds['site_back_online']:.0f} s; "
+             "killing the SuperLink")  # fmt: skip
+        t0 = time.monotonic()
+        dep.kill_superlink()
+        dep.start_superlink()
+        dep.wait_online(len(nodes), timeout=300)
+        seconds["superlink_back"] = time.monotonic() - t0
+        emit(f"drill: SuperLink back with every site online after {seconds['superlink_back']:.0f}"
+             " s; resuming the run")  # fmt: skip
+        t0 = time.monotonic()
+        _watch(dep.run(run_config_of(cfg.with_overrides({"resume": True})), wait=False),
+               max(60.0, deadline - time.monotonic()))  # fmt: skip
+        seconds["resume_to_end"] = time.monotonic() - t0
+    finally:
+        dep.stop()
+    return {"run": _finished_run(cfg, workdir), "seconds": seconds}

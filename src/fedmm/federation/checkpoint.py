@@ -44,6 +44,9 @@ MAY_DIFFER = {
     "data.data_dir",
     "data.schema",
 }
+# Operational options a resumed run may change: how long to wait, how few replies suffice, how
+# evaluation is sampled -- not what a client computes.
+OPERATIONAL = {"fed.round_timeout", "fed.min_clients", "fed.eval_every", "fed.eval_fraction"}
 
 
 @dataclass
@@ -96,7 +99,7 @@ def load(cfg: FedmmConfig) -> Checkpoint | None:
     current = cfg.to_flat()
     differ = sorted(
         k for k in set(saved) | set(current)
-        if k not in MAY_DIFFER and saved.get(k) != current.get(k)
+        if k not in MAY_DIFFER | OPERATIONAL and saved.get(k) != current.get(k)
     )  # fmt: skip
     if differ:
         raise ConfigError(
@@ -115,8 +118,38 @@ def load(cfg: FedmmConfig) -> Checkpoint | None:
 
 def find(out_dir: str | Path) -> list[FedmmConfig]:
     """Configs of every checkpointed run under ``out_dir`` (for ``fedmm run --resume DIR``)."""
-    configs = []
+    return [cfg for cfg, _ in find_runs(out_dir)]
+
+
+def find_runs(out_dir: str | Path) -> list[tuple[FedmmConfig, dict]]:
+    """``(config, run record so far)`` of every checkpointed run under ``out_dir``."""
+    runs = []
     for source in sorted((Path(out_dir) / "checkpoints").glob("*.pt")):
         payload = torch.load(source, weights_only=True)
-        configs.append(FedmmConfig().with_overrides(json.loads(payload["config"])))
-    return configs
+        cfg = FedmmConfig().with_overrides(json.loads(payload["config"]))
+        runs.append((cfg, json.loads(payload["record"])))
+    return runs
+
+
+def resume_config(cfg: FedmmConfig) -> FedmmConfig:
+    """The config a ``resume=true`` run continues with: the checkpointed run's own options, with
+    this process's locations (``MAY_DIFFER``) and operational options (``OPERATIONAL``).
+
+    The run is the only checkpoint under ``out_dir``, or the one of ``cfg``'s (method, PEFT,
+    benchmark, seed) when there are several; none is an error naming what is there -- a resume
+    never silently starts a fresh run."""
+    runs = find_runs(cfg.out_dir)
+    ident = (cfg.method, cfg.peft.type, cfg.data.benchmark, cfg.seed)
+    match = [c for c, _ in runs if (c.method, c.peft.type, c.data.benchmark, c.seed) == ident]
+    chosen = match or ([runs[0][0]] if len(runs) == 1 else [])
+    if not chosen:
+        there = ", ".join(p.stem for p in sorted((Path(cfg.out_dir) / "checkpoints").glob("*.pt")))
+        raise ConfigError(
+            f"resume=true, but no checkpoint of {cfg.method}-{cfg.peft.type}-"
+            f"{cfg.data.benchmark}-seed{cfg.seed} under {cfg.out_dir}/checkpoints"
+            + (f" (there: {there}; name one with method, peft.type, data.benchmark and seed)"
+               if there else " (nothing was checkpointed there)")
+        )  # fmt: skip
+    keep = {k: v for k, v in cfg.to_flat().items()
+            if k in OPERATIONAL or (k in MAY_DIFFER and v not in ("", None))}  # fmt: skip
+    return chosen[0].with_overrides(keep | {"resume": True})

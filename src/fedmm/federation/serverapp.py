@@ -68,7 +68,9 @@ def make_server_app(
         run_cfg = cfg if cfg is not None else FedmmConfig().with_overrides(dict(context.run_config))
         run_cfg = run_cfg.resolved()
         validate_config(run_cfg)  # flwr run / a deployment: the same one pass before round 1
-        run_federation(grid, run_cfg, on_round)
+        # fedmm run passes its config in-process (a simulation); flwr run gives a run config
+        engine = "simulation" if cfg is not None else "deployment"
+        run_federation(grid, run_cfg, on_round, engine)
 
     return app
 
@@ -177,8 +179,9 @@ def round_line(entry: dict, rounds: int, excluded=()) -> str:
 
 
 def run_federation(
-    grid: Grid, cfg: FedmmConfig, on_round: Callable[[dict], None] | None = None
-) -> dict:
+    grid: Grid, cfg: FedmmConfig, on_round: Callable[[dict], None] | None = None,
+    engine: str = "simulation",
+) -> dict:  # fmt: skip
     """Run ``fed.rounds`` rounds of ``cfg.method``; returns (and writes) the run record.
 
     Every round ends with a server checkpoint (``checkpoint.py``), then results.json and one INFO
@@ -196,6 +199,8 @@ def run_federation(
             f"{cfg.fed.eval_every} and {cfg.fed.eval_fraction}"
         )
     messages.check_compression(cfg.fed.compression)
+    if cfg.resume:  # the checkpointed run's own options (checkpoint.resume_config), or an error
+        cfg = checkpoint.resume_config(cfg)
     method = get_method(cfg)
     schema = load_schema(cfg)
     schema_sha = schema.sha256()
@@ -230,6 +235,7 @@ def run_federation(
     record["privacy"] = {"dp_clip_norm": cfg.dp.clip_norm,
                          "dp_noise_multiplier": cfg.dp.noise_multiplier}  # fmt: skip
     record["data"] = data
+    record["engine"] = engine  # where it ran: fedmm run --resume refuses a deployed run
     if saved is not None:
         global_state, record = saved.global_state, saved.record
         method.load_server_state(saved.server_state)
