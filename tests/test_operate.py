@@ -81,7 +81,7 @@ def _tls_server(cert_dir: Path) -> tuple[socket.socket, threading.Thread]:
     server.listen()
 
     def serve() -> None:
-        for _ in range(3):
+        for _ in range(10):
             try:
                 conn, _ = server.accept()
             except OSError:

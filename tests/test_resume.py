@@ -73,14 +73,16 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_cfg):
     assert on_disk["final"] == full["final"]
 
 
-def test_resume_without_checkpoint_starts_clean_and_refuses_other_configs(tiny_cfg):
-    cfg = tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 1, "resume": True})
-    record = run_federation(InProcessGrid(3), cfg)  # nothing to resume: a fresh run
+def test_resume_without_checkpoint_is_refused_and_other_configs_too(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 1})
+    with pytest.raises(ConfigError, match="no checkpoint"):  # never a silent fresh run
+        run_federation(InProcessGrid(3), cfg.with_overrides({"resume": True}))
+    record = run_federation(InProcessGrid(3), cfg)
     assert len(record["history"]) == 1
     with pytest.raises(ConfigError, match="train.lr"):
         checkpoint.load(cfg.with_overrides({"train.lr": 0.5}))
-    again = run_federation(InProcessGrid(3), cfg)  # complete: nothing left to do
-    assert again["history"] == json.loads(json.dumps(record["history"]))
+    again = run_federation(InProcessGrid(3), cfg.with_overrides({"resume": True}))
+    assert again["history"] == json.loads(json.dumps(record["history"]))  # nothing left to do
 
 
 def test_fedadam_server_state_round_trips(tiny_cfg):

@@ -238,6 +238,7 @@ def run_federation(
     record["engine"] = engine  # where it ran: fedmm run --resume refuses a deployed run
     if saved is not None:
         global_state, record = saved.global_state, saved.record
+        record["config"] = cfg.to_flat()  # operational options may have changed on resume
         method.load_server_state(saved.server_state)
         rng.setstate(saved.rng_state)
         log.warning("resuming %s from the checkpoint of round %d", cfg.method, saved.round)
