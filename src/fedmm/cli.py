@@ -484,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "site":
             from fedmm.deploy.site import SiteConfig, run_site
 
-            return run_site(SiteConfig.load(args.config), emit=lambda m: print(m, flush=True))
+            return run_site(SiteConfig.load(args.config), emit=lambda m: print(m, flush=True),
+                            subreaper=True)  # fmt: skip
         if args.command == "split":
             return cmd_split(args)
         return cmd_run(args)

@@ -111,6 +111,24 @@ class Deployment:
         keeps every registration, so sites reconnect without registering again."""
         return self.workdir / "superlink.db"
 
+    def log_size(self, k: int) -> int:
+        path = self.workdir / f"supernode-{k}.log"
+        return path.stat().st_size if path.is_file() else 0
+
+    def wait_site_online(self, k: int, offset: int, timeout: float = 300.0) -> None:
+        """Until site ``k``'s runner says it is online in its log after byte ``offset`` (the
+        SuperLink may still list a dead node of it as online until its heartbeat window ends)."""
+        path, deadline = self.workdir / f"supernode-{k}.log", time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                if b"fedmm site: online" in fh.read():
+                    return
+            if self.supernodes[k].poll() is not None:
+                raise RuntimeError(f"site {k}'s runner exited; see {path}")
+            time.sleep(1.0)
+        raise TimeoutError(f"site {k} not back online within {timeout:.0f}s; see {path}")
+
     def kill_superlink(self) -> None:
         """SIGKILL the SuperLink and its children (SuperExec, the ServerApp): a crash."""
         _kill_group(self.superlink, signal.SIGKILL)
@@ -445,19 +463,22 @@ def drill(cfg, workdir: str | Path, site: int = 1, timeout: float = 1800.0,
         emit(f"drill: round 1 done; killing site {site} (SuperNode + runner) while round 2 is out")
         t0 = time.monotonic()
         dep.kill_supernode(site)
+        offset = dep.log_size(site)
         dep.start_supernode(site)
         if not dep.kill_serverapp():
             raise RuntimeError("no flwr-serverapp process to kill: the run ended too soon")
         _kill_group(proc, signal.SIGKILL)
         emit("drill: killed the ServerApp mid-round 2; waiting for the site to come back")
-        dep.wait_online(len(nodes), timeout=300)
+        dep.wait_site_online(site, offset)
         seconds["site_back_online"] = time.monotonic() - t0
         emit(f"drill: site {site} online again after {seconds['site_back_online']:.0f} s; "
              "killing the SuperLink")  # fmt: skip
         t0 = time.monotonic()
+        offsets = [dep.log_size(k) for k in range(len(nodes))]
         dep.kill_superlink()
         dep.start_superlink()
-        dep.wait_online(len(nodes), timeout=300)
+        for k in range(len(nodes)):  # every site's runner has reconnected on its own
+            dep.wait_site_online(k, offsets[k])
         seconds["superlink_back"] = time.monotonic() - t0
         emit(f"drill: SuperLink back with every site online after {seconds['superlink_back']:.0f}"
              " s; resuming the run")  # fmt: skip

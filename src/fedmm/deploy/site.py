@@ -36,11 +36,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -52,6 +54,7 @@ from fedmm.federation.site import SiteSettings, node_config_arg
 
 log = logging.getLogger(__name__)
 ONLINE = "SuperNode ID:"  # what flower-supernode prints once the SuperLink activated it
+RECONNECTED = "Connection successful after"  # ... and once it is through to a restarted SuperLink
 REFUSED = "Failed to activate SuperNode"
 MARKER = ".fedmm-supernode-was-online"
 KEYS = {"superlink", "root-certificates", "insecure", "auth-key", "flwr-home", "port", "settings"}
@@ -162,9 +165,11 @@ def classify(output: str, returncode: int, was_online: bool) -> tuple[str, str]:
 def run_site(
     cfg: SiteConfig, emit: Callable[[str], None] = print, max_starts: int | None = None,
     command: list[str] | None = None, min_wait: float = 2.0, max_wait: float = 60.0,
+    subreaper: bool = False,
 ) -> int:  # fmt: skip
     """Run (and re-run) the site's SuperNode until SIGTERM/SIGINT, or ``max_starts`` starts.
-    Returns 2 for a configuration no retry can fix (TLS), else 0."""
+    Returns 2 for a configuration no retry can fix (TLS), else 0.  ``subreaper`` (the ``fedmm
+    site`` command): what the SuperNode leaves running when it exits is this process's to end."""
     problem = probe_tls(cfg.superlink, cfg.root_certificates, cfg.insecure)
     if problem:
         emit(f"fedmm site: {problem}")
@@ -183,19 +188,22 @@ def run_site(
             child.terminate()
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    wait, starts = min_wait, 0
+    if subreaper:
+        _become_subreaper()
+    wait, starts, before = min_wait, 0, set()
     try:
         while not stopping and (max_starts is None or starts < max_starts):
             starts += 1
             emit(f"fedmm site: starting the SuperNode (start {starts}): {' '.join(command)}")
+            before = set(_descendants(os.getpid()))
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=env, text=True, bufsize=1)  # fmt: skip
             lines: list[str] = []
-            for line in child.stdout:
+            for line in _lines_until_exit(child, before):
                 sys.stdout.write(line)
                 sys.stdout.flush()
                 lines = (lines + [line])[-200:]
-                if ONLINE in line:
+                if ONLINE in line or RECONNECTED in line:
                     marker.parent.mkdir(parents=True, exist_ok=True)
                     marker.write_text(f"{time.time():.0f}\n")
                     emit("fedmm site: online")
@@ -212,11 +220,67 @@ def run_site(
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        if child is not None and child.poll() is None:
-            child.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=10)
+        if child is not None:
+            _end_group(child, before)
     return 0
 
 
-__all__ = ["SiteConfig", "classify", "probe_tls", "run_site"]
+def _lines_until_exit(child: subprocess.Popen, before: set[int]):
+    """The child's output lines until it exits.  flower-supernode's helpers (its SuperExec) may
+    keep the pipe open after the SuperNode itself exited (after a refused activation, say), so
+    the end is the child's exit, not the pipe's; its process group is ended then."""
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in child.stdout:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    while True:
+        try:
+            yield lines.get(timeout=0.2)
+            continue
+        except queue.Empty:
+            pass
+        if child.poll() is not None:
+            _end_group(child, before)
+            time.sleep(0.2)
+            while not lines.empty():
+                yield lines.get_nowait()
+            return
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            kids = [int(c) for t in Path(f"/proc/{parent}/task").iterdir()
+                    for c in (t / "children").read_text().split()]  # fmt: skip
+        except OSError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
+def _end_group(child: subprocess.Popen, before: set[int]) -> None:
+    """End the child and everything it started (this process's descendants not in ``before``).
+    As subreaper (Linux) the runner inherits what the child leaves behind (its SuperExec); all
+    stay in the runner's process group, so a crash of the runner's group takes them all."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in [child.pid, *(set(_descendants(os.getpid())) - before)]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)
+        if sig == signal.SIGTERM:
+            time.sleep(0.5)
+
+
+def _become_subreaper() -> None:
+    """Orphans of the SuperNode (its SuperExec) become this runner's children (Linux only)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER

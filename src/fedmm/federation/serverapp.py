@@ -116,7 +116,8 @@ def query_clients(
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            raise RuntimeError(f"node {node} did not say which client it is: {reply.error.reason}")
+            kind = NodeUnavailable if "Node Unavailable" in reply.error.reason else RuntimeError
+            raise kind(f"node {node} did not say which client it is: {reply.error.reason}")
         m, about = reply.content[messages.METRICS], reply.content[messages.SITE]
         if str(about["schema-sha256"]) != schema_sha:
             raise RuntimeError(
@@ -148,6 +149,26 @@ def query_clients(
     infos = {declared[n]: found[n][1] for n in found}
     sizes = {declared[n]: found[n][2] for n in found}
     return declared, infos, sizes
+
+
+class NodeUnavailable(RuntimeError):
+    """A node the SuperLink still lists did not answer: it died and has not yet timed out, or
+    restarted and is not yet back (the heartbeat window)."""
+
+
+def ask_clients(grid: Grid, cfg: FedmmConfig, schema_sha: str, patience: float = 180.0):
+    """``query_clients`` over the nodes online now; a node that is listed but unavailable (a site
+    restarting after a crash) is waited for, up to ``patience`` seconds, never skipped."""
+    deadline = time.monotonic() + patience
+    while True:
+        nodes = wait_for_nodes(grid, cfg.fed.clients)
+        try:
+            return nodes, query_clients(grid, nodes, cfg, schema_sha)
+        except NodeUnavailable as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s; asking again in 5 s", exc)
+            time.sleep(5.0)
 
 
 def load_schema(cfg: FedmmConfig) -> sites.Schema:
@@ -212,8 +233,7 @@ def run_federation(
         if first > cfg.fed.rounds:  # killed after its last checkpoint, maybe before results
             results.save_run(cfg.out_dir, saved.record)
             return saved.record
-    nodes = wait_for_nodes(grid, cfg.fed.clients)
-    index_of, infos, sizes = query_clients(grid, nodes, cfg, schema_sha)
+    nodes, (index_of, infos, sizes) = ask_clients(grid, cfg, schema_sha)
     client_ids = {k: info.client_id for k, info in infos.items()}
     method.bind(schema.task_names(), infos)
     model = server_model(cfg, schema)  # shapes from the model config and the schema alone
