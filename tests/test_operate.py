@@ -174,10 +174,14 @@ def test_a_superlink_restarted_with_its_database_keeps_its_sites(tmp_path):
     dep = launch.start(tmp_path / "deployment", nodes, timeout=120)
     try:
         assert dep.database.is_file()
+        offsets = [dep.log_size(k) for k in range(2)]
         dep.kill_superlink()
         dep.start_superlink()
-        dep.wait_online(2, timeout=150)  # no `flwr supernode register` again
+        for k in range(2):  # each site's own word that it is through again: no registering
+            dep.wait_site_online(k, offsets[k], timeout=150)
         assert dep.online_nodes() == 2
+        registered = dep.flwr(["supernode", "list", launch.CONNECTION, "--format", "json"], 30)
+        assert len(json.loads(registered.stdout)["nodes"]) == 2  # the same two, kept
     finally:
         dep.stop()
     assert all(p.poll() is not None for p in [dep.superlink, *dep.supernodes.values()])
