@@ -140,6 +140,8 @@ def test_epsilon_is_accounted_at_the_site_and_the_budget_stops_training(tiny_cfg
     with pytest.raises(privacy.PrivacyBudgetExceeded, match="dp-max-epsilon"):
         train(cfg, ctx, 2, global_np, last_trained=1)
     assert snapshot(tmp_path / "xdg-state") == before  # refused before any work
+    with pytest.raises(privacy.PrivacyBudgetExceeded, match="ε = ∞"):  # a budget, but no DP
+        train(cfg, context(2, **{"dp-max-epsilon": 10.0}), 1, global_np, index=2)
 
     # in a federation the round goes on without it, and ε per round is in results.json
     run_cfg = tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 2})
@@ -208,3 +210,25 @@ def test_the_feature_cache_is_keyed_by_content_not_by_path(tiny_cfg, tmp_path):
     assert len(list(features.glob("*.pt"))) == 2
     runtime.client_split(0, "test")  # the unchanged test split: one more entry, computed once
     assert len(list(features.glob("*.pt"))) == 3
+
+
+def test_fedmm_run_sites_end_to_end_and_per_site_settings(tiny_cfg, tmp_path, capsys):
+    """`fedmm split` then `fedmm run --sites`: exit 0, the run recorded under the schema's name;
+    a per-site setting given to every simulated site is refused."""
+    from fedmm.cli import main
+
+    flat = tiny_cfg.to_flat()
+    sets = [x for key in ("model.backbone", "model.image_size", "data.train_per_client",
+                          "data.test_per_client") for x in ("--set", f"{key}={flat[key]}")]  # fmt: skip
+    root = tmp_path / "sites"
+    assert main(["split", "--benchmark", "fmnist-domain", "--clients", "3", "--out", str(root),
+                 *sets]) == 0  # fmt: skip
+    out = tmp_path / "run"
+    common = ["run", "--sites", str(root), "--method", "fedavg", "--rounds", "1", "--out",
+              str(out), "--set", "train.local_steps=2", "--set", "progress=false",
+              "--set", "model.backbone=tiny", "--set", "model.image_size=32"]  # fmt: skip
+    assert main([*common, "--site", "state-dir=/tmp/shared"]) == 2
+    assert "each simulated site has its own" in capsys.readouterr().err
+    assert main(common) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["benchmark"] == "fmnist-domain" and run["health"]["status"] == "ok"

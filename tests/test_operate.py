@@ -68,7 +68,7 @@ def test_the_runner_restarts_with_backoff_and_says_why(tmp_path):
     refusals = [s for s in said if "retrying" in s]
     assert "not registered" in refusals[0]  # never online yet: the key is the suspect
     assert "online" in said[-2] or any(s.endswith("online") for s in said)
-    assert (state / ".fedmm-supernode-was-online").is_file()
+    assert (state / "site" / ".fedmm-supernode-was-online").is_file()  # <state-dir>/<site>/
     # a later refusal of this site is the heartbeat window, not the key
     assert classify("Failed to activate SuperNode", 305, True)[0] == "still-online"
 

@@ -109,7 +109,7 @@ def test_cli_resume_continues_in_the_flower_simulation(tiny_cfg, capsys):
     run = json.loads((Path(cfg.out_dir) / "results.json").read_text())["runs"][0]
     assert rounds(run) == rounds(full)
     # the client state on disk is round 3's, with round 2's kept beside it
-    (state,) = (Path(cfg.out_dir) / "client_state" / "site-0").glob(
+    (state,) = (Path(cfg.out_dir) / "client_state" / "site-0" / "0-original").glob(
         f"feddat-adapter-{cfg.data.benchmark}-seed0-{run['run_id']}"
     )
     assert torch.load(state / "client.pt", weights_only=True)["round"] == 3

@@ -7,7 +7,7 @@
     fedmm run --sites DIR [--site KEY=VALUE ...]   # one simulated client per site directory
     fedmm run --resume DIR   # continue every interrupted run checkpointed under DIR
     fedmm certs --out DIR [--supernodes N] [--hosts H,...]   # TLS + SuperNode auth keys
-    fedmm deploy [run options] [--certs DIR] [--kill-node K --kill-after-round R] [--drill]
+    fedmm deploy [run options] [--workdir DIR] [--kill-node K --kill-after-round R] [--drill]
     fedmm deploy --resume DIR   # continue a deployed run on its deployment
               # SuperLink + one SuperNode per client as OS processes (TLS, auth), then `flwr run`
     fedmm split --benchmark NAME [--clients K] --out DIR [--config FILE.toml] [--set key=value ...]
@@ -159,6 +159,16 @@ def validate(cfg: FedmmConfig, methods: list[str]) -> None:
     validate_config(cfg, methods)
 
 
+def benchmark_name(cfg: FedmmConfig) -> str:
+    """The benchmark a run records: for site directories, the name in their task schema."""
+    if cfg.data.benchmark != SITES:
+        return cfg.data.benchmark
+    from fedmm.data import sites
+
+    schema = cfg.data.schema or str(Path(cfg.data.data_dir) / sites.SCHEMA_FILE)
+    return sites.read_schema(Path(schema)).name
+
+
 def site_options(args: argparse.Namespace) -> dict:
     """``--site KEY=VALUE`` settings, checked now (unknown keys, types, ranges)."""
     from fedmm.federation.site import SiteSettings
@@ -230,7 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     data["runs"] = [
         r for r in data["runs"]
         if r["method"] in methods and r["seed"] == cfg.seed
-        and r.get("peft", "adapter") == cfg.peft.type and r["benchmark"] == cfg.data.benchmark
+        and r.get("peft", "adapter") == cfg.peft.type and r["benchmark"] == benchmark_name(cfg)
     ]  # fmt: skip
     print()
     print(results.summary_table(data))
@@ -307,14 +317,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     out = Path(args.resume)
     cfgs = resumable(out, "simulation", parse_set(args.set))
+    site = site_options(args)  # the simulated sites' own settings are not the run's: give again
     for cfg in cfgs:
         print(f"fedmm: resuming {cfg.method} on {cfg.data.benchmark} (seed {cfg.seed}) in {out}/",
               flush=True)  # fmt: skip
-        run_method(cfg)
+        run_method(cfg, site)
     data = results.load(out)
     print()
     print(results.summary_table(data))
-    keys = {(c.method, c.peft.type, c.data.benchmark, c.seed) for c in cfgs}
+    keys = {(c.method, c.peft.type, benchmark_name(c), c.seed) for c in cfgs}
     return health_exit([r for r in data["runs"] if results.run_key(r) in keys],
                        getattr(args, "allow_partial", False))  # fmt: skip
 
@@ -325,15 +336,14 @@ def cmd_deploy_resume(args: argparse.Namespace) -> int:
     from fedmm import results
     from fedmm.deploy import launch
 
-    out = Path(args.resume)
+    out, runs = Path(args.resume), []
     for cfg in resumable(out, "deployment", parse_set(args.set)):
         workdir = Path(args.workdir or out / "deployment")
         print(f"fedmm deploy: resuming {cfg.method} (seed {cfg.seed}) in {out}/ on the deployment "
               f"in {workdir}/", flush=True)  # fmt: skip
-        launch.deploy_and_run(cfg, workdir, timeout=args.timeout)
-    data = results.load(out)
-    print(results.summary_table(data))
-    return 0
+        runs.append(launch.deploy_and_run(cfg, workdir, timeout=args.timeout))
+    print(results.summary_table(results.load(out)))
+    return health_exit(runs, getattr(args, "allow_partial", False))
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -380,15 +390,24 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if not get_method_federated(cfg):
         raise ConfigError(f"{cfg.method} runs without Flower; use fedmm run")
     check_data(cfg)
+    from fedmm.engine import prepare
+
+    n_sites = prepare(cfg).fed.clients
+    if args.kill_node is not None and not 0 <= args.kill_node < n_sites:
+        raise ConfigError(f"--kill-node must be a site index in [0, {n_sites}), got {args.kill_node}")
+    if args.drill and (n_sites < 2 or cfg.fed.rounds < 2):
+        raise ConfigError("--drill needs at least 2 sites and --rounds >= 2 (it kills site 1 "
+                          "while round 2 is out)")  # fmt: skip
     workdir = Path(args.workdir or Path(cfg.out_dir) / "deployment")
     print(f"fedmm deploy: {cfg.method} on {cfg.data.benchmark}, one SuperNode per site "
           f"(TLS, node auth) -> {cfg.out_dir}/; logs in {workdir}/", flush=True)  # fmt: skip
     if args.drill:
         return cmd_drill(cfg, workdir, args.timeout)
-    launch.deploy_and_run(cfg, workdir, args.kill_node, args.kill_after_round, args.timeout)
-    data = results.load(cfg.out_dir)
-    print(results.summary_table(data))
-    return 0
+    run = launch.deploy_and_run(
+        cfg, workdir, args.kill_node, args.kill_after_round, args.timeout
+    )
+    print(results.summary_table(results.load(cfg.out_dir)))
+    return health_exit([run], getattr(args, "allow_partial", False))
 
 
 def get_method_federated(cfg: FedmmConfig) -> bool:

@@ -81,6 +81,9 @@ def rehearsal_sites(cfg: FedmmConfig, site: dict | None = None) -> dict[int, dic
     else:
         settings = {k: {"data-dir": cfg.data.data_dir, "state-dir": str(out / f"site-{k}")}
                     for k in range(cfg.fed.clients)}  # fmt: skip
+    own = sorted({"data-dir", "state-dir", "partition-id"} & set(site or {}))
+    if own:  # one value for every site would make them share their data or state
+        raise ConfigError(f"--site {own[0]}: each simulated site has its own; fedmm sets it")
     for k in settings:
         settings[k] |= common | dict(site or {})
         SiteSettings.from_node_config(settings[k])  # a bad setting fails here, before the run

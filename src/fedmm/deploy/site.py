@@ -109,8 +109,15 @@ class SiteConfig:
         return cmd
 
     def state_root(self) -> Path:
+        """The site's state directory, named as its client state's is (``site.json``'s name)."""
+        from fedmm.data.sites import read_site_info
+
         settings = SiteSettings.from_node_config(self.settings)
-        name = Path(settings.data_dir).name or "site"
+        data_dir = Path(settings.data_dir)
+        try:
+            name = read_site_info(data_dir).name if settings.data_dir else "site"
+        except ValueError:
+            name = data_dir.name or "site"
         return settings.state_root(name)
 
 

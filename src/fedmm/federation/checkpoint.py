@@ -150,6 +150,10 @@ def resume_config(cfg: FedmmConfig) -> FedmmConfig:
             + (f" (there: {there}; name one with method, peft.type, data.benchmark and seed)"
                if there else " (nothing was checkpointed there)")
         )  # fmt: skip
+    default = FedmmConfig().to_flat()
+    # flwr run's run config holds every default (pyproject): an operational option changes only
+    # when it was set to something else; a location only when given
     keep = {k: v for k, v in cfg.to_flat().items()
-            if k in OPERATIONAL or (k in MAY_DIFFER and v not in ("", None))}  # fmt: skip
+            if (k in OPERATIONAL and v != default[k])
+            or (k in MAY_DIFFER and v not in ("", None))}  # fmt: skip
     return chosen[0].with_overrides(keep | {"resume": True})

@@ -52,7 +52,7 @@ from fedmm.config import FedmmConfig
 from fedmm.data import sites as site_data
 from fedmm.federation import dp, messages
 from fedmm.federation.messages import RefusedMessage
-from fedmm.federation.privacy import LEDGER, Ledger
+from fedmm.federation.privacy import LEDGER, Ledger, PrivacyBudgetExceeded
 from fedmm.federation.site import SiteSettings
 from fedmm.files import atomic_torch_save, remove_stale_temps
 from fedmm.methods import ClientContext, get_method
@@ -277,6 +277,12 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     dp_cfg = site.settings.effective_dp(cfg.dp)
     ledger = Ledger(state_file.parent / LEDGER)
     epsilon = None
+    if site.settings.dp_max_epsilon > 0 and dp_cfg.clip_norm <= 0:
+        raise PrivacyBudgetExceeded(
+            "this site has a privacy budget (dp-max-epsilon) but neither it nor the run sets a "
+            "clip norm: an upload without DP has ε = ∞; set dp-clip-norm and "
+            "dp-noise-multiplier in the site settings"
+        )
     if dp_cfg.clip_norm > 0:  # before any work: a site over budget trains nothing
         epsilon = ledger.check_budget(
             dp_cfg.noise_multiplier, site.settings.dp_delta, site.settings.dp_max_epsilon
@@ -298,6 +304,9 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
         "loss": ctx.stats.get("loss_sum", 0.0) / max(1, n_steps),
         "seconds": time.perf_counter() - t0, "load-seconds": load_seconds, **dp_stats,
     }  # fmt: skip
+    log.info("client %s, round %d: %d steps, loss %.4f, %.1f s (%.1f s loading)",
+             site.spec.client_id, rnd, n_steps, metrics["loss"], metrics["seconds"],
+             load_seconds)  # fmt: skip
     return Message(messages.client_reply(arrays, metrics, cfg.fed.compression), reply_to=msg)
 
 
@@ -331,8 +340,7 @@ def restore_state(
             saved = torch.load(candidate, weights_only=True)
             found = max(found, int(saved.get("round", 0)))
             if 0 < saved.get("round", 0) <= newest and saved["round"] >= last_trained:
-                if saved["round"] < rnd - 1 or not train:
-                    log.info("restored client state of round %d from %s", saved["round"], candidate)
+                log.info("restored client state of round %d from %s", saved["round"], candidate)
                 return dict(saved["state"])
     if last_trained > 0:
         raise RuntimeError(

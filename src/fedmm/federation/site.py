@@ -16,8 +16,9 @@ key                      default     meaning
                                      writes them); with ``partition-id``, the files of a central
                                      benchmark to rehearse (fmnist-*: the Fashion-MNIST dir;
                                      "" = the benchmark's default search)
-``state-dir``            see below   client state (private models) and the privacy ledger;
-                                     "" = ``$XDG_STATE_HOME/fedmm/<site>`` (``~/.local/state``)
+``state-dir``            see below   client state (private models) and the privacy ledger, in
+                                     ``<state-dir>/<site>/``; "" = ``$XDG_STATE_HOME/fedmm``
+                                     (``~/.local/state``)
 ``cache-dir``            ""          encoded-data cache; "" = ``$XDG_CACHE_HOME/fedmm``
 ``device``               auto        auto | cpu | cuda | cuda:N
 ``threads``              0           torch intra-op threads; 0 = all cores
@@ -131,8 +132,8 @@ class SiteSettings:
 
     def state_root(self, site_name: str) -> Path:
         """Where this site keeps client state and its privacy ledger."""
-        if self.state_dir:
-            return Path(self.state_dir)
+        if self.state_dir:  # one directory per site inside it: two sites never share one
+            return Path(self.state_dir) / site_name
         base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         return Path(base) / "fedmm" / site_name
 
