@@ -392,9 +392,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     check_data(cfg)
     from fedmm.engine import prepare
 
-    n_sites = prepare(cfg).fed.clients
+    cfg = prepare(cfg)  # the schema and the number of sites, once
+    n_sites = cfg.fed.clients
     if args.kill_node is not None and not 0 <= args.kill_node < n_sites:
-        raise ConfigError(f"--kill-node must be a site index in [0, {n_sites}), got {args.kill_node}")
+        raise ConfigError(
+            f"--kill-node must be a site index in [0, {n_sites}), got {args.kill_node}"
+        )
     if args.drill and (n_sites < 2 or cfg.fed.rounds < 2):
         raise ConfigError("--drill needs at least 2 sites and --rounds >= 2 (it kills site 1 "
                           "while round 2 is out)")  # fmt: skip
@@ -403,9 +406,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
           f"(TLS, node auth) -> {cfg.out_dir}/; logs in {workdir}/", flush=True)  # fmt: skip
     if args.drill:
         return cmd_drill(cfg, workdir, args.timeout)
-    run = launch.deploy_and_run(
-        cfg, workdir, args.kill_node, args.kill_after_round, args.timeout
-    )
+    run = launch.deploy_and_run(cfg, workdir, args.kill_node, args.kill_after_round, args.timeout)
     print(results.summary_table(results.load(cfg.out_dir)))
     return health_exit([run], getattr(args, "allow_partial", False))
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmm.deploy import certs
+from fedmm.deploy.site import descendants
 
 log = logging.getLogger(__name__)
 CONNECTION = "fedmm"  # the SuperLink connection's name in $FLWR_HOME/config.toml
@@ -136,7 +137,7 @@ class Deployment:
     def kill_serverapp(self) -> bool:
         """SIGKILL the running ``flwr-serverapp`` process(es) of this deployment; True if any."""
         killed = False
-        for pid in _children(self.superlink.pid):
+        for pid in descendants(self.superlink.pid):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
@@ -237,21 +238,6 @@ class Deployment:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _children(pid: int) -> list[int]:
-    """Every descendant process of ``pid`` (Linux /proc)."""
-    out, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = Path(f"/proc/{parent}/task").iterdir()
-            kids = [int(c) for t in tasks for c in (t / "children").read_text().split()]
-        except OSError:
-            continue
-        out += kids
-        todo += kids
-    return out
 
 
 def _toml(value) -> str:

@@ -202,7 +202,7 @@ def run_site(
         while not stopping and (max_starts is None or starts < max_starts):
             starts += 1
             emit(f"fedmm site: starting the SuperNode (start {starts}): {' '.join(command)}")
-            before = set(_descendants(os.getpid()))
+            before = set(descendants(os.getpid()))
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=env, text=True, bufsize=1)  # fmt: skip
             lines: list[str] = []
@@ -257,7 +257,8 @@ def _lines_until_exit(child: subprocess.Popen, before: set[int]):
             return
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """Every descendant process of ``pid`` (Linux /proc; none elsewhere)."""
     out, todo = [], [pid]
     while todo:
         parent = todo.pop()
@@ -276,7 +277,7 @@ def _end_group(child: subprocess.Popen, before: set[int]) -> None:
     As subreaper (Linux) the runner inherits what the child leaves behind (its SuperExec); all
     stay in the runner's process group, so a crash of the runner's group takes them all."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in [child.pid, *(set(_descendants(os.getpid())) - before)]:
+        for pid in [child.pid, *(set(descendants(os.getpid())) - before)]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
