@@ -55,7 +55,8 @@ def main() -> None:
     steps = cfg.train.local_steps
     ctx = ClientContext(cfg, model, rt.client_split(0, "train"), rt.client_split(0, "test"),
                         {}, 1, 0, steps, steps * cfg.fed.rounds)  # fmt: skip
-    method._load(ctx, to_torch(method.init_global(model)))
+    method.prepare(model)
+    method.load(ctx, to_torch(method.init_global(model)))
     with torch.no_grad():  # trained-looking adapters (W_up != 0): the cost does not depend on it
         for name in (GLOBAL, CLIENT):
             for p in model.peft.parameters_of(name):

@@ -119,7 +119,7 @@ def run_fedmm(cfg, model, train, val, test, closed_val, closed_test, epochs) -> 
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         ctx = ClientContext(cfg, model, train, val, state, epoch, 0, steps, steps * epochs)
-        method.client_train(ctx, {})
+        state = method.client_train(ctx, {}).keep  # the model goes on from it next epoch
         with model.active("central_adapter"):
             v = scores(ctx.predict(val), val.labels, closed_val)
             t = scores(ctx.predict(test), test.labels, closed_test)

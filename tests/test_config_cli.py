@@ -60,11 +60,14 @@ def test_flower_app_config_in_pyproject_lists_every_option():
     import tomllib
     from pathlib import Path
 
-    from fedmm.config import flatten
+    from fedmm.config import flatten, flwr_app_config
 
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     declared = flatten(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
     assert declared == FedmmConfig().to_flat()
+    # generated, never edited by hand: run `python scripts/flwr_app_config.py --write`
+    assert flwr_app_config() in pyproject.read_text()
+    assert flatten(tomllib.loads(flwr_app_config())["tool"]["flwr"]["app"]["config"]) == declared
     components = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "fedmm.federation.serverapp:app",
                           "clientapp": "fedmm.federation.clientapp:app"}  # fmt: skip

@@ -29,7 +29,8 @@ def loaded(cfg):
     steps = cfg.train.local_steps
     ctx = ClientContext(cfg, rt.model, rt.client_split(0, "train"), rt.client_split(0, "test"),
                         {}, 1, 0, steps, steps * cfg.fed.rounds)  # fmt: skip
-    method._load(ctx, to_torch(method.init_global(rt.model)))
+    method.prepare(rt.model)
+    method.load(ctx, to_torch(method.init_global(rt.model)))
     with torch.no_grad():  # A_c differs from A_s, so the two paths differ
         for p in rt.model.peft.parameters_of(CLIENT):
             p.add_(0.05 * torch.randn_like(p))

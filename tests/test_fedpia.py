@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import bound_method
 
-from fedmm.config import ConfigError, FedPIAConfig
+from fedmm.config import ConfigError
 from fedmm.methods import Reply
 from fedmm.methods.base import get_parts, load_parts, to_numpy, to_torch, weighted_average
-from fedmm.methods.fedpia import ADAPTER, align, permute, unit_groups
+from fedmm.methods.fedpia import ADAPTER, FedPIAConfig, align, permute, unit_groups
 from fedmm.runtime import get_runtime
 
 
@@ -110,10 +110,10 @@ def test_client_integrates_local_and_aligned_global(pia):
 
         rt = get_runtime(cfg)
         ctx = ClientContext(cfg.with_overrides({"train.lr": 0.0}), model, rt.client_split(0, "train"),
-                            rt.client_split(0, "test"), {f"personal.{k}": torch.from_numpy(v) for k, v in local.items()},
+                            rt.client_split(0, "test"), {f"personal:{k}": torch.from_numpy(v) for k, v in local.items()},
                             2, 0, 1, 2)  # fmt: skip
         upload = to_numpy(
-            m.client_train(ctx, to_torch(state))
+            m.client_train(ctx, to_torch(state)).upload
         )  # lr 0: the upload is the start point
         target = local if expect == "local" else realign(state, local)
         assert all(np.allclose(upload[k], target[k], atol=1e-6) for k in upload), expect

@@ -23,7 +23,7 @@ from fedmm.backbones.hf import FAMILIES, TINY
 from fedmm.cli import main
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.federation import clientapp, messages
-from fedmm.methods.base import ClientContext, part_module, supervised_update
+from fedmm.methods.base import ClientContext, supervised_update
 from fedmm.peft import AdapterBank, LoraBank
 from fedmm.runtime import get_runtime
 
@@ -97,9 +97,7 @@ class CheckingGrid:
 def check_upload(cfg: FedmmConfig, reply: Message) -> None:
     update = reply.content[messages.UPDATE]
     method, model = bound_method(cfg), get_runtime(cfg).model
-    expected = {
-        f"{part}/{k}" for part in method.upload_parts() for k in part_module(model, part).state_dict()
-    }  # fmt: skip
+    expected = set(method.upload_spec(model))
     assert set(update.keys()) == expected
     frozen = model.frozen_state_keys()
     assert frozen and not any(k.split("/", 1)[1] in frozen or k.startswith("hf") for k in expected)

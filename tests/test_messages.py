@@ -8,7 +8,7 @@ from conftest import bound_method, server_msg
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from fedmm.federation import clientapp, messages
-from fedmm.methods.base import Method, part_module
+from fedmm.methods import METHODS as REGISTRY
 from fedmm.runtime import get_runtime
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -28,7 +28,7 @@ def send(cfg, context, kind, rnd, global_np=None, last_trained=0):
     return clientapp.handle(msg, context, train=kind == MessageType.TRAIN), global_np
 
 
-METHODS = ["fedavg", "fedprox", "fedadam", "ditto", "fedper", "fedpia", "feddat", "local", "tap"]
+METHODS = [name for name, cls in REGISTRY.items() if cls.federated]
 OTHER_PEFT = [(m, t) for m in ("fedavg", "feddat") for t in ("lora", "prompt", "bitfit")]
 
 
@@ -45,14 +45,8 @@ def test_train_reply_holds_only_declared_trainable_tensors_and_scalars(tiny_cfg,
     assert all(isinstance(v, float | int) for v in content[messages.METRICS].values())
     keys = set(content[messages.UPDATE].keys())
     method = bound_method(cfg)
-    assert {k.split("/")[0] for k in keys} == set(method.upload_parts())
     model = get_runtime(cfg).model
-    expected = {
-        f"{part}/{k}"
-        for part in method.upload_parts()
-        for k in part_module(model, part).state_dict()
-    }
-    assert keys == expected
+    assert keys == set(method.upload_spec(model))
     frozen = model.frozen_state_keys()
     assert not any(k.split("/", 1)[1] in frozen or k.startswith(("vision", "text")) for k in keys)
     if name == "feddat":
@@ -131,13 +125,9 @@ def test_payload_audit_train_and_evaluate_of_every_method(tiny_cfg, name):
     model = get_runtime(cfg).model
     train, global_np = send(cfg, context, MessageType.TRAIN, 1)
     method = bound_method(cfg)
-    declared = {
-        f"{part}/{k}": tuple(v.shape)
-        for part in method.upload_parts()
-        for k, v in part_module(model, part).state_dict().items()
-    }
-    sent = set(method.global_for_client(global_np, 2))  # TAP sends each client its own part
-    if type(method).global_for_client is not Method.global_for_client:
+    declared = method.upload_spec(model)
+    if method.per_client_messages:  # TAP sends (and takes back) each client's own part only
+        sent = set(method.global_for_client(global_np, 2))
         declared = {k: v for k, v in declared.items() if k in sent}
     update = messages.from_record(train.content[messages.UPDATE])
     assert {k: v.shape for k, v in update.items()} == declared

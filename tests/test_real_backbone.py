@@ -57,7 +57,7 @@ def test_real_backbone_feddat_round_moves_only_trainable_parts(real_cfg):
     method = bound_method(cfg)
     ctx = ClientContext(cfg, rt.model, rt.client_split(0, "train"), rt.client_split(0, "test"),
                         {}, 1, 0, 2, 2)  # fmt: skip
-    upload = method.client_train(ctx, to_torch(method.init_global(rt.model)))
+    upload = method.client_train(ctx, to_torch(method.init_global(rt.model))).upload
     assert ctx.stats["steps"] == 2 and upload
     for k, v in rt.model.text.state_dict().items():
         assert torch.equal(v, frozen_before[k])

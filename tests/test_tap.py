@@ -96,7 +96,7 @@ def test_clients_receive_and_send_only_their_own_modules(task_cfg):
         assert sent and all(owns(spec, k) for k in sent)
         assert len(sent) < len(global_np)  # nobody gets the union
         ctx = ctx_for(task_cfg, index)
-        upload = tap.client_train(ctx, to_torch(sent))
+        upload = tap.client_train(ctx, to_torch(sent)).upload
         assert set(upload) == set(sent), spec.client_id
         assert not {k.split("/", 1)[1] for k in upload} & frozen
         assert all(k.split("/", 1)[0] in ("proj", "head") or k.startswith("adapter.")
@@ -119,8 +119,9 @@ def test_the_global_weights_reach_the_client(task_cfg):
     rng = np.random.default_rng(0)
     marked = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in global_np.items()}
     sent = tap.global_for_client(marked, 0)
-    spec, _, _ = tap._start(ctx_for(task_cfg, 0), to_torch(sent))
-    rt.model.set_task(spec.task)
+    tap.prepare(rt.model)
+    tap.load(ctx_for(task_cfg, 0), to_torch(sent))
+    rt.model.set_task(tap.spec_of(0).task)
     held = get_parts(rt.model, tap.trainable_parts())
     for key, value in sent.items():
         np.testing.assert_array_equal(held[key].numpy(), value, err_msg=key)
@@ -152,10 +153,10 @@ def test_replacement_is_judged_on_held_out_validation_data(task_cfg, monkeypatch
     real_score, real_train = TAP._score, TAP._train
     monkeypatch.setattr(TAP, "_score", lambda self, c, s, split: scored.append(split)
                         or real_score(self, c, s, split))  # fmt: skip
-    monkeypatch.setattr(TAP, "_train", lambda self, c, s, teacher=None: trained.append(c.train)
-                        or real_train(self, c, s, teacher))  # fmt: skip
+    monkeypatch.setattr(TAP, "_train", lambda self, c, s, data, teacher=None, **kw: trained.append(
+                        data) or real_train(self, c, s, data, teacher, **kw))  # fmt: skip
     sent = to_torch(tap.global_for_client(global_np, 0))
-    ctx.state.update({f"personal:{k}": v.clone() for k, v in sent.items()})  # a second round
+    ctx.kept.update({f"personal:{k}": v.clone() for k, v in sent.items()})  # a second round
     tap.client_train(ctx, sent)
     assert len(scored) == 2 and scored[0] is scored[1]  # both models on the same split
     val, train = scored[0], trained[0]
@@ -181,10 +182,10 @@ def test_replacement_copies_the_global_copy_when_it_wins(task_cfg, monkeypatch):
     scores = iter([0.9, 0.1])  # global copy, then personal
     monkeypatch.setattr(TAP, "_score", lambda *a: next(scores))
     ctx = ctx_for(task_cfg, 2, rnd=2, state=dict(bad))
-    upload = tap.client_train(ctx, sent)
+    update = tap.client_train(ctx, sent)
     assert ctx.stats["replaced"] == 1.0
-    for key, value in upload.items():  # the personal model restarted from the global copy
-        personal = ctx.state[f"personal:{key}"]
+    for key, value in update.upload.items():  # the personal model restarted from the global copy
+        personal = update.keep[f"personal:{key}"]
         assert (personal - value).norm() < (personal - bad[f"personal:{key}"]).norm(), key
     scores = iter([0.5, 0.5])  # a tie is no win (relative margin)
     ctx = ctx_for(task_cfg, 2, rnd=2, state=dict(bad))
@@ -196,17 +197,16 @@ def test_a_first_round_starts_the_personal_model_from_the_trained_global_copy(ta
     tap, rt = bound_method(task_cfg), get_runtime(task_cfg)
     sent = to_torch(tap.global_for_client(tap.init_global(rt.model), 1))
     ctx = ctx_for(task_cfg, 1)
-    upload = tap.client_train(ctx, sent)
+    update = tap.client_train(ctx, sent)
     assert "replaced" not in ctx.stats  # no personalised model existed: nothing to decide
-    assert any(not torch.equal(ctx.state[f"personal:{k}"], v) for k, v in upload.items())
+    assert any(not torch.equal(update.keep[f"personal:{k}"], v) for k, v in update.upload.items())
 
 
 def test_stage_two_runs_after_the_last_round_only(task_cfg):
     tap, rt = bound_method(task_cfg), get_runtime(task_cfg)
     global_np = tap.init_global(rt.model)
     sent = to_torch(tap.global_for_client(global_np, 4))
-    state: dict = {}
-    tap.client_train(ctx_for(task_cfg, 4, 1, state), sent)
+    state = tap.client_train(ctx_for(task_cfg, 4, 1, {}), sent).keep
     views = tap.client_evaluate(ctx_for(task_cfg, 4, 1, state), sent)
     assert set(views) == {"global", "global.f1", "personalized", "personalized.f1"}
     last = task_cfg.fed.rounds

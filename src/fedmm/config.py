@@ -91,67 +91,6 @@ class FedConfig:
 
 
 @dataclass
-class FedDATConfig:
-    """FedDAT hyper-parameters (Chen et al. 2024); defaults are the reference's."""
-
-    temperature: float = 3.0  # T of the mutual distillation
-    alpha: float = 0.5  # weight of the task loss in L_s (global adapter)
-    beta: float = 0.5  # weight of the task loss in L_DAT (client adapter)
-    dat_combine: str = "average"  # average | sum: how A_c and frozen A_s combine in the DAT
-    federate_head: bool = False  # open choice: the reference keeps the head personal
-
-
-@dataclass
-class FedProxConfig:
-    """FedProx (Li et al. 2020)."""
-
-    mu: float = 0.01  # proximal weight μ; 0 reduces FedProx to FedAvg
-
-
-@dataclass
-class FedAdamConfig:
-    """FedAdam (Reddi et al. 2021): Adam on the server over the averaged client update."""
-
-    server_lr: float = 0.01  # η
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3  # adaptivity / stability constant τ
-
-
-@dataclass
-class DittoConfig:
-    """Ditto (Li et al. 2021): personal models pulled towards the global one."""
-
-    lam: float = 0.1  # λ of the proximal pull ‖v_k − θ‖²; 0 = independent personal models
-
-
-@dataclass
-class FedPIAConfig:
-    """FedPIA (Saha et al. 2025) -- a reconstruction: the paper has no public code."""
-
-    anchor: str = "global"  # global (previous global adapter) | fedavg (plain average) | largest
-    lam: float = 0.5  # client integration: L <- lam * L + (1 - lam) * aligned global
-    iterations: int = 1  # server alignment passes; > 1 re-anchors on the merged result
-    cost: str = "sqeuclidean"  # unit matching cost: sqeuclidean | cosine (1 - cosine similarity)
-    solver: str = "exact"  # exact (scipy assignment) | emd (POT ot.emd) | sinkhorn (POT, soft plan)
-    reg: float = 0.05  # Sinkhorn entropic regularisation, relative to the mean cost
-
-
-@dataclass
-class TAPConfig:
-    """TAP (Lee et al. 2025): modality-task-pair modules, adaptive replacement, distillation."""
-
-    val_frac: float = 0.15  # held-out share of each client's training data for replacement
-    margin: float = 0.01  # replace when global score > personal score * (1 + margin)
-    combine: str = "sum"  # how a client's modality/task modules combine: sum | average
-    teacher_steps: int = 15  # stage 2: local finetuning steps of the global model (teacher)
-    distill_steps: int = 15  # stage 2: distillation steps into the personalised model
-    distill_lr: float = 2e-4  # stage 2 learning rate (cosine over its own steps)
-    temperature: float = 2.0  # T of the stage-2 distillation
-    lam: float = 1.0  # λ: task loss + λ·T²·KL(teacher ‖ student)
-
-
-@dataclass
 class DataConfig:
     """Which benchmark and how much of it each client holds."""
 
@@ -206,16 +145,28 @@ class FedmmConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
-    feddat: FedDATConfig = field(default_factory=FedDATConfig)
-    fedprox: FedProxConfig = field(default_factory=FedProxConfig)
-    fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
-    ditto: DittoConfig = field(default_factory=DittoConfig)
-    fedpia: FedPIAConfig = field(default_factory=FedPIAConfig)
-    tap: TAPConfig = field(default_factory=TAPConfig)
     data: DataConfig = field(default_factory=DataConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     resume: bool = False  # continue from <out_dir>'s server checkpoint of this run, if there is one
+    # each method's own options, one section per method that has any (``cfg.feddat``, ...): the
+    # dataclasses live in the method modules and are registered with them (``method_sections``)
+    methods: dict[str, Any] = field(default_factory=lambda: _method_defaults(), repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        """``cfg.feddat`` etc.: a method's options section (only called for names that are not
+        regular fields)."""
+        sections = self.__dict__.get("methods")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__} has no option section {name!r}")
+
+    def sections(self) -> dict[str, Any]:
+        """Every options section by name: the core ones (``train``, ``fed``, ...) and each
+        method's (``feddat``, ``fedpia``, ...)."""
+        core = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if dataclasses.is_dataclass(getattr(self, f.name))}  # fmt: skip
+        return core | dict(self.methods)
 
     # ------------------------------------------------------------------ flat views
     def to_flat(self) -> dict[str, Any]:
@@ -223,11 +174,16 @@ class FedmmConfig:
         flat: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "methods":
+                continue
             if dataclasses.is_dataclass(value):
                 for sub in dataclasses.fields(value):
                     flat[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
             else:
                 flat[f.name] = value
+        for section, value in self.methods.items():
+            for sub in dataclasses.fields(value):
+                flat[f"{section}.{sub.name}"] = getattr(value, sub.name)
         return flat
 
     def resolved(self) -> FedmmConfig:
@@ -260,6 +216,7 @@ class FedmmConfig:
                 for f in dataclasses.fields(self)
                 if dataclasses.is_dataclass(getattr(self, f.name))
             },
+            methods={name: dataclasses.replace(v) for name, v in self.methods.items()},
         )
         valid = self.to_flat()
         for key, raw in overrides.items():
@@ -271,10 +228,51 @@ class FedmmConfig:
             value = _coerce(key, raw, type(valid[key]))
             if "." in key:
                 section, name = key.split(".", 1)
-                setattr(getattr(cfg, section), name, value)
+                setattr(cfg.sections()[section], name, value)
             else:
                 setattr(cfg, key, value)
         return cfg
+
+
+# ---------------------------------------------------------------------- method options
+_METHOD_SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, options: type) -> None:
+    """Register a method's options dataclass as config section ``name`` (``methods.register``
+    does this for a method's ``options``); every ``FedmmConfig`` made afterwards has it."""
+    if name in {f.name for f in dataclasses.fields(FedmmConfig)}:
+        raise ValueError(f"option section {name!r} is a core section of FedmmConfig")
+    known = _METHOD_SECTIONS.get(name)
+    if known is not None and known is not options:
+        raise ValueError(f"option section {name!r} is registered twice ({known.__qualname__}, "
+                         f"{options.__qualname__})")  # fmt: skip
+    _METHOD_SECTIONS[name] = options
+
+
+def method_sections() -> dict[str, type]:
+    """Every registered method options section (importing the method registry first)."""
+    import fedmm.methods  # noqa: F401 -- its modules register their sections on import
+
+    return dict(_METHOD_SECTIONS)
+
+
+def _method_defaults() -> dict[str, Any]:
+    return {name: options() for name, options in method_sections().items()}
+
+
+def option(default: Any, interval: str = "", *, choices: tuple = (), help: str = "") -> Any:
+    """A dataclass field of an options section with what ``validate_config`` checks:
+    ``interval`` like ``"(0, inf)"`` or ``"[0, 1]"`` (numbers; round brackets exclude the bound)
+    or ``choices`` (strings), and ``help`` (shown by ``fedmm list``)."""
+    return field(default=default, metadata={"interval": interval, "choices": tuple(choices),
+                                            "help": help})  # fmt: skip
+
+
+def parse_interval(text: str) -> tuple[float, float, bool, bool]:
+    """``"(0, inf)"`` -> ``(0.0, inf, True, True)``: (low, high, low open, high open)."""
+    lo, hi = (float(x) for x in text[1:-1].split(","))
+    return lo, hi, text[0] == "(", text[-1] == ")"
 
 
 # ---------------------------------------------------------------------- site vs run
@@ -301,6 +299,34 @@ def experiment_of(cfg: FedmmConfig) -> dict[str, Any]:
     """The flat experiment options of ``cfg`` (``experiment_keys``), for a server message."""
     keys = experiment_keys()
     return {k: v for k, v in cfg.to_flat().items() if k in keys}
+
+
+FLWR_APP_CONFIG_HEADER = (
+    "[tool.flwr.app.config]\n"
+    "# generated from fedmm's config dataclasses by `python scripts/flwr_app_config.py --write`:\n"
+    "# every fedmm option (see `fedmm list`); override with\n"
+    "# flwr run --run-config \"fed.rounds=3 out_dir='/abs/dir'\"\n"
+)
+
+
+def flwr_app_config() -> str:
+    """The ``[tool.flwr.app.config]`` tables of pyproject.toml, generated from the dataclasses:
+    Flower's ``flwr run --run-config`` accepts only keys declared there (flwr's
+    ``fuse_dicts(check_keys=True)``), so every option -- each method's too -- must be listed.
+    ``tests/test_config_cli.py`` checks pyproject.toml holds exactly this text."""
+    flat = FedmmConfig().to_flat()
+    lines = [FLWR_APP_CONFIG_HEADER.rstrip("\n")]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in flat.items() if "." not in k]
+    section = None
+    for key, value in flat.items():
+        if "." not in key:
+            continue
+        name, option_name = key.split(".", 1)
+        if name != section:
+            lines += ["", f"[tool.flwr.app.config.{name}]"]
+            section = name
+        lines.append(f"{option_name} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def _coerce(key: str, raw: Any, kind: type) -> Any:

@@ -113,8 +113,8 @@ def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
                 method.views, method.count_trainable(runtime.model), bench.notes, bench.excluded,
             )  # fmt: skip
 
-            def save_round(entry: dict) -> None:
-                results.add_round(record, entry)
+            def save_round(round_record: results.RoundRecord) -> None:
+                entry = results.add_round(record, round_record)
                 results.save_run(cfg.out_dir, record)
                 on_round(entry)
 

@@ -35,11 +35,13 @@ comparison across several ``fedmm run`` calls.  Files are written atomically and
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmm import __version__
@@ -94,7 +96,38 @@ def _json_safe(value):
     return value
 
 
-def add_round(run: dict, entry: dict) -> None:
+@dataclass
+class RoundRecord:
+    """One round of a run, as the round loop, ``centralized`` and results.json (``history``)
+    share it.  Seconds are wall-clock; bytes are tensor bytes on the wire."""
+
+    round: int
+    seconds: float = 0.0  # the whole round, wall clock
+    server_seconds: float = 0.0  # the server's aggregation
+    bytes_up: int = 0  # training replies' tensors, all clients
+    bytes_down: int = 0  # training messages' tensors, all sampled clients
+    bytes_eval: int = 0  # evaluation messages' tensors
+    sampled: int = 0  # clients asked to train
+    failures: int = 0  # sampled clients whose reply was not aggregated (failed or rejected)
+    failed: list[dict] = field(default_factory=list)  # {node, client, reason}: errors, timeouts
+    rejected: list[dict] = field(default_factory=list)  # replies that failed validation
+    eval_failed: list[dict] = field(default_factory=list)
+    evaluated: int = 0  # clients asked to evaluate
+    clients: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> view -> score
+    train: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> train stats
+    eval: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> eval seconds
+
+    def to_dict(self) -> dict:
+        entry = dataclasses.asdict(self)
+        for key in ("clients", "train", "eval"):
+            entry[key] = dict(sorted(entry[key].items()))
+        return entry
+
+
+def add_round(run: dict, record: RoundRecord | dict) -> dict:
+    """Append one round to ``run["history"]`` and update ``final``, ``health`` and TAP's
+    ``replacements``; returns the round as stored."""
+    entry = record.to_dict() if isinstance(record, RoundRecord) else record
     run["history"].append(entry)
     excluded = run.get("excluded_clients", {})
     if entry["clients"] or not run["final"]:  # a round without evaluation keeps the last one
@@ -119,6 +152,7 @@ def add_round(run: dict, entry: dict) -> None:
             }
             for c in clients
         }
+    return entry
 
 
 def mean_views(

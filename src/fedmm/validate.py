@@ -24,7 +24,6 @@ WEIGHTINGS = ("samples", "uniform")
 TEST_SPLITS = ("standard", "image-disjoint")
 DIRICHLET_BY = ("answer", "organ")
 CLIENTS_BY = ("column", "iid", "dirichlet")
-COMBINES = ("average", "sum")
 
 
 def _number(key: str, value: float, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
@@ -73,25 +72,6 @@ RANGES: list[tuple[str, float, float, bool, bool]] = [
     ("fed.round_timeout", 0, INF, False, True),
     ("fed.eval_every", 1, INF, False, True),
     ("fed.eval_fraction", 0, 1, True, False),
-    ("feddat.temperature", 0, INF, True, True),
-    ("feddat.alpha", 0, INF, False, True),
-    ("feddat.beta", 0, INF, False, True),
-    ("fedprox.mu", 0, INF, False, True),
-    ("fedadam.server_lr", 0, INF, True, True),
-    ("fedadam.beta1", 0, 1, False, True),
-    ("fedadam.beta2", 0, 1, False, True),
-    ("fedadam.tau", 0, INF, True, True),
-    ("ditto.lam", 0, INF, False, True),
-    ("fedpia.lam", 0, 1, False, False),
-    ("fedpia.iterations", 1, INF, False, True),
-    ("fedpia.reg", 0, INF, True, True),
-    ("tap.val_frac", 0, 1, True, True),
-    ("tap.margin", 0, INF, False, True),
-    ("tap.teacher_steps", 0, INF, False, True),
-    ("tap.distill_steps", 0, INF, False, True),
-    ("tap.distill_lr", 0, INF, True, True),
-    ("tap.temperature", 0, INF, True, True),
-    ("tap.lam", 0, INF, False, True),
     ("data.train_per_client", 1, INF, False, True),
     ("data.test_per_client", 1, INF, False, True),
     ("data.split_seed", 0, INF, False, True),
@@ -107,7 +87,6 @@ def choices() -> list[tuple[str, tuple[str, ...]]]:
     """(key, valid values) of every option with a fixed set of values."""
     from fedmm.federation.messages import COMPRESSIONS
     from fedmm.methods.base import PRECISIONS
-    from fedmm.methods.fedpia import ANCHORS, COSTS, SOLVERS
     from fedmm.peft import PEFT_TYPES
 
     return [
@@ -116,11 +95,6 @@ def choices() -> list[tuple[str, tuple[str, ...]]]:
         ("train.precision", PRECISIONS),
         ("fed.weighting", WEIGHTINGS),
         ("fed.compression", COMPRESSIONS),
-        ("feddat.dat_combine", COMBINES),
-        ("fedpia.anchor", ANCHORS),
-        ("fedpia.cost", COSTS),
-        ("fedpia.solver", SOLVERS),
-        ("tap.combine", COMBINES),
         ("data.test_split", TEST_SPLITS),
         ("data.dirichlet_by", DIRICHLET_BY),
         ("data.clients_by", CLIENTS_BY),
@@ -154,11 +128,29 @@ def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
         _choice(key, flat[key], values)
     for key, lo, hi, lo_open, hi_open in RANGES:
         _number(key, flat[key], lo, hi, lo_open, hi_open)
+    for name, section in cfg.methods.items():  # every method's options, declared beside it
+        check_section(name, section)
     _check_device(cfg.device)
     _check_cross(cfg)
     for m in methods:  # method x PEFT x options (e.g. fedpia with prompt tuning)
         METHODS[m](cfg.with_overrides({"method": m}))
     _check_model(cfg)
+
+
+def check_section(name: str, section) -> None:
+    """The options of one section declared with ``config.option``: each number in its
+    ``interval``, each string among its ``choices``.  ``Method.__init__`` runs it for the
+    method's own section; ``validate_config`` for all of them."""
+    import dataclasses
+
+    from fedmm.config import parse_interval
+
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("interval"):
+            _number(f"{name}.{f.name}", value, *parse_interval(f.metadata["interval"]))
+        if f.metadata.get("choices"):
+            _choice(f"{name}.{f.name}", value, f.metadata["choices"])
 
 
 def _check_device(device: str) -> None:
@@ -300,4 +292,4 @@ def _check_model(cfg: FedmmConfig) -> None:
         )
 
 
-__all__ = ["RANGES", "lora_targets", "text_skeleton", "validate_config"]
+__all__ = ["RANGES", "check_section", "lora_targets", "text_skeleton", "validate_config"]

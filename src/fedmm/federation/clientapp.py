@@ -287,15 +287,15 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
         epsilon = ledger.check_budget(
             dp_cfg.noise_multiplier, site.settings.dp_delta, site.settings.dp_max_epsilon
         )
-    upload = method.client_train(ctx, global_state)
-    arrays, dp_stats = dp.privatize(to_numpy(upload), global_arrays, dp_cfg)
+    update = method.client_train(ctx, global_state)
+    arrays, dp_stats = dp.privatize(to_numpy(update.upload), global_arrays, dp_cfg)
     if dp_cfg.clip_norm > 0:
         ledger.record(rnd, dp_cfg.noise_multiplier, dp_cfg.clip_norm)
         dp_stats |= {"dp-clip-norm": dp_cfg.clip_norm,
                      "dp-noise-multiplier": dp_cfg.noise_multiplier}  # fmt: skip
         if epsilon is not None and epsilon < float("inf"):
             dp_stats["dp-epsilon"] = epsilon
-    save_state(context, state_file, cfg, rnd, ctx.state)
+    save_state(context, state_file, cfg, rnd, update.keep)
     n_steps = ctx.stats.get("steps", 0)
     metrics = {f"stat.{k}": v for k, v in ctx.stats.items() if k not in CORE_STATS}
     metrics |= {

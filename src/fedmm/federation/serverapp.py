@@ -1,18 +1,22 @@
 """The fedmm ServerApp (Flower Message API) and its round loop.
 
-The loop is method-agnostic: each round it samples clients, sends them the method's global state,
-hands the replies to ``method.aggregate``, broadcasts the new global state for evaluation, and
-records what happened.  It never looks inside a state or a method.
+The loop is method-agnostic and reads like Flower's ``Strategy``: each round
+``configure_train`` samples clients and gives each the method's global state,
+``aggregate_train`` validates the replies and hands them to ``method.aggregate``,
+``configure_evaluate`` / ``aggregate_evaluate`` score the new global state, and one
+``RoundRecord`` holds what happened (``Federation``).  It never looks inside a state or a method.
 
     ask every node its client index once (query)
     for t in 1..R:
-        S_t ← sample ⌈fraction·K⌉ nodes (seeded)
-        replies ← train(S_t, global)            # client half: method.client_train; each client
-                                                # gets method.global_for_client(global, k)
-        global ← method.aggregate(global, replies)   (if ≥ fed.min_clients replied)
-        if t ≡ 0 (mod fed.eval_every) or t = R:  # client half: method.client_evaluate
+        S_t ← sample ⌈fraction·K⌉ nodes (seeded)            configure_train
+        replies ← train(S_t, global)    # client half: method.client_train; each client gets
+                                        # method.global_for_client(global, k)
+        global ← method.aggregate(global, replies)          aggregate_train
+                 (if ≥ fed.min_clients valid replies)
+        if t ≡ 0 (mod fed.eval_every) or t = R:             configure_evaluate
             metrics ← evaluate(E_t, global)   E_t: all nodes in the last round, otherwise a
                                               seeded sample of ⌈fed.eval_fraction·K⌉ nodes
+                                                            aggregate_evaluate
 
 The server never loads data: it builds the trainable shapes from the model config and the task
 schema (``data.schema``, the server's copy of the ``schema.json`` every site holds), and learns
@@ -50,6 +54,7 @@ from fedmm.federation import checkpoint, messages, validation
 from fedmm.files import remove_stale_temps
 from fedmm.methods import Reply, get_method
 from fedmm.methods.base import ClientInfo
+from fedmm.results import RoundRecord
 from fedmm.runtime import server_model
 from fedmm.validate import validate_config
 
@@ -199,6 +204,211 @@ def round_line(entry: dict, rounds: int, excluded=()) -> str:
     return line + f"{views} over {len(entry['clients'])}/{entry['evaluated']} evaluated sites"
 
 
+TRAIN_METRICS = ("steps", "lr-first", "lr-last", "loss", "seconds", "load-seconds")
+DP_METRICS = ("dp-norm", "dp-scale", "dp-clip-norm", "dp-noise-multiplier", "dp-epsilon")
+
+
+class Federation:
+    """The server's half of one run, in the steps of Flower's ``Strategy``: ``configure_train``
+    (which clients train, with what), ``aggregate_train`` (validate the replies, hand them to the
+    method), ``configure_evaluate`` and ``aggregate_evaluate``.  ``run_federation`` calls them
+    round by round; none of them knows which method runs -- they ask the method's declarations
+    (``upload_spec``, ``per_client_messages``, ``global_for_client``) and its ``aggregate``.
+    """
+
+    def __init__(self, grid: Grid, cfg: FedmmConfig, engine: str = "simulation") -> None:
+        self.grid, self.cfg = grid, cfg
+        self.method = method = get_method(cfg)
+        schema = load_schema(cfg)
+        self.schema_sha = schema.sha256()
+        for directory in (cfg.out_dir, checkpoint.path(cfg).parent):
+            remove_stale_temps(directory)  # left by writes a killed server never finished
+        self.saved = checkpoint.load(cfg) if cfg.resume else None
+        self.first = 1 if self.saved is None else self.saved.round + 1
+        if self.first > cfg.fed.rounds:  # killed after its last checkpoint, maybe before results
+            return
+        nodes, (self.index_of, infos, sizes) = ask_clients(grid, cfg, self.schema_sha)
+        self.nodes = nodes
+        self.client_ids = {k: info.client_id for k, info in infos.items()}
+        method.bind(schema.task_names(), infos)
+        model = server_model(cfg, schema)  # shapes from the model config and the schema alone
+        self.global_state = method.init_global(model)
+        self.spec = validation.UploadSpec.from_model(method, model, cfg)
+        self.rng = random.Random(cfg.seed)
+        data = {self.client_ids[k]: {key: v for key, v in s.items() if key != "description"}
+                for k, s in sorted(sizes.items())}  # fmt: skip
+        # a site with nothing to learn from or nothing to be scored on is never averaged in (its
+        # loader refused it unless data.allow_empty_clients); it is not sampled for training
+        excluded = {name: ", ".join(f"0 {split} rows" for split in ("train", "test")
+                                    if d[f"num_{split}"] == 0)
+                    for name, d in data.items() if not (d["num_train"] and d["num_test"])}  # fmt: skip
+        record = results.new_run(
+            cfg, schema.name,
+            {info.client_id: sizes[k]["description"] for k, info in infos.items()},
+            {info.client_id: info.task for info in infos.values()} if not schema.single else None,
+            method.views, method.count_trainable(model), notes={"sites": data}, excluded=excluded,
+        )  # fmt: skip
+        record["privacy"] = {"dp_clip_norm": cfg.dp.clip_norm,
+                             "dp_noise_multiplier": cfg.dp.noise_multiplier}  # fmt: skip
+        record["data"] = data
+        record["engine"] = engine  # where it ran: fedmm run --resume refuses a deployed run
+        if self.saved is not None:
+            self.global_state, record = self.saved.global_state, self.saved.record
+            record["config"] = cfg.to_flat()  # operational options may have changed on resume
+            method.load_server_state(self.saved.server_state)
+            self.rng.setstate(self.saved.rng_state)
+            log.warning("resuming %s from the checkpoint of round %d", cfg.method, self.saved.round)
+        self.record = record
+        by_name = {name: k for k, name in self.client_ids.items()}
+        self.last_trained = {k: 0 for k in self.client_ids}  # what each client's state must hold
+        for entry in record["history"]:
+            for name in entry["train"]:
+                if name in by_name:
+                    self.last_trained[by_name[name]] = entry["round"]
+        self.trainable = [n for n in nodes if sizes[self.index_of[n]]["num_train"] > 0]
+        if not self.trainable:
+            raise RuntimeError("no site holds any training record")
+        self.n_sample = max(1, min(len(self.trainable),
+                                   math.ceil(cfg.fed.fraction * len(self.trainable))))  # fmt: skip
+        self.eval_rng = random.Random(cfg.seed + 7919)  # its own stream: training never changes
+        self.n_eval = max(1, min(len(nodes), math.ceil(cfg.fed.eval_fraction * len(nodes))))
+
+    def who(self, node: int) -> dict:
+        index = self.index_of.get(node)
+        return {"node": node, "client": None if index is None else self.client_ids[index]}
+
+    def message(self, rnd: int, node: int, kind: str) -> Message:
+        """The message to one node: the part of the global state the method sends it, and the
+        experiment (``messages.server_message``)."""
+        k = self.index_of[node]
+        content = messages.server_message(
+            self.method.global_for_client(self.global_state, k), self.cfg, rnd, k,
+            self.schema_sha, self.last_trained[k], self.record["run_id"],
+        )  # fmt: skip
+        return Message(content, node, kind, group_id=str(rnd))
+
+    # ------------------------------------------------------------------ train
+    def configure_train(self, rnd: int, record: RoundRecord) -> list[Message]:
+        """Sample ⌈fed.fraction·K⌉ of the nodes that hold training data (seeded), one message
+        each."""
+        sampled = sorted(self.rng.sample(self.trainable, self.n_sample))
+        out = [self.message(rnd, n, MessageType.TRAIN) for n in sampled]
+        record.sampled = len(sampled)
+        record.bytes_down = sum(m.content[messages.GLOBAL].count_bytes() for m in out)
+        return out
+
+    def aggregate_train(self, rnd: int, out: list[Message], replies, record: RoundRecord) -> None:
+        """Validate every reply against the method's declared upload (``validation.py``), then
+        ``method.aggregate`` the valid ones when at least ``fed.min_clients`` remain."""
+        method, spec = self.method, self.spec
+        # a method that sends each client its own part expects only that part back
+        sent_keys = {m.metadata.dst_node_id: set(m.content[messages.GLOBAL].keys())
+                     for m in out if method.per_client_messages}  # fmt: skip
+        ok, seen, answered = [], set(), set()
+        down = record.bytes_down // max(1, len(out))
+        for reply in replies:
+            node = origin(reply, out)
+            answered.add(node)
+            if reply.has_error():
+                log.warning("round %d: node %s failed: %s", rnd, node, reply.error.reason)
+                record.failed.append(self.who(node) | {"reason": f"error: {reply.error.reason}"})
+                continue
+            try:
+                m = reply.content[messages.METRICS]
+                update = reply.content[messages.UPDATE]
+                validation.check_size(update.count_bytes(), spec)
+                arrays = messages.from_record(update)
+                index = validation.check_reply(
+                    arrays, m, spec, seen, self.index_of.get(node), sent_keys.get(node)
+                )
+            except (validation.InvalidReply, KeyError, TypeError, ValueError) as exc:
+                reason = str(exc) if isinstance(exc, validation.InvalidReply) else repr(exc)
+                log.warning("round %d: rejected the reply of node %s (client %s): %s",
+                            rnd, node, self.who(node)["client"], reason)  # fmt: skip
+                record.rejected.append(self.who(node) | {"reason": reason})
+                continue
+            record.bytes_up += update.count_bytes()
+            ok.append(Reply(index, arrays, int(m["num-examples"])))
+            record.train[self.client_ids[index]] = (
+                {k: float(m[k]) for k in TRAIN_METRICS if k in m}
+                | {k.removeprefix("stat."): float(v) for k, v in m.items() if k.startswith("stat.")}
+                | {k: float(m[k]) for k in DP_METRICS if k in m}
+                | {"bytes_up": update.count_bytes(), "bytes_down": down}
+            )
+        for msg in out:
+            node = msg.metadata.dst_node_id
+            if node not in answered:
+                log.warning("round %d: no reply from node %s within fed.round_timeout", rnd, node)
+                record.failed.append(self.who(node) | {
+                    "reason": f"no reply within {self.cfg.fed.round_timeout:g}s"})  # fmt: skip
+        record.failures = len(out) - len(ok)  # errors, timeouts and rejected replies alike
+        t_server = time.perf_counter()
+        if len(ok) >= self.cfg.fed.min_clients:
+            self.global_state = method.aggregate(
+                self.global_state, sorted(ok, key=lambda r: r.client_index)
+            )
+            for r in ok:
+                self.last_trained[r.client_index] = rnd
+        else:
+            log.warning("round %d: %d replies < fed.min_clients=%d; global state kept",
+                        rnd, len(ok), self.cfg.fed.min_clients)  # fmt: skip
+        record.server_seconds = time.perf_counter() - t_server
+
+    # ------------------------------------------------------------------ evaluate
+    def configure_evaluate(self, rnd: int, record: RoundRecord) -> list[Message]:
+        """Every ``fed.eval_every`` rounds a seeded ``fed.eval_fraction`` of the nodes, and every
+        node after the last round; the new global state to each."""
+        last = rnd == self.cfg.fed.rounds
+        nodes = self.nodes
+        if last or rnd % self.cfg.fed.eval_every == 0:
+            if not last and self.n_eval != len(nodes):
+                nodes = sorted(self.eval_rng.sample(nodes, self.n_eval))
+        else:
+            nodes = []
+        out = [self.message(rnd, n, MessageType.EVALUATE) for n in nodes]
+        record.evaluated = len(out)
+        record.bytes_eval = sum(m.content[messages.GLOBAL].count_bytes() for m in out)
+        return out
+
+    def aggregate_evaluate(
+        self, rnd: int, out: list[Message], replies, record: RoundRecord
+    ) -> None:
+        """Each valid reply's scores per view (``validation.check_eval_metrics``)."""
+        for reply in replies:
+            node = origin(reply, out)
+            if reply.has_error():
+                log.warning("round %d: evaluation failed on node %s: %s", rnd, node,
+                            reply.error.reason)  # fmt: skip
+                record.eval_failed.append(
+                    self.who(node) | {"reason": f"error: {reply.error.reason}"}
+                )
+                continue
+            try:
+                m = reply.content[messages.METRICS]
+                index, views = validation.check_eval_metrics(m, self.spec, self.index_of.get(node))
+            except (validation.InvalidReply, KeyError, TypeError) as exc:
+                log.warning("round %d: rejected the evaluation of node %s: %s", rnd, node, exc)
+                record.eval_failed.append(self.who(node) | {"reason": str(exc)})
+                continue
+            record.clients[self.client_ids[index]] = views
+            record.eval[self.client_ids[index]] = {
+                k: float(m[k]) for k in ("seconds", "load-seconds") if k in m
+            }
+
+    # ------------------------------------------------------------------ record
+    def save_round(self, rnd: int, record: RoundRecord) -> dict:
+        """Checkpoint first, then results.json, then the round's log line.  results.json never
+        shows a round that a resumed run would redo (a crash between the two leaves results.json
+        a round behind; resuming rewrites it)."""
+        entry = results.add_round(self.record, record)
+        checkpoint.save(self.cfg, rnd, self.global_state, self.method.server_state(),
+                        self.rng.getstate(), self.record)  # fmt: skip
+        results.save_run(self.cfg.out_dir, self.record)
+        log.info("%s", round_line(entry, self.cfg.fed.rounds,
+                                  self.record.get("excluded_clients", {})))  # fmt: skip
+        return entry
+
+
 def run_federation(
     grid: Grid, cfg: FedmmConfig, on_round: Callable[[dict], None] | None = None,
     engine: str = "simulation",
@@ -222,185 +432,24 @@ def run_federation(
     messages.check_compression(cfg.fed.compression)
     if cfg.resume:  # the checkpointed run's own options (checkpoint.resume_config), or an error
         cfg = checkpoint.resume_config(cfg)
-    method = get_method(cfg)
-    schema = load_schema(cfg)
-    schema_sha = schema.sha256()
-    for directory in (cfg.out_dir, checkpoint.path(cfg).parent):
-        remove_stale_temps(directory)  # left by writes a killed server never finished
-    first, saved = 1, checkpoint.load(cfg) if cfg.resume else None
-    if saved is not None:
-        first = saved.round + 1
-        if first > cfg.fed.rounds:  # killed after its last checkpoint, maybe before results
-            results.save_run(cfg.out_dir, saved.record)
-            return saved.record
-    nodes, (index_of, infos, sizes) = ask_clients(grid, cfg, schema_sha)
-    client_ids = {k: info.client_id for k, info in infos.items()}
-    method.bind(schema.task_names(), infos)
-    model = server_model(cfg, schema)  # shapes from the model config and the schema alone
-    global_state = method.init_global(model)
-    spec = validation.UploadSpec.from_model(method, model, cfg)
-    rng = random.Random(cfg.seed)
-    data = {client_ids[k]: {key: v for key, v in s.items() if key != "description"}
-            for k, s in sorted(sizes.items())}  # fmt: skip
-    # a site with nothing to learn from or nothing to be scored on is never averaged in (its
-    # loader refused it unless data.allow_empty_clients); it is not sampled for training
-    excluded = {name: ", ".join(f"0 {split} rows" for split in ("train", "test")
-                                if d[f"num_{split}"] == 0)
-                for name, d in data.items() if not (d["num_train"] and d["num_test"])}  # fmt: skip
-    record = results.new_run(
-        cfg, schema.name, {info.client_id: sizes[k]["description"] for k, info in infos.items()},
-        {info.client_id: info.task for info in infos.values()} if not schema.single else None,
-        method.views, method.count_trainable(model), notes={"sites": data}, excluded=excluded,
-    )  # fmt: skip
-    record["privacy"] = {"dp_clip_norm": cfg.dp.clip_norm,
-                         "dp_noise_multiplier": cfg.dp.noise_multiplier}  # fmt: skip
-    record["data"] = data
-    record["engine"] = engine  # where it ran: fedmm run --resume refuses a deployed run
-    if saved is not None:
-        global_state, record = saved.global_state, saved.record
-        record["config"] = cfg.to_flat()  # operational options may have changed on resume
-        method.load_server_state(saved.server_state)
-        rng.setstate(saved.rng_state)
-        log.warning("resuming %s from the checkpoint of round %d", cfg.method, saved.round)
-    by_name = {name: k for k, name in client_ids.items()}
-    last_trained = {k: 0 for k in client_ids}  # what each client's state must hold
-    for entry in record["history"]:
-        for name in entry["train"]:
-            if name in by_name:
-                last_trained[by_name[name]] = entry["round"]
-    trainable = [n for n in nodes if sizes[index_of[n]]["num_train"] > 0]
-    if not trainable:
-        raise RuntimeError("no site holds any training record")
-    n_sample = max(1, min(len(trainable), math.ceil(cfg.fed.fraction * len(trainable))))
-    eval_rng = random.Random(cfg.seed + 7919)  # its own stream: training samples never change
-    n_eval = max(1, min(len(nodes), math.ceil(cfg.fed.eval_fraction * len(nodes))))
+    fed = Federation(grid, cfg, engine)
+    if fed.first > cfg.fed.rounds:  # every round was checkpointed: write what results lack
+        results.save_run(cfg.out_dir, fed.saved.record)
+        return fed.saved.record
     timeout = cfg.fed.round_timeout or None
-
-    def who(node: int) -> dict:
-        index = index_of.get(node)
-        return {"node": node, "client": None if index is None else client_ids[index]}
-
-    def client_message(rnd: int, node: int):
-        """The message to one node: the part of the global state the method sends it."""
-        k = index_of[node]
-        return messages.server_message(
-            method.global_for_client(global_state, k), cfg, rnd, k, schema_sha, last_trained[k],
-            record["run_id"],
-        )  # fmt: skip
-
-    for rnd in range(first, cfg.fed.rounds + 1):
+    for rnd in range(fed.first, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
-        sampled = sorted(rng.sample(trainable, n_sample))
-        contents = {n: client_message(rnd, n) for n in sampled}
-        down = sum(c[messages.GLOBAL].count_bytes() for c in contents.values())
-        # a method that sends each client its own part expects only that part back
-        sent_keys = {n: set(c[messages.GLOBAL].keys()) for n, c in contents.items()
-                     if method.per_client_messages}  # fmt: skip
-        out = [Message(contents[n], n, MessageType.TRAIN, group_id=str(rnd)) for n in sampled]
-        replies = grid.send_and_receive(out, timeout=timeout)
-        ok, up, train_stats, failed, rejected, seen = [], 0, {}, [], [], set()
-        answered = set()
-        for reply in replies:
-            node = origin(reply, out)
-            answered.add(node)
-            if reply.has_error():
-                log.warning("round %d: node %s failed: %s", rnd, node, reply.error.reason)
-                failed.append(who(node) | {"reason": f"error: {reply.error.reason}"})
-                continue
-            try:
-                m = reply.content[messages.METRICS]
-                update = reply.content[messages.UPDATE]
-                validation.check_size(update.count_bytes(), spec)
-                arrays = messages.from_record(update)
-                index = validation.check_reply(
-                    arrays, m, spec, seen, index_of.get(node), sent_keys.get(node)
-                )
-            except (validation.InvalidReply, KeyError, TypeError, ValueError) as exc:
-                reason = str(exc) if isinstance(exc, validation.InvalidReply) else repr(exc)
-                log.warning("round %d: rejected the reply of node %s (client %s): %s",
-                            rnd, node, who(node)["client"], reason)  # fmt: skip
-                rejected.append(who(node) | {"reason": reason})
-                continue
-            up += update.count_bytes()
-            ok.append(Reply(index, arrays, int(m["num-examples"])))
-            train_stats[client_ids[index]] = (
-                {
-                    k: float(m[k])
-                    for k in ("steps", "lr-first", "lr-last", "loss", "seconds", "load-seconds")
-                    if k in m
-                }
-                | {k.removeprefix("stat."): float(v) for k, v in m.items() if k.startswith("stat.")}
-                | {
-                    k: float(m[k])
-                    for k in (
-                        "dp-norm",
-                        "dp-scale",
-                        "dp-clip-norm",
-                        "dp-noise-multiplier",
-                        "dp-epsilon",
-                    )
-                    if k in m
-                }
-                | {"bytes_up": update.count_bytes(), "bytes_down": down // len(sampled)}
-            )
-        for node in sorted(set(sampled) - answered):
-            log.warning("round %d: no reply from node %s within fed.round_timeout", rnd, node)
-            failed.append(who(node) | {"reason": f"no reply within {cfg.fed.round_timeout:g}s"})
-        failures = len(sampled) - len(ok)  # errors, timeouts and rejected replies alike
-        t_server = time.perf_counter()
-        if len(ok) >= cfg.fed.min_clients:
-            global_state = method.aggregate(global_state, sorted(ok, key=lambda r: r.client_index))
-            for r in ok:
-                last_trained[r.client_index] = rnd
-        else:
-            log.warning("round %d: %d replies < fed.min_clients=%d; global state kept",
-                        rnd, len(ok), cfg.fed.min_clients)  # fmt: skip
-        t_server = time.perf_counter() - t_server
-
-        last = rnd == cfg.fed.rounds
-        if last or rnd % cfg.fed.eval_every == 0:
-            eval_nodes = (
-                nodes if last or n_eval == len(nodes) else sorted(eval_rng.sample(nodes, n_eval))
-            )
-        else:
-            eval_nodes = []
-        contents = {n: client_message(rnd, n) for n in eval_nodes}
-        eval_bytes = sum(c[messages.GLOBAL].count_bytes() for c in contents.values())
-        clients: dict[str, dict[str, float]] = {}
-        eval_stats: dict[str, dict[str, float]] = {}
-        eval_failed = []
-        out = [Message(contents[n], n, MessageType.EVALUATE, group_id=str(rnd)) for n in eval_nodes]
-        for reply in grid.send_and_receive(out, timeout=timeout) if out else []:
-            node = origin(reply, out)
-            if reply.has_error():
-                log.warning("round %d: evaluation failed on node %s: %s", rnd, node,
-                            reply.error.reason)  # fmt: skip
-                eval_failed.append(who(node) | {"reason": f"error: {reply.error.reason}"})
-                continue
-            try:
-                m = reply.content[messages.METRICS]
-                index, views = validation.check_eval_metrics(m, spec, index_of.get(node))
-            except (validation.InvalidReply, KeyError, TypeError) as exc:
-                log.warning("round %d: rejected the evaluation of node %s: %s", rnd, node, exc)
-                eval_failed.append(who(node) | {"reason": str(exc)})
-                continue
-            clients[client_ids[index]] = views
-            eval_stats[client_ids[index]] = {
-                k: float(m[k]) for k in ("seconds", "load-seconds") if k in m
-            }
-        entry = {
-            "round": rnd, "seconds": time.perf_counter() - t0, "server_seconds": t_server, "bytes_up": up, "bytes_down": down,
-            "bytes_eval": eval_bytes, "sampled": len(sampled), "failures": failures,
-            "failed": failed, "rejected": rejected, "eval_failed": eval_failed,
-            "evaluated": len(eval_nodes), "clients": dict(sorted(clients.items())),
-            "train": dict(sorted(train_stats.items())), "eval": dict(sorted(eval_stats.items())),
-        }  # fmt: skip
-        results.add_round(record, entry)
-        # checkpoint first: results.json never shows a round that a resumed run would redo (a
-        # crash between the two leaves results.json a round behind; resuming rewrites it)
-        checkpoint.save(cfg, rnd, global_state, method.server_state(), rng.getstate(), record)
-        results.save_run(cfg.out_dir, record)
-        log.info("%s", round_line(entry, cfg.fed.rounds, record.get("excluded_clients", {})))
+        record = RoundRecord(rnd)
+        # 1. train: sampled clients run the method's local update on the global state
+        out = fed.configure_train(rnd, record)
+        fed.aggregate_train(rnd, out, grid.send_and_receive(out, timeout=timeout), record)
+        # 2. evaluate: the new global state (and each client's own models) on test data
+        out = fed.configure_evaluate(rnd, record)
+        replies = grid.send_and_receive(out, timeout=timeout) if out else []
+        fed.aggregate_evaluate(rnd, out, replies, record)
+        # 3. record: checkpoint, results.json, one log line
+        record.seconds = time.perf_counter() - t0
+        entry = fed.save_round(rnd, record)
         if on_round:
             on_round(entry)
-    return record
+    return fed.record

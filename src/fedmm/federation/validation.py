@@ -6,7 +6,7 @@ must stay frozen (``text.encoder.layer.0...``); an enormous example count hands 
 whole average; a huge tensor exhausts the server's memory.  So before ``method.aggregate`` every
 reply must match the method's declared upload exactly:
 
-    keys    == {"<part>/<param>" for part in method.upload_parts()}   (no more, no fewer;
+    keys    == the keys of method.upload_spec(model)   (model parts and extra tensors; no more, no fewer;
                for methods that send each client its own part of the global state (TAP),
                only the keys that client was sent)
     shape   == the server model's shape of that parameter,  dtype == float32
@@ -52,14 +52,9 @@ class UploadSpec:
 
     @classmethod
     def from_model(cls, method, model, cfg: FedmmConfig) -> UploadSpec:
-        """The method's declared upload on the server's copy of the model (after init_global)."""
-        from fedmm.methods.base import part_module
-
-        shapes = {
-            f"{part}/{name}": tuple(tensor.shape)
-            for part in method.upload_parts()
-            for name, tensor in part_module(model, part).state_dict().items()
-        }
+        """The method's declared upload (``Method.upload_spec``) on the server's copy of the
+        model (after init_global)."""
+        shapes = method.upload_spec(model)
         declared = 4 * sum(math.prod(s) for s in shapes.values())
         limit = int(cfg.validate.max_upload_mb * 2**20) if cfg.validate.max_upload_mb > 0 else 0
         return cls(shapes, limit or declared, cfg.validate.max_examples, cfg.fed.clients)

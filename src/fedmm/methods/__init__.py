@@ -1,24 +1,28 @@
-"""Method registry: name -> class.  Each method is one module holding both protocol halves."""
+"""The method registry: name -> class.  Each method is one module holding both protocol halves
+and its options; it registers itself with ``@register("name")`` when imported.  Adding a method
+is one line here (docs/adding-a-method.md)."""
 
 from __future__ import annotations
 
-from fedmm.config import ConfigError, FedmmConfig
-from fedmm.methods.base import ClientContext, Method, Reply
-from fedmm.methods.centralized import Centralized
-from fedmm.methods.ditto import Ditto
-from fedmm.methods.fedadam import FedAdam
-from fedmm.methods.fedavg import FedAvg
-from fedmm.methods.feddat import FedDAT
-from fedmm.methods.fedper import FedPer
-from fedmm.methods.fedpia import FedPIA
-from fedmm.methods.fedprox import FedProx
-from fedmm.methods.local import Local
-from fedmm.methods.tap import TAP
+import importlib
 
-METHODS: dict[str, type[Method]] = {
-    m.name: m
-    for m in (Local, Centralized, FedAvg, FedProx, FedAdam, Ditto, FedPer, FedDAT, FedPIA, TAP)
-}
+from fedmm.config import ConfigError, FedmmConfig
+from fedmm.methods.base import METHODS, ClientContext, ClientUpdate, Method, Reply, register
+
+MODULES = (
+    "local",
+    "centralized",
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "ditto",
+    "fedper",
+    "feddat",
+    "fedpia",
+    "tap",
+)
+for _module in MODULES:
+    importlib.import_module(f"fedmm.methods.{_module}")
 
 
 def get_method(cfg: FedmmConfig) -> Method:
@@ -27,4 +31,4 @@ def get_method(cfg: FedmmConfig) -> Method:
     return METHODS[cfg.method](cfg)
 
 
-__all__ = ["METHODS", "ClientContext", "Method", "Reply", "get_method"]
+__all__ = ["METHODS", "ClientContext", "ClientUpdate", "Method", "Reply", "get_method", "register"]

@@ -1,30 +1,42 @@
-"""What every method shares: the method interface and small training helpers.
+"""What every method shares: the method interface, its registry and small training helpers.
 
-A method module holds both halves of its protocol:
+A method module holds both halves of its protocol and registers itself (``@register("name")``,
+plus one line in ``fedmm/methods/__init__.py``); docs/adding-a-method.md walks through one.
 
-* server half: ``init_global`` (the first global state) and ``aggregate`` (replies -> new global);
-* client half: ``client_train`` (one round of local work, returns the upload) and
-  ``client_evaluate`` (accuracy per *view*: ``global``, ``personalized``, ...).
+* server half: ``init_global`` (the first global state), ``aggregate`` (replies -> new global),
+  optionally ``global_for_client`` (with ``per_client_messages = True``) and ``server_state``;
+* client half: ``local_update`` (one round of local work: returns a ``ClientUpdate`` -- what it
+  uploads and what it keeps private) and ``evaluate`` (score per *view*: ``global``,
+  ``personalized``, ...).  The base class runs the round around them (``client_train`` /
+  ``client_evaluate``): it resets the model (``prepare``), loads what the client received and
+  what it kept (``load``), calls the method, and the ClientApp stores the returned private state.
 
 The round loop (``fedmm.federation``) and the transport never look inside.  States are flat
 ``{key: tensor}`` dicts with keys ``"<part>/<param>"`` where part is ``proj``, ``head`` or
 ``adapter.<set name>`` (a named PEFT set of the configured ``peft.type``: adapter, LoRA, prompt
-or BitFit) -- exactly what crosses the network and what ``load_parts`` writes back.
+or BitFit) -- exactly what ``load_parts`` writes back.  A key whose part carries a namespace
+(``"personal:adapter.global_adapter/..."``, ``"c/..."`` for a tensor that is no model part) is the
+method's own: ``load`` leaves it alone.  What a method uploads is declared (``upload_spec``: keys
+-> shapes, model parts and extra tensors such as SCAFFOLD's control variates); validation, the
+payload audit and DP read that declaration.
 
-Equal terms for every method: ``ClientContext.steps`` yields the same number of batches per round
-(``train.local_steps``) and sets the learning rate from one schedule over the whole run, indexed
-by the global step ``(round - 1) * local_steps + i`` -- it never restarts.  The optimiser is
-AdamW over explicit parameter groups, gradients are reset to ``None`` (an unused parameter gets
+Equal terms for every method: ``ClientContext.steps`` yields the same number of optimiser steps
+per round (``train.local_steps``) and sets the learning rate from one schedule over the whole run,
+indexed by the global step ``(round - 1) * local_steps + i`` -- it never restarts; a method that
+trains two models (Ditto, TAP) asks for the budget twice and counts the second under its own
+name.  The optimiser is AdamW over explicit parameter groups unless a method asks for another
+(``ClientContext.optimizer(kind=...)``); gradients are reset to ``None`` (an unused parameter gets
 no update from stale moments).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,12 +45,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedmm.backbones import FusionVLModel, check_backbone_peft
-from fedmm.config import ConfigError, FedmmConfig, TrainConfig
+from fedmm.config import ConfigError, FedmmConfig, TrainConfig, register_section
 from fedmm.peft import PEFT_TYPES
 from fedmm.runtime import Encoded
 
 State = dict[str, torch.Tensor]
-NDArrays = dict[str, np.ndarray]
+Arrays = dict[str, np.ndarray]  # Flower's Arrays is a list; fedmm's states are keyed
 
 
 # ---------------------------------------------------------------------- state by part name
@@ -89,11 +101,33 @@ def select(state: State, parts: Sequence[str]) -> State:
     return {k: v for k, v in state.items() if k.split("/", 1)[0] in parts}
 
 
-def to_numpy(state: State) -> NDArrays:
+def is_model_key(key: str) -> bool:
+    """Whether ``key`` names a model part's tensor (``proj/...``, ``head/...``,
+    ``adapter.<set>/...``) rather than a method's own namespaced tensor."""
+    part = key.split("/", 1)[0]
+    return part in ("proj", "head") or (part.startswith("adapter.") and ":" not in part)
+
+
+def model_keys(state: Mapping[str, torch.Tensor]) -> State:
+    return {k: v for k, v in state.items() if is_model_key(k)}
+
+
+def namespaced(state: Mapping[str, torch.Tensor], ns: str) -> State:
+    """``state`` with every key under namespace ``ns`` (``"personal:proj/weight"``)."""
+    return {f"{ns}:{k}": v for k, v in state.items()}
+
+
+def from_namespace(state: Mapping[str, torch.Tensor], ns: str) -> State:
+    """The tensors of ``state`` under namespace ``ns``, without it."""
+    prefix = f"{ns}:"
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def to_numpy(state: State) -> Arrays:
     return {k: v.detach().cpu().float().numpy() for k, v in state.items()}
 
 
-def to_torch(arrays: NDArrays) -> State:
+def to_torch(arrays: Arrays) -> State:
     return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
 
 
@@ -117,11 +151,11 @@ class Reply:
     """One client's training reply as the server's aggregation sees it."""
 
     client_index: int
-    arrays: NDArrays
+    arrays: Arrays
     num_examples: int
 
 
-def weighted_average(replies: Sequence[Reply], weighting: str = "samples") -> NDArrays:
+def weighted_average(replies: Sequence[Reply], weighting: str = "samples") -> Arrays:
     """``Σ_k w_k θ_k`` with ``w_k ∝ n_k`` (``samples``) or ``w_k = 1/K`` (``uniform``)."""
     if not replies:
         raise ValueError("cannot aggregate zero replies")
@@ -174,6 +208,12 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     raise ValueError(f"train.schedule must be cosine, linear or constant, got {cfg.schedule!r}")
 
 
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
 @dataclass
 class ClientContext:
     """Everything a method's client half needs for one round on one client."""
@@ -182,7 +222,7 @@ class ClientContext:
     model: FusionVLModel
     train: Encoded
     test: Encoded
-    state: State  # the client's persistent private state; the method reads and rewrites it
+    kept: State  # what the client kept from its last round (``ClientUpdate.keep``); read-only
     round: int  # 1-based
     client_index: int
     steps_per_round: int
@@ -198,60 +238,98 @@ class ClientContext:
     def device(self) -> torch.device:
         return next(self.model.visual_proj.parameters()).device
 
-    def optimizer(self, groups: Sequence[Sequence[nn.Parameter]]) -> torch.optim.Optimizer:
-        """AdamW over explicit parameter groups (each parameter must require grad)."""
+    def optimizer(
+        self, groups: Sequence[Sequence[nn.Parameter]], kind: str = "adamw",
+        lr: float | None = None, **options,
+    ) -> torch.optim.Optimizer:  # fmt: skip
+        """An optimiser over explicit parameter groups (each parameter must require grad).
+
+        ``kind``: ``adamw`` (every method's default; ``train.weight_decay``) or ``sgd`` (plain
+        SGD; ``options`` such as ``momentum`` pass through).  ``lr``: the method's own peak
+        learning rate (default ``train.lr``); ``steps`` scales the run's schedule to it, so the
+        schedule's shape and step budget stay those of every other method.
+        """
+        if kind not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimiser {kind!r}; choices: {', '.join(OPTIMIZERS)}")
         for group in groups:
             for p in group:
                 p.requires_grad_(True)
-        return torch.optim.AdamW(
-            [{"params": list(g)} for g in groups if len(g)],
-            lr=self.cfg.train.lr,
-            weight_decay=self.cfg.train.weight_decay,
+        scale = 1.0 if lr is None else lr / self.cfg.train.lr
+        if kind == "adamw":
+            options.setdefault("weight_decay", self.cfg.train.weight_decay)
+        return OPTIMIZERS[kind](
+            [{"params": list(g), "lr_scale": scale} for g in groups if len(g)],
+            lr=self.cfg.train.lr * scale,
+            **options,
         )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``train.precision``: bf16 autocast on this device, or nothing (fp32)."""
         return autocast_for(self.cfg.train.precision, self.device)
 
-    def steps(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Yield ``steps_per_round`` optimiser steps' training batches, setting the scheduled LR.
+    def steps(
+        self, optimizer: torch.optim.Optimizer, n: int | None = None, *,
+        data: Encoded | None = None, stat: str = "steps", schedule: TrainConfig | None = None,
+        first_step: int | None = None, total: int | None = None, seed_round: int | None = None,
+    ) -> Iterator[tuple[torch.Tensor, ...]]:  # fmt: skip
+        """Yield ``n`` optimiser steps' training batches (default: the round's budget
+        ``steps_per_round``), setting the scheduled learning rate before each.
+
+        The step budget can be asked for more than once (Ditto's and TAP's second model); each
+        call counts its steps in ``stats[stat]`` (``steps`` for the model the round is about,
+        e.g. ``personal_steps`` for a second one) and starts the same batch order and dropout
+        stream, so two models of one round see the same batches.  ``data``: another training
+        split (TAP trains on its data minus a validation part).  The learning rate at the i-th
+        step is ``lr_at(first_step + i, total, schedule)`` -- by default the run's schedule
+        (``train.*``) at global step ``(round - 1) * steps_per_round + i`` of ``total_steps``;
+        TAP's stage 2 runs its own (``schedule`` with its lr, ``first_step = 0``, ``total = n``,
+        ``seed_round`` = the round whose batch order it draws).
 
         With ``train.accumulation = k`` each optimiser step gets k micro-batches of
-        ``train.batch_size`` (``step`` accumulates their gradients and steps on the k-th); the step
-        budget, the schedule and ``stats["steps"]`` count optimiser steps.  The consumer's forward
-        runs under ``train.precision``'s autocast.
+        ``train.batch_size`` (``step`` accumulates their gradients and steps on the k-th); the
+        step budget and the schedule count optimiser steps.  The consumer's forward runs under
+        ``train.precision``'s autocast.
         """
-        n, bs = len(self.train), self.cfg.train.batch_size
-        if n == 0:  # nothing to learn from: no step (a batch of 0 rows has a NaN loss)
+        data = self.train if data is None else data
+        n = self.steps_per_round if n is None else n
+        schedule = self.cfg.train if schedule is None else schedule
+        first = (self.round - 1) * self.steps_per_round if first_step is None else first_step
+        total = self.total_steps if total is None else total
+        rows, bs = len(data), self.cfg.train.batch_size
+        if rows == 0:  # nothing to learn from: no step (a batch of 0 rows has a NaN loss)
             return
         k = max(1, self.cfg.train.accumulation)
-        seed = self.cfg.seed * 1_000_003 + self.client_index * 9_176 + self.round
+        rnd = self.round if seed_round is None else seed_round
+        seed = self.cfg.seed * 1_000_003 + self.client_index * 9_176 + rnd
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout: the same masks whichever process runs this client
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(rows, generator=gen)
         pos = 0
         self.model.train()
-        for i in range(self.steps_per_round):
-            step = (self.round - 1) * self.steps_per_round + i
-            lr = lr_at(step, self.total_steps, self.cfg.train)
+        for i in range(n):
+            lr = lr_at(first + i, total, schedule)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             self.stats.setdefault("lr_first", lr)
             self.stats["lr_last"] = lr
-            self.stats["steps"] = self.stats.get("steps", 0) + 1
+            self.stats[stat] = self.stats.get(stat, 0) + 1
             for micro in range(k):
-                if pos + min(bs, n) > n:
-                    order, pos = torch.randperm(n, generator=gen), 0
+                if pos + min(bs, rows) > rows:
+                    order, pos = torch.randperm(rows, generator=gen), 0
                 idx = order[pos : pos + bs]
                 pos += bs
                 self._micro = (micro, k)
                 with self.autocast():
-                    yield self.train.batch(idx, self.device)
+                    yield data.batch(idx, self.device)
         self._micro = (0, 1)
 
-    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        """Backward, clip, one optimiser step, gradients back to None (with accumulation: the
-        loss is scaled by 1/k and the step taken on the k-th micro-batch)."""
+    def step(
+        self, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+        adjust: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        """Backward, clip, ``adjust()`` (a method's change of the gradients, e.g. SCAFFOLD's
+        control-variate correction), one optimiser step, gradients back to None (with
+        accumulation: the loss is scaled by 1/k and the step taken on the k-th micro-batch)."""
         micro, k = self._micro
         if micro == 0:
             optimizer.zero_grad(set_to_none=True)
@@ -263,6 +341,8 @@ class ClientContext:
         if self.cfg.train.grad_clip > 0:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        if adjust is not None:
+            adjust()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -361,14 +441,16 @@ def model_groups(model: FusionVLModel, adapter_set: str) -> list[list[nn.Paramet
 
 
 def supervised_update(
-    ctx: ClientContext, adapter_set: str, regulariser: Callable[[], torch.Tensor] | None = None
-) -> None:
+    ctx: ClientContext, adapter_set: str, regulariser: Callable[[], torch.Tensor] | None = None,
+    stat: str = "steps",
+) -> None:  # fmt: skip
     """The plain local update: ``train.local_steps`` AdamW steps on ``CE(f(x; θ), y)`` (plus
-    ``regulariser()`` when given) with θ = {adapter set ``adapter_set``, visual projection, head}."""
+    ``regulariser()`` when given) with θ = {adapter set ``adapter_set``, visual projection, head};
+    the steps are counted in ``ctx.stats[stat]``."""
     model = ctx.model
     opt = ctx.optimizer(model_groups(model, adapter_set))
     with model.active(adapter_set):
-        for feats, ids, mask, labels in ctx.steps(opt):
+        for feats, ids, mask, labels in ctx.steps(opt, stat=stat):
             loss = task_loss(model(feats, ids, mask), labels)
             if regulariser is not None:
                 loss = loss + regulariser()
@@ -415,14 +497,31 @@ def distill_kl(
 
 
 # ---------------------------------------------------------------------- the interface
-class Method(ABC):
-    """A federated method: both halves of its protocol.  Subclasses set the class attributes."""
+@dataclass
+class ClientUpdate:
+    """What a method's ``local_update`` returns: nothing else of a round leaves the method.
 
-    name: str = ""
+    ``upload``: the tensors sent to the server, exactly the keys of ``Method.upload_spec`` (TAP:
+    those of the client's own modules); ``keep``: the client's whole private state for its next
+    round (it replaces what it kept before; the ClientApp stores it, never the server)."""
+
+    upload: State
+    keep: State = field(default_factory=dict)
+
+
+class Method(ABC):
+    """A federated method: both halves of its protocol.  Subclasses set the class attributes and
+    register with ``@register("name")``; ``options`` is the dataclass of their own config section
+    (``cfg.<name>``), defined in their module."""
+
+    name: str = ""  # set by ``register``
+    options: type | None = None  # the method's options dataclass (config section ``name``)
     views: tuple[str, ...] = ("global",)
     adapter_sets: tuple[str, ...] = ()
     federated: bool = True  # False: trained without the round loop (centralised)
-    per_client_messages: bool = False  # True: global_for_client sends each client its own part
+    # True: the server sends each client its own part of the global state (global_for_client)
+    # and expects only that part back
+    per_client_messages: bool = False
 
     def __init__(self, cfg: FedmmConfig) -> None:
         self.cfg = cfg
@@ -436,58 +535,121 @@ class Method(ABC):
                 f"train.accumulation >= 1 (got {cfg.train.accumulation})"
             )
         check_backbone_peft(cfg.model, cfg.peft)  # e.g. prompt tuning on a dual encoder
+        if type(self).name in cfg.methods:  # its own options: intervals and choices
+            from fedmm.validate import check_section
+
+            check_section(type(self).name, cfg.methods[type(self).name])
 
     def prepare(self, model: FusionVLModel) -> None:
         """Make sure the model has this method's adapter sets, then reset every trainable part."""
         model.peft.ensure_sets(self.adapter_sets)
         model.reset_trainable(self.cfg.seed)
 
-    # server half
-    @abstractmethod
-    def init_global(self, model: FusionVLModel) -> NDArrays:
-        """The global state sent in round 1 (may be empty)."""
+    # ------------------------------------------------------------------ declarations
+    def upload_parts(self) -> tuple[str, ...]:
+        """Model parts that leave the client."""
+        return ()
 
-    @abstractmethod
-    def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
-        """New global state from this round's replies."""
-
-    def server_state(self) -> NDArrays:
-        """State the server half keeps across rounds besides the global state (e.g. FedAdam's
-        moments), for checkpoints; flat ``{name: array}``.  Default: none."""
+    def extra_uploads(self, model: FusionVLModel) -> dict[str, tuple[int, ...]]:
+        """Uploaded tensors that are no model part (SCAFFOLD's control-variate change): key ->
+        shape.  Their keys are absent from the global state, so DP measures them from 0."""
         return {}
 
-    def load_server_state(self, state: NDArrays) -> None:
-        """Restore what ``server_state`` returned (resuming a run)."""
-        if state:
-            raise ValueError(f"{self.name} keeps no server state, got {sorted(state)[:3]}")
+    def upload_spec(self, model: FusionVLModel) -> dict[str, tuple[int, ...]]:
+        """Everything a training reply may carry, key -> shape: the ``upload_parts`` of
+        ``model`` plus ``extra_uploads``.  Read by the server's reply validation, the payload
+        audit and the upload-size bound."""
+        shapes = {
+            f"{part}/{name}": tuple(tensor.shape)
+            for part in self.upload_parts()
+            for name, tensor in part_module(model, part).state_dict().items()
+        }
+        return shapes | self.extra_uploads(model)
 
-    # client half
-    @abstractmethod
-    def client_train(self, ctx: ClientContext, global_state: State) -> State:
-        """One round of local training; returns what the client uploads."""
-
-    @abstractmethod
-    def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
-        """Test accuracy per view."""
+    def trainable_parts(self) -> tuple[str, ...]:
+        """Parts this method trains (for parameter counts)."""
+        return ("proj", "head", *(f"adapter.{s}" for s in self.adapter_sets))
 
     def count_trainable(self, model: FusionVLModel) -> int:
         """Trainable parameters of this method's model (one client's view)."""
         model.peft.ensure_sets(self.adapter_sets)
         return num_params(model, self.trainable_parts())
 
-    def trainable_parts(self) -> tuple[str, ...]:
-        """Parts this method trains (for parameter counts)."""
-        return ("proj", "head", *(f"adapter.{s}" for s in self.adapter_sets))
+    # ------------------------------------------------------------------ server half
+    @abstractmethod
+    def init_global(self, model: FusionVLModel) -> Arrays:
+        """The global state sent in round 1 (may be empty)."""
 
-    def upload_parts(self) -> tuple[str, ...]:
-        """Parts that leave the client."""
-        return ()
+    @abstractmethod
+    def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
+        """New global state from this round's replies."""
 
-    def bind(self, tasks: Sequence[str], clients: dict[int, ClientInfo]) -> None:
+    def bind(self, tasks: Sequence[str], clients: Mapping[int, ClientInfo]) -> None:
         """The schema's tasks and the clients (server: all, from the query; client: itself), for
         methods whose modules depend on them (TAP).  Default: nothing to do."""
         return None
 
-    def global_for_client(self, global_state: NDArrays, client_index: int) -> NDArrays:
-        """What the server sends client ``client_index`` (default: the whole global state)."""
+    def global_for_client(self, global_state: Arrays, client_index: int) -> Arrays:
+        """What the server sends client ``client_index`` (default: the whole global state;
+        a method that overrides it sets ``per_client_messages = True``)."""
         return global_state
+
+    def server_state(self) -> Arrays:
+        """State the server half keeps across rounds besides the global state (e.g. FedAdam's
+        moments), for checkpoints; flat ``{name: array}``.  Default: none."""
+        return {}
+
+    def load_server_state(self, state: Arrays) -> None:
+        """Restore what ``server_state`` returned (resuming a run)."""
+        if state:
+            raise ValueError(f"{self.name} keeps no server state, got {sorted(state)[:3]}")
+
+    # ------------------------------------------------------------------ client half
+    def client_train(self, ctx: ClientContext, received: State) -> ClientUpdate:
+        """One round of local training, as the ClientApp runs it: reset the model, load what
+        the client received and kept (``load``), then the method's ``local_update``."""
+        self.prepare(ctx.model)
+        self.load(ctx, received)
+        return self.local_update(ctx, received)
+
+    def client_evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
+        """Score per view, as the ClientApp runs it: reset, ``load``, the method's ``evaluate``."""
+        self.prepare(ctx.model)
+        self.load(ctx, received)
+        return self.evaluate(ctx, received)
+
+    def load(self, ctx: ClientContext, received: State) -> None:
+        """Write the received model tensors, then the kept ones, into the freshly reset model.
+        Namespaced keys (a method's own, e.g. ``personal:...``) are left to the method."""
+        load_parts(ctx.model, model_keys(received))
+        load_parts(ctx.model, model_keys(ctx.kept))
+
+    @abstractmethod
+    def local_update(self, ctx: ClientContext, received: State) -> ClientUpdate:
+        """One round of local work on the loaded model: the upload and the new private state."""
+
+    @abstractmethod
+    def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
+        """Test score per view (``ctx.view``) of the loaded model."""
+
+
+# ---------------------------------------------------------------------- the registry
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: method ``name`` (``--method name``), with its ``options`` dataclass as
+    config section ``name`` (``cfg.<name>``, ``--set <name>.<option>=...``)."""
+
+    def decorate(cls: type[Method]) -> type[Method]:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = name
+        if "options" in cls.__dict__ and cls.options is not None:
+            if not dataclasses.is_dataclass(cls.options):
+                raise TypeError(f"{cls.__qualname__}.options must be a dataclass")
+            register_section(name, cls.options)
+        METHODS[name] = cls
+        return cls
+
+    return decorate

@@ -16,24 +16,27 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from fedmm.methods.base import ClientContext, NDArrays, Reply, State
+from fedmm.methods.base import Arrays, ClientContext, Reply, State, register
 from fedmm.methods.local import Local
+from fedmm.results import RoundRecord
 from fedmm.runtime import get_runtime
 
 
+@register("centralized")
 class Centralized(Local):
     """``Local`` training of one model whose "client" holds everyone's data."""
 
-    name = "centralized"
     views = ("global",)
     adapter_sets = ("central_adapter",)
     federated = False
 
-    def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
+    def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
         raise RuntimeError("centralized training has no server aggregation")
 
 
-def run_centralized(cfg, on_round: Callable[[dict], None] | None = None) -> list[dict]:
+def run_centralized(
+    cfg, on_round: Callable[[RoundRecord], None] | None = None
+) -> list[RoundRecord]:
     """Train on pooled data for ``fed.rounds`` rounds; returns the per-round history."""
     runtime = get_runtime(cfg)
     method = Centralized(cfg)
@@ -49,7 +52,7 @@ def run_centralized(cfg, on_round: Callable[[dict], None] | None = None) -> list
             ctx = ClientContext(
                 cfg, runtime.model, data, data, state, rnd, -1, steps, steps * cfg.fed.rounds
             )
-            method.client_train(ctx, {})
+            state = method.client_train(ctx, {}).keep
             stats.setdefault("lr_first", ctx.stats.get("lr_first", 0.0))
             for key in ("steps", "loss_sum"):
                 stats[key] = stats.get(key, 0.0) + ctx.stats.get(key, 0.0)
@@ -61,19 +64,17 @@ def run_centralized(cfg, on_round: Callable[[dict], None] | None = None) -> list
                 runtime.client_split(i, "test"), state, rnd, i, 1, cfg.fed.rounds,
             )  # fmt: skip
             clients[spec.client_id] = method.client_evaluate(ectx, {})
-        ctx.stats = stats
-        n_steps = ctx.stats.get("steps", 0)
-        entry = {
-            "round": rnd, "seconds": time.perf_counter() - t0, "bytes_up": 0, "bytes_down": 0,
-            "bytes_eval": 0, "sampled": 0, "failures": 0, "clients": clients,
-            "train": {"pooled": {
-                "steps": n_steps, "lr-first": ctx.stats.get("lr_first", 0.0),
-                "lr-last": ctx.stats.get("lr_last", 0.0),
-                "loss": ctx.stats.get("loss_sum", 0.0) / max(1, n_steps),
+        n_steps = stats.get("steps", 0)
+        record = RoundRecord(
+            rnd, seconds=time.perf_counter() - t0, evaluated=len(specs), clients=clients,
+            train={"pooled": {
+                "steps": n_steps, "lr-first": stats.get("lr_first", 0.0),
+                "lr-last": stats.get("lr_last", 0.0),
+                "loss": stats.get("loss_sum", 0.0) / max(1, n_steps),
                 "seconds": time.perf_counter() - t0,
             }},
-        }  # fmt: skip
-        history.append(entry)
+        )  # fmt: skip
+        history.append(record)
         if on_round:
-            on_round(entry)
+            on_round(record)
     return history

@@ -19,16 +19,23 @@ Views: ``global`` = θ^{t+1}; ``personalized`` = v_k.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fedmm.backbones import FusionVLModel
+from fedmm.config import option
 from fedmm.methods.base import (
     ClientContext,
+    ClientUpdate,
     State,
+    from_namespace,
     get_parts,
     load_parts,
     model_groups,
+    namespaced,
     proximal_term,
+    register,
     supervised_update,
 )  # fmt: skip
 from fedmm.methods.fedavg import PARTS, FedAvg
@@ -37,49 +44,50 @@ PERSONAL = ("adapter.personal_adapter", "proj", "head")
 RENAME_TO_PERSONAL = {"adapter.global_adapter": "adapter.personal_adapter"}
 
 
+@dataclass
+class DittoConfig:
+    """Ditto (Li et al. 2021): personal models pulled towards the global one."""
+
+    lam: float = option(
+        0.1, "[0, inf)", help="λ of the proximal pull ‖v_k − θ‖²; 0 = independent personal models"
+    )
+
+
+@register("ditto")
 class Ditto(FedAvg):
-    name = "ditto"
+    options = DittoConfig
     adapter_sets = ("global_adapter", "personal_adapter")
 
     def count_trainable(self, model: FusionVLModel) -> int:
         """Two full models per client: the global copy and the personal one."""
         return 2 * super().count_trainable(model)
 
-    def client_train(self, ctx: ClientContext, global_state: State) -> State:
+    def _load_personal(self, ctx: ClientContext, received: State) -> None:
+        """v_k: the client's own, or θ^t before its first round."""
+        load_parts(ctx.model, received, rename=RENAME_TO_PERSONAL)
+        personal = from_namespace(ctx.kept, "personal")
+        if personal:
+            load_parts(ctx.model, personal)
+
+    def local_update(self, ctx: ClientContext, received: State) -> ClientUpdate:
         model = ctx.model
-        self.prepare(model)
-        # 1. the global model: FedAvg's local update from θ^t
-        load_parts(model, global_state)
+        # 1. the global model (loaded by the base class): FedAvg's local update from θ^t
         supervised_update(ctx, "global_adapter")
         upload = get_parts(model, PARTS)
 
-        # 2. the personal model, pulled towards θ^t
-        global_steps = ctx.stats["steps"]
-        load_parts(model, global_state, rename=RENAME_TO_PERSONAL)
-        if ctx.state:
-            load_parts(model, ctx.state)
+        # 2. the personal model, pulled towards θ^t, on a second step budget
+        self._load_personal(ctx, received)
         params = [p for group in model_groups(model, "personal_adapter") for p in group]
-        anchor = [
-            torch.as_tensor(global_state[k]).to(p.device) for k, p in zip(_keys(model), params)
-        ]
+        anchor = [torch.as_tensor(received[k]).to(p.device) for k, p in zip(_keys(model), params)]
         regulariser = proximal_term(params, anchor, self.cfg.ditto.lam)
-        supervised_update(ctx, "personal_adapter", regulariser)
-        ctx.stats["personal_steps"] = ctx.stats["steps"] - global_steps
-        ctx.stats["steps"] = global_steps
-        ctx.state.clear()
-        ctx.state.update(get_parts(model, PERSONAL))
-        return upload
+        supervised_update(ctx, "personal_adapter", regulariser, stat="personal_steps")
+        return ClientUpdate(upload, keep=namespaced(get_parts(model, PERSONAL), "personal"))
 
-    def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
+    def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         model = ctx.model
-        self.prepare(model)
-        load_parts(model, global_state)
         with model.active("global_adapter"):
             ctx.view("global")
-        if ctx.state:
-            load_parts(model, ctx.state)
-        else:
-            load_parts(model, global_state, rename=RENAME_TO_PERSONAL)
+        self._load_personal(ctx, received)
         with model.active("personal_adapter"):
             return ctx.view("personalized")
 

@@ -8,7 +8,8 @@ The server treats the averaged client change as a pseudo-gradient and takes an A
     v_t   = β₂ v_{t−1} + (1 − β₂) Δ_t²
     θ^{t+1} = θ^t + η · m_t / (√v_t + τ)
 
-(no bias correction, as in the paper's Algorithm 2).  ``fedadam.server_lr`` = η,
+(no bias correction, as in the paper's Algorithm 2; FedYogi changes only the v update,
+``second_moment``).  ``fedadam.server_lr`` = η,
 ``fedadam.beta1/beta2`` = β₁/β₂, ``fedadam.tau`` = τ.  The moments m, v are server state, kept on
 this object across rounds (and in server checkpoints: ``server_state``).  Views as FedAvg.
 """
@@ -16,38 +17,61 @@ this object across rounds (and in server checkpoints: ``server_state``).  Views 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from fedmm.methods.base import NDArrays, Reply, weighted_average
+from fedmm.config import option
+from fedmm.methods.base import Arrays, Reply, register, weighted_average
 from fedmm.methods.fedavg import FedAvg
 
 
+@dataclass
+class FedAdamConfig:
+    """FedAdam (Reddi et al. 2021): Adam on the server over the averaged client update."""
+
+    server_lr: float = option(0.01, "(0, inf)", help="η, the server learning rate")
+    beta1: float = option(0.9, "[0, 1)", help="β₁, decay of the first moment")
+    beta2: float = option(0.99, "[0, 1)", help="β₂, decay of the second moment")
+    tau: float = option(1e-3, "(0, inf)", help="τ, adaptivity / stability constant")
+
+
+@register("fedadam")
 class FedAdam(FedAvg):
-    name = "fedadam"
+    options = FedAdamConfig
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.m: NDArrays = {}
-        self.v: NDArrays = {}
+        self.m: Arrays = {}
+        self.v: Arrays = {}
 
-    def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
-        c = self.cfg.fedadam
+    @property
+    def hyper(self):
+        """This method's options section (FedYogi has its own, of the same fields)."""
+        return self.cfg.sections()[self.name]
+
+    def second_moment(self, v: np.ndarray | float, delta: np.ndarray) -> np.ndarray:
+        """Adam's ``v_t = β₂ v_{t−1} + (1 − β₂) Δ_t²``."""
+        beta2 = self.hyper.beta2
+        return beta2 * v + (1 - beta2) * delta**2
+
+    def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
+        c = self.hyper
         average = weighted_average(replies, self.cfg.fed.weighting)
         new_state = {}
         for key, theta in global_state.items():
             delta = average[key].astype(np.float64) - theta
             m = c.beta1 * self.m.get(key, 0.0) + (1 - c.beta1) * delta
-            v = c.beta2 * self.v.get(key, 0.0) + (1 - c.beta2) * delta**2
+            v = self.second_moment(self.v.get(key, 0.0), delta)
             self.m[key], self.v[key] = m, v
             new_state[key] = (theta + c.server_lr * m / (np.sqrt(v) + c.tau)).astype(np.float32)
         return new_state
 
-    def server_state(self) -> NDArrays:
+    def server_state(self) -> Arrays:
         return {f"m/{k}": np.asarray(v) for k, v in self.m.items()} | {
             f"v/{k}": np.asarray(v) for k, v in self.v.items()
         }
 
-    def load_server_state(self, state: NDArrays) -> None:
+    def load_server_state(self, state: Arrays) -> None:
         self.m = {k[2:]: np.array(v) for k, v in state.items() if k.startswith("m/")}
         self.v = {k[2:]: np.array(v) for k, v in state.items() if k.startswith("v/")}

@@ -19,13 +19,17 @@ import torch
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.base import (
+    Arrays,
     ClientContext,
+    ClientUpdate,
     Method,
-    NDArrays,
     Reply,
     State,
+    from_namespace,
     get_parts,
     load_parts,
+    namespaced,
+    register,
     supervised_update,
     to_numpy,
     weighted_average,
@@ -34,52 +38,51 @@ from fedmm.methods.base import (
 PARTS = ("adapter.global_adapter", "proj", "head")
 
 
+@register("fedavg")
 class FedAvg(Method):
-    name = "fedavg"
     views = ("global", "personalized")
     adapter_sets = ("global_adapter",)
-
-    # ------------------------------------------------------------------ server
-    def init_global(self, model: FusionVLModel) -> NDArrays:
-        self.prepare(model)
-        return to_numpy(get_parts(model, PARTS))
-
-    def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
-        return weighted_average(replies, self.cfg.fed.weighting)
-
-    # ------------------------------------------------------------------ client
-    def client_start(self, ctx: ClientContext, global_state: State) -> State:
-        """Where local training starts: θ^t (FedPIA overrides this)."""
-        return global_state
-
-    def regulariser(self, ctx: ClientContext) -> Callable[[], torch.Tensor] | None:
-        """An extra term of the local objective, built once θ^t is loaded (FedProx's proximal term)."""
-        return None
-
-    def client_train(self, ctx: ClientContext, global_state: State) -> State:
-        model = ctx.model
-        self.prepare(model)
-        load_parts(model, self.client_start(ctx, global_state))
-        supervised_update(ctx, "global_adapter", self.regulariser(ctx))
-        upload = get_parts(model, PARTS)
-        ctx.state.clear()
-        ctx.state.update({f"personal.{k}": v for k, v in upload.items()})
-        return upload
-
-    def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
-        model = ctx.model
-        self.prepare(model)
-        with model.active("global_adapter"):
-            load_parts(model, global_state)
-            personal = {k.removeprefix("personal."): v for k, v in ctx.state.items()}
-            if not personal:  # not trained yet: the personalized model is the global one
-                return ctx.view("global", "personalized")
-            ctx.view("global")
-            load_parts(model, personal)
-            return ctx.view("personalized")
 
     def upload_parts(self) -> tuple[str, ...]:
         return PARTS
 
     def trainable_parts(self) -> tuple[str, ...]:
         return PARTS
+
+    # ------------------------------------------------------------------ server
+    def init_global(self, model: FusionVLModel) -> Arrays:
+        self.prepare(model)
+        return to_numpy(get_parts(model, PARTS))
+
+    def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
+        return weighted_average(replies, self.cfg.fed.weighting)
+
+    # ------------------------------------------------------------------ client
+    @staticmethod
+    def personal_model(kept: State) -> State:
+        """The client's last locally trained θ_k (empty before its first round)."""
+        return from_namespace(kept, "personal")
+
+    def client_start(self, ctx: ClientContext, received: State) -> State:
+        """Where local training starts: θ^t (FedPIA overrides this)."""
+        return received
+
+    def regulariser(self, ctx: ClientContext) -> Callable[[], torch.Tensor] | None:
+        """An extra term of the local objective, built once θ^t is loaded (FedProx's proximal term)."""
+        return None
+
+    def local_update(self, ctx: ClientContext, received: State) -> ClientUpdate:
+        load_parts(ctx.model, self.client_start(ctx, received))
+        supervised_update(ctx, "global_adapter", self.regulariser(ctx))
+        upload = get_parts(ctx.model, PARTS)
+        return ClientUpdate(upload, keep=namespaced(upload, "personal"))
+
+    def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
+        model = ctx.model
+        with model.active("global_adapter"):
+            personal = self.personal_model(ctx.kept)
+            if not personal:  # not trained yet: the personalized model is the global one
+                return ctx.view("global", "personalized")
+            ctx.view("global")
+            load_parts(model, personal)
+            return ctx.view("personalized")

@@ -37,7 +37,7 @@ as every other method (the reference steps its restarted schedule twice per batc
 Server: A^{t+1}_s = Σ_k w_k A_{s,k}, w_k ∝ n_k (``fed.weighting = "uniform"`` reproduces the
 reference's uniform mean).
 
-Views (``client_evaluate``, with the freshly aggregated A_s also used as Â_s):
+Views (``evaluate``, with the freshly aggregated A_s also used as Â_s):
 ``global`` = A_s alone (the deployable model, plain-adapter inference cost), ``personalized`` and
 ``dat`` = the DAT, ``client`` = A_c alone.
 
@@ -49,21 +49,24 @@ batch; gradients reset to None; the bottleneck size is a real option; client sam
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedmm.backbones import FusionVLModel
-from fedmm.config import ConfigError, FedDATConfig
+from fedmm.config import ConfigError, option
 from fedmm.methods.base import (
+    Arrays,
     ClientContext,
+    ClientUpdate,
     Method,
-    NDArrays,
     Reply,
     State,
     distill_kl,
     get_parts,
     load_parts,
+    register,
     select,
     task_loss,
     to_numpy,
@@ -73,6 +76,18 @@ from fedmm.peft import PEFT_TYPES, AdapterBank
 
 GLOBAL, FROZEN, CLIENT = "global_adapter", "frozen_global", "client_adapter"
 LAYOUTS = ("batched-prefix", "batched", "two-forward")
+
+
+@dataclass
+class FedDATConfig:
+    """FedDAT hyper-parameters (Chen et al. 2024); defaults are the reference's."""
+
+    temperature: float = option(3.0, "(0, inf)", help="T of the mutual distillation")
+    alpha: float = option(0.5, "[0, inf)", help="weight of the task loss in L_s (global adapter)")
+    beta: float = option(0.5, "[0, inf)", help="weight of the task loss in L_DAT (client adapter)")
+    dat_combine: str = option("average", choices=("average", "sum"),
+                              help="how A_c and frozen A_s combine in the DAT")  # fmt: skip
+    federate_head: bool = option(False, help="open choice: the reference keeps the head personal")
 
 
 def feddat_losses(
@@ -160,18 +175,15 @@ def reference_step(
     return float(loss_s.detach()), float(loss_dat.detach())
 
 
+@register("feddat")
 class FedDAT(Method):
-    name = "feddat"
+    options = FedDATConfig
     views = ("global", "personalized", "dat", "client")
     adapter_sets = (GLOBAL, FROZEN, CLIENT)
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         combines = PEFT_TYPES[cfg.peft.type].combines
-        if cfg.feddat.dat_combine not in ("average", "sum"):
-            raise ConfigError(
-                f"feddat.dat_combine must be average or sum, got {cfg.feddat.dat_combine!r}"
-            )
         if cfg.feddat.dat_combine not in combines:
             raise ConfigError(
                 f"feddat.dat_combine={cfg.feddat.dat_combine!r} is not defined for peft.type "
@@ -190,32 +202,28 @@ class FedDAT(Method):
         return (*self.upload_parts(), *self.personal_parts())
 
     # ------------------------------------------------------------------ server
-    def init_global(self, model: FusionVLModel) -> NDArrays:
+    def init_global(self, model: FusionVLModel) -> Arrays:
         self.prepare(model)
         return to_numpy(get_parts(model, self.upload_parts()))
 
-    def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
+    def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
         return weighted_average(replies, self.cfg.fed.weighting)
 
     # ------------------------------------------------------------------ client
-    def _load(self, ctx: ClientContext, global_state: State) -> None:
+    def load(self, ctx: ClientContext, received: State) -> None:
         """Global parts from the server, Â_s ← A_s, personal parts from the client's state."""
+        super().load(ctx, received)
         model = ctx.model
-        self.prepare(model)
-        load_parts(model, global_state)
         load_parts(
             model,
-            select(global_state, (f"adapter.{GLOBAL}",)),
+            select(received, (f"adapter.{GLOBAL}",)),
             rename={f"adapter.{GLOBAL}": f"adapter.{FROZEN}"},
         )
-        if ctx.state:
-            load_parts(model, ctx.state)
         for p in model.peft.parameters_of(FROZEN):
             p.requires_grad_(False)
 
-    def client_train(self, ctx: ClientContext, global_state: State) -> State:
+    def local_update(self, ctx: ClientContext, received: State) -> ClientUpdate:
         model, cfg = ctx.model, self.cfg.feddat
-        self._load(ctx, global_state)
         opt = ctx.optimizer([
             model.peft.parameters_of(GLOBAL),
             model.peft.parameters_of(CLIENT),
@@ -226,13 +234,12 @@ class FedDAT(Method):
             z_s, z_dat = feddat_logits(model, feats, ids, mask, cfg.dat_combine)
             loss_s, loss_dat = feddat_losses(z_s, z_dat, labels, cfg)
             ctx.step(opt, loss_s + loss_dat)
-        ctx.state.clear()
-        ctx.state.update(get_parts(model, self.personal_parts()))
-        return get_parts(model, self.upload_parts())
+        return ClientUpdate(
+            get_parts(model, self.upload_parts()), keep=get_parts(model, self.personal_parts())
+        )
 
-    def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
+    def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         model = ctx.model
-        self._load(ctx, global_state)
         with model.active(GLOBAL):
             ctx.view("global")
         with model.active(CLIENT, FROZEN, combine=self.cfg.feddat.dat_combine):

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.base import (
+    Arrays,
     ClientContext,
-    NDArrays,
+    ClientUpdate,
     State,
     get_parts,
-    load_parts,
+    register,
     supervised_update,
     to_numpy,
 )  # fmt: skip
@@ -27,31 +28,22 @@ from fedmm.methods.fedavg import FedAvg
 BODY = ("adapter.global_adapter", "proj")
 
 
+@register("fedper")
 class FedPer(FedAvg):
-    name = "fedper"
     views = ("personalized",)
 
     def upload_parts(self) -> tuple[str, ...]:
         return BODY
 
-    def init_global(self, model: FusionVLModel) -> NDArrays:
+    def init_global(self, model: FusionVLModel) -> Arrays:
         self.prepare(model)
         return to_numpy(get_parts(model, BODY))
 
-    def _load(self, ctx: ClientContext, global_state: State) -> None:
-        self.prepare(ctx.model)
-        load_parts(ctx.model, global_state)
-        if ctx.state:
-            load_parts(ctx.model, ctx.state)  # the personal head
-
-    def client_train(self, ctx: ClientContext, global_state: State) -> State:
-        self._load(ctx, global_state)
+    # the base class loads θ_B^t, then the kept personal head
+    def local_update(self, ctx: ClientContext, received: State) -> ClientUpdate:
         supervised_update(ctx, "global_adapter")
-        ctx.state.clear()
-        ctx.state.update(get_parts(ctx.model, ("head",)))
-        return get_parts(ctx.model, BODY)
+        return ClientUpdate(get_parts(ctx.model, BODY), keep=get_parts(ctx.model, ("head",)))
 
-    def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
-        self._load(ctx, global_state)
+    def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         with ctx.model.active("global_adapter"):
             return ctx.view("personalized")

@@ -40,20 +40,22 @@ Views: ``global`` = the merged global model; ``personalized`` = the client's loc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedmm.config import ConfigError, FedPIAConfig
+from fedmm.config import ConfigError, option
 from fedmm.methods.base import (
+    Arrays,
     ClientContext,
-    NDArrays,
     Reply,
     State,
+    register,
     to_numpy,
     weighted_average,
-)
+)  # fmt: skip
 from fedmm.methods.fedavg import FedAvg
 from fedmm.peft import PEFT_TYPES
 
@@ -61,6 +63,39 @@ ADAPTER = "adapter.global_adapter"
 ANCHORS = ("global", "fedavg", "largest")
 COSTS = ("sqeuclidean", "cosine")
 SOLVERS = ("exact", "emd", "sinkhorn")
+
+
+@dataclass
+class FedPIAConfig:
+    """FedPIA (Saha et al. 2025) -- a reconstruction: the paper has no public code."""
+
+    anchor: str = option(
+        "global",
+        choices=ANCHORS,
+        help="global (previous global adapter) | "
+        "fedavg (plain average) | largest (the largest client's upload)",
+    )
+    lam: float = option(
+        0.5, "[0, 1]", help="client integration: L <- lam * L + (1 - lam) * aligned global"
+    )
+    iterations: int = option(
+        1, "[1, inf)", help="server alignment passes; > 1 re-anchors on the merged result"
+    )
+    cost: str = option(
+        "sqeuclidean",
+        choices=COSTS,
+        help="unit matching cost: sqeuclidean | cosine (1 - cosine similarity)",
+    )
+    solver: str = option(
+        "exact",
+        choices=SOLVERS,
+        help="exact (scipy assignment) | emd (POT ot.emd) | sinkhorn (POT, soft plan)",
+    )
+    reg: float = option(
+        0.05, "(0, inf)", help="Sinkhorn entropic regularisation, relative to the mean cost"
+    )
+
+
 NO_UNITS = {
     "prompt": "prompt tokens carry position embeddings, so permuting them changes the model",
     "bitfit": "a bias vector has no hidden-unit axis",
@@ -71,7 +106,7 @@ NO_UNITS = {
 Group = dict[str, int]  # {state key: the axis that indexes hidden units}
 
 
-def unit_groups(state: NDArrays, peft_type: str = "adapter", prefix: str = ADAPTER) -> list[Group]:
+def unit_groups(state: Arrays, peft_type: str = "adapter", prefix: str = ADAPTER) -> list[Group]:
     """The PEFT set ``prefix``'s hidden-unit groups in ``state`` (one per adapter/LoRA layer)."""
     rel = [k.removeprefix(f"{prefix}/") for k in state if k.startswith(f"{prefix}/")]
     groups = PEFT_TYPES[peft_type].unit_groups(rel)
@@ -80,14 +115,14 @@ def unit_groups(state: NDArrays, peft_type: str = "adapter", prefix: str = ADAPT
     return [{f"{prefix}/{k}": axis for k, axis in g.items()} for g in groups]
 
 
-def unit_vectors(state: NDArrays, group: Group) -> np.ndarray:
+def unit_vectors(state: Arrays, group: Group) -> np.ndarray:
     """``(r, D)``: row i = unit i's entries of every tensor in the group (adapter:
     [W_down[i,:], b_down[i], W_up[:,i]])."""
     parts = [np.moveaxis(state[k], axis, 0) for k, axis in group.items()]
     return np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
 
 
-def permute(state: NDArrays, group: Group, perm: np.ndarray) -> NDArrays:
+def permute(state: Arrays, group: Group, perm: np.ndarray) -> Arrays:
     """The state with hidden unit j of ``group`` taken from unit ``perm[j]`` (function unchanged)."""
     out = dict(state)
     for k, axis in group.items():
@@ -95,7 +130,7 @@ def permute(state: NDArrays, group: Group, perm: np.ndarray) -> NDArrays:
     return out
 
 
-def transport(state: NDArrays, group: Group, plan: np.ndarray) -> NDArrays:
+def transport(state: Arrays, group: Group, plan: np.ndarray) -> Arrays:
     """Soft alignment: unit j of ``group`` becomes ``Σ_i plan[j, i] · unit_i``."""
     out = dict(state)
     for k, axis in group.items():
@@ -132,12 +167,12 @@ def match(cost: np.ndarray, solver: str, reg: float) -> np.ndarray:
 
 
 def align(
-    state: NDArrays,
-    anchor: NDArrays,
+    state: Arrays,
+    anchor: Arrays,
     cfg: FedPIAConfig | None = None,
     peft_type: str = "adapter",
     prefix: str = ADAPTER,
-) -> NDArrays:
+) -> Arrays:
     """``state`` with every layer's hidden units of set ``prefix`` aligned to ``anchor``'s."""
     cfg = cfg or FedPIAConfig()
     for group in unit_groups(state, peft_type, prefix):
@@ -148,22 +183,12 @@ def align(
 
 
 # ---------------------------------------------------------------------- the method
+@register("fedpia")
 class FedPIA(FedAvg):
-    name = "fedpia"
+    options = FedPIAConfig
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        if cfg.fedpia.anchor not in ANCHORS:
-            raise ConfigError(f"fedpia.anchor must be one of {ANCHORS}, got {cfg.fedpia.anchor!r}")
-        if not 0.0 <= cfg.fedpia.lam <= 1.0 or cfg.fedpia.iterations < 1:
-            raise ConfigError("fedpia.lam must be in [0, 1] and fedpia.iterations >= 1")
-        if cfg.fedpia.cost not in COSTS or cfg.fedpia.solver not in SOLVERS:
-            raise ConfigError(
-                f"fedpia.cost must be one of {COSTS} and fedpia.solver one of {SOLVERS}, got "
-                f"{cfg.fedpia.cost!r} / {cfg.fedpia.solver!r}"
-            )
-        if cfg.fedpia.solver == "sinkhorn" and cfg.fedpia.reg <= 0:
-            raise ConfigError(f"fedpia.reg must be > 0 for Sinkhorn, got {cfg.fedpia.reg}")
         if PEFT_TYPES[cfg.peft.type].unit_groups(()) is None:
             raise ConfigError(
                 f"fedpia aligns hidden units by permutation before merging, and peft.type "
@@ -171,11 +196,11 @@ class FedPIA(FedAvg):
                 "adapter or lora with fedpia"
             )
 
-    def _align(self, state: NDArrays, anchor: NDArrays) -> NDArrays:
+    def _align(self, state: Arrays, anchor: Arrays) -> Arrays:
         return align(state, anchor, self.cfg.fedpia, self.cfg.peft.type)
 
     # ------------------------------------------------------------------ server
-    def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
+    def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
         weighting = self.cfg.fed.weighting
         anchor = {
             "global": lambda: global_state,
@@ -193,11 +218,11 @@ class FedPIA(FedAvg):
         return merged
 
     # ------------------------------------------------------------------ client
-    def client_start(self, ctx: ClientContext, global_state: State) -> State:
+    def client_start(self, ctx: ClientContext, received: State) -> State:
         """λ·L + (1 − λ)·π(G): the local model integrated with the aligned global one."""
-        local = {k.removeprefix("personal."): v for k, v in ctx.state.items()}
+        local = self.personal_model(ctx.kept)
         if not local:  # first round on this client
-            return global_state
+            return received
         lam = self.cfg.fedpia.lam
-        aligned = self._align(to_numpy(global_state), to_numpy(local))
+        aligned = self._align(to_numpy(received), to_numpy(local))
         return {k: lam * local[k] + (1 - lam) * torch.from_numpy(aligned[k]) for k in local}

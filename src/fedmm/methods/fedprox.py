@@ -16,15 +16,25 @@ Views as FedAvg: ``global`` and ``personalized`` (the client's last locally trai
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from fedmm.methods.base import ClientContext, model_groups, proximal_term
+from fedmm.config import option
+from fedmm.methods.base import ClientContext, model_groups, proximal_term, register
 from fedmm.methods.fedavg import FedAvg
 
 
+@dataclass
+class FedProxConfig:
+    """FedProx (Li et al. 2020)."""
+
+    mu: float = option(0.01, "[0, inf)", help="proximal weight μ; 0 reduces FedProx to FedAvg")
+
+
+@register("fedprox")
 class FedProx(FedAvg):
-    name = "fedprox"
+    options = FedProxConfig
 
     def regulariser(self, ctx: ClientContext) -> Callable[[], torch.Tensor] | None:
         """(μ/2)·‖θ − θ^t‖², with θ^t the global model just loaded."""

@@ -12,45 +12,38 @@ from collections.abc import Sequence
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.base import (
+    Arrays,
     ClientContext,
+    ClientUpdate,
     Method,
-    NDArrays,
     Reply,
     State,
     get_parts,
-    load_parts,
+    register,
     supervised_update,
 )  # fmt: skip
 
 
+@register("local")
 class Local(Method):
-    name = "local"
     views = ("personalized",)
     adapter_sets = ("local_adapter",)
 
     def trainable_parts(self) -> tuple[str, ...]:
         return (f"adapter.{self.adapter_sets[0]}", "proj", "head")
 
-    def init_global(self, model: FusionVLModel) -> NDArrays:
+    def init_global(self, model: FusionVLModel) -> Arrays:
         return {}
 
-    def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
+    def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
         return {}
 
-    def _load(self, ctx: ClientContext) -> None:
-        self.prepare(ctx.model)
-        if ctx.state:
-            load_parts(ctx.model, ctx.state)
-
-    def client_train(self, ctx: ClientContext, global_state: State) -> State:
-        """Continue training θ_k from the client's state; nothing is uploaded."""
-        self._load(ctx)
+    # the base class loads θ_k from what the client kept (nothing is received)
+    def local_update(self, ctx: ClientContext, received: State) -> ClientUpdate:
+        """Continue training θ_k; nothing is uploaded."""
         supervised_update(ctx, self.adapter_sets[0])
-        ctx.state.clear()
-        ctx.state.update(get_parts(ctx.model, self.trainable_parts()))
-        return {}
+        return ClientUpdate({}, keep=get_parts(ctx.model, self.trainable_parts()))
 
-    def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
-        self._load(ctx)
+    def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         with ctx.model.active(self.adapter_sets[0]):
             return ctx.view(self.views[0])

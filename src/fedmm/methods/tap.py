@@ -63,24 +63,28 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from fedmm.backbones import VLModel
-from fedmm.config import ConfigError
+from fedmm.config import ConfigError, option
 from fedmm.data import MODALITIES
 from fedmm.methods.base import (
+    Arrays,
     ClientContext,
     ClientInfo,
+    ClientUpdate,
     Method,
-    NDArrays,
     Reply,
     State,
     distill_kl,
+    from_namespace,
     get_parts,
     load_parts,
+    namespaced,
+    register,
     task_loss,
     to_numpy,
 )  # fmt: skip
@@ -126,25 +130,46 @@ def loaded(model: VLModel, state: State) -> Iterator[None]:
         load_parts(model, saved, partial=True)
 
 
+@dataclass
+class TAPConfig:
+    """TAP (Lee et al. 2025): modality-task-pair modules, adaptive replacement, distillation."""
+
+    val_frac: float = option(
+        0.15, "(0, 1)", help="held-out share of each client's training data for replacement"
+    )
+    margin: float = option(
+        0.01, "[0, inf)", help="replace when global score > personal score * (1 + margin)"
+    )
+    combine: str = option(
+        "sum", choices=("sum", "average"), help="how a client's modality/task modules combine"
+    )
+    teacher_steps: int = option(
+        15, "[0, inf)", help="stage 2: local finetuning steps of the global model (teacher)"
+    )
+    distill_steps: int = option(
+        15, "[0, inf)", help="stage 2: distillation steps into the personalised model"
+    )
+    distill_lr: float = option(
+        2e-4, "(0, inf)", help="stage 2 learning rate (cosine over its own steps)"
+    )
+    temperature: float = option(2.0, "(0, inf)", help="T of the stage-2 distillation")
+    lam: float = option(1.0, "[0, inf)", help="λ: task loss + λ·T²·KL(teacher ‖ student)")
+
+
+@register("tap")
 class TAP(Method):
-    name = "tap"
+    options = TAPConfig
     views = ("global", "personalized", "distilled")
     per_client_messages = True  # each client is sent (and returns) only its own modules
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         c = cfg.tap
-        if c.combine not in ("sum", "average"):
-            raise ConfigError(f"tap.combine must be sum or average, got {c.combine!r}")
         if c.combine not in PEFT_TYPES[cfg.peft.type].combines:
             raise ConfigError(
                 f"tap.combine={c.combine!r} is not defined for peft.type {cfg.peft.type!r}; "
                 "use tap.combine=average"
             )
-        if not 0 < c.val_frac < 1:
-            raise ConfigError(f"tap.val_frac must be in (0, 1), got {c.val_frac}")
-        if min(c.teacher_steps, c.distill_steps) < 0 or c.margin < 0:
-            raise ConfigError("tap.teacher_steps, tap.distill_steps and tap.margin must be >= 0")
 
     # ------------------------------------------------------------------ modules
     def bind(self, tasks: Sequence[str], clients: Mapping[int, ClientInfo]) -> None:
@@ -184,14 +209,14 @@ class TAP(Method):
         return sum(v.numel() for v in get_parts(model, self.trainable_parts()).values())
 
     # ------------------------------------------------------------------ server
-    def init_global(self, model: VLModel) -> NDArrays:
+    def init_global(self, model: VLModel) -> Arrays:
         self.prepare(model)
         return to_numpy(get_parts(model, self.trainable_parts()))
 
-    def global_for_client(self, global_state: NDArrays, client_index: int) -> NDArrays:
+    def global_for_client(self, global_state: Arrays, client_index: int) -> Arrays:
         return owned(global_state, self.spec_of(client_index))
 
-    def aggregate(self, global_state: NDArrays, replies: Sequence[Reply]) -> NDArrays:
+    def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
         weights = {r.client_index: 1.0 if self.cfg.fed.weighting == "uniform" else r.num_examples
                    for r in replies}  # fmt: skip
         new_state = {}
@@ -207,17 +232,14 @@ class TAP(Method):
         return new_state
 
     # ------------------------------------------------------------------ client
-    def _start(self, ctx: ClientContext, global_state: State) -> tuple[ClientInfo, State, State]:
-        """Load θ[K_k]; returns (spec, global copy, personalised model)."""
+    def load(self, ctx: ClientContext, received: State) -> None:
+        """θ[K_k] into the union model (only the client's own modules may arrive)."""
         spec = self.spec_of(ctx.client_index)
-        unexpected = [k for k in global_state if not owns(spec, k)]
+        unexpected = [k for k in received if not owns(spec, k)]
         if unexpected:  # the server must never send another client's modules
             raise ValueError(f"client {spec.client_id} received modules it does not own: "
                              f"{unexpected[:3]}")  # fmt: skip
-        self.prepare(ctx.model)
-        load_parts(ctx.model, global_state, partial=True)
-        personal = {k.removeprefix("personal:"): v for k, v in ctx.state.items()}
-        return spec, dict(global_state), personal
+        load_parts(ctx.model, received, partial=True)
 
     def _split(self, ctx: ClientContext) -> tuple[Encoded, Encoded]:
         """(training part, held-out validation part) of the client's training data."""
@@ -235,14 +257,17 @@ class TAP(Method):
             groups.append(list(model.visual_proj.parameters()))
         return groups
 
-    def _train(self, ctx: ClientContext, spec: ClientInfo, teacher: State | None = None) -> None:
-        """``ctx.steps`` AdamW steps of the client's modules on the task loss (+ distillation
-        from ``teacher``'s logits when given)."""
+    def _train(
+        self, ctx: ClientContext, spec: ClientInfo, data: Encoded, teacher: State | None = None,
+        **steps,
+    ) -> None:  # fmt: skip
+        """``ctx.steps(**steps)`` AdamW steps of the client's modules on ``data`` with the task
+        loss (+ distillation from ``teacher``'s logits when given)."""
         model, c = ctx.model, self.cfg.tap
         multilabel = ctx.train.kind == "multilabel"
         opt = ctx.optimizer(self._params(ctx, spec))
         with model.active(*client_sets(spec), combine=c.combine):
-            for feats, ids, mask, labels in ctx.steps(opt):
+            for feats, ids, mask, labels in ctx.steps(opt, data=data, **steps):
                 if teacher is not None:  # before the student's forward: swapping the weights
                     with loaded(model, teacher), torch.no_grad():  # in place would break autograd
                         target = model(feats, ids, mask)
@@ -261,14 +286,13 @@ class TAP(Method):
         parts += ["proj"] if "image" in spec.modalities else []
         return owned(get_parts(ctx.model, parts), spec)  # head: this task's only
 
-    def client_train(self, ctx: ClientContext, global_state: State) -> State:
-        spec, _, personal = self._start(ctx, global_state)
+    def local_update(self, ctx: ClientContext, received: State) -> ClientUpdate:
+        spec = self.spec_of(ctx.client_index)
+        personal = from_namespace(ctx.kept, "personal")
         train, val = self._split(ctx)
-        ctx.train = train
         # 1. the global copy
-        self._train(ctx, spec)
+        self._train(ctx, spec, train)
         global_copy = self._snapshot(ctx, spec)
-        steps = ctx.stats["steps"]
         # 2. replacement, judged on held-out validation data (a client's first round has no
         #    personalised model yet: it starts as the trained global copy, no decision counted)
         if personal and len(val):  # no validation rows (a 1-row client): no decision
@@ -281,18 +305,14 @@ class TAP(Method):
             ctx.stats.update(
                 replaced=float(replace_it), val_global=score_global, val_personal=score_personal
             )
-        # 3. the personalised model
-        self._train(ctx, spec)
-        ctx.stats["personal_steps"] = ctx.stats["steps"] - steps
-        ctx.stats["steps"] = steps
-        ctx.state.clear()
-        ctx.state.update({f"personal:{k}": v for k, v in self._snapshot(ctx, spec).items()})
-        # 4. upload the global copy (its own keys only)
-        return global_copy
+        # 3. the personalised model, on a second step budget
+        self._train(ctx, spec, train, stat="personal_steps")
+        # 4. upload the global copy (its own keys only); keep the personalised model
+        return ClientUpdate(global_copy, keep=namespaced(self._snapshot(ctx, spec), "personal"))
 
-    def client_evaluate(self, ctx: ClientContext, global_state: State) -> dict[str, float]:
-        spec, received, personal = self._start(ctx, global_state)
-        personal = personal or received  # never trained here yet: the global model
+    def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
+        spec = self.spec_of(ctx.client_index)
+        personal = from_namespace(ctx.kept, "personal") or dict(received)  # not trained yet
         with ctx.model.active(*client_sets(spec), combine=self.cfg.tap.combine):
             ctx.view("global")
             load_parts(ctx.model, personal, partial=True)
@@ -305,18 +325,19 @@ class TAP(Method):
         """Distil the locally finetuned final global model into the personalised model."""
         c = self.cfg.tap
         train, _ = self._split(ctx)
+        schedule = replace(self.cfg.train, lr=c.distill_lr, warmup_frac=0)
 
-        def sub_context(steps: int) -> ClientContext:
-            cfg = replace(self.cfg, train=replace(self.cfg.train, lr=c.distill_lr, warmup_frac=0))
-            return replace(ctx, cfg=cfg, train=train, round=1, steps_per_round=steps,
-                           total_steps=steps, stats={}, views={})  # fmt: skip
+        def budget(n: int, stat: str) -> dict:  # its own cosine over n steps, round 1's batches
+            return {"n": n, "stat": stat, "schedule": schedule, "first_step": 0, "total": n,
+                    "seed_round": 1}  # fmt: skip
 
         load_parts(ctx.model, received, partial=True)
         if c.teacher_steps:
-            self._train(sub_context(c.teacher_steps), spec)
+            self._train(ctx, spec, train, **budget(c.teacher_steps, "teacher_steps"))
         teacher = self._snapshot(ctx, spec)
         load_parts(ctx.model, personal, partial=True)
         if c.distill_steps:
-            self._train(sub_context(c.distill_steps), spec, teacher=teacher)
+            self._train(ctx, spec, train, teacher=teacher,
+                        **budget(c.distill_steps, "distill_steps"))  # fmt: skip
         with ctx.model.active(*client_sets(spec), combine=c.combine):
             ctx.view("distilled")

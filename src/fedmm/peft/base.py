@@ -95,9 +95,6 @@ class PeftBank(nn.Module):
         """Write a set's state by name (strict: every key, right shapes)."""
         self._get(name).load_state_dict(state, strict=True)
 
-    def copy_set(self, src: str, dst: str) -> None:
-        self.load_set_state(dst, self.state_dict_of(src))
-
     def num_params(self, name: str) -> int:
         return sum(p.numel() for p in self.parameters_of(name))
 
