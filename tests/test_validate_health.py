@@ -95,10 +95,21 @@ def test_lora_targets_are_checked_on_hugging_face_families_without_weights():
 def test_every_numeric_option_has_a_range():
     from fedmm.validate import RANGES
 
-    numeric = {k for k, v in FedmmConfig().to_flat().items()
+    import dataclasses
+
+    cfg = FedmmConfig()
+    numeric = {k for k, v in cfg.to_flat().items()
                if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
-    assert numeric == {key for key, *_ in RANGES}
-    validate_config(FedmmConfig(), ["fedavg", "feddat", "tap"])  # the defaults are valid
+    declared = {  # a method's options carry their interval beside the method (config.option)
+        f"{name}.{f.name}"
+        for name, section in cfg.methods.items()
+        for f in dataclasses.fields(section)
+        if f.metadata.get("interval")
+    }
+    assert numeric == {key for key, *_ in RANGES} | declared
+    from fedmm.methods import METHODS
+
+    validate_config(FedmmConfig(), list(METHODS))  # every method's defaults are valid
 
 
 # ------------------------------------------------------------------ kind 4: health

@@ -28,6 +28,7 @@ from fedmm.methods.base import (
     from_namespace,
     get_parts,
     load_parts,
+    model_keys,
     namespaced,
     register,
     supervised_update,
@@ -72,7 +73,7 @@ class FedAvg(Method):
         return None
 
     def local_update(self, ctx: ClientContext, received: State) -> ClientUpdate:
-        load_parts(ctx.model, self.client_start(ctx, received))
+        load_parts(ctx.model, model_keys(self.client_start(ctx, received)))
         supervised_update(ctx, "global_adapter", self.regulariser(ctx))
         upload = get_parts(ctx.model, PARTS)
         return ClientUpdate(upload, keep=namespaced(upload, "personal"))
