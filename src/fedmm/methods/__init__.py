@@ -20,6 +20,7 @@ MODULES = (
     "feddat",
     "fedpia",
     "tap",
+    "fedavgm",
 )
 for _module in MODULES:
     importlib.import_module(f"fedmm.methods.{_module}")
