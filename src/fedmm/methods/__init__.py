@@ -21,6 +21,7 @@ MODULES = (
     "fedpia",
     "tap",
     "fedavgm",
+    "fedyogi",
 )
 for _module in MODULES:
     importlib.import_module(f"fedmm.methods.{_module}")
