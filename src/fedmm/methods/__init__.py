@@ -22,6 +22,7 @@ MODULES = (
     "tap",
     "fedavgm",
     "fedyogi",
+    "scaffold",
 )
 for _module in MODULES:
     importlib.import_module(f"fedmm.methods.{_module}")
