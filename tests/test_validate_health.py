@@ -93,9 +93,9 @@ def test_lora_targets_are_checked_on_hugging_face_families_without_weights():
 
 
 def test_every_numeric_option_has_a_range():
-    from fedmm.validate import RANGES
-
     import dataclasses
+
+    from fedmm.validate import RANGES
 
     cfg = FedmmConfig()
     numeric = {k for k, v in cfg.to_flat().items()

@@ -73,14 +73,26 @@ SERVER_C, CLIENT_C, DELTA_C = "c", "c_i", "dc"  # key prefixes: c/<key>, c_i/<ke
 class ScaffoldConfig:
     """SCAFFOLD (Karimireddy et al. 2020): control variates against client drift."""
 
-    variant: str = option("II", choices=("I", "II"), help="control-variate update: I = "
-                          "gradient at the server model, II = from the local steps (cheaper)")
-    optimizer: str = option("sgd", choices=("sgd", "adamw"), help="the local optimiser: sgd "
-                            "(the paper's) or adamw (needs variant I)")
-    local_lr: float = option(0.5, "(0, inf)", help="η_l, the peak local learning rate of sgd "
-                             "(on the run's schedule); adamw uses train.lr")
-    server_lr: float = option(1.0, "(0, inf)", help="η_g, the server learning rate; 1 = "
-                              "FedAvg's average")
+    variant: str = option(
+        "II",
+        choices=("I", "II"),
+        help="control-variate update: I = "
+        "gradient at the server model, II = from the local steps (cheaper)",
+    )
+    optimizer: str = option(
+        "sgd",
+        choices=("sgd", "adamw"),
+        help="the local optimiser: sgd (the paper's) or adamw (needs variant I)",
+    )
+    local_lr: float = option(
+        0.5,
+        "(0, inf)",
+        help="η_l, the peak local learning rate of sgd "
+        "(on the run's schedule); adamw uses train.lr",
+    )
+    server_lr: float = option(
+        1.0, "(0, inf)", help="η_g, the server learning rate; 1 = FedAvg's average"
+    )
 
 
 def prefixed(state: dict, prefix: str) -> dict:
