@@ -159,3 +159,18 @@ def test_payload_audit_with_dp_adds_only_its_scalars(tiny_cfg):
         "dp-noise-multiplier",
         "dp-epsilon",
     }  # what the client applied
+
+
+def test_a_client_never_sends_an_upload_its_method_did_not_declare(tiny_cfg, monkeypatch):
+    from fedmm.methods.fedavg import FedAvg
+
+    real = FedAvg.local_update
+
+    def leaky(self, ctx, received):
+        update = real(self, ctx, received)
+        update.upload["head/extra"] = torch.zeros(1)
+        return update
+
+    monkeypatch.setattr(FedAvg, "local_update", leaky)
+    with pytest.raises(RuntimeError, match="declared upload_spec"):
+        send(tiny_cfg.with_overrides({"method": "fedavg"}), make_context(), MessageType.TRAIN, 1)

@@ -147,7 +147,9 @@ def test_replacement_is_judged_on_held_out_validation_data(task_cfg, monkeypatch
     tap = bound_method(task_cfg)
     rt = get_runtime(task_cfg)
     global_np = tap.init_global(rt.model)
-    ctx = ctx_for(task_cfg, 0)
+    sent = to_torch(tap.global_for_client(global_np, 0))
+    kept = {f"personal:{k}": v.clone() for k, v in sent.items()}  # a second round
+    ctx = ctx_for(task_cfg, 0, state=kept)
     full = ctx.train
     scored, trained = [], []
     real_score, real_train = TAP._score, TAP._train
@@ -155,8 +157,6 @@ def test_replacement_is_judged_on_held_out_validation_data(task_cfg, monkeypatch
                         or real_score(self, c, s, split))  # fmt: skip
     monkeypatch.setattr(TAP, "_train", lambda self, c, s, data, teacher=None, **kw: trained.append(
                         data) or real_train(self, c, s, data, teacher, **kw))  # fmt: skip
-    sent = to_torch(tap.global_for_client(global_np, 0))
-    ctx.kept.update({f"personal:{k}": v.clone() for k, v in sent.items()})  # a second round
     tap.client_train(ctx, sent)
     assert len(scored) == 2 and scored[0] is scored[1]  # both models on the same split
     val, train = scored[0], trained[0]

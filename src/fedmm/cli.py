@@ -26,6 +26,7 @@ client-rounds did not train or evaluate (the health line of each run says which)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -208,8 +209,18 @@ def cmd_list() -> None:
     print("backbones: ", ", ".join(backbone_names()))
     print("peft types:", ", ".join(PEFT_TYPES))
     print("config keys (--set key=value):")
-    for key, value in FedmmConfig().to_flat().items():
-        print(f"  {key} = {value!r}")
+    cfg = FedmmConfig()
+    helps = {  # a method's options carry their valid values and help beside the method
+        f"{name}.{f.name}": " ".join(
+            x for x in (f.metadata.get("interval", ""),
+                        "|".join(f.metadata.get("choices", ())), f.metadata.get("help", "")) if x
+        )  # fmt: skip
+        for name, section in cfg.methods.items()
+        for f in dataclasses.fields(section)
+    }
+    for key, value in cfg.to_flat().items():
+        note = f"  # {helps[key]}" if helps.get(key) else ""
+        print(f"  {key} = {value!r}{note}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -288,6 +288,10 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
             dp_cfg.noise_multiplier, site.settings.dp_delta, site.settings.dp_max_epsilon
         )
     update = method.client_train(ctx, global_state)
+    undeclared = sorted(set(update.upload) - set(method.upload_spec(site.runtime.model)))
+    if undeclared:  # a method bug: never send what the method did not declare
+        raise RuntimeError(f"method {cfg.method!r} returned an upload outside its declared "
+                           f"upload_spec: {undeclared[:3]}")  # fmt: skip
     arrays, dp_stats = dp.privatize(to_numpy(update.upload), global_arrays, dp_cfg)
     if dp_cfg.clip_norm > 0:
         ledger.record(rnd, dp_cfg.noise_multiplier, dp_cfg.clip_norm)

@@ -72,7 +72,6 @@ def make_server_app(
         logs.configure("serverapp")  # flwr-serverapp configures no logging of its own
         run_cfg = cfg if cfg is not None else FedmmConfig().with_overrides(dict(context.run_config))
         run_cfg = run_cfg.resolved()
-        validate_config(run_cfg)  # flwr run / a deployment: the same one pass before round 1
         # fedmm run passes its config in-process (a simulation); flwr run gives a run config
         engine = "simulation" if cfg is not None else "deployment"
         run_federation(grid, run_cfg, on_round, engine)
@@ -424,14 +423,9 @@ def run_federation(
     runs every ``fed.eval_every`` rounds on a seeded ``fed.eval_fraction`` of the nodes, and on
     every node after the last round.
     """
-    if cfg.fed.eval_every < 1 or not 0 < cfg.fed.eval_fraction <= 1:
-        raise ConfigError(
-            f"fed.eval_every must be >= 1 and fed.eval_fraction in (0, 1], got "
-            f"{cfg.fed.eval_every} and {cfg.fed.eval_fraction}"
-        )
-    messages.check_compression(cfg.fed.compression)
     if cfg.resume:  # the checkpointed run's own options (checkpoint.resume_config), or an error
         cfg = checkpoint.resume_config(cfg)
+    validate_config(cfg)  # the one pass the CLI runs too: flwr run / a deployment get it here
     fed = Federation(grid, cfg, engine)
     if fed.first > cfg.fed.rounds:  # every round was checkpointed: write what results lack
         results.save_run(cfg.out_dir, fed.saved.record)

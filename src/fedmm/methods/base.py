@@ -38,6 +38,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -222,7 +223,7 @@ class ClientContext:
     model: FusionVLModel
     train: Encoded
     test: Encoded
-    kept: State  # what the client kept from its last round (``ClientUpdate.keep``); read-only
+    kept: Mapping[str, torch.Tensor]  # what the client kept last round (ClientUpdate.keep)
     round: int  # 1-based
     client_index: int
     steps_per_round: int
@@ -232,6 +233,7 @@ class ClientContext:
     _micro: tuple[int, int] = field(default=(0, 1), init=False, repr=False)  # (micro-batch, k)
 
     def __post_init__(self) -> None:
+        self.kept = MappingProxyType(dict(self.kept))  # read-only: a method returns its new state
         self.model.set_task(self.train.task)  # multi-task benchmarks: this client's head
 
     @property

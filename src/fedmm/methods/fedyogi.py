@@ -21,19 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmm.config import option
 from fedmm.methods.base import register
-from fedmm.methods.fedadam import FedAdam
+from fedmm.methods.fedadam import FedAdam, FedAdamConfig
 
 
 @dataclass
-class FedYogiConfig:
-    """FedYogi (Reddi et al. 2021): Yogi on the server over the averaged client update."""
-
-    server_lr: float = option(0.01, "(0, inf)", help="η, the server learning rate")
-    beta1: float = option(0.9, "[0, 1)", help="β₁, decay of the first moment")
-    beta2: float = option(0.99, "[0, 1)", help="β₂, rate of the second moment's change")
-    tau: float = option(1e-3, "(0, inf)", help="τ, adaptivity / stability constant")
+class FedYogiConfig(FedAdamConfig):
+    """FedYogi (Reddi et al. 2021): Yogi on the server over the averaged client update; the same
+    options as FedAdam's (η, β₁, β₂, τ), its own section ``fedyogi``."""
 
 
 @register("fedyogi")
