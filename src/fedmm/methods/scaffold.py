@@ -27,15 +27,27 @@ Choices, because fedmm's local step is more than plain SGD:
   (fedmm's optimiser: Adam then normalises the corrected gradient).  Option II's (x − y_i)/(K η_l)
   is an average gradient only for SGD, so ``adamw`` requires option I (refused otherwise).  With
   a schedule, K η_l is the sum of the K learning rates actually used.
-* Option I computes ∇f_i(x) at the received x, before training, over K batches of the client's
-  training data (dropout off, its own batch order): K more forward/backward passes.
+* Option I computes ∇f_i(x) at the received x, before training, over K batches of
+  ``train.batch_size`` rows of the client's training data (dropout off, its own batch order,
+  not clipped): K more forward/backward passes.  The local steps use clipped gradients
+  (``train.grad_clip``), so with clipping active option I's c_i is on the scale of the raw
+  gradient, option II's on that of the clipped one.
 * Δc_i is uploaded under keys ``dc/<key>`` that the global state lacks, so client-side DP
-  (``dp.*``) clips and noises it together with the model change, measured from 0.
+  (``dp.*``) clips and noises it together with the model change, measured from 0 (it shares
+  the clip budget with y_i − x).
+* N counts every client of the federation, also a site with no training rows (never sampled).
+
+Where the protocol's invariant c = (1/N) Σ_i c_i no longer holds exactly (the paper assumes every
+sampled reply arrives intact): a reply the server does not aggregate (rejected, timed out, fewer
+than ``fed.min_clients``) leaves that client's new c_i in place while c never receives its Δc_i;
+with DP or lossy ``fed.compression`` the server adds the noised / compressed Δc_i while the client
+keeps the exact c_i⁺.  The drift is bounded by those rounds' Δc_i; nothing detects it.
 
 Views as FedAvg: ``global`` = x, ``personalized`` = the client's last y_i.
 Tested: with one client (c = c_i after every round, so the correction is 0) SCAFFOLD is FedAvg
-with the same optimiser, round after round; c − c_i enters the step; option II's c_i⁺ is the mean
-gradient of a plain SGD run.
+with the same optimiser, round after round; c − c_i enters the step; option II's c_i⁺ is the
+gradient of a full-batch SGD step (in general: the learning-rate-weighted mean of the clipped
+gradients), option I's the gradient at x.
 """
 
 from __future__ import annotations
@@ -173,7 +185,7 @@ class Scaffold(FedAvg):
         def adjust() -> None:  # g + c − c_i, after clipping, before the step
             for key in nonzero:  # a zero correction leaves the step exactly FedAvg's
                 p = params[key]
-                if p.grad is None:  # no gradient this step (e.g. LoRA's A while B = 0)
+                if p.grad is None:  # a parameter the loss does not reach (another task's head)
                     p.grad = correction[key].clone()
                 else:
                     p.grad.add_(correction[key])
