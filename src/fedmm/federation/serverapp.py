@@ -215,17 +215,17 @@ class Federation:
     (``upload_spec``, ``per_client_messages``, ``global_for_client``) and its ``aggregate``.
     """
 
-    def __init__(self, grid: Grid, cfg: FedmmConfig, engine: str = "simulation") -> None:
-        self.grid, self.cfg = grid, cfg
+    def __init__(
+        self, grid: Grid, cfg: FedmmConfig, engine: str = "simulation",
+        saved: checkpoint.Checkpoint | None = None,
+    ) -> None:  # fmt: skip
+        """Ask the nodes who they are, build the method's first global state and the run record;
+        ``saved``: the checkpoint a resumed run continues from (its round < fed.rounds)."""
+        self.grid, self.cfg, self.saved = grid, cfg, saved
         self.method = method = get_method(cfg)
         schema = load_schema(cfg)
         self.schema_sha = schema.sha256()
-        for directory in (cfg.out_dir, checkpoint.path(cfg).parent):
-            remove_stale_temps(directory)  # left by writes a killed server never finished
-        self.saved = checkpoint.load(cfg) if cfg.resume else None
-        self.first = 1 if self.saved is None else self.saved.round + 1
-        if self.first > cfg.fed.rounds:  # killed after its last checkpoint, maybe before results
-            return
+        self.first = 1 if saved is None else saved.round + 1
         nodes, (self.index_of, infos, sizes) = ask_clients(grid, cfg, self.schema_sha)
         self.nodes = nodes
         self.client_ids = {k: info.client_id for k, info in infos.items()}
@@ -426,10 +426,13 @@ def run_federation(
     if cfg.resume:  # the checkpointed run's own options (checkpoint.resume_config), or an error
         cfg = checkpoint.resume_config(cfg)
     validate_config(cfg)  # the one pass the CLI runs too: flwr run / a deployment get it here
-    fed = Federation(grid, cfg, engine)
-    if fed.first > cfg.fed.rounds:  # every round was checkpointed: write what results lack
-        results.save_run(cfg.out_dir, fed.saved.record)
-        return fed.saved.record
+    for directory in (cfg.out_dir, checkpoint.path(cfg).parent):
+        remove_stale_temps(directory)  # left by writes a killed server never finished
+    saved = checkpoint.load(cfg) if cfg.resume else None
+    if saved is not None and saved.round >= cfg.fed.rounds:  # killed after its last checkpoint,
+        results.save_run(cfg.out_dir, saved.record)  # maybe before results: write them
+        return saved.record
+    fed = Federation(grid, cfg, engine, saved)
     timeout = cfg.fed.round_timeout or None
     for rnd in range(fed.first, cfg.fed.rounds + 1):
         t0 = time.perf_counter()

@@ -246,8 +246,8 @@ class ClientContext:
     ) -> torch.optim.Optimizer:  # fmt: skip
         """An optimiser over explicit parameter groups (each parameter must require grad).
 
-        ``kind``: ``adamw`` (every method's default; ``train.weight_decay``) or ``sgd`` (plain
-        SGD; ``options`` such as ``momentum`` pass through).  ``lr``: the method's own peak
+        ``kind``: ``adamw`` (every method's default) or ``sgd`` (plain SGD; ``options`` such as
+        ``momentum`` pass through); both with ``train.weight_decay`` unless ``options`` says.  ``lr``: the method's own peak
         learning rate (default ``train.lr``); ``steps`` scales the run's schedule to it, so the
         schedule's shape and step budget stay those of every other method.
         """
@@ -257,8 +257,7 @@ class ClientContext:
             for p in group:
                 p.requires_grad_(True)
         scale = 1.0 if lr is None else lr / self.cfg.train.lr
-        if kind == "adamw":
-            options.setdefault("weight_decay", self.cfg.train.weight_decay)
+        options.setdefault("weight_decay", self.cfg.train.weight_decay)
         return OPTIMIZERS[kind](
             [{"params": list(g), "lr_scale": scale} for g in groups if len(g)],
             lr=self.cfg.train.lr * scale,
@@ -541,6 +540,15 @@ class Method(ABC):
             from fedmm.validate import check_section
 
             check_section(type(self).name, cfg.methods[type(self).name])
+
+    @property
+    def opts(self):
+        """This method's options section (``cfg.<name>``): that of the nearest class in its
+        MRO that declares ``options`` (a subclass without its own reads its parent's)."""
+        for cls in type(self).__mro__:
+            if cls.__dict__.get("options") is not None:
+                return self.cfg.methods[cls.name]
+        raise AttributeError(f"{type(self).__name__} has no options")
 
     def prepare(self, model: FusionVLModel) -> None:
         """Make sure the model has this method's adapter sets, then reset every trainable part."""

@@ -45,18 +45,13 @@ class FedAdam(FedAvg):
         self.m: Arrays = {}
         self.v: Arrays = {}
 
-    @property
-    def hyper(self):
-        """This method's options section (FedYogi has its own, of the same fields)."""
-        return self.cfg.sections()[self.name]
-
     def second_moment(self, v: np.ndarray | float, delta: np.ndarray) -> np.ndarray:
         """Adam's ``v_t = β₂ v_{t−1} + (1 − β₂) Δ_t²``."""
-        beta2 = self.hyper.beta2
+        beta2 = self.opts.beta2
         return beta2 * v + (1 - beta2) * delta**2
 
     def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
-        c = self.hyper
+        c = self.opts  # fedadam.*, or fedyogi.* for FedYogi
         average = weighted_average(replies, self.cfg.fed.weighting)
         new_state = {}
         for key, theta in global_state.items():

@@ -43,7 +43,7 @@ class FedAvgM(FedAvg):
         self.velocity: Arrays = {}
 
     def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
-        c = self.cfg.fedavgm
+        c = self.opts
         average = weighted_average(replies, self.cfg.fed.weighting)
         new_state = {}
         for key, theta in global_state.items():

@@ -38,4 +38,4 @@ class FedYogi(FedAdam):
     def second_moment(self, v: np.ndarray | float, delta: np.ndarray) -> np.ndarray:
         """Yogi's ``v_t = v_{t−1} − (1 − β₂) Δ_t² sign(v_{t−1} − Δ_t²)``."""
         square = delta**2
-        return v - (1 - self.hyper.beta2) * square * np.sign(v - square)
+        return v - (1 - self.opts.beta2) * square * np.sign(v - square)
