@@ -212,8 +212,13 @@ def cmd_list() -> None:
     cfg = FedmmConfig()
     helps = {  # a method's options carry their valid values and help beside the method
         f"{name}.{f.name}": " ".join(
-            x for x in (f.metadata.get("interval", ""),
-                        "|".join(f.metadata.get("choices", ())), f.metadata.get("help", "")) if x
+            x
+            for x in (
+                f.metadata.get("interval", ""),
+                "|".join(f.metadata.get("choices", ())),
+                f.metadata.get("help", ""),
+            )
+            if x
         )  # fmt: skip
         for name, section in cfg.methods.items()
         for f in dataclasses.fields(section)
