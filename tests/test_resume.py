@@ -22,6 +22,7 @@ from fedmm.cli import main
 from fedmm.config import ConfigError
 from fedmm.engine import prepare, rehearsal_sites
 from fedmm.federation import checkpoint
+from fedmm.methods import Reply
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -95,6 +96,21 @@ def test_fedadam_server_state_round_trips(tiny_cfg):
     )
     with pytest.raises(ValueError):
         bound_method(tiny_cfg).load_server_state({"m/a": np.ones(1)})
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm"])
+def test_server_optimiser_state_survives_a_checkpoint(tiny_cfg, name):
+    """FedAdam's / FedYogi's moments and FedAvgM's momentum: a server restored from
+    ``server_state`` takes the same next step as the one that never stopped."""
+    method = bound_method(tiny_cfg.with_overrides({"method": name}))
+    theta = {"w": np.array([1.0], dtype=np.float32)}
+    method.aggregate(theta, [Reply(0, {"w": np.array([3.0], np.float32)}, 1)])
+    other = bound_method(tiny_cfg.with_overrides({"method": name}))
+    other.load_server_state(method.server_state())
+    step = [Reply(0, {"w": np.array([2.0], np.float32)}, 1)]
+    np.testing.assert_array_equal(
+        method.aggregate(theta, step)["w"], other.aggregate(theta, step)["w"]
+    )
 
 
 def test_cli_resume_continues_in_the_flower_simulation(tiny_cfg, capsys):

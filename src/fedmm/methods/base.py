@@ -98,6 +98,15 @@ def load_parts(
             raise KeyError(f"unknown tensors for part {part!r}: {result.unexpected_keys}")
 
 
+def part_shapes(model: FusionVLModel, parts: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``{"<part>/<param>": shape}`` of the named trainable parts (``get_parts``' keys)."""
+    return {
+        f"{part}/{name}": tuple(tensor.shape)
+        for part in parts
+        for name, tensor in part_module(model, part).state_dict().items()
+    }
+
+
 def select(state: State, parts: Sequence[str]) -> State:
     return {k: v for k, v in state.items() if k.split("/", 1)[0] in parts}
 
@@ -569,12 +578,7 @@ class Method(ABC):
         """Everything a training reply may carry, key -> shape: the ``upload_parts`` of
         ``model`` plus ``extra_uploads``.  Read by the server's reply validation, the payload
         audit and the upload-size bound."""
-        shapes = {
-            f"{part}/{name}": tuple(tensor.shape)
-            for part in self.upload_parts()
-            for name, tensor in part_module(model, part).state_dict().items()
-        }
-        return shapes | self.extra_uploads(model)
+        return part_shapes(model, self.upload_parts()) | self.extra_uploads(model)
 
     def trainable_parts(self) -> tuple[str, ...]:
         """Parts this method trains (for parameter counts)."""

@@ -68,10 +68,10 @@ from fedmm.methods.base import (
     State,
     get_parts,
     is_model_key,
-    lr_at,
     model_groups,
     namespaced,
     part_module,
+    part_shapes,
     register,
     task_loss,
     weighted_average,
@@ -126,12 +126,7 @@ class Scaffold(FedAvg):
 
     def extra_uploads(self, model: FusionVLModel) -> dict[str, tuple[int, ...]]:
         """Δc_i, one tensor per federated tensor."""
-        shapes = {
-            f"{part}/{name}": tuple(t.shape)
-            for part in PARTS
-            for name, t in part_module(model, part).state_dict().items()
-        }
-        return {f"{DELTA_C}/{k}": s for k, s in shapes.items()}
+        return {f"{DELTA_C}/{k}": s for k, s in part_shapes(model, PARTS).items()}
 
     # ------------------------------------------------------------------ server
     def init_global(self, model: FusionVLModel) -> Arrays:
@@ -181,8 +176,10 @@ class Scaffold(FedAvg):
         opt = ctx.optimizer(groups, kind=c.optimizer, lr=c.local_lr if sgd else None)
 
         nonzero = {k for k, v in correction.items() if bool(v.any())}
+        rates: list[float] = []  # the learning rate of each optimiser step taken
 
         def adjust() -> None:  # g + c − c_i, after clipping, before the step
+            rates.append(opt.param_groups[0]["lr"])
             for key in nonzero:  # a zero correction leaves the step exactly FedAvg's
                 p = params[key]
                 if p.grad is None:  # a parameter the loss does not reach (another task's head)
@@ -194,17 +191,12 @@ class Scaffold(FedAvg):
             for feats, ids, mask, labels in ctx.steps(opt):
                 ctx.step(opt, task_loss(model(feats, ids, mask), labels), adjust)
         y = get_parts(model, PARTS)
-        steps = int(ctx.stats.get("steps", 0))
         if c.variant == "I":
             new_c = gradient
-        elif steps == 0:  # no training data: nothing learned about this client's drift
+        elif not rates:  # no training data: nothing learned about this client's drift
             new_c = client_c
-        else:
-            scale = c.local_lr / self.cfg.train.lr
-            first = (ctx.round - 1) * ctx.steps_per_round
-            lr_sum = scale * sum(
-                lr_at(first + i, ctx.total_steps, self.cfg.train) for i in range(steps)
-            )
+        else:  # K η_l: the sum of the rates the optimiser actually used
+            lr_sum = sum(rates)
             new_c = {k: client_c[k] - server_c[k] + (x[k] - y[k]) / lr_sum for k in x}
         upload = y | {f"{DELTA_C}/{k}": new_c[k] - client_c[k] for k in x}
         keep = namespaced(y, "personal") | {f"{CLIENT_C}/{k}": v for k, v in new_c.items()}
