@@ -46,17 +46,17 @@ def test_bench_runs_each_missing_cell_once_and_reports_mean_and_std(tiny_cfg, tm
 
 def test_report_mean_and_std_over_seeds():
     runs = [
-        {"method": "fedavg", "benchmark": "b", "seed": s, "views": ["global"], "trainable_params": 10,
-         "final": {"global": acc, "global.closed": acc + 0.1}, "clients": {},
+        {"method": "fedavg", "benchmark": "b", "seed": s, "views": ["shared"], "trainable_params": 10,
+         "final": {"shared": acc, "shared.closed": acc + 0.1}, "clients": {},
          "history": [{"round": 1, "seconds": 2.0, "bytes_up": 2048, "bytes_down": 2048, "sampled": 2,
-                      "clients": {"c": {"global": acc}}}]}
+                      "clients": {"c": {"shared": acc}}}]}
         for s, acc in ((0, 0.5), (1, 0.7))
     ]  # fmt: skip
     text = bench.report(
         runs, {"benchmarks": ["b"], "methods": ["fedavg"], "seeds": [0, 1], "peft": "adapter"}
     )
     assert "| fedavg | 2 | 60.0 ± 14.1 | 70.0 ± 14.1 | 10 | 1 | 2.0 |" in text
-    assert "global (closed)" in text
+    assert "shared (closed)" in text
 
 
 def test_the_same_config_and_seed_give_the_same_metrics(tiny_cfg, tmp_path):
@@ -77,15 +77,15 @@ def test_views_are_scored_per_group_when_the_split_has_groups(tiny_cfg):
     ctx = ClientContext(tiny_cfg, rt.model, test, tagged, {}, 1, 0, 1, 1)
     rt.model.peft.ensure_sets(["a"])
     with rt.model.active("a"):
-        views = ctx.view("global", "personalized")
+        views = ctx.view("shared", "personal")
     preds = ctx.predict(tagged)
     rows = torch.tensor([g == "closed" for g in groups])
-    assert views["global.closed"] == pytest.approx(
+    assert views["shared.closed"] == pytest.approx(
         float((preds == test.labels)[rows].float().mean())
     )
-    assert views["personalized.open"] == views["global.open"]
+    assert views["personal.open"] == views["shared.open"]
     assert set(views) == {
-        f"{v}{g}" for v in ("global", "personalized") for g in ("", ".closed", ".open")
+        f"{v}{g}" for v in ("shared", "personal") for g in ("", ".closed", ".open")
     }
 
 
@@ -100,13 +100,13 @@ def test_cli_bench_and_run_check_benchmark_lists(capsys, tmp_path):
 def test_report_has_a_per_task_table_for_multi_task_benchmarks():
     def run(seed, acc):
         return {"method": "tap", "peft": "adapter", "benchmark": "b", "seed": seed,
-                "views": ["global", "personalized"], "trainable_params": 1, "history": [],
-                "final": {"global": acc}, "final_by_task": {"vqa": {"global": acc},
-                                                           "tags": {"global": 0.5}}}  # fmt: skip
+                "views": ["shared", "personal"], "trainable_params": 1, "history": [],
+                "final": {"shared": acc}, "final_by_task": {"vqa": {"shared": acc},
+                                                           "tags": {"shared": 0.5}}}  # fmt: skip
 
     text = bench.report([run(0, 0.4), run(1, 0.6)],
                         {"benchmarks": ["b"], "methods": ["tap"], "seeds": [0, 1], "peft": "adapter"})  # fmt: skip
-    assert "| method | tags global | tags personalized | vqa global | vqa personalized |" in text
+    assert "| method | tags shared | tags personal | vqa shared | vqa personal |" in text
     assert "| tap | 50.0 ± 0.0 | — | 50.0 ± 14.1 | — |" in text
 
 
@@ -116,3 +116,38 @@ def test_a_cell_made_before_an_option_existed_counts_as_made_with_its_default(ti
     del stored["config"]["train.lr"]  # as if the option were newer than the stored run
     assert bench._same(stored, cfg)
     assert not bench._same(stored, cfg.with_overrides({"train.lr": 0.5}))
+
+
+def test_variants_are_rows_of_their_own_and_fedpia_without_alignment_or_integration_is_fedavg(
+    tiny_cfg, tmp_path, capsys
+):
+    """A variant runs its method with its options under its own name (results.json key, report
+    row); FedPIA with the identity 'alignment' and λ = 0 (the client starts from the global
+    model) is FedAvg, view for view, round for round."""
+    out = tmp_path / "bench"
+    argv = ["bench", "--benchmark", "fmnist-domain", "--method", "fedavg,pia-id",
+            "--variant", "pia-id=fedpia:fedpia.solver=identity,fedpia.lam=0", "--seeds", "0",
+            "--out", str(out), "--set", "model.backbone=tiny", "--set", "model.image_size=32",
+            "--set", "data.train_per_client=40", "--set", "data.test_per_client=20",
+            "--clients", "2", "--rounds", "2", "--set", "train.local_steps=3",
+            "--set", "train.batch_size=8", "--set", "progress=false"]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((out / "bench.json").read_text())
+    runs = {r.get("variant") or r["method"]: r for r in data["runs"]}
+    assert set(runs) == {"fedavg", "pia-id"}
+    assert runs["pia-id"]["method"] == "fedpia" and runs["pia-id"]["config"]["fedpia.lam"] == 0
+    assert [h["clients"] for h in runs["pia-id"]["history"]] == [
+        h["clients"] for h in runs["fedavg"]["history"]
+    ]
+    report = (out / "report.md").read_text()
+    assert "| pia-id | 1 |" in report and "| fedavg | 1 |" in report
+    assert "`pia-id` = fedpia with fedpia.solver=identity, fedpia.lam=0" in report
+    assert main(argv[:4] + ["fedavg,nope"] + argv[5:]) == 2
+    assert "unknown method or variant 'nope'" in capsys.readouterr().err
+
+
+def test_built_in_variants_name_valid_options(tiny_cfg):
+    for name, v in bench.VARIANTS.items():
+        cfg = bench.cell_config(tiny_cfg, name, 0, tiny_cfg.out_dir)
+        assert (cfg.method, cfg.variant) == (v.method, name)
+        assert all(cfg.to_flat()[k] == val for k, val in v.overrides.items())

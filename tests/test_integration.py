@@ -64,7 +64,7 @@ def test_two_round_flower_simulation_fedavg_and_feddat(tiny_cfg, capsys):
                    for n in run["loader_notes"]["sites"].values())  # fmt: skip
         assert run["excluded_clients"] == {}
     assert printed.count("-> ok") == 2  # one health line per run
-    assert set(runs["feddat"]["views"]) == {"global", "personalized", "dat", "client"}
+    assert set(runs["feddat"]["views"]) == {"shared+head", "personal", "client"}
     # FedDAT uploads A_s + projection only; FedAvg also the head
     assert runs["feddat"]["history"][0]["bytes_up"] < runs["fedavg"]["history"][0]["bytes_up"]
     assert (Path(out) / "summary.md").read_text().count("| fed") == 2

@@ -69,9 +69,8 @@ def test_evaluate_reply_holds_only_metrics_per_view(tiny_cfg):
     assert set(reply.content.keys()) == {messages.METRICS}
     m = reply.content[messages.METRICS]
     assert {k for k in m.keys() if k.startswith("acc.")} == {
-        "acc.global",
-        "acc.personalized",
-        "acc.dat",
+        "acc.shared+head",
+        "acc.personal",
         "acc.client",
     }
     assert all(0.0 <= m[k] <= 1.0 for k in m.keys() if k.startswith("acc."))

@@ -122,7 +122,7 @@ def test_each_round_checkpoints_before_results_and_logs_one_line(tiny_cfg, monke
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     head = r"round {}/2: 2/3 sites trained, 1 failed \(\+0 rejected\), [\d.]+s, "
     assert re.fullmatch(head.format(1) + "not evaluated", lines[0])
-    views = r"global \d+\.\d% personalized \d+\.\d% over 3/3 evaluated sites"
+    views = r"shared \d+\.\d% shared\+head \d+\.\d% personal \d+\.\d% over 3/3 evaluated sites"
     assert re.fullmatch(head.format(2) + views, lines[1])
 
 

@@ -191,6 +191,13 @@ def test_replacement_copies_the_global_copy_when_it_wins(task_cfg, monkeypatch):
     ctx = ctx_for(task_cfg, 2, rnd=2, state=dict(bad))
     tap.client_train(ctx, sent)
     assert ctx.stats["replaced"] == 0.0
+    # the ablation without replacement: the same win is scored and recorded, never acted on
+    scores = iter([0.9, 0.1])
+    ablated = task_cfg.with_overrides({"tap.replacement": False})
+    ctx = ctx_for(ablated, 2, rnd=2, state=dict(bad))
+    bound_method(ablated).client_train(ctx, sent)
+    assert ctx.stats["replaced"] == 0.0
+    assert (ctx.stats["val_global"], ctx.stats["val_personal"]) == (0.9, 0.1)
 
 
 def test_a_first_round_starts_the_personal_model_from_the_trained_global_copy(task_cfg):
@@ -208,7 +215,7 @@ def test_stage_two_runs_after_the_last_round_only(task_cfg):
     sent = to_torch(tap.global_for_client(global_np, 4))
     state = tap.client_train(ctx_for(task_cfg, 4, 1, {}), sent).keep
     views = tap.client_evaluate(ctx_for(task_cfg, 4, 1, state), sent)
-    assert set(views) == {"global", "global.f1", "personalized", "personalized.f1"}
+    assert set(views) == {"shared", "shared.f1", "personal", "personal.f1"}
     last = task_cfg.fed.rounds
     before = {k: v.clone() for k, v in state.items()}
     views = tap.client_evaluate(ctx_for(task_cfg, 4, last, state), sent)

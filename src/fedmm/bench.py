@@ -1,10 +1,14 @@
 """``fedmm bench``: methods × benchmarks × seeds → one honest report.
 
-Every cell (benchmark, method, seed) is one ``fedmm run`` into the same directory (its
+Every cell (benchmark, method or variant, seed) is one ``fedmm run`` into the same directory (its
 ``results.json`` is the store).  A cell whose run is already there, complete (``fed.rounds``
 rounds) and made with the same configuration is not rerun, so an interrupted bench resumes where
 it stopped.  Frozen visual features are cached on disk per (backbone, preprocessing, data) and
 shared by every method and seed of a benchmark.
+
+**Variants** are named configurations of a method, run and reported as rows of their own
+(``--method fedavg,feddat,feddat-fedhead``): the ablations in ``VARIANTS`` isolate each method's
+idea; ``--variant NAME=METHOD:KEY=VALUE,...`` adds one of your own.
 
 Outputs in ``--out``: ``bench.json`` (the grid and every cell's run with every round),
 ``report.md`` (per benchmark: methods × views, **mean ± std over seeds** of the final per-client
@@ -18,10 +22,11 @@ from __future__ import annotations
 import io
 import json
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmm import __version__, results
-from fedmm.config import FedmmConfig
+from fedmm.config import ConfigError, FedmmConfig
 from fedmm.files import atomic_write
 
 # config keys that do not change a result (data.schema: where the server's copy of the schema is;
@@ -29,9 +34,71 @@ from fedmm.files import atomic_write
 VOLATILE = ("out_dir", "cache_dir", "progress", "resume", "data.schema")
 
 
-def cell_config(cfg: FedmmConfig, method: str, seed: int, out: Path) -> FedmmConfig:
-    """The run of one cell: ``cfg`` (one benchmark's configuration) with method, seed, out."""
-    return cfg.with_overrides({"method": method, "seed": seed, "out_dir": str(out)}).resolved()
+@dataclass(frozen=True)
+class Variant:
+    """A named configuration of ``method``: ``overrides`` (flat config keys) on top of the
+    bench's options; ``isolates``: what comparing it with its method (or a baseline) measures."""
+
+    method: str
+    overrides: dict = field(default_factory=dict)
+    isolates: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    "feddat-fedhead": Variant(
+        "feddat", {"feddat.federate_head": True},
+        "FedDAT with a federated head, so it has a `shared` view: A_s + shared head against "
+        "FedAvg's `shared` (the dual-adapter teacher without a personal head)",
+    ),
+    "feddat-nodistill": Variant(
+        "feddat", {"feddat.alpha": 1.0, "feddat.beta": 1.0},
+        "FedDAT without mutual distillation (α = β = 1: A_s and the DAT each on the task loss "
+        "only) against FedDAT",
+    ),
+    "fedpia-identity": Variant(
+        "fedpia", {"fedpia.solver": "identity"},
+        "FedPIA without alignment (units matched by index; the server merge is FedAvg's) "
+        "against FedPIA's optimal-transport alignment",
+    ),
+    "tap-noreplace": Variant(
+        "tap", {"tap.replacement": False},
+        "TAP without adaptive replacement against TAP (TAP without stage 2 is the `personal` "
+        "view of either)",
+    ),
+}  # fmt: skip
+
+
+def parse_variant(text: str) -> tuple[str, Variant]:
+    """``NAME=METHOD:KEY=VALUE,KEY=VALUE`` (``--variant``) -> (name, Variant)."""
+    name, eq, rest = text.partition("=")
+    method, colon, sets = rest.partition(":")
+    if not (eq and name.strip() and method.strip()):
+        raise ConfigError(f"--variant expects NAME=METHOD:KEY=VALUE,..., got {text!r}")
+    overrides = {}
+    for item in filter(None, (x.strip() for x in sets.split(","))):
+        key, eq2, value = item.partition("=")
+        if not eq2:
+            raise ConfigError(f"--variant {name}: {item!r} is not KEY=VALUE")
+        overrides[key.strip()] = value.strip()
+    return name.strip(), Variant(method.strip(), overrides, "user-defined (--variant)")
+
+
+def variant(name: str, extra: dict[str, Variant] | None = None) -> Variant:
+    """The variant called ``name`` (``extra`` first, then ``VARIANTS``), or plain method ``name``."""
+    found = (extra or {}).get(name) or VARIANTS.get(name)
+    return found if found is not None else Variant(name)
+
+
+def cell_config(
+    cfg: FedmmConfig, name: str, seed: int, out: Path, extra: dict[str, Variant] | None = None
+) -> FedmmConfig:
+    """The run of one cell: ``cfg`` (one benchmark's configuration) with the method or variant
+    ``name`` (its overrides and ``variant = name``), seed and out."""
+    v = variant(name, extra)
+    tag = {"variant": name} if v.method != name else {}
+    return cfg.with_overrides(
+        {**v.overrides, "method": v.method, **tag, "seed": seed, "out_dir": str(out)}
+    ).resolved()
 
 
 def _same(run: dict, cfg: FedmmConfig) -> bool:
@@ -43,9 +110,13 @@ def _same(run: dict, cfg: FedmmConfig) -> bool:
     )
 
 
-def run_bench(cfgs: list[FedmmConfig], methods: list[str], seeds: list[int], out: Path) -> dict:
-    """Run every missing cell of the grid (one config per benchmark); write bench.json,
-    report.md and the plots after each cell."""
+def run_bench(
+    cfgs: list[FedmmConfig], methods: list[str], seeds: list[int], out: Path,
+    extra: dict[str, Variant] | None = None,
+) -> dict:  # fmt: skip
+    """Run every missing cell of the grid (one config per benchmark; ``methods``: method or
+    variant names, ``extra``: user-defined variants); write bench.json, report.md and the plots
+    after each cell."""
     from tqdm.auto import tqdm
 
     from fedmm.engine import run_method
@@ -56,32 +127,46 @@ def run_bench(cfgs: list[FedmmConfig], methods: list[str], seeds: list[int], out
     bar = tqdm(total=len(cells), desc="bench", unit="cell", disable=not cfgs[0].progress)
     ran = 0
     for benchmark, method, seed in cells:
-        ccfg = cell_config(by_name[benchmark], method, seed, out)
+        ccfg = cell_config(by_name[benchmark], method, seed, out, extra)
         existing = {results.run_key(r): r for r in results.load(out)["runs"]}
-        key = (method, ccfg.peft.type, benchmark, seed)
+        key = (ccfg.method, ccfg.variant, ccfg.peft.type, benchmark, seed)
         bar.set_postfix_str(f"{method} on {benchmark}, seed {seed}")
         if key not in existing or not _same(existing[key], ccfg):
             run_method(ccfg)
             ran += 1
         bar.update(1)
-        write_outputs(out, cells, ccfg.peft.type)
+        write_outputs(out, cells, ccfg.peft.type, extra)
     bar.close()
     return {"cells": len(cells), "ran": ran}
 
 
-def _cell_runs(out: Path, cells: list[tuple], peft: str) -> list[dict]:
-    wanted = {(m, peft, b, s) for b, m, s in cells}
+def cell_key(name: str, peft: str, benchmark: str, seed: int,
+             extra: dict[str, Variant] | None = None) -> tuple:  # fmt: skip
+    """The results.json run key (``results.run_key``) of a cell."""
+    v = variant(name, extra)
+    return (v.method, name if v.method != name else "", peft, benchmark, seed)
+
+
+def _cell_runs(
+    out: Path, cells: list[tuple], peft: str, extra: dict[str, Variant] | None = None
+) -> list[dict]:
+    wanted = {cell_key(m, peft, b, s, extra) for b, m, s in cells}
     return [r for r in results.load(out)["runs"] if results.run_key(r) in wanted]
 
 
-def write_outputs(out: Path, cells: list[tuple], peft: str) -> None:
-    runs = _cell_runs(out, cells, peft)
+def write_outputs(
+    out: Path, cells: list[tuple], peft: str, extra: dict[str, Variant] | None = None
+) -> None:
+    runs = _cell_runs(out, cells, peft, extra)
     grid = {
         "benchmarks": sorted({c[0] for c in cells}),
         "methods": list(dict.fromkeys(c[1] for c in cells)),
         "seeds": sorted({c[2] for c in cells}),
         "peft": peft,
     }
+    used = {m: variant(m, extra) for m in grid["methods"] if variant(m, extra).method != m}
+    grid["variants"] = {m: {"method": v.method, "overrides": v.overrides, "isolates": v.isolates}
+                        for m, v in used.items()}  # fmt: skip
     payload = {"fedmm_version": __version__, "grid": grid, "runs": runs}
     atomic_write(out / "bench.json", json.dumps(payload, indent=1).encode())
     atomic_write(out / "report.md", (report(runs, grid) + "\n").encode())
@@ -97,7 +182,7 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _groups(runs: list[dict]) -> list[str]:
-    names = {k.split(".", 1)[1] for r in runs for k in r["final"] if "." in k}
+    names = {k.split(".", 1)[1] for r in runs for k in results.scored_views(r) if "." in k}
     return sorted(names)
 
 
@@ -111,9 +196,7 @@ def report(runs: list[dict], grid: dict) -> str:
         bruns = [r for r in runs if r["benchmark"] == bench]
         if not bruns:
             continue
-        views = results._views(
-            [{"final": {k: v for k, v in r["final"].items() if "." not in k}} for r in bruns]
-        )
+        views = [v for v in results._views(bruns) if "." not in v]
         groups = _groups(bruns)
         head = ["method", "seeds", *views]
         for g in groups:
@@ -121,7 +204,7 @@ def report(runs: list[dict], grid: dict) -> str:
         head += ["trainable params", "KB up/client/round", "s/round"]
         lines += ["", f"## {bench}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method in grid["methods"]:
-            mruns = [r for r in bruns if r["method"] == method]
+            mruns = [r for r in bruns if _name(r) == method]
             if not mruns:
                 continue
             cells = [results.label(mruns[0]), str(len(mruns))]
@@ -143,11 +226,24 @@ def report(runs: list[dict], grid: dict) -> str:
         lines += _task_lines(bruns, grid["methods"])
     lines += [
         "",
-        "Views: `global` = the federated model, `personalized` = each client's own model "
-        "(see the README); a dash: the method has no such view. Seconds per round are wall "
-        "time on the machine that ran the bench, including evaluation.",
+        "Views by kind (README, Views): `shared` = every parameter the federation shares, with "
+        "the shared head (what a new client would receive); `shared+head` = the shared body with "
+        "the client's own head; `personal` = the client's own full model; `client` (FedDAT: A_c "
+        "alone) and `distilled` (TAP's stage 2) are method extras. A dash: the method has no "
+        "such model. Seconds per round are wall time on the machine that ran the bench, "
+        "including evaluation.",
     ]
+    if grid.get("variants"):
+        lines += ["", "Variants (ablations):", ""]
+        lines += [f"- `{name}` = {v['method']} with "
+                  f"{', '.join(f'{k}={val}' for k, val in v['overrides'].items())}: {v['isolates']}"
+                  for name, v in grid["variants"].items()]  # fmt: skip
     return "\n".join(lines)
+
+
+def _name(run: dict) -> str:
+    """The bench name of a run: its variant, else its method."""
+    return results.variant_of(run) or run["method"]
 
 
 def _task_lines(runs: list[dict], methods: list[str]) -> list[str]:
@@ -156,15 +252,13 @@ def _task_lines(runs: list[dict], methods: list[str]) -> list[str]:
     if not runs:
         return []
     tasks = sorted({t for r in runs for t in r["final_by_task"]})
-    views = [
-        v for v in ("global", "personalized", "distilled") if any(v in r["views"] for r in runs)
-    ]
+    views = [v for v in results.VIEW_ORDER if any(v in r["views"] for r in runs)]
     cols = [(t, v) for t in tasks for v in views]
     head = ["method", *(f"{t} {v}" for t, v in cols)]
     lines = ["", "Per task (accuracy; multi-label tasks: mean AUROC):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for method in methods:
-        mruns = [r for r in runs if r["method"] == method]
+        mruns = [r for r in runs if _name(r) == method]
         if mruns:
             cells = [results.label(mruns[0])]
             cells += [_mean_std([r["final_by_task"][t][v] for r in mruns
@@ -173,11 +267,13 @@ def _task_lines(runs: list[dict], methods: list[str]) -> list[str]:
     return lines
 
 
-def _primary(run: dict) -> str:
-    return "global" if "global" in run["views"] else run["views"][0]
+KINDS = ("shared", "shared+head", "personal")
 
 
 def plot(out: Path, runs: list[dict], grid: dict) -> None:
+    """``bench_curves.png`` (accuracy per round) and ``bench_bytes.png`` (final accuracy vs MB
+    communicated): one panel per (view kind, benchmark), so a panel compares like with like;
+    mean over seeds with a ±std band / error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,39 +281,46 @@ def plot(out: Path, runs: list[dict], grid: dict) -> None:
     import numpy as np
 
     benches = [b for b in grid["benchmarks"] if any(r["benchmark"] == b for r in runs)]
-    if not benches:
+    kinds = [k for k in KINDS if any(k in r["views"] for r in runs)]
+    if not benches or not kinds:
         return
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, len(benches), figsize=(6 * len(benches), 4), squeeze=False)
-    fig2, axes2 = plt.subplots(1, len(benches), figsize=(6 * len(benches), 4), squeeze=False)
-    for ax, ax2, bench in zip(axes[0], axes2[0], benches):
-        for i, method in enumerate(grid["methods"]):
-            mruns = [r for r in runs if r["benchmark"] == bench and r["method"] == method]
-            if not mruns:
-                continue
-            view = _primary(mruns[0])
-            rounds = min(len(r["history"]) for r in mruns)
-            acc = np.array([[100 * results.mean_views(h["clients"], r.get("excluded_clients", {}))
-                             .get(view, np.nan) for h in r["history"][:rounds]]
-                            for r in mruns])  # fmt: skip
-            xs = np.arange(1, rounds + 1)
-            color = colors[i % len(colors)]
-            ax.plot(xs, acc.mean(0), marker="o", color=color, label=f"{method} ({view})")
-            ax.fill_between(
-                xs, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), color=color, alpha=0.2
-            )
-            total = [
-                sum(h["bytes_up"] + h["bytes_down"] for h in r["history"]) / 2**20 for r in mruns
-            ]
-            final = [100 * r["final"].get(view, np.nan) for r in mruns]
-            ax2.errorbar(np.mean(total), np.mean(final), yerr=np.std(final), fmt="o", color=color,
-                         label=f"{method} ({view})")  # fmt: skip
-        for a, xlabel in ((ax, "round"), (ax2, "total MB communicated (all clients, up + down)")):
-            a.set_title(bench)
-            a.set_xlabel(xlabel)
-            a.set_ylabel("mean client accuracy (%)")
-            a.grid(alpha=0.3)
-            a.legend(fontsize=7)
+    shape = (len(kinds), len(benches))
+    size = (6 * len(benches), 3.6 * len(kinds))
+    fig, axes = plt.subplots(*shape, figsize=size, squeeze=False)
+    fig2, axes2 = plt.subplots(*shape, figsize=size, squeeze=False)
+    for row, view in enumerate(kinds):
+        for col, bench in enumerate(benches):
+            ax, ax2 = axes[row][col], axes2[row][col]
+            for i, method in enumerate(grid["methods"]):
+                mruns = [r for r in runs if r["benchmark"] == bench and _name(r) == method
+                         and view in r["views"]]  # fmt: skip
+                if not mruns:
+                    continue
+                rounds = min(len(r["history"]) for r in mruns)
+                acc = np.array([[100 * results.mean_views(h["clients"],
+                                                          r.get("excluded_clients", {}))
+                                 .get(view, np.nan) for h in r["history"][:rounds]]
+                                for r in mruns])  # fmt: skip
+                xs = np.arange(1, rounds + 1)
+                color = colors[i % len(colors)]
+                ax.plot(xs, acc.mean(0), marker="o", color=color, label=method)
+                ax.fill_between(xs, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0),
+                                color=color, alpha=0.2)  # fmt: skip
+                total = [sum(h["bytes_up"] + h["bytes_down"] for h in r["history"]) / 2**20
+                         for r in mruns]  # fmt: skip
+                final = [100 * r["final"].get(view, np.nan) for r in mruns]
+                ax2.errorbar(np.mean(total), np.mean(final), yerr=np.std(final), fmt="o",
+                             color=color, label=method)  # fmt: skip
+            for a, xlabel in ((ax, "round"), (ax2, "total MB communicated (all clients, up+down)")):
+                a.set_title(f"{bench}: {view}")
+                if a is ax:  # rounds are whole numbers
+                    a.xaxis.get_major_locator().set_params(integer=True)
+                a.set_xlabel(xlabel)
+                a.set_ylabel("mean client accuracy (%)")
+                a.grid(alpha=0.3)
+                if a.has_data():
+                    a.legend(fontsize=7)
     for f, name in ((fig, "bench_curves.png"), (fig2, "bench_bytes.png")):
         f.tight_layout()
         png = io.BytesIO()

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest not in ("seed", "resume", "sites", "site"):
             bench._add_action(action)
     bench.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    bench.add_argument("--variant", action="append", default=[],
+                       metavar="NAME=METHOD:KEY=VALUE,...",
+                       help="a named configuration of a method, usable in --method like the "
+                            "built-in ablations (fedmm list shows them)")  # fmt: skip
     certs = sub.add_parser("certs", help="TLS certificates + SuperNode auth keys for a deployment")
     certs.add_argument("--out", default="certificates", help="directory (default: certificates)")
     certs.add_argument("--supernodes", type=int, default=2, help="auth key pairs (default: 2)")
@@ -116,8 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[list[FedmmConfig], list[str]]:
-    """(one config per benchmark, methods), every name and option validated."""
+def resolve_config(
+    args: argparse.Namespace, variants: dict | None = None
+) -> tuple[list[FedmmConfig], list[str]]:
+    """(one config per benchmark, methods), every name and option validated.  ``variants``
+    (``fedmm bench``: name -> ``bench.Variant``): method names that stand for a method with
+    options of their own, each validated with those options."""
     from fedmm.data import FIXED_CLIENTS
 
     overrides: dict = {}
@@ -146,7 +154,24 @@ def resolve_config(args: argparse.Namespace) -> tuple[list[FedmmConfig], list[st
             cfg = cfg.with_overrides(
                 {"fed.clients": FIXED_CLIENTS[bench]}
             )  # part of its definition
-        validate(cfg, methods)
+        if variants is not None:
+            from fedmm.methods import METHODS
+
+            unknown = [m for m in methods if m not in METHODS and m not in variants]
+            if unknown:
+                raise ConfigError(f"unknown method or variant {unknown[0]!r}; methods: "
+                                  f"{', '.join(METHODS)}; variants: {', '.join(variants)}")  # fmt: skip
+        plain = [m for m in methods if m not in (variants or {})]
+        if plain or not methods:
+            validate(cfg, plain)
+        for name in methods:
+            if name in (variants or {}):
+                v = variants[name]
+                try:
+                    vcfg = cfg.with_overrides(v.overrides)
+                except ConfigError as exc:
+                    raise ConfigError(f"variant {name!r}: {exc}") from exc
+                validate(vcfg, [v.method])
         cfgs.append(cfg)
     if not cfgs:
         raise ConfigError("--benchmark is empty")
@@ -200,11 +225,21 @@ def check_data(cfg: FedmmConfig):
 
 def cmd_list() -> None:
     from fedmm.backbones import backbone_names
+    from fedmm.bench import VARIANTS
     from fedmm.data import BENCHMARKS
     from fedmm.methods import METHODS
+    from fedmm.methods.base import VIEW_KINDS
     from fedmm.peft import PEFT_TYPES
 
     print("methods:   ", ", ".join(METHODS))
+    print("bench variants (fedmm bench --method NAME):")
+    for name, v in VARIANTS.items():
+        sets = ", ".join(f"{k}={val}" for k, val in v.overrides.items())
+        print(f"  {name:<18} {v.method} with {sets}: {v.isolates}")
+    print("views (by kind, the same for every method):")
+    for kind, meaning in VIEW_KINDS.items():
+        print(f"  {kind:<12} {meaning}")
+    print("  + method extras: FedDAT client (A_c alone), TAP distilled (stage 2)")
     print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
     print("backbones: ", ", ".join(backbone_names()))
     print("peft types:", ", ".join(PEFT_TYPES))
@@ -256,6 +291,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     data["runs"] = [
         r for r in data["runs"]
         if r["method"] in methods and r["seed"] == cfg.seed
+        and results.variant_of(r) == cfg.variant
         and r.get("peft", "adapter") == cfg.peft.type and r["benchmark"] == benchmark_name(cfg)
     ]  # fmt: skip
     print()
@@ -341,7 +377,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     data = results.load(out)
     print()
     print(results.summary_table(data))
-    keys = {(c.method, c.peft.type, benchmark_name(c), c.seed) for c in cfgs}
+    keys = {(c.method, c.variant, c.peft.type, benchmark_name(c), c.seed) for c in cfgs}
     return health_exit([r for r in data["runs"] if results.run_key(r) in keys],
                        getattr(args, "allow_partial", False))  # fmt: skip
 
@@ -455,10 +491,11 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fedmm.bench import cell_config, run_bench
+    from fedmm.bench import VARIANTS, cell_config, cell_key, parse_variant, run_bench
     from fedmm.data import load_benchmark
 
-    cfgs, methods = resolve_config(args)
+    extra = dict(parse_variant(text) for text in args.variant)
+    cfgs, methods = resolve_config(args, VARIANTS | extra)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError as exc:
@@ -468,7 +505,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(cfgs[0].out_dir)
     try:
         # missing or bad data fails here, before any cell runs
-        benchmarks = [load_benchmark(cell_config(c, methods[0], seeds[0], out)) for c in cfgs]
+        benchmarks = [load_benchmark(cell_config(c, methods[0], seeds[0], out, extra))
+                      for c in cfgs]  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from exc
     cells = len(methods) * len(cfgs) * len(seeds)
@@ -477,15 +515,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for benchmark in benchmarks:
         print(f"{benchmark.name}:", flush=True)
         print_notes(benchmark)
-    done = run_bench(cfgs, methods, seeds, out)
+    done = run_bench(cfgs, methods, seeds, out, extra)
     print(f"\n{done['ran']} cells ran, {cells - done['ran']} were already complete")
     print((out / "report.md").read_text())
     print(f"bench: {out / 'bench.json'}  report: {out / 'report.md'}  plots: "
           f"{out / 'bench_curves.png'}, {out / 'bench_bytes.png'}")  # fmt: skip
     from fedmm import results
 
-    keys = {(m, cfg.peft.type, cfg.data.benchmark, s) for cfg in cfgs for m in methods
-            for s in seeds}  # fmt: skip
+    keys = {cell_key(m, cfg.peft.type, cfg.data.benchmark, s, extra) for cfg in cfgs
+            for m in methods for s in seeds}  # fmt: skip
     runs = [r for r in results.load(out)["runs"] if results.run_key(r) in keys]
     for r in runs:
         print(f"{results.label(r)} on {r['benchmark']} seed {r['seed']}: {results.health_line(r)}")

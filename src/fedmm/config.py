@@ -135,6 +135,9 @@ class FedmmConfig:
     """Everything one fedmm run needs."""
 
     method: str = "fedavg"
+    # a name for this configuration of the method in results (run key, table rows): "" = the
+    # method's name; ``fedmm bench``'s ablations set it (``feddat-fedhead``, ...)
+    variant: str = ""
     seed: int = 0
     out_dir: str = "runs/latest"
     cache_dir: str = ""  # frozen-feature cache; "" = $XDG_CACHE_HOME/fedmm or ~/.cache/fedmm
@@ -283,9 +286,17 @@ def parse_interval(text: str) -> tuple[float, float, bool, bool]:
 # floor wins, see federation/site.py).
 SITE_KEYS = frozenset({"data.data_dir", "cache_dir", "device", "train.threads"})
 SERVER_KEYS = frozenset(
-    {"out_dir", "progress", "resume", "data.schema", "fed.round_timeout", "fed.min_clients",
-     "fed.eval_every", "fed.eval_fraction", "validate.max_examples", "validate.max_upload_mb"}
+    {"out_dir", "progress", "resume", "variant", "data.schema", "fed.round_timeout",
+     "fed.min_clients", "fed.eval_every", "fed.eval_fraction", "validate.max_examples", "validate.max_upload_mb"}
 )  # fmt: skip
+
+
+def run_name(cfg: FedmmConfig, benchmark: str | None = None) -> str:
+    """``<method>[~<variant>]-<peft>-<benchmark>-seed<S>``: a run's name in file names
+    (checkpoints, client state).  ``benchmark``: the schema's name where it differs from
+    ``data.benchmark`` (site directories)."""
+    method = f"{cfg.method}~{cfg.variant}" if cfg.variant else cfg.method
+    return f"{method}-{cfg.peft.type}-{benchmark or cfg.data.benchmark}-seed{cfg.seed}"
 
 
 def experiment_keys() -> frozenset[str]:

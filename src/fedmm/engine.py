@@ -111,6 +111,7 @@ def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
                 cfg, runtime.schema.name, {c.client_id: c.description for c in bench.clients},
                 {c.client_id: c.task for c in bench.clients} if bench.tasks else None,
                 method.views, method.count_trainable(runtime.model), bench.notes, bench.excluded,
+                dict(method.view_aliases),
             )  # fmt: skip
 
             def save_round(round_record: results.RoundRecord) -> None:
@@ -123,7 +124,8 @@ def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
         bar.close()
     log.info("%s finished in %.0fs", label, time.perf_counter() - t0)
     data = results.load(cfg.out_dir)
-    key = (cfg.method, cfg.peft.type, sites.read_schema(Path(cfg.data.schema)).name, cfg.seed)
+    schema = sites.read_schema(Path(cfg.data.schema)).name
+    key = (cfg.method, cfg.variant, cfg.peft.type, schema, cfg.seed)
     for run in data["runs"]:
         if results.run_key(run) == key:
             return run

@@ -3,7 +3,8 @@
 Schema of ``<out>/results.json``::
 
     {"fedmm_version": str,
-     "runs": [{"method", "peft", "benchmark", "seed", "views": [view, ...],
+     "runs": [{"method", "variant", "peft", "benchmark", "seed", "views": [view, ...],
+               "view_aliases": {old name: view},
                "trainable_params": int, "config": {flat config},
                "clients": {client id: description},
                "history": [{"round", "seconds", "server_seconds", "bytes_up", "bytes_down",
@@ -15,7 +16,8 @@ Schema of ``<out>/results.json``::
                                                   [, "dp-norm", "dp-scale"]}},
                             "eval": {client id: {"seconds"}}}],
                "privacy": {"dp_clip_norm", "dp_noise_multiplier"},
-               "final": {view: mean accuracy over clients in the last evaluated round},
+               "final": {view: mean accuracy over clients in the last evaluated round,
+                         old name: the same value, for the names in view_aliases},
                multi-task benchmarks also: "tasks": {client id: task},
                "final_by_task": {task: {view: mean metric over that task's clients}},
                TAP: "replacements": {client id: {"task", "count", "rounds": [...]}}}]}
@@ -28,8 +30,15 @@ client under ``train``.  ``server_seconds``: the method's aggregation step.  ``s
 ``train`` and ``eval``: each client's own time handling the message, so ``seconds`` minus their sum
 is the engine's overhead.  Rounds without evaluation (``fed.eval_every``) have empty ``clients``
 and ``eval``; ``final`` is the last evaluated round's mean.  A run is identified
-by (method, peft, benchmark, seed); writing it again replaces it, so a directory collects a
-comparison across several ``fedmm run`` calls.  Files are written atomically and durably
+by (method, variant, peft, benchmark, seed); writing it again replaces it, so a directory collects
+a comparison across several ``fedmm run`` calls.  ``variant``: the name of a configuration of the
+method (``variant`` option; ``fedmm bench``'s ablations), "" for its defaults.
+
+Views are named by kind (``methods.base.VIEW_KINDS``: ``shared``, ``shared+head``, ``personal``,
+plus a method's extras).  Before fedmm 0.2 they were ``global`` / ``personalized`` / ``dat``,
+whose meaning differed between methods (FedDAT's ``global`` had the client's own head): ``load``
+renames the views of such an old run by its method's ``view_aliases``, and ``final`` keeps the old
+names as aliases of the new ones for one release (gone in 0.3).  Files are written atomically and durably
 (``fedmm.files``), results.json after the round's checkpoint.
 """
 
@@ -48,26 +57,29 @@ from fedmm import __version__
 from fedmm.config import FedmmConfig
 from fedmm.files import atomic_write
 
-VIEW_ORDER = ("global", "personalized", "dat", "client")
+VIEW_ORDER = ("shared", "shared+head", "personal", "client", "distilled")
 
 
 def new_run(
     cfg: FedmmConfig, benchmark: str, clients: dict[str, str], tasks: dict[str, str] | None,
     views: tuple[str, ...], trainable_params: int, notes: dict | None = None,
-    excluded: dict[str, str] | None = None,
+    excluded: dict[str, str] | None = None, view_aliases: dict[str, str] | None = None,
 ) -> dict:  # fmt: skip
     """A run record with no rounds yet: ``clients`` maps each client's name to its description,
     ``tasks`` each client to its task (multi-task schemas; None otherwise).  ``notes``: what the
     data loaders did (a server passes what its sites report).  Clients in ``excluded`` (name ->
     why) are recorded as ``excluded_clients`` and left out of every mean.  ``run_id`` names the
-    run's client state at every site; it is kept when the run is resumed."""
+    run's client state at every site; it is kept when the run is resumed.  ``view_aliases``: the
+    method's old view names -> its views (kept in ``final`` for one release)."""
     return {
         "method": cfg.method,
+        "variant": cfg.variant,
         "peft": cfg.peft.type,
         "benchmark": benchmark,
         "seed": cfg.seed,
         "run_id": uuid.uuid4().hex,
         "views": list(views),
+        "view_aliases": dict(view_aliases or {}),
         "trainable_params": trainable_params,
         "config": cfg.to_flat(),
         "clients": dict(sorted(clients.items())),
@@ -131,15 +143,16 @@ def add_round(run: dict, record: RoundRecord | dict) -> dict:
     run["history"].append(entry)
     excluded = run.get("excluded_clients", {})
     if entry["clients"] or not run["final"]:  # a round without evaluation keeps the last one
-        run["final"] = mean_views(entry["clients"], excluded)
+        aliases = run.get("view_aliases", {})
+        run["final"] = with_aliases(mean_views(entry["clients"], excluded), aliases)
         if run.get("tasks"):  # the mean over clients mixes metrics; per task it does not
             run["final_by_task"] = {
-                task: mean_views(
+                task: with_aliases(mean_views(
                     {c: m for c, m in entry["clients"].items() if run["tasks"][c] == task},
                     excluded,
-                )
+                ), aliases)
                 for task in sorted(set(run["tasks"].values()))
-            }
+            }  # fmt: skip
     run["health"] = health(run)
     history = run["history"]
     clients = sorted({c for h in history for c, t in h["train"].items() if "replaced" in t})
@@ -153,6 +166,56 @@ def add_round(run: dict, record: RoundRecord | dict) -> dict:
             for c in clients
         }
     return entry
+
+
+def with_aliases(means: dict[str, float], aliases: dict[str, str]) -> dict[str, float]:
+    """``means`` plus each old view name of ``aliases`` (old -> new) with its new name's value,
+    group suffixes included (``global.closed``)."""
+    out = dict(means)
+    for old, new in aliases.items():
+        for key, value in means.items():
+            view, dot, suffix = key.partition(".")
+            if view == new:
+                out[f"{old}{dot}{suffix}"] = value
+    return out
+
+
+def upgrade(run: dict) -> dict:
+    """A run stored before fedmm 0.2 (no ``view_aliases``) with its views renamed by kind, by its
+    method's ``view_aliases`` (FedDAT's depend on its ``feddat.federate_head``), and the old names
+    kept in ``final`` as aliases; a newer run, or one of a method fedmm no longer has, unchanged."""
+    if "view_aliases" in run:
+        return run
+    from fedmm.methods import METHODS
+
+    cls = METHODS.get(run["method"])
+    if cls is None:
+        return run
+    aliases = dict(cls.aliases_for(run.get("config", {})))
+
+    def rename(metrics: dict) -> dict:
+        out = {}
+        for key, value in metrics.items():
+            view, dot, suffix = key.partition(".")
+            out[f"{aliases.get(view, view)}{dot}{suffix}"] = value
+        return out
+
+    run["views"] = list(dict.fromkeys(aliases.get(v, v) for v in run.get("views", ())))
+    for entry in run.get("history", ()):
+        entry["clients"] = {c: rename(m) for c, m in entry["clients"].items()}
+    run["final"] = with_aliases(rename(run.get("final", {})), aliases)
+    if "final_by_task" in run:
+        run["final_by_task"] = {t: with_aliases(rename(m), aliases)
+                                for t, m in run["final_by_task"].items()}  # fmt: skip
+    run["view_aliases"] = aliases
+    run.setdefault("variant", run.get("config", {}).get("variant", ""))
+    return run
+
+
+def scored_views(run: dict) -> dict[str, float]:
+    """``final`` without the alias names: the run's views (and their group suffixes) only."""
+    views = set(run.get("views", ()))
+    return {k: v for k, v in run["final"].items() if k.partition(".")[0] in views}
 
 
 def mean_views(
@@ -169,7 +232,14 @@ def mean_views(
         for view, acc in metrics.items():
             if isinstance(acc, int | float) and math.isfinite(acc):
                 views.setdefault(view, []).append(float(acc))
-    return {v: sum(a) / len(a) for v, a in sorted(views.items())}
+    return {v: sum(a) / len(a) for v, a in sorted(views.items(), key=lambda kv: view_rank(kv[0]))}
+
+
+def view_rank(name: str) -> tuple:
+    """Sort key of a view (``shared``, ``shared+head``, ``personal``, extras; groups after)."""
+    view, _, suffix = name.partition(".")
+    known = VIEW_ORDER.index(view) if view in VIEW_ORDER else len(VIEW_ORDER)
+    return (bool(suffix), known, view, suffix)
 
 
 # ---------------------------------------------------------------------- health of a run
@@ -332,21 +402,30 @@ def load(out_dir: str | Path) -> dict:
     if not path.is_file():
         return {"fedmm_version": __version__, "runs": []}
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(
             f"{path} is not valid JSON ({exc}); move it away or pick another --out"
         ) from exc
+    data["runs"] = [upgrade(r) for r in data.get("runs", [])]
+    return data
 
 
 def run_key(run: dict) -> tuple:
-    return (run["method"], run.get("peft", "adapter"), run["benchmark"], run["seed"])
+    return (run["method"], variant_of(run), run.get("peft", "adapter"), run["benchmark"],
+            run["seed"])  # fmt: skip
+
+
+def variant_of(run: dict) -> str:
+    return run.get("variant", run.get("config", {}).get("variant", ""))
 
 
 def label(run: dict) -> str:
-    """``method`` for the default bottleneck adapter, else ``method+peft``."""
+    """The variant's name (``variant``) or ``method``, with ``+peft`` unless the PEFT type is
+    the default bottleneck adapter."""
     peft = run.get("peft", "adapter")
-    return run["method"] if peft == "adapter" else f"{run['method']}+{peft}"
+    name = variant_of(run) or run["method"]
+    return name if peft == "adapter" else f"{name}+{peft}"
 
 
 def save_run(out_dir: str | Path, run: dict) -> None:
@@ -361,7 +440,7 @@ def save_run(out_dir: str | Path, run: dict) -> None:
 
 
 def _views(runs: list[dict]) -> list[str]:
-    seen = {v for r in runs for v in (*r["final"], *r.get("views", ()))}  # n/a: nobody scored
+    seen = {v for r in runs for v in (*scored_views(r), *r.get("views", ()))}  # n/a: none scored
     return [v for v in VIEW_ORDER if v in seen] + sorted(seen - set(VIEW_ORDER))
 
 
@@ -430,7 +509,7 @@ def task_table(runs: list[dict]) -> list[str]:
     for bench in sorted({r["benchmark"] for r in runs if r.get("final_by_task")}):
         rs = [r for r in runs if r["benchmark"] == bench and r.get("final_by_task")]
         tasks = sorted({t for r in rs for t in r["final_by_task"]})
-        views = [v for v in _views(rs) if v in ("global", "personalized", "distilled")]
+        views = [v for v in _views(rs) if "." not in v]
         cols = [(t, v) for t in tasks for v in views if any(v in r["final_by_task"].get(t, {})
                                                            for r in rs)]  # fmt: skip
         lines += [f"### {bench}, per task", ""]
@@ -469,19 +548,18 @@ def write_curves(out_dir: str | Path, data: dict) -> None:
     if not benches:
         return
     fig, axes = plt.subplots(1, len(benches), figsize=(6 * len(benches), 4), squeeze=False)
-    styles = {"global": "-", "personalized": "--", "client": ":"}
+    styles = {"shared": "-", "shared+head": "-.", "personal": "--", "client": ":"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, bench in zip(axes[0], benches):
         runs = [r for r in data["runs"] if r["benchmark"] == bench]
         for i, r in enumerate(runs):
             for view in r["views"]:
-                if view == "dat":  # FedDAT's dat view is its personalized view: drawn once
-                    continue
                 xs = [h["round"] for h in r["history"]]
                 excluded = r.get("excluded_clients", {})
                 ys = [100 * mean_views(h["clients"], excluded).get(view, float("nan"))
                       for h in r["history"]]  # fmt: skip
-                ax.plot(xs, ys, styles.get(view, "-."), color=colors[i % len(colors)], marker="o",
+                ax.plot(xs, ys, linestyle=styles.get(view, (0, (3, 1, 1, 1))), marker="o",
+                        color=colors[i % len(colors)],
                         label=f"{label(r)} s{r['seed']} ({view})")  # fmt: skip
         ax.set_title(bench)
         ax.set_xlabel("round")

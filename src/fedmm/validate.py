@@ -115,6 +115,11 @@ def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; choices: {', '.join(METHODS)}")
+    if cfg.variant and not re.fullmatch(r"[A-Za-z0-9_.+-]+", cfg.variant):
+        raise ConfigError(
+            f"variant={cfg.variant!r}: a variant name is letters, digits and _ . + - only "
+            "(it names files)"
+        )
     if cfg.data.benchmark not in BENCHMARKS and cfg.data.benchmark != "sites":
         raise ConfigError(
             f"unknown benchmark {cfg.data.benchmark!r}; choices: {', '.join(sorted(BENCHMARKS))}"

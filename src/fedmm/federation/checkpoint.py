@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmm.config import ConfigError, FedmmConfig
+from fedmm.config import ConfigError, FedmmConfig, run_name
 from fedmm.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ class Checkpoint:
 
 
 def path(cfg: FedmmConfig) -> Path:
-    name = f"{cfg.method}-{cfg.peft.type}-{cfg.data.benchmark}-seed{cfg.seed}.pt"
-    return Path(cfg.out_dir) / "checkpoints" / name
+    return Path(cfg.out_dir) / "checkpoints" / f"{run_name(cfg)}.pt"
 
 
 def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -139,15 +138,14 @@ def resume_config(cfg: FedmmConfig) -> FedmmConfig:
     benchmark, seed) when there are several; none is an error naming what is there -- a resume
     never silently starts a fresh run."""
     runs = find_runs(cfg.out_dir)
-    ident = (cfg.method, cfg.peft.type, cfg.data.benchmark, cfg.seed)
-    match = [c for c, _ in runs if (c.method, c.peft.type, c.data.benchmark, c.seed) == ident]
+    match = [c for c, _ in runs if run_name(c) == run_name(cfg)]
     chosen = match or ([runs[0][0]] if len(runs) == 1 else [])
     if not chosen:
         there = ", ".join(p.stem for p in sorted((Path(cfg.out_dir) / "checkpoints").glob("*.pt")))
         raise ConfigError(
-            f"resume=true, but no checkpoint of {cfg.method}-{cfg.peft.type}-"
-            f"{cfg.data.benchmark}-seed{cfg.seed} under {cfg.out_dir}/checkpoints"
-            + (f" (there: {there}; name one with method, peft.type, data.benchmark and seed)"
+            f"resume=true, but no checkpoint of {run_name(cfg)} under {cfg.out_dir}/checkpoints"
+            + (f" (there: {there}; name one with method, variant, peft.type, data.benchmark "
+               "and seed)"
                if there else " (nothing was checkpointed there)")
         )  # fmt: skip
     default = FedmmConfig().to_flat()

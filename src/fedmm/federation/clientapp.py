@@ -48,7 +48,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedmm import logs
-from fedmm.config import FedmmConfig
+from fedmm.config import FedmmConfig, run_name
 from fedmm.data import sites as site_data
 from fedmm.federation import dp, messages
 from fedmm.federation.messages import RefusedMessage
@@ -201,8 +201,7 @@ class Site:
         return index
 
     def state_file(self, run_id: str) -> Path:
-        c = self.cfg
-        run = f"{c.method}-{c.peft.type}-{self.runtime.schema.name}-seed{c.seed}-{run_id}"
+        run = f"{run_name(self.cfg, self.runtime.schema.name)}-{run_id}"
         return self.settings.state_root(self.spec.client_id) / run / "client.pt"
 
     def split(self, name: str):

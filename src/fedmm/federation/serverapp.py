@@ -186,8 +186,8 @@ def load_schema(cfg: FedmmConfig) -> sites.Schema:
 
 def round_line(entry: dict, rounds: int, excluded=()) -> str:
     """The one line a round logs: ``round 3/5: 2/3 sites trained, 1 failed (+0 rejected), 41.2s,
-    global 61.8% personalized 70.3% over 3/3 evaluated sites`` (``not evaluated`` in rounds
-    without evaluation)."""
+    shared 61.8% shared+head 68.0% personal 70.3% over 3/3 evaluated sites`` (``not evaluated``
+    in rounds without evaluation)."""
     failed, rejected = len(entry["failed"]), len(entry["rejected"])
     trained = len(entry["train"])
     line = (
@@ -246,6 +246,7 @@ class Federation:
             {info.client_id: sizes[k]["description"] for k, info in infos.items()},
             {info.client_id: info.task for info in infos.values()} if not schema.single else None,
             method.views, method.count_trainable(model), notes={"sites": data}, excluded=excluded,
+            view_aliases=dict(method.view_aliases),
         )  # fmt: skip
         record["privacy"] = {"dp_clip_norm": cfg.dp.clip_norm,
                              "dp_noise_multiplier": cfg.dp.noise_multiplier}  # fmt: skip

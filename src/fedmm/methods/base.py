@@ -6,8 +6,8 @@ plus one line in ``fedmm/methods/__init__.py``); docs/adding-a-method.md walks t
 * server half: ``init_global`` (the first global state), ``aggregate`` (replies -> new global),
   optionally ``global_for_client`` (with ``per_client_messages = True``) and ``server_state``;
 * client half: ``local_update`` (one round of local work: returns a ``ClientUpdate`` -- what it
-  uploads and what it keeps private) and ``evaluate`` (score per *view*: ``global``,
-  ``personalized``, ...).  The base class runs the round around them (``client_train`` /
+  uploads and what it keeps private) and ``evaluate`` (score per *view*, by kind: ``shared``,
+  ``shared+head``, ``personal``, plus a method's own extras -- ``VIEW_KINDS``).  The base class runs the round around them (``client_train`` /
   ``client_evaluate``): it resets the model (``prepare``), loads what the client received and
   what it kept (``load``), calls the method, and the ClientApp stores the returned private state.
 
@@ -143,6 +143,21 @@ def to_torch(arrays: Arrays) -> State:
 
 def num_params(model: FusionVLModel, parts: Sequence[str]) -> int:
     return sum(p.numel() for part in parts for p in part_module(model, part).parameters())
+
+
+# ---------------------------------------------------------------------- views by kind
+SHARED, SHARED_HEAD, PERSONAL = "shared", "shared+head", "personal"
+VIEW_KINDS = {
+    SHARED: "every parameter the federation shares, with the shared head: the model a new client "
+    "would receive",
+    SHARED_HEAD: "the shared body (PEFT set, projection) with the client's own head, the head it "
+    "trained on that body and kept",
+    PERSONAL: "the client's own full model (FedAvg's locally trained copy, Ditto's v_k, FedDAT's "
+    "DAT, FedPIA's local model, TAP's stage-1 model, local training's)",
+}
+"""The view kinds every method names the same way (docs: README "Views").  A method that has no
+such model has no such view -- its table cell is "—", never another model under the name.
+Method-specific extras: FedDAT ``client`` (A_c alone), TAP ``distilled`` (stage 2)."""
 
 
 # ---------------------------------------------------------------------- server helpers
@@ -526,7 +541,11 @@ class Method(ABC):
 
     name: str = ""  # set by ``register``
     options: type | None = None  # the method's options dataclass (config section ``name``)
-    views: tuple[str, ...] = ("global",)
+    # what ``evaluate`` scores: kinds of VIEW_KINDS first, then the method's extras (an instance
+    # may narrow it by its options: FedDAT with a federated head has no ``shared+head``)
+    views: tuple[str, ...] = (SHARED,)
+    # the names before fedmm 0.2, kept in results.json for one release (gone in 0.3): old -> new
+    view_aliases: Mapping[str, str] = MappingProxyType({})
     adapter_sets: tuple[str, ...] = ()
     federated: bool = True  # False: trained without the round loop (centralised)
     # True: the server sends each client its own part of the global state (global_for_client)
@@ -549,6 +568,12 @@ class Method(ABC):
             from fedmm.validate import check_section
 
             check_section(type(self).name, cfg.methods[type(self).name])
+
+    @classmethod
+    def aliases_for(cls, flat_config: Mapping[str, object]) -> Mapping[str, str]:
+        """The ``view_aliases`` of this method run with ``flat_config`` (a results.json run's
+        ``config``), for renaming the views of runs stored before fedmm 0.2."""
+        return cls.view_aliases
 
     @property
     def opts(self):

@@ -8,15 +8,17 @@ On a multi-task benchmark the data are pooled per task (one head each) and each 
 the tasks one after the other, ``local_steps × (clients of the task)`` steps each.
 
 There is nothing to exchange, so this method runs outside Flower (``run_centralized``); its
-history has the same schema as a federated run (bytes are 0).  View: ``global``.
+history has the same schema as a federated run (bytes are 0).  View: ``shared`` (the one pooled
+model, which every client -- and a new one -- would receive).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from types import MappingProxyType
 
-from fedmm.methods.base import Arrays, ClientContext, Reply, State, register
+from fedmm.methods.base import SHARED, Arrays, ClientContext, Reply, State, register
 from fedmm.methods.local import Local
 from fedmm.results import RoundRecord
 from fedmm.runtime import get_runtime
@@ -26,7 +28,8 @@ from fedmm.runtime import get_runtime
 class Centralized(Local):
     """``Local`` training of one model whose "client" holds everyone's data."""
 
-    views = ("global",)
+    views = (SHARED,)
+    view_aliases = MappingProxyType({"global": SHARED})
     adapter_sets = ("central_adapter",)
     federated = False
 

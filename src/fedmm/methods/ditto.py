@@ -14,7 +14,8 @@ Round t on client k:
 Each of the two models gets the same step budget and schedule as any other method's model, so a
 Ditto round costs two models' steps (``steps`` counts the global model's, ``personal_steps`` the
 personal model's).  Server: the FedAvg average of θ_k.
-Views: ``global`` = θ^{t+1}; ``personalized`` = v_k.
+Views: ``shared`` = θ^{t+1}; ``personal`` = v_k.  No ``shared+head``: the client's own head is
+v_k's, trained on v_k's body, not on θ's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 from fedmm.backbones import FusionVLModel
 from fedmm.config import option
 from fedmm.methods.base import (
+    PERSONAL,
+    SHARED,
     ClientContext,
     ClientUpdate,
     State,
@@ -40,7 +43,7 @@ from fedmm.methods.base import (
 )  # fmt: skip
 from fedmm.methods.fedavg import PARTS, FedAvg
 
-PERSONAL = ("adapter.personal_adapter", "proj", "head")
+PERSONAL_PARTS = ("adapter.personal_adapter", "proj", "head")
 RENAME_TO_PERSONAL = {"adapter.global_adapter": "adapter.personal_adapter"}
 
 
@@ -56,6 +59,7 @@ class DittoConfig:
 @register("ditto")
 class Ditto(FedAvg):
     options = DittoConfig
+    views = (SHARED, PERSONAL)
     adapter_sets = ("global_adapter", "personal_adapter")
 
     def count_trainable(self, model: FusionVLModel) -> int:
@@ -81,15 +85,15 @@ class Ditto(FedAvg):
         anchor = [torch.as_tensor(received[k]).to(p.device) for k, p in zip(_keys(model), params)]
         regulariser = proximal_term(params, anchor, self.cfg.ditto.lam)
         supervised_update(ctx, "personal_adapter", regulariser, stat="personal_steps")
-        return ClientUpdate(upload, keep=namespaced(get_parts(model, PERSONAL), "personal"))
+        return ClientUpdate(upload, keep=namespaced(get_parts(model, PERSONAL_PARTS), "personal"))
 
     def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         model = ctx.model
         with model.active("global_adapter"):
-            ctx.view("global")
+            ctx.view(SHARED)
         self._load_personal(ctx, received)
         with model.active("personal_adapter"):
-            return ctx.view("personalized")
+            return ctx.view(PERSONAL)
 
 
 def _keys(model) -> list[str]:

@@ -7,18 +7,24 @@ Federated parameters θ = {adapter ``global_adapter``, visual projection, head}.
   the client (``personal``) for the personalised view.
 * Server: θ^{t+1} = Σ_k w_k θ_k with w_k ∝ n_k (``fed.weighting = "samples"``) or 1/K (``uniform``).
 
-Views: ``global`` = θ^{t+1} on the client's test set; ``personalized`` = the client's last locally
-trained θ_k (FedAvg + local finetuning; equal to ``global`` before the client first trains).
+Views (``methods.base.VIEW_KINDS``), on the client's test set: ``shared`` = θ^{t+1};
+``shared+head`` = θ^{t+1}'s body (adapter, projection) with the head of the client's last locally
+trained θ_k; ``personal`` = that θ_k (FedAvg + local finetuning).  Before the client first trains
+all three are θ^{t+1}.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import MappingProxyType
 
 import torch
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.base import (
+    PERSONAL,
+    SHARED,
+    SHARED_HEAD,
     Arrays,
     ClientContext,
     ClientUpdate,
@@ -31,6 +37,7 @@ from fedmm.methods.base import (
     model_keys,
     namespaced,
     register,
+    select,
     supervised_update,
     to_numpy,
     weighted_average,
@@ -41,7 +48,8 @@ PARTS = ("adapter.global_adapter", "proj", "head")
 
 @register("fedavg")
 class FedAvg(Method):
-    views = ("global", "personalized")
+    views = (SHARED, SHARED_HEAD, PERSONAL)
+    view_aliases = MappingProxyType({"global": SHARED, "personalized": PERSONAL})
     adapter_sets = ("global_adapter",)
 
     def upload_parts(self) -> tuple[str, ...]:
@@ -82,8 +90,10 @@ class FedAvg(Method):
         model = ctx.model
         with model.active("global_adapter"):
             personal = self.personal_model(ctx.kept)
-            if not personal:  # not trained yet: the personalized model is the global one
-                return ctx.view("global", "personalized")
-            ctx.view("global")
+            if not personal:  # not trained yet: every view is θ^{t+1}
+                return ctx.view(SHARED, SHARED_HEAD, PERSONAL)
+            ctx.view(SHARED)
+            load_parts(model, select(personal, ("head",)))
+            ctx.view(SHARED_HEAD)
             load_parts(model, personal)
-            return ctx.view("personalized")
+            return ctx.view(PERSONAL)

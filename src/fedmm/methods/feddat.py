@@ -37,9 +37,13 @@ as every other method (the reference steps its restarted schedule twice per batc
 Server: A^{t+1}_s = Σ_k w_k A_{s,k}, w_k ∝ n_k (``fed.weighting = "uniform"`` reproduces the
 reference's uniform mean).
 
-Views (``evaluate``, with the freshly aggregated A_s also used as Â_s):
-``global`` = A_s alone (the deployable model, plain-adapter inference cost), ``personalized`` and
-``dat`` = the DAT, ``client`` = A_c alone.
+Views (``evaluate``, with the freshly aggregated A_s also used as Â_s; kinds as
+``methods.base.VIEW_KINDS``): ``shared+head`` = A_s with the client's own head (plain-adapter
+inference cost), ``personal`` = the DAT, ``client`` = A_c alone.  With ``feddat.federate_head``
+the head is shared too: ``shared`` = A_s with the shared head replaces ``shared+head``.  Without
+it there is no shared head (the server never has a trained one), so no ``shared`` view: FedDAT's
+A_s + own head compares with FedPer and with FedAvg's ``shared+head``, not with FedAvg's
+``shared``.
 
 Reference defects avoided: A_c stays in the optimiser every round (explicit parameter groups,
 pinned by a test that A_c changes in every round); one schedule over the whole run, one step per
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -57,6 +62,9 @@ from torch import nn
 from fedmm.backbones import FusionVLModel
 from fedmm.config import ConfigError, option
 from fedmm.methods.base import (
+    PERSONAL,
+    SHARED,
+    SHARED_HEAD,
     Arrays,
     ClientContext,
     ClientUpdate,
@@ -178,8 +186,11 @@ def reference_step(
 @register("feddat")
 class FedDAT(Method):
     options = FedDATConfig
-    views = ("global", "personalized", "dat", "client")
+    views = (SHARED_HEAD, PERSONAL, "client")
     adapter_sets = (GLOBAL, FROZEN, CLIENT)
+    view_aliases = MappingProxyType(
+        {"global": SHARED_HEAD, "personalized": PERSONAL, "dat": PERSONAL}
+    )
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -189,6 +200,15 @@ class FedDAT(Method):
                 f"feddat.dat_combine={cfg.feddat.dat_combine!r} is not defined for peft.type "
                 f"{cfg.peft.type!r} (it combines by {', '.join(combines)}); use 'average'"
             )
+        if cfg.feddat.federate_head:  # A_s has the shared head: no client head of its own
+            self.views = (SHARED, PERSONAL, "client")
+            self.view_aliases = self.aliases_for({"feddat.federate_head": True})
+
+    @classmethod
+    def aliases_for(cls, flat_config) -> MappingProxyType:
+        if flat_config.get("feddat.federate_head"):
+            return MappingProxyType({"global": SHARED, "personalized": PERSONAL, "dat": PERSONAL})
+        return cls.view_aliases
 
     def upload_parts(self) -> tuple[str, ...]:
         parts = (f"adapter.{GLOBAL}", "proj")
@@ -241,8 +261,8 @@ class FedDAT(Method):
     def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         model = ctx.model
         with model.active(GLOBAL):
-            ctx.view("global")
+            ctx.view(self.views[0])  # shared (federated head) or shared+head (personal head)
         with model.active(CLIENT, FROZEN, combine=self.cfg.feddat.dat_combine):
-            ctx.view("personalized", "dat")
+            ctx.view(PERSONAL)
         with model.active(CLIENT):
             return ctx.view("client")

@@ -7,13 +7,17 @@ client k across rounds and is never uploaded.
   ``train.local_steps`` AdamW steps on ``CE(f(x; θ_B, θ_H), y)``; keep θ_H,k, upload θ_B and n_k.
 * Server: θ_B^{t+1} = Σ_k w_k θ_B,k (samples or uniform weights, as FedAvg).
 
-View: ``personalized`` (global body + the client's head); there is no global head to evaluate.
+View: ``shared+head`` (the global body with the client's head).  There is no shared head, so no
+``shared`` view, and no model of the client's own beyond that one, so no ``personal`` view.
 """
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.base import (
+    SHARED_HEAD,
     Arrays,
     ClientContext,
     ClientUpdate,
@@ -30,7 +34,8 @@ BODY = ("adapter.global_adapter", "proj")
 
 @register("fedper")
 class FedPer(FedAvg):
-    views = ("personalized",)
+    views = (SHARED_HEAD,)
+    view_aliases = MappingProxyType({"personalized": SHARED_HEAD})
 
     def upload_parts(self) -> tuple[str, ...]:
         return BODY
@@ -46,4 +51,4 @@ class FedPer(FedAvg):
 
     def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         with ctx.model.active("global_adapter"):
-            return ctx.view("personalized")
+            return ctx.view(SHARED_HEAD)

@@ -15,6 +15,8 @@ Unit i of an adapter layer P is the vector u_i = [W_down[i,:], b_down[i], W_up[:
 [A[i,:], B[:,i]]).  Aligning P to an anchor Q (``fedpia.cost``: ``sqeuclidean`` ‖u − v‖², or
 ``cosine`` 1 − cos(u, v)) solves, with ``fedpia.solver``:
 
+    identity:     π = id, every unit stays where it is (the ablation without alignment: the
+                  server merge is FedAvg's, the client integration λ·L + (1 − λ)·G remains);
     exact / emd:  π* = argmin_π Σ_j c(u^P_{π(j)}, u^Q_j)    (scipy's linear_sum_assignment, or
                   POT's ot.emd with uniform marginals), aligned unit j = u^P_{π*(j)};
     sinkhorn:     T* = argmin_T ⟨T, C⟩ − ε H(T), T1 = Tᵀ1 = 1/r  (POT's ot.sinkhorn, ε =
@@ -34,7 +36,8 @@ Client (paper: align the received global adapter G to the local adapter L, integ
     L ← λ·L + (1 − λ)·π(G) (``fedpia.lam``, default 0.5); projection and head likewise without π;
     in its first round a client starts from the global model.  Train ``train.local_steps`` steps on
     CE, keep the result as the local model, upload it.
-Views: ``global`` = the merged global model; ``personalized`` = the client's local model.
+Views as FedAvg: ``shared`` = the merged global model; ``shared+head`` = its body with the local
+model's head; ``personal`` = the client's local model.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from fedmm.peft import PEFT_TYPES
 ADAPTER = "adapter.global_adapter"
 ANCHORS = ("global", "fedavg", "largest")
 COSTS = ("sqeuclidean", "cosine")
-SOLVERS = ("exact", "emd", "sinkhorn")
+SOLVERS = ("exact", "emd", "sinkhorn", "identity")
 
 
 @dataclass
@@ -89,7 +92,8 @@ class FedPIAConfig:
     solver: str = option(
         "exact",
         choices=SOLVERS,
-        help="exact (scipy assignment) | emd (POT ot.emd) | sinkhorn (POT, soft plan)",
+        help="exact (scipy assignment) | emd (POT ot.emd) | sinkhorn (POT, soft plan) | "
+        "identity (no alignment: the ablation)",
     )
     reg: float = option(
         0.05, "(0, inf)", help="Sinkhorn entropic regularisation, relative to the mean cost"
@@ -151,6 +155,8 @@ def cost_matrix(p: np.ndarray, q: np.ndarray, cost: str) -> np.ndarray:
 def match(cost: np.ndarray, solver: str, reg: float) -> np.ndarray:
     """An assignment ``perm`` (exact solvers) or a row-stochastic plan ``(r, r)`` (sinkhorn)."""
     r = len(cost)
+    if solver == "identity":
+        return np.arange(r)
     if solver == "exact":
         rows, cols = linear_sum_assignment(cost)
         perm = np.empty(r, dtype=np.int64)

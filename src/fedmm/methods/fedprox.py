@@ -10,7 +10,8 @@ Federated parameters θ = {adapter ``global_adapter``, visual projection, head},
   μ = 0 is exactly FedAvg).  Upload θ_k and n_k.
 * Server: the FedAvg weighted average.
 
-Views as FedAvg: ``global`` and ``personalized`` (the client's last locally trained θ_k).
+Views as FedAvg: ``shared``, ``shared+head`` and ``personal`` (the client's last locally trained
+θ_k).
 """
 
 from __future__ import annotations

@@ -3,15 +3,17 @@
 θ_k = {adapter ``local_adapter``, visual projection, head} lives only on client k and is trained
 ``train.local_steps`` steps per round on ``CE(f(x; θ_k), y)`` -- the same step budget and
 schedule as every federated method, so "does federation help?" is answered on equal terms.
-Nothing is uploaded; the server state stays empty.  View: ``personalized``.
+Nothing is uploaded; the server state stays empty.  View: ``personal``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import MappingProxyType
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.base import (
+    PERSONAL,
     Arrays,
     ClientContext,
     ClientUpdate,
@@ -26,7 +28,8 @@ from fedmm.methods.base import (
 
 @register("local")
 class Local(Method):
-    views = ("personalized",)
+    views = (PERSONAL,)
+    view_aliases = MappingProxyType({"personalized": PERSONAL})
     adapter_sets = ("local_adapter",)
 
     def trainable_parts(self) -> tuple[str, ...]:

@@ -43,7 +43,8 @@ than ``fed.min_clients``) leaves that client's new c_i in place while c never re
 with DP or lossy ``fed.compression`` the server adds the noised / compressed Δc_i while the client
 keeps the exact c_i⁺.  The drift is bounded by those rounds' Δc_i; nothing detects it.
 
-Views as FedAvg: ``global`` = x, ``personalized`` = the client's last y_i.
+Views as FedAvg: ``shared`` = x, ``shared+head`` = x's body with y_i's head, ``personal`` = the
+client's last y_i.
 Tested: with one client (c = c_i after every round, so the correction is 0) SCAFFOLD is FedAvg
 with the same optimiser, round after round; c − c_i enters the step; option II's c_i⁺ is the
 gradient of a full-batch SGD step (in general: the learning-rate-weighted mean of the clipped

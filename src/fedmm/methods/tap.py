@@ -32,7 +32,8 @@ Client, stage 1 (every round):
    validation split (``tap.val_frac`` of the client's training data, fixed by ``data.split_seed``,
    never trained on); if  score_global > score_personal · (1 + ``tap.margin``), every module of
    the task (the sets S_k, head t_k, proj) of the personalised model is replaced by the global
-   copy's (counted in results.json: ``train[client].replaced``, per round);
+   copy's (counted in results.json: ``train[client].replaced``, per round; never with
+   ``tap.replacement = false``);
 3. train the personalised model ``train.local_steps`` steps on the task loss (like Ditto, TAP
    trains two models per round: ``personal_steps``);
 4. upload the global copy's K_k tensors.  The personalised model never leaves the client.
@@ -45,8 +46,14 @@ locally for ``tap.teacher_steps`` steps, is the teacher; the personalised model 
                                                               Bernoulli KL per label for
                                                               multi-label tasks)
 
-on logits.  Views: ``global`` (θ[K_k]), ``personalized`` (stage 1 alone) and, in the last round,
-``distilled`` (stage 1 + stage 2).
+on logits.  Views (kinds as ``methods.base.VIEW_KINDS``): ``shared`` (θ[K_k], with the head its
+task's clients share), ``personal`` (the personalised model: stage 1 alone -- TAP without stage 2)
+and, in the last round, ``distilled`` (stage 1 + stage 2).  No ``shared+head``: the client's own
+head is the personalised model's, trained on its modules.
+
+Ablations (``fedmm bench`` variants): ``tap.replacement = false`` skips step 2's replacement (the
+personalised model is never replaced; both validation scores are still recorded); TAP without
+stage 2 is the ``personal`` view of any TAP run.
 
 Reference defects avoided: the global weights of every module reach the client (``load_parts``
 is strict about names: no prefix mismatch can be silently skipped; tested); only PEFT,
@@ -64,6 +71,7 @@ import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -72,6 +80,8 @@ from fedmm.backbones import VLModel
 from fedmm.config import ConfigError, option
 from fedmm.data import MODALITIES
 from fedmm.methods.base import (
+    PERSONAL,
+    SHARED,
     Arrays,
     ClientContext,
     ClientInfo,
@@ -140,6 +150,9 @@ class TAPConfig:
     margin: float = option(
         0.01, "[0, inf)", help="replace when global score > personal score * (1 + margin)"
     )
+    replacement: bool = option(
+        True, help="adaptive replacement; false: the ablation that never replaces"
+    )
     combine: str = option(
         "sum", choices=("sum", "average"), help="how a client's modality/task modules combine"
     )
@@ -159,7 +172,8 @@ class TAPConfig:
 @register("tap")
 class TAP(Method):
     options = TAPConfig
-    views = ("global", "personalized", "distilled")
+    views = (SHARED, PERSONAL, "distilled")
+    view_aliases = MappingProxyType({"global": SHARED, "personalized": PERSONAL})
     per_client_messages = True  # each client is sent (and returns) only its own modules
 
     def __init__(self, cfg) -> None:
@@ -299,7 +313,9 @@ class TAP(Method):
             score_global = self._score(ctx, spec, val)
             load_parts(ctx.model, personal, partial=True)
             score_personal = self._score(ctx, spec, val)
-            replace_it = score_global > score_personal * (1 + self.cfg.tap.margin)
+            replace_it = self.cfg.tap.replacement and (
+                score_global > score_personal * (1 + self.cfg.tap.margin)
+            )
             if replace_it:
                 load_parts(ctx.model, global_copy, partial=True)
             ctx.stats.update(
@@ -314,9 +330,9 @@ class TAP(Method):
         spec = self.spec_of(ctx.client_index)
         personal = from_namespace(ctx.kept, "personal") or dict(received)  # not trained yet
         with ctx.model.active(*client_sets(spec), combine=self.cfg.tap.combine):
-            ctx.view("global")
+            ctx.view(SHARED)
             load_parts(ctx.model, personal, partial=True)
-            ctx.view("personalized")
+            ctx.view(PERSONAL)
         if ctx.round == self.cfg.fed.rounds:
             self._stage2(ctx, spec, received, personal)
         return ctx.views
