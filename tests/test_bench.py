@@ -151,3 +151,22 @@ def test_built_in_variants_name_valid_options(tiny_cfg):
         cfg = bench.cell_config(tiny_cfg, name, 0, tiny_cfg.out_dir)
         assert (cfg.method, cfg.variant) == (v.method, name)
         assert all(cfg.to_flat()[k] == val for k, val in v.overrides.items())
+
+
+def test_report_compares_like_with_like_and_says_whether_the_gap_exceeds_the_spread():
+    def run(method, seed, view, acc):
+        return {"method": method, "benchmark": "b", "seed": seed, "views": [view],
+                "view_aliases": {}, "trainable_params": 1, "final": {view: acc},
+                "history": [{"round": 1, "seconds": 1.0, "bytes_up": 0, "bytes_down": 0,
+                             "sampled": 1, "clients": {"c": {view: acc}}}]}  # fmt: skip
+
+    runs = [run("feddat", 0, "shared+head", 0.80), run("feddat", 1, "shared+head", 0.82),
+            run("fedper", 0, "shared+head", 0.70), run("fedper", 1, "shared+head", 0.72),
+            run("fedavg", 0, "shared", 0.79), run("fedavg", 1, "shared", 0.81)]  # fmt: skip
+    grid = {"benchmarks": ["b"], "methods": ["fedavg", "fedper", "feddat"], "seeds": [0, 1],
+            "peft": "adapter"}  # fmt: skip
+    text = bench.report(runs, grid)
+    assert "| feddat `shared+head` | fedper `shared+head` | 81.0 ± 1.4 | 71.0 ± 1.4 | +10.0 | yes |" in text
+    assert "feddat `shared+head` | fedavg" not in text  # FedAvg has no shared+head run here
+    c = bench.compare([0.80, 0.82], [0.79, 0.81])
+    assert c["delta"] == pytest.approx(1.0) and not c["exceeds"]

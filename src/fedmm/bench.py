@@ -68,6 +68,61 @@ VARIANTS: dict[str, Variant] = {
 }  # fmt: skip
 
 
+# Like-with-like comparisons the report makes when both sides are in the grid: (name, view) pairs
+# of the same view kind -- or of the models a claim compares -- and what the difference measures.
+COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str], str], ...] = (
+    (("feddat-fedhead", "shared"), ("fedavg", "shared"),
+     "FedDAT's training (dual adapters + distillation), nothing personal in the shared model"),
+    (("feddat", "shared+head"), ("fedper", "shared+head"),
+     "FedDAT vs FedPer, both A_s/body + own head: what the DAT and distillation add"),
+    (("feddat", "shared+head"), ("fedavg", "shared+head"),
+     "FedDAT vs FedAvg's body with the locally trained head"),
+    (("feddat", "shared+head"), ("feddat-fedhead", "shared"),
+     "FedDAT's own head vs a federated head"),
+    (("feddat", "personal"), ("fedper", "shared+head"), "the DAT vs FedPer"),
+    (("feddat", "personal"), ("fedavg", "personal"), "the DAT vs FedAvg fine-tuned"),
+    (("feddat", "shared+head"), ("feddat-nodistill", "shared+head"),
+     "mutual distillation, A_s + own head"),
+    (("feddat", "personal"), ("feddat-nodistill", "personal"), "mutual distillation, the DAT"),
+    (("fedpia", "shared"), ("fedpia-identity", "shared"), "OT alignment, merged model"),
+    (("fedpia", "personal"), ("fedpia-identity", "personal"), "OT alignment, local model"),
+    (("fedpia-identity", "shared"), ("fedavg", "shared"),
+     "FedPIA's client integration (λ·L + (1 − λ)·G) without alignment vs FedAvg"),
+    (("fedpia", "shared"), ("fedavg", "shared"), "FedPIA vs FedAvg, merged model"),
+    (("tap", "personal"), ("tap-noreplace", "personal"), "adaptive replacement"),
+    (("tap", "distilled"), ("tap", "personal"), "stage 2 (distillation after the last round)"),
+)  # fmt: skip
+
+
+def compare(a: list[float], b: list[float]) -> dict:
+    """Mean ± std (in %) of each side over seeds, their difference, and whether it exceeds the
+    spread: |Δ| > std_a + std_b (the two ±1 std intervals do not overlap)."""
+    ma, mb = 100 * statistics.fmean(a), 100 * statistics.fmean(b)
+    sa = 100 * statistics.stdev(a) if len(a) > 1 else 0.0
+    sb = 100 * statistics.stdev(b) if len(b) > 1 else 0.0
+    return {"a": (ma, sa), "b": (mb, sb), "delta": ma - mb, "exceeds": abs(ma - mb) > sa + sb}
+
+
+def _comparison_lines(runs: list[dict], names: list[str]) -> list[str]:
+    rows = []
+    for (na, va), (nb, vb), what in COMPARISONS:
+        if na not in names or nb not in names:
+            continue
+        a = [r["final"][va] for r in runs if _name(r) == na and va in r["final"]]
+        b = [r["final"][vb] for r in runs if _name(r) == nb and vb in r["final"]]
+        if not a or not b:
+            continue
+        c = compare(a, b)
+        rows.append(f"| {na} `{va}` | {nb} `{vb}` | {c['a'][0]:.1f} ± {c['a'][1]:.1f} | "
+                    f"{c['b'][0]:.1f} ± {c['b'][1]:.1f} | {c['delta']:+.1f} | "
+                    f"{'yes' if c['exceeds'] else 'no'} | {what} |")  # fmt: skip
+    if not rows:
+        return []
+    return ["", "Like-with-like comparisons (Δ = A − B in points; exceeds spread: |Δ| > std_A + "
+            "std_B):", "", "| A | B | A | B | Δ | exceeds spread | measures |",
+            "|---|---|---|---|---|---|---|", *rows]  # fmt: skip
+
+
 def parse_variant(text: str) -> tuple[str, Variant]:
     """``NAME=METHOD:KEY=VALUE,KEY=VALUE`` (``--variant``) -> (name, Variant)."""
     name, eq, rest = text.partition("=")
@@ -208,13 +263,12 @@ def report(runs: list[dict], grid: dict) -> str:
             if not mruns:
                 continue
             cells = [results.label(mruns[0]), str(len(mruns))]
+            declared = _declared(mruns[0])
             for suffix in ["", *(f".{g}" for g in groups)]:
                 for v in views:
-                    cells.append(
-                        _mean_std(
-                            [r["final"][v + suffix] for r in mruns if v + suffix in r["final"]]
-                        )
-                    )
+                    values = [r["final"][v + suffix] for r in mruns if v + suffix in r["final"]]
+                    older = not values and v in declared and v not in mruns[0]["views"]
+                    cells.append("n/m" if older else _mean_std(values))
             hist = [h for r in mruns for h in r["history"]]
             n = max(1, len(hist))
             cells += [
@@ -223,6 +277,7 @@ def report(runs: list[dict], grid: dict) -> str:
                 f"{sum(h['seconds'] for h in hist) / n:.1f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += _comparison_lines(bruns, grid["methods"])
         lines += _task_lines(bruns, grid["methods"])
     lines += [
         "",
@@ -230,7 +285,8 @@ def report(runs: list[dict], grid: dict) -> str:
         "the shared head (what a new client would receive); `shared+head` = the shared body with "
         "the client's own head; `personal` = the client's own full model; `client` (FedDAT: A_c "
         "alone) and `distilled` (TAP's stage 2) are method extras. A dash: the method has no "
-        "such model. Seconds per round are wall time on the machine that ran the bench, "
+        "such model; n/m: it has one, but these runs predate the view (fedmm < 0.2) and did "
+        "not measure it. Seconds per round are wall time on the machine that ran the bench, "
         "including evaluation.",
     ]
     if grid.get("variants"):
@@ -239,6 +295,14 @@ def report(runs: list[dict], grid: dict) -> str:
                   f"{', '.join(f'{k}={val}' for k, val in v['overrides'].items())}: {v['isolates']}"
                   for name, v in grid["variants"].items()]  # fmt: skip
     return "\n".join(lines)
+
+
+def _declared(run: dict) -> tuple[str, ...]:
+    """The views the run's method scores today with the run's options."""
+    from fedmm.methods import METHODS
+
+    cls = METHODS.get(run["method"])
+    return cls.views_for(run.get("config", {})) if cls else tuple(run["views"])
 
 
 def _name(run: dict) -> str:

@@ -575,6 +575,12 @@ class Method(ABC):
         ``config``), for renaming the views of runs stored before fedmm 0.2."""
         return cls.view_aliases
 
+    @classmethod
+    def views_for(cls, flat_config: Mapping[str, object]) -> tuple[str, ...]:
+        """The views this method scores when run with ``flat_config`` (reports mark a view the
+        method has but an older run lacks)."""
+        return cls.views
+
     @property
     def opts(self):
         """This method's options section (``cfg.<name>``): that of the nearest class in its

@@ -201,8 +201,14 @@ class FedDAT(Method):
                 f"{cfg.peft.type!r} (it combines by {', '.join(combines)}); use 'average'"
             )
         if cfg.feddat.federate_head:  # A_s has the shared head: no client head of its own
-            self.views = (SHARED, PERSONAL, "client")
+            self.views = self.views_for({"feddat.federate_head": True})
             self.view_aliases = self.aliases_for({"feddat.federate_head": True})
+
+    @classmethod
+    def views_for(cls, flat_config) -> tuple[str, ...]:
+        if flat_config.get("feddat.federate_head"):
+            return (SHARED, PERSONAL, "client")
+        return cls.views
 
     @classmethod
     def aliases_for(cls, flat_config) -> MappingProxyType:
