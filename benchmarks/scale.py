@@ -108,7 +108,7 @@ def main() -> None:
           f" {'global acc':>10}")  # fmt: skip
     for method, k, wall, server, rss, pss, final in summary:
         print(f"{method:>7} {k:>4} {wall:>8.1f} {server:>8.3f} {rss / 2**30:>8.2f} "
-              f"{pss / 2**30:>8.2f} {100 * final.get('global', float('nan')):>10.1f}")  # fmt: skip
+              f"{pss / 2**30:>8.2f} {100 * final.get('shared', float('nan')):>10.1f}")  # fmt: skip
     base = {m: w for m, k, w, *_ in summary if k == min(ks)}
     for method, k, wall, *_ in summary:
         if method in base:

@@ -263,7 +263,7 @@ def report(runs: list[dict], grid: dict) -> str:
             if not mruns:
                 continue
             cells = [results.label(mruns[0]), str(len(mruns))]
-            declared = _declared(mruns[0])
+            declared = results.declared_views(mruns[0])
             for suffix in ["", *(f".{g}" for g in groups)]:
                 for v in views:
                     values = [r["final"][v + suffix] for r in mruns if v + suffix in r["final"]]
@@ -295,14 +295,6 @@ def report(runs: list[dict], grid: dict) -> str:
                   f"{', '.join(f'{k}={val}' for k, val in v['overrides'].items())}: {v['isolates']}"
                   for name, v in grid["variants"].items()]  # fmt: skip
     return "\n".join(lines)
-
-
-def _declared(run: dict) -> tuple[str, ...]:
-    """The views the run's method scores today with the run's options."""
-    from fedmm.methods import METHODS
-
-    cls = METHODS.get(run["method"])
-    return cls.views_for(run.get("config", {})) if cls else tuple(run["views"])
 
 
 def _name(run: dict) -> str:

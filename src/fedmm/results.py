@@ -212,6 +212,15 @@ def upgrade(run: dict) -> dict:
     return run
 
 
+def declared_views(run: dict) -> tuple[str, ...]:
+    """The views the run's method scores today with the run's options (a report marks ``n/m``
+    where an older run did not measure one of them)."""
+    from fedmm.methods import METHODS
+
+    cls = METHODS.get(run["method"])
+    return cls.views_for(run.get("config", {})) if cls else tuple(run.get("views", ()))
+
+
 def scored_views(run: dict) -> dict[str, float]:
     """``final`` without the alias names: the run's views (and their group suffixes) only."""
     views = set(run.get("views", ()))
@@ -441,7 +450,7 @@ def save_run(out_dir: str | Path, run: dict) -> None:
 
 def _views(runs: list[dict]) -> list[str]:
     seen = {v for r in runs for v in (*scored_views(r), *r.get("views", ()))}  # n/a: none scored
-    return [v for v in VIEW_ORDER if v in seen] + sorted(seen - set(VIEW_ORDER))
+    return sorted(seen, key=view_rank)
 
 
 def summary_table(data: dict) -> str:
@@ -468,11 +477,14 @@ def summary_table(data: dict) -> str:
             cells = [label(r), str(r["seed"]), str(len(hist))]
             scored, expected = sites_scored(r)
             partial = f" ({scored}/{expected})" if scored < expected else ""
+            declared = declared_views(r)
             cells += [
                 f"{100 * r['final'][v]:.1f}{partial}"
                 if v in r["final"]
                 else "n/a"  # a view of the method that no (included) client scored
                 if v.split(".", 1)[0] in r.get("views", ())
+                else "n/m"  # the method has it now; this run predates it
+                if v in declared
                 else "—"
                 for v in views
             ]
@@ -492,7 +504,9 @@ def summary_table(data: dict) -> str:
     lines += task_table(data["runs"])
     lines.append(
         "Accuracy in %, mean over clients after the last round (multi-label tasks: mean AUROC, "
-        "see the per-task table); n/a: no included client was scored in that view; (N/K): the "
+        "see the per-task table); views by kind (README, Views); —: the method has no such "
+        "model; n/m: it has, but this run was made before fedmm 0.2 and did not measure it; "
+        "n/a: no included client was scored in that view; (N/K): the "
         "mean is over the N of K sites scored in the last evaluated round (the line 'missing in "
         "the last round' under the table says which and why). KB: one "
         "client's training messages per round (tensor payload), averaged over the sampled "
