@@ -105,7 +105,7 @@ def main() -> None:
             summary.append((method, k, wall, server, mem.peak_rss, mem.peak_pss, run["final"]))
             print(facts(f"after {method} K={k}"), flush=True)
     print(f"\n{'method':>7} {'K':>4} {'s/round':>8} {'server s':>8} {'RSS GiB':>8} {'PSS GiB':>8}"
-          f" {'global acc':>10}")  # fmt: skip
+          f" {'shared acc':>10}")  # fmt: skip
     for method, k, wall, server, rss, pss, final in summary:
         print(f"{method:>7} {k:>4} {wall:>8.1f} {server:>8.3f} {rss / 2**30:>8.2f} "
               f"{pss / 2**30:>8.2f} {100 * final.get('shared', float('nan')):>10.1f}")  # fmt: skip

@@ -416,7 +416,7 @@ class ClientContext:
 
         Records ``views[name]`` = the task's primary metric (accuracy; multi-label: mean AUROC)
         and ``views[f"{name}.{suffix}"]`` for the extras of ``score`` (groups, macro-F1).  Several
-        names share one evaluation (FedDAT's ``personalized`` is its ``dat``).
+        names share one evaluation (FedAvg before a client first trains: every view is θ^{t+1}).
         """
         scores = self.score(self.test)
         for name in names:
