@@ -63,7 +63,9 @@ def main() -> None:
             benches = args.benchmarks.split(",") if args.benchmarks else grid["benchmarks"]
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else grid["seeds"]
             cells = [(b, m, s) for b in benches for s in seeds for m in methods]
-            bench.write_outputs(out, cells, grid.get("peft", "adapter"))
+            extra = {name: bench.Variant(v["method"], v["overrides"], v.get("isolates", ""))
+                     for name, v in grid.get("variants", {}).items()}  # fmt: skip
+            bench.write_outputs(out, cells, grid.get("peft", "adapter"), extra)
         print(f"{out}: {len(data['runs'])} runs rendered")
 
 

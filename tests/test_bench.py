@@ -9,6 +9,7 @@ import torch
 
 from fedmm import bench
 from fedmm.cli import main
+from fedmm.config import ConfigError
 from fedmm.engine import run_method
 from fedmm.methods import ClientContext
 from fedmm.runtime import Encoded, get_runtime
@@ -55,7 +56,10 @@ def test_report_mean_and_std_over_seeds():
     text = bench.report(
         runs, {"benchmarks": ["b"], "methods": ["fedavg"], "seeds": [0, 1], "peft": "adapter"}
     )
-    assert "| fedavg | 2 | 60.0 ± 14.1 | 70.0 ± 14.1 | 10 | 1 | 2.0 |" in text
+    # FedAvg's other views exist, but this run did not measure them (as a run before fedmm 0.2)
+    assert (
+        "| fedavg | 2 | 60.0 ± 14.1 | n/m | n/m | 70.0 ± 14.1 | n/m | n/m | 10 | 1 | 2.0 |" in text
+    )
     assert "shared (closed)" in text
 
 
@@ -107,7 +111,7 @@ def test_report_has_a_per_task_table_for_multi_task_benchmarks():
     text = bench.report([run(0, 0.4), run(1, 0.6)],
                         {"benchmarks": ["b"], "methods": ["tap"], "seeds": [0, 1], "peft": "adapter"})  # fmt: skip
     assert "| method | tags shared | tags personal | vqa shared | vqa personal |" in text
-    assert "| tap | 50.0 ± 0.0 | — | 50.0 ± 14.1 | — |" in text
+    assert "| tap | 50.0 ± 0.0 | n/a | 50.0 ± 14.1 | n/a |" in text  # personal: nobody scored
 
 
 def test_a_cell_made_before_an_option_existed_counts_as_made_with_its_default(tiny_cfg):
@@ -166,7 +170,28 @@ def test_report_compares_like_with_like_and_says_whether_the_gap_exceeds_the_spr
     grid = {"benchmarks": ["b"], "methods": ["fedavg", "fedper", "feddat"], "seeds": [0, 1],
             "peft": "adapter"}  # fmt: skip
     text = bench.report(runs, grid)
-    assert "| feddat `shared+head` | fedper `shared+head` | 81.0 ± 1.4 | 71.0 ± 1.4 | +10.0 | yes |" in text
+    assert (
+        "| feddat `shared+head` | fedper `shared+head` | same | 81.0 ± 1.4 (2) | 71.0 ± 1.4 (2) | "
+        "+10.0 | yes |" in text
+    )
     assert "feddat `shared+head` | fedavg" not in text  # FedAvg has no shared+head run here
     c = bench.compare([0.80, 0.82], [0.79, 0.81])
     assert c["delta"] == pytest.approx(1.0) and not c["exceeds"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a/b=fedpia:fedpia.lam=0", "letters, digits"),
+    ("fedpia=fedpia:fedpia.lam=0", "is a method's or a built-in variant's"),
+    ("feddat-fedhead=feddat:feddat.alpha=1", "is a method's or a built-in variant's"),
+    ("x=fedpia:peft.type=lora", "set by the bench grid"),
+    ("x=fedpia:seed=3", "set by the bench grid"),
+    ("x=fedpia:fedpia.lam", "is not KEY=VALUE"),
+    ("x", "NAME=METHOD"),
+])  # fmt: skip
+def test_a_user_variant_cannot_pass_for_another_run(text, message):
+    with pytest.raises(ConfigError, match=message):
+        bench.parse_variant(text)
+
+
+def test_one_seed_comparisons_claim_no_spread():
+    assert bench.compare([0.8], [0.7])["exceeds"] is None

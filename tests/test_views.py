@@ -26,9 +26,13 @@ from fedmm.methods.base import (
     model_keys,
     to_torch,
 )
+from fedmm.methods.fedavg import FedAvg
 from fedmm.runtime import get_runtime
 
-FEDAVG_FAMILY = ["fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "scaffold", "fedpia"]
+# methods that evaluate as FedAvg does (its subclasses that keep its evaluate)
+FEDAVG_FAMILY = sorted(n for n, c in METHODS.items()
+                       if issubclass(c, FedAvg) and c.evaluate is FedAvg.evaluate)  # fmt: skip
+COVERED = {*FEDAVG_FAMILY, "ditto", "fedper", "feddat", "local", "centralized", "tap"}
 
 
 def client_ctx(cfg, kept, rnd):
@@ -63,13 +67,18 @@ def evaluated_models(cfg, monkeypatch):
 
 
 def assert_from(state: dict, source: dict, part: str, rename: dict | None = None) -> None:
-    """Every tensor of ``part`` in ``state`` equals ``source``'s (keys renamed by ``rename``)."""
+    """Every tensor of ``part`` in ``state`` equals ``source``'s (keys renamed by ``rename``).
+    A multi-task head holds every task's head; only the client's own task's are in ``source``,
+    and at least one tensor must match."""
     keys = [k for k in state if k.split("/", 1)[0] == part]
     assert keys, f"no {part} tensors in the view"
+    checked = 0
     for k in keys:
         src = (rename or {}).get(part, part) + "/" + k.split("/", 1)[1]
-        if src in source or part != "head":  # a multi-task head: only this task's rows exist
+        if src in source or part != "head":
             assert torch.equal(state[k], torch.as_tensor(source[src])), f"{k} is not {src}'s"
+            checked += 1
+    assert checked, f"none of the view's {part} tensors is in the source"
 
 
 @pytest.mark.parametrize("name", FEDAVG_FAMILY)
@@ -137,10 +146,16 @@ def test_feddat_views_with_a_federated_head(tiny_cfg, monkeypatch):
     cfg = tiny_cfg.with_overrides({"method": "feddat", "feddat.federate_head": True})
     views, new_global, kept = evaluated_models(cfg, monkeypatch)
     assert set(views) == {SHARED, PERSONAL, "client"}
+    assert views[SHARED][0] == ("global_adapter",)
+    assert views[PERSONAL][0] == ("client_adapter", "frozen_global")
+    assert views["client"][0] == ("client_adapter",)
     for part in ("adapter.global_adapter", "proj", "head"):
         assert_from(views[SHARED][1], new_global, part)
-    assert_from(views[PERSONAL][1], new_global, "head")
-    assert_from(views[PERSONAL][1], kept, "adapter.client_adapter")
+    for view in (PERSONAL, "client"):
+        assert_from(views[view][1], new_global, "head")
+        assert_from(views[view][1], kept, "adapter.client_adapter")
+    assert_from(views[PERSONAL][1], new_global, "adapter.frozen_global",
+                rename={"adapter.frozen_global": "adapter.global_adapter"})  # fmt: skip
 
 
 def test_local_and_centralized_views(tiny_cfg, monkeypatch):
@@ -161,14 +176,27 @@ def test_tap_views(tiny_cfg, monkeypatch):
     views, new_global, kept = evaluated_models(cfg, monkeypatch)
     personal = from_namespace(kept, "personal")
     assert views[SHARED][0] == views[PERSONAL][0]
-    for part in {k.split("/", 1)[0] for k in model_keys(new_global)} & {
-        k.split("/", 1)[0] for k in views[SHARED][1]
-    }:
-        if part.startswith("adapter.") and part.removeprefix("adapter.") in views[SHARED][0]:
-            assert_from(views[SHARED][1], new_global, part)
-            assert_from(views[PERSONAL][1], personal, part)
-    assert_from(views[SHARED][1], new_global, "head")
-    assert_from(views[PERSONAL][1], personal, "head")
+    parts = [f"adapter.{s}" for s in views[SHARED][0]]
+    assert parts and all(p in {k.split("/", 1)[0] for k in model_keys(new_global)} for p in parts)
+    for part in [*parts, "proj", "head"]:
+        assert_from(views[SHARED][1], new_global, part)
+        assert_from(views[PERSONAL][1], personal, part)
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"centralized"}))
+def test_a_client_that_has_not_trained_scores_no_model_of_its_own(tiny_cfg, name):
+    """Before its first round a client has no personal model or head: it reports ``shared``
+    where the method has one and nothing else -- never the shared model under another name."""
+    cfg = tiny_cfg.with_overrides({"method": name, "fed.rounds": 2})
+    method = bound_method(cfg)
+    start = method.global_for_client(method.init_global(get_runtime(cfg).model), 0)
+    scores = method.client_evaluate(client_ctx(cfg, {}, 1), to_torch(start))
+    expected = {SHARED} & set(method.views)
+    assert {k.partition(".")[0] for k in scores} == expected, name
+
+
+def test_every_method_has_its_views_pinned_here():
+    assert set(METHODS) == COVERED, f"add a view test for {set(METHODS) - COVERED}"
 
 
 def test_every_method_declares_kinds_first_and_aliases_onto_its_views(tiny_cfg):
@@ -184,18 +212,36 @@ def test_old_results_are_read_with_views_by_kind_and_old_names_kept_as_aliases()
     ``shared``; with a federated head it is ``shared``.  ``final`` keeps the old names."""
 
     def old(method, views, config=None):
+        scores = {v: 0.1 * (i + 1) for i, v in enumerate(views)}  # a distinct value per view
         return {"method": method, "benchmark": "b", "seed": 0, "views": views,
-                "config": config or {}, "final": {v: 0.5 for v in views} | {"global.closed": 0.4},
-                "history": [{"clients": {"c": {v: 0.5 for v in views}}}]}  # fmt: skip
+                "config": config or {}, "final": scores | {"global.closed": 0.9},
+                "history": [{"clients": {"c": dict(scores)}}]}  # fmt: skip
 
     feddat = results.upgrade(old("feddat", ["global", "personalized", "dat", "client"]))
     assert feddat["views"] == [SHARED_HEAD, PERSONAL, "client"]
-    assert feddat["final"]["shared+head.closed"] == 0.4 and feddat["final"]["global"] == 0.5
-    assert results.scored_views(feddat).keys() == {SHARED_HEAD, "shared+head.closed", PERSONAL,
-                                                   "client"}  # fmt: skip
-    assert feddat["history"][0]["clients"]["c"].keys() == {SHARED_HEAD, PERSONAL, "client"}
+    # personalized and dat were one evaluation (equal in every real run): either lands on personal
+    assert feddat["history"][0]["clients"]["c"] == pytest.approx(
+        {SHARED_HEAD: 0.1, PERSONAL: 0.3, "client": 0.4})  # fmt: skip
+    assert feddat["final"]["shared+head.closed"] == 0.9 and feddat["final"]["global"] == 0.1
+    assert results.scored_views(feddat) == pytest.approx({SHARED_HEAD: 0.1, "shared+head.closed": 0.9,
+                                                          PERSONAL: 0.3, "client": 0.4})  # fmt: skip
     fedhead = results.upgrade(old("feddat", ["global", "personalized"],
                                   {"feddat.federate_head": True}))  # fmt: skip
     assert fedhead["views"] == [SHARED, PERSONAL]
-    assert results.upgrade(old("fedper", ["personalized"]))["views"] == [SHARED_HEAD]
-    assert results.upgrade(old("fedavg", ["global", "personalized"]))["views"] == [SHARED, PERSONAL]
+    assert fedhead["history"][0]["clients"]["c"] == {SHARED: 0.1, PERSONAL: 0.2}
+    assert results.upgrade(old("feddat", ["global"], {"feddat.federate_head": False}))["views"] == [
+        SHARED_HEAD]  # fmt: skip
+    for method, old_views, new_views in (
+        ("fedper", ["personalized"], [SHARED_HEAD]),
+        ("fedavg", ["global", "personalized"], [SHARED, PERSONAL]),
+        ("ditto", ["global", "personalized"], [SHARED, PERSONAL]),
+        ("tap", ["global", "personalized", "distilled"], [SHARED, PERSONAL, "distilled"]),
+        ("local", ["personalized"], [PERSONAL]),
+        ("centralized", ["global"], [SHARED]),
+    ):
+        run = results.upgrade(old(method, old_views))
+        assert run["views"] == new_views, method
+        assert run["history"][0]["clients"]["c"] == pytest.approx(
+            {n: 0.1 * (i + 1) for i, n in enumerate(new_views)}), method  # fmt: skip
+    gone = results.upgrade(old("fedgone", ["global", "personalized"]))  # unknown method
+    assert gone["views"] == ["global", PERSONAL]

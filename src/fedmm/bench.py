@@ -95,12 +95,14 @@ COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str], str], ...] = (
 
 
 def compare(a: list[float], b: list[float]) -> dict:
-    """Mean ± std (in %) of each side over seeds, their difference, and whether it exceeds the
-    spread: |Δ| > std_a + std_b (the two ±1 std intervals do not overlap)."""
+    """Mean ± sample std (in %) of each side over seeds, their difference, and whether it
+    exceeds the spread: |Δ| > std_a + std_b (the two ±1 std intervals do not overlap); None
+    when a side has fewer than 2 seeds (no spread to compare with)."""
     ma, mb = 100 * statistics.fmean(a), 100 * statistics.fmean(b)
     sa = 100 * statistics.stdev(a) if len(a) > 1 else 0.0
     sb = 100 * statistics.stdev(b) if len(b) > 1 else 0.0
-    return {"a": (ma, sa), "b": (mb, sb), "delta": ma - mb, "exceeds": abs(ma - mb) > sa + sb}
+    exceeds = abs(ma - mb) > sa + sb if min(len(a), len(b)) > 1 else None
+    return {"a": (ma, sa, len(a)), "b": (mb, sb, len(b)), "delta": ma - mb, "exceeds": exceeds}
 
 
 def _comparison_lines(runs: list[dict], names: list[str]) -> list[str]:
@@ -113,29 +115,53 @@ def _comparison_lines(runs: list[dict], names: list[str]) -> list[str]:
         if not a or not b:
             continue
         c = compare(a, b)
-        rows.append(f"| {na} `{va}` | {nb} `{vb}` | {c['a'][0]:.1f} ± {c['a'][1]:.1f} | "
-                    f"{c['b'][0]:.1f} ± {c['b'][1]:.1f} | {c['delta']:+.1f} | "
-                    f"{'yes' if c['exceeds'] else 'no'} | {what} |")  # fmt: skip
+        verdict = {True: "yes", False: "no", None: "n/a (< 2 seeds)"}[c["exceeds"]]
+        kinds = "same" if va == vb else "cross"
+        rows.append(f"| {na} `{va}` | {nb} `{vb}` | {kinds} | {c['a'][0]:.1f} ± {c['a'][1]:.1f} "
+                    f"({c['a'][2]}) | {c['b'][0]:.1f} ± {c['b'][1]:.1f} ({c['b'][2]}) | "
+                    f"{c['delta']:+.1f} | {verdict} | {what} |")  # fmt: skip
     if not rows:
         return []
-    return ["", "Like-with-like comparisons (Δ = A − B in points; exceeds spread: |Δ| > std_A + "
-            "std_B):", "", "| A | B | A | B | Δ | exceeds spread | measures |",
-            "|---|---|---|---|---|---|---|", *rows]  # fmt: skip
+    return ["", "Comparisons (Δ = A − B in points; mean ± std over (n) seeds; exceeds spread: "
+            "|Δ| > std_A + std_B; kinds: same = one view kind on both sides, cross = the two "
+            "models a claim compares):", "",
+            "| A | B | kinds | A | B | Δ | exceeds spread | measures |",
+            "|---|---|---|---|---|---|---|---|", *rows]  # fmt: skip
+
+
+# what a variant may not set: they place the cell in the grid (or name it), the bench sets them
+CELL_KEYS = ("method", "variant", "seed", "out_dir", "data.benchmark", "peft.type")
 
 
 def parse_variant(text: str) -> tuple[str, Variant]:
-    """``NAME=METHOD:KEY=VALUE,KEY=VALUE`` (``--variant``) -> (name, Variant)."""
-    name, eq, rest = text.partition("=")
-    method, colon, sets = rest.partition(":")
-    if not (eq and name.strip() and method.strip()):
+    """``NAME=METHOD:KEY=VALUE,KEY=VALUE`` (``--variant``) -> (name, Variant).
+
+    Raises ``ConfigError`` for a malformed text, a name that is not letters, digits and
+    ``_ . + -``, a name that is a method's or a built-in variant's (its runs would pass for
+    theirs), or a key of ``CELL_KEYS`` (a variant changes a method's options, not the cell)."""
+    import re
+
+    from fedmm.methods import METHODS
+
+    name, eq, rest = (x.strip() for x in text.partition("="))
+    method, _, sets = (x.strip() for x in rest.partition(":"))
+    if not (eq and name and method):
         raise ConfigError(f"--variant expects NAME=METHOD:KEY=VALUE,..., got {text!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        raise ConfigError(f"--variant {name!r}: a name is letters, digits and _ . + - only")
+    if name in METHODS or name in VARIANTS:
+        raise ConfigError(f"--variant {name!r}: that name is a method's or a built-in "
+                          "variant's; pick another (its runs would pass for theirs)")  # fmt: skip
     overrides = {}
     for item in filter(None, (x.strip() for x in sets.split(","))):
         key, eq2, value = item.partition("=")
         if not eq2:
             raise ConfigError(f"--variant {name}: {item!r} is not KEY=VALUE")
+        if key.strip().replace("-", "_") in CELL_KEYS:
+            raise ConfigError(f"--variant {name}: {key.strip()} is set by the bench grid "
+                              f"({', '.join(CELL_KEYS)}), not by a variant")  # fmt: skip
         overrides[key.strip()] = value.strip()
-    return name.strip(), Variant(method.strip(), overrides, "user-defined (--variant)")
+    return name, Variant(method, overrides, "user-defined (--variant)")
 
 
 def variant(name: str, extra: dict[str, Variant] | None = None) -> Variant:
@@ -263,12 +289,11 @@ def report(runs: list[dict], grid: dict) -> str:
             if not mruns:
                 continue
             cells = [results.label(mruns[0]), str(len(mruns))]
-            declared = results.declared_views(mruns[0])
             for suffix in ["", *(f".{g}" for g in groups)]:
                 for v in views:
                     values = [r["final"][v + suffix] for r in mruns if v + suffix in r["final"]]
-                    older = not values and v in declared and v not in mruns[0]["views"]
-                    cells.append("n/m" if older else _mean_std(values))
+                    cells.append(_mean_std(values) if values
+                                 else results.missing_cell(mruns[0], v + suffix))  # fmt: skip
             hist = [h for r in mruns for h in r["history"]]
             n = max(1, len(hist))
             cells += [
@@ -317,8 +342,10 @@ def _task_lines(runs: list[dict], methods: list[str]) -> list[str]:
         mruns = [r for r in runs if _name(r) == method]
         if mruns:
             cells = [results.label(mruns[0])]
-            cells += [_mean_std([r["final_by_task"][t][v] for r in mruns
-                                 if v in r["final_by_task"].get(t, {})]) for t, v in cols]  # fmt: skip
+            for t, v in cols:
+                values = [r["final_by_task"][t][v] for r in mruns
+                          if v in r["final_by_task"].get(t, {})]  # fmt: skip
+                cells.append(_mean_std(values) if values else results.missing_cell(mruns[0], v))
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -361,13 +388,15 @@ def plot(out: Path, runs: list[dict], grid: dict) -> None:
                 xs = np.arange(1, rounds + 1)
                 color = colors[i % len(colors)]
                 ax.plot(xs, acc.mean(0), marker="o", color=color, label=method)
-                ax.fill_between(xs, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0),
-                                color=color, alpha=0.2)  # fmt: skip
+                std = acc.std(0, ddof=1) if len(acc) > 1 else np.zeros(rounds)  # as the table
+                ax.fill_between(xs, acc.mean(0) - std, acc.mean(0) + std, color=color,
+                                alpha=0.2)  # fmt: skip
                 total = [sum(h["bytes_up"] + h["bytes_down"] for h in r["history"]) / 2**20
                          for r in mruns]  # fmt: skip
                 final = [100 * r["final"].get(view, np.nan) for r in mruns]
-                ax2.errorbar(np.mean(total), np.mean(final), yerr=np.std(final), fmt="o",
-                             color=color, label=method)  # fmt: skip
+                yerr = np.std(final, ddof=1) if len(final) > 1 else 0.0
+                ax2.errorbar(np.mean(total), np.mean(final), yerr=yerr, fmt="o", color=color,
+                             label=method)  # fmt: skip
             for a, xlabel in ((ax, "round"), (ax2, "total MB communicated (all clients, up+down)")):
                 a.set_title(f"{bench}: {view}")
                 if a is ax:  # rounds are whole numbers

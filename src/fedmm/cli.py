@@ -168,7 +168,7 @@ def resolve_config(
             if name in (variants or {}):
                 v = variants[name]
                 try:
-                    vcfg = cfg.with_overrides(v.overrides)
+                    vcfg = cfg.with_overrides({**v.overrides, "variant": name})
                 except ConfigError as exc:
                     raise ConfigError(f"variant {name!r}: {exc}") from exc
                 validate(vcfg, [v.method])

@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import math
 import uuid
 from collections.abc import Iterable
@@ -56,6 +57,8 @@ from pathlib import Path
 from fedmm import __version__
 from fedmm.config import FedmmConfig
 from fedmm.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 VIEW_ORDER = ("shared", "shared+head", "personal", "client", "distilled")
 
@@ -183,15 +186,21 @@ def with_aliases(means: dict[str, float], aliases: dict[str, str]) -> dict[str, 
 def upgrade(run: dict) -> dict:
     """A run stored before fedmm 0.2 (no ``view_aliases``) with its views renamed by kind, by its
     method's ``view_aliases`` (FedDAT's depend on its ``feddat.federate_head``), and the old names
-    kept in ``final`` as aliases; a newer run, or one of a method fedmm no longer has, unchanged."""
+    kept in ``final`` as aliases; a newer run unchanged.  A method fedmm no longer has gets
+    ``personalized`` / ``dat`` -> ``personal`` and keeps ``global`` (its kind is unknown: a
+    warning says so)."""
     if "view_aliases" in run:
         return run
     from fedmm.methods import METHODS
 
     cls = METHODS.get(run["method"])
     if cls is None:
-        return run
-    aliases = dict(cls.aliases_for(run.get("config", {})))
+        aliases = {"personalized": "personal", "dat": "personal"}
+        if "global" in run.get("views", ()):
+            log.warning("results: method %r is unknown to this fedmm; its view 'global' keeps "
+                        "its old name (shared or shared+head cannot be told)", run["method"])  # fmt: skip
+    else:
+        aliases = dict(cls.aliases_for(run.get("config", {})))
 
     def rename(metrics: dict) -> dict:
         out = {}
@@ -219,6 +228,16 @@ def declared_views(run: dict) -> tuple[str, ...]:
 
     cls = METHODS.get(run["method"])
     return cls.views_for(run.get("config", {})) if cls else tuple(run.get("views", ()))
+
+
+def missing_cell(run: dict, view: str) -> str:
+    """What a table shows where ``run`` has no score for ``view`` (group suffixes allowed):
+    ``n/a`` the run has the view but no included client scored it; ``n/m`` the method has it
+    today but the run predates it (made before fedmm 0.2); ``—`` the method has no such model."""
+    base = view.partition(".")[0]
+    if base in run.get("views", ()):
+        return "n/a"
+    return "n/m" if base in declared_views(run) else "—"
 
 
 def scored_views(run: dict) -> dict[str, float]:
@@ -449,7 +468,8 @@ def save_run(out_dir: str | Path, run: dict) -> None:
 
 
 def _views(runs: list[dict]) -> list[str]:
-    seen = {v for r in runs for v in (*scored_views(r), *r.get("views", ()))}  # n/a: none scored
+    seen = {v for r in runs
+            for v in (*scored_views(r), *r.get("views", ()), *declared_views(r))}  # fmt: skip
     return sorted(seen, key=view_rank)
 
 
@@ -477,15 +497,8 @@ def summary_table(data: dict) -> str:
             cells = [label(r), str(r["seed"]), str(len(hist))]
             scored, expected = sites_scored(r)
             partial = f" ({scored}/{expected})" if scored < expected else ""
-            declared = declared_views(r)
             cells += [
-                f"{100 * r['final'][v]:.1f}{partial}"
-                if v in r["final"]
-                else "n/a"  # a view of the method that no (included) client scored
-                if v.split(".", 1)[0] in r.get("views", ())
-                else "n/m"  # the method has it now; this run predates it
-                if v in declared
-                else "—"
+                f"{100 * r['final'][v]:.1f}{partial}" if v in r["final"] else missing_cell(r, v)
                 for v in views
             ]
             cells += [
@@ -533,7 +546,7 @@ def task_table(runs: list[dict]) -> list[str]:
             cells = [label(r), str(r["seed"])]
             for t, v in cols:
                 score = r["final_by_task"].get(t, {}).get(v)
-                cells.append("—" if score is None else f"{100 * score:.1f}")
+                cells.append(missing_cell(r, v) if score is None else f"{100 * score:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for r in rs:

@@ -150,8 +150,8 @@ SHARED, SHARED_HEAD, PERSONAL = "shared", "shared+head", "personal"
 VIEW_KINDS = {
     SHARED: "every parameter the federation shares, with the shared head: the model a new client "
     "would receive",
-    SHARED_HEAD: "the shared body (PEFT set, projection) with the client's own head, the head it "
-    "trained on that body and kept",
+    SHARED_HEAD: "the shared body (PEFT set, projection) with the client's own head: the head it "
+    "trained locally in its last round and kept",
     PERSONAL: "the client's own full model (FedAvg's locally trained copy, Ditto's v_k, FedDAT's "
     "DAT, FedPIA's local model, TAP's stage-1 model, local training's)",
 }

@@ -14,7 +14,7 @@ Round t on client k:
 Each of the two models gets the same step budget and schedule as any other method's model, so a
 Ditto round costs two models' steps (``steps`` counts the global model's, ``personal_steps`` the
 personal model's).  Server: the FedAvg average of θ_k.
-Views: ``shared`` = θ^{t+1}; ``personal`` = v_k.  No ``shared+head``: the client's own head is
+Views: ``shared`` = θ^{t+1}; ``personal`` = v_k (none before the client first trains).  No ``shared+head``: the client's own head is
 v_k's, trained on v_k's body, not on θ's.
 """
 
@@ -91,6 +91,8 @@ class Ditto(FedAvg):
         model = ctx.model
         with model.active("global_adapter"):
             ctx.view(SHARED)
+        if not from_namespace(ctx.kept, "personal"):  # not trained yet: no v_k
+            return ctx.views
         self._load_personal(ctx, received)
         with model.active("personal_adapter"):
             return ctx.view(PERSONAL)

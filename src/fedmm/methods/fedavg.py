@@ -9,8 +9,8 @@ Federated parameters θ = {adapter ``global_adapter``, visual projection, head}.
 
 Views (``methods.base.VIEW_KINDS``), on the client's test set: ``shared`` = θ^{t+1};
 ``shared+head`` = θ^{t+1}'s body (adapter, projection) with the head of the client's last locally
-trained θ_k; ``personal`` = that θ_k (FedAvg + local finetuning).  Before the client first trains
-all three are θ^{t+1}.
+trained θ_k; ``personal`` = that θ_k (FedAvg + local finetuning).  A client that has not trained
+yet has no θ_k: it reports ``shared`` only (never θ^{t+1} under a personal name).
 """
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ class FedAvg(Method):
         model = ctx.model
         with model.active("global_adapter"):
             personal = self.personal_model(ctx.kept)
-            if not personal:  # not trained yet: every view is θ^{t+1}
-                return ctx.view(SHARED, SHARED_HEAD, PERSONAL)
             ctx.view(SHARED)
+            if not personal:  # not trained yet: no head or model of its own
+                return ctx.views
             load_parts(model, select(personal, ("head",)))
             ctx.view(SHARED_HEAD)
             load_parts(model, personal)

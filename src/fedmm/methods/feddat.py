@@ -43,7 +43,8 @@ inference cost), ``personal`` = the DAT, ``client`` = A_c alone.  With ``feddat.
 the head is shared too: ``shared`` = A_s with the shared head replaces ``shared+head``.  Without
 it there is no shared head (the server never has a trained one), so no ``shared`` view: FedDAT's
 A_s + own head compares with FedPer and with FedAvg's ``shared+head``, not with FedAvg's
-``shared``.
+``shared``.  A client that has not trained yet has no A_c and no head: it scores ``shared``
+(federated head) or nothing.
 
 Reference defects avoided: A_c stays in the optimiser every round (explicit parameter groups,
 pinned by a test that A_c changes in every round); one schedule over the whole run, one step per
@@ -111,6 +112,12 @@ def feddat_losses(
         z_dat, z_s.detach(), t, multilabel
     )
     return loss_s, loss_dat
+
+
+def _federated_head(flat_config) -> bool:
+    """``feddat.federate_head`` of a flat config (a results.json run's; a string too)."""
+    value = flat_config.get("feddat.federate_head", False)
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
 
 
 def prefix_block(model: FusionVLModel) -> nn.Module | None:
@@ -206,13 +213,13 @@ class FedDAT(Method):
 
     @classmethod
     def views_for(cls, flat_config) -> tuple[str, ...]:
-        if flat_config.get("feddat.federate_head"):
+        if _federated_head(flat_config):
             return (SHARED, PERSONAL, "client")
         return cls.views
 
     @classmethod
     def aliases_for(cls, flat_config) -> MappingProxyType:
-        if flat_config.get("feddat.federate_head"):
+        if _federated_head(flat_config):
             return MappingProxyType({"global": SHARED, "personalized": PERSONAL, "dat": PERSONAL})
         return cls.view_aliases
 
@@ -266,6 +273,11 @@ class FedDAT(Method):
 
     def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         model = ctx.model
+        if not ctx.kept:  # not trained yet: no A_c, no head of its own
+            if self.cfg.feddat.federate_head:
+                with model.active(GLOBAL):
+                    ctx.view(SHARED)
+            return ctx.views
         with model.active(GLOBAL):
             ctx.view(self.views[0])  # shared (federated head) or shared+head (personal head)
         with model.active(CLIENT, FROZEN, combine=self.cfg.feddat.dat_combine):

@@ -8,7 +8,8 @@ client k across rounds and is never uploaded.
 * Server: θ_B^{t+1} = Σ_k w_k θ_B,k (samples or uniform weights, as FedAvg).
 
 View: ``shared+head`` (the global body with the client's head).  There is no shared head, so no
-``shared`` view, and no model of the client's own beyond that one, so no ``personal`` view.
+``shared`` view, and no model of the client's own beyond that one, so no ``personal`` view.  A
+client that has not trained yet has no head: it scores nothing.
 """
 
 from __future__ import annotations
@@ -50,5 +51,7 @@ class FedPer(FedAvg):
         return ClientUpdate(get_parts(ctx.model, BODY), keep=get_parts(ctx.model, ("head",)))
 
     def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
+        if not ctx.kept:  # not trained yet: no head of its own, nothing to score
+            return ctx.views
         with ctx.model.active("global_adapter"):
             return ctx.view(SHARED_HEAD)

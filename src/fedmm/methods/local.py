@@ -48,5 +48,7 @@ class Local(Method):
         return ClientUpdate({}, keep=get_parts(ctx.model, self.trainable_parts()))
 
     def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
+        if not ctx.kept:  # not trained yet: no model to score
+            return ctx.views
         with ctx.model.active(self.adapter_sets[0]):
             return ctx.view(self.views[0])

@@ -49,7 +49,8 @@ locally for ``tap.teacher_steps`` steps, is the teacher; the personalised model 
 on logits.  Views (kinds as ``methods.base.VIEW_KINDS``): ``shared`` (θ[K_k], with the head its
 task's clients share), ``personal`` (the personalised model: stage 1 alone -- TAP without stage 2)
 and, in the last round, ``distilled`` (stage 1 + stage 2).  No ``shared+head``: the client's own
-head is the personalised model's, trained on its modules.
+head is the personalised model's, trained on its modules.  A client that has not trained yet has
+no personalised model: it scores ``shared`` only, and stage 2 skips it.
 
 Ablations (``fedmm bench`` variants): ``tap.replacement = false`` skips step 2's replacement (the
 personalised model is never replaced; both validation scores are still recorded); TAP without
@@ -328,9 +329,11 @@ class TAP(Method):
 
     def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         spec = self.spec_of(ctx.client_index)
-        personal = from_namespace(ctx.kept, "personal") or dict(received)  # not trained yet
+        personal = from_namespace(ctx.kept, "personal")
         with ctx.model.active(*client_sets(spec), combine=self.cfg.tap.combine):
             ctx.view(SHARED)
+            if not personal:  # not trained yet: no personalised model, nothing to distil into
+                return ctx.views
             load_parts(ctx.model, personal, partial=True)
             ctx.view(PERSONAL)
         if ctx.round == self.cfg.fed.rounds:
