@@ -255,3 +255,23 @@ def test_a_set_starts_the_same_whatever_other_sets_the_model_holds(tiny_cfg):
     model.reset_trainable(0)
     for key, value in model.peft.state_dict_of("global_adapter").items():
         assert torch.equal(value, alone[key]), key
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_native_bf16(tiny_cfg, monkeypatch):
+    """``train.precision=auto``: bf16 on a CPU with AMX or AVX512-BF16, fp32 on one without
+    (emulated bf16 is slower there), recorded in the round's train stats (``bf16``)."""
+    from fedmm.methods.base import resolve_precision
+
+    cpu = torch.device("cpu")
+    for amx, avx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v,
+                            raising=False)  # fmt: skip
+        assert resolve_precision("auto", cpu) == ("bf16" if amx or avx else "fp32")
+        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+        cfg = tiny_cfg.with_overrides({"method": "fedavg", "train.precision": "auto"})
+        ctx = client_ctx(cfg, {}, 1)
+        bound_method(cfg).client_train(ctx, to_torch(bound_method(cfg).init_global(ctx.model)))
+        assert ctx.stats["bf16"] == float(amx or avx)
+    with pytest.raises(Exception, match="train.precision"):
+        resolve_precision("fp16", cpu)

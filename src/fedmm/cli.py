@@ -285,6 +285,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"fedmm: {', '.join(methods)} on {cfg.data.benchmark} ({cfg.fed.clients} clients, "
           f"{cfg.fed.rounds} rounds, backbone {cfg.model.backbone}, seed {cfg.seed}) -> {out}/", flush=True)  # fmt: skip
     print_notes(benchmark)
+    if cfg.train.precision == "auto":
+        from fedmm.methods.base import resolve_precision
+        from fedmm.runtime import resolve_device
+
+        device = resolve_device(cfg.device)
+        print(f"train.precision=auto: {resolve_precision('auto', device)} on this machine's "
+              f"{device} (each site resolves it for its own device; results.json records it "
+              "per client as train.<client>.bf16)", flush=True)  # fmt: skip
     for method in methods:
         run_method(cfg.with_overrides({"method": method}), site)
     data = results.load(out)

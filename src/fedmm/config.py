@@ -71,7 +71,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_batch_size: int = 256
     threads: int = 0  # torch intra-op threads in each client process; 0 = all cores
-    precision: str = "fp32"  # fp32 | bf16 (torch.autocast where the device supports bf16)
+    # fp32 | bf16 (torch.autocast) | auto (bf16 where the device has native bf16 -- CUDA, or a CPU
+    # with AMX / AVX512-BF16 -- else fp32; each site resolves it, results record it per client)
+    precision: str = "fp32"
     accumulation: int = 1  # micro-batches per optimiser step: effective batch = batch_size x this
 
 
