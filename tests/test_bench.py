@@ -195,3 +195,30 @@ def test_a_user_variant_cannot_pass_for_another_run(text, message):
 
 def test_one_seed_comparisons_claim_no_spread():
     assert bench.compare([0.8], [0.7])["exceeds"] is None
+
+
+def test_until_plateau_doubles_one_budget_for_every_method_until_every_curve_is_flat(
+    tiny_cfg, tmp_path
+):
+    out = tmp_path / "bench"
+    cfgs = [tiny_cfg.with_overrides({"fed.rounds": 1})]
+    # one round has no gain to measure (still rising); at 2 rounds a 1000-pt tolerance is flat
+    summary = bench.run_until_plateau(cfgs, ["centralized"], [0], out,
+                                      rule=bench.PlateauRule(tol=1000.0), max_rounds=8)  # fmt: skip
+    assert [b["rounds"] for b in summary["budgets"]] == [1, 2] and summary["plateaued"]
+    assert summary["budgets"][0]["still_rising"] and not summary["budgets"][1]["still_rising"]
+    assert json.loads((out / "plateau.json").read_text())["final_rounds"] == 2
+    runs = json.loads((out / "rounds-2" / "bench.json").read_text())["runs"]
+    assert [len(r["history"]) for r in runs] == [2]
+    # the doubling never goes beyond --max-rounds
+    strict = bench.run_until_plateau(cfgs, ["centralized"], [0], tmp_path / "strict",
+                                     rule=bench.PlateauRule(tol=1e-9), max_rounds=2)  # fmt: skip
+    assert [b["rounds"] for b in strict["budgets"]] == [1, 2]
+
+
+def test_time_to_accuracy_is_the_first_round_reaching_the_target():
+    run = {"history": [{"round": r, "seconds": 10.0, "clients": {"c": {"shared": acc}}}
+                       for r, acc in ((1, 0.5), (2, 0.7), (3, 0.65))]}  # fmt: skip
+    assert bench.time_to_accuracy(run, "shared", 0.6) == (2, 20.0)
+    assert bench.time_to_accuracy(run, "shared", 0.8) is None
+    assert bench.time_to_accuracy(run, "personal", 0.1) is None

@@ -133,6 +133,50 @@ def _comparison_lines(runs: list[dict], names: list[str]) -> list[str]:
 CELL_KEYS = ("method", "variant", "seed", "out_dir", "data.benchmark", "peft.type")
 
 
+def time_to_accuracy(run: dict, view: str, target: float) -> tuple[int, float] | None:
+    """``(round, seconds)`` when ``run``'s mean ``view`` accuracy first reaches ``target``
+    (0-1; seconds: the rounds' wall time summed up to it), None if it never does."""
+    elapsed = 0.0
+    for entry in run["history"]:
+        elapsed += entry["seconds"]
+        score = results.mean_views(entry["clients"], run.get("excluded_clients", {})).get(view)
+        if score is not None and score >= target:
+            return entry["round"], elapsed
+    return None
+
+
+def _time_to_accuracy_lines(runs: list[dict], names: list[str], target: float | None) -> list[str]:
+    """Per view kind: rounds and seconds each method needs to first reach the target accuracy
+    (``target`` %, or by default the lowest final mean among the methods with that kind, which
+    every method reaches on average by the last round)."""
+    lines = []
+    for kind in KINDS:
+        rows = {n: [r for r in runs if _name(r) == n and kind in r["final"]] for n in names}
+        rows = {n: rs for n, rs in rows.items() if rs}
+        if not rows:
+            continue
+        goal = (
+            target / 100
+            if target
+            else min(statistics.fmean(r["final"][kind] for r in rs) for rs in rows.values())
+        )
+        cells = []
+        for name, rs in rows.items():
+            hits = [time_to_accuracy(r, kind, goal) for r in rs]
+            got = [h for h in hits if h]
+            if not got:
+                cells.append(f"| {name} | not reached (0/{len(rs)}) | — |")
+                continue
+            reached = f" ({len(got)}/{len(rs)} seeds)" if len(got) < len(rs) else ""
+            cells.append(f"| {name} | {statistics.fmean(h[0] for h in got):.1f}{reached} | "
+                         f"{statistics.fmean(h[1] for h in got):.0f} |")  # fmt: skip
+        lines += ["", f"Time to {100 * goal:.1f} % `{kind}` ("
+                  + ("the target given" if target else "the lowest final mean of these methods")
+                  + "; mean over the seeds that reach it):", "",
+                  "| method | rounds | seconds |", "|---|---|---|", *cells]  # fmt: skip
+    return lines
+
+
 def parse_variant(text: str) -> tuple[str, Variant]:
     """``NAME=METHOD:KEY=VALUE,KEY=VALUE`` (``--variant``) -> (name, Variant).
 
@@ -193,11 +237,11 @@ def _same(run: dict, cfg: FedmmConfig) -> bool:
 
 def run_bench(
     cfgs: list[FedmmConfig], methods: list[str], seeds: list[int], out: Path,
-    extra: dict[str, Variant] | None = None,
+    extra: dict[str, Variant] | None = None, target: float | None = None,
 ) -> dict:  # fmt: skip
     """Run every missing cell of the grid (one config per benchmark; ``methods``: method or
     variant names, ``extra``: user-defined variants); write bench.json, report.md and the plots
-    after each cell."""
+    after each cell.  ``target``: the accuracy (%) of the report's time-to-accuracy table."""
     from tqdm.auto import tqdm
 
     from fedmm.engine import run_method
@@ -216,9 +260,83 @@ def run_bench(
             run_method(ccfg)
             ran += 1
         bar.update(1)
-        write_outputs(out, cells, ccfg.peft.type, extra)
+        write_outputs(out, cells, ccfg.peft.type, extra, target)
     bar.close()
     return {"cells": len(cells), "ran": ran}
+
+
+@dataclass(frozen=True)
+class PlateauRule:
+    """A curve has flattened when its gain over the last ``frac`` of its rounds (at least one
+    round) is below ``tol`` points: ``acc[-1] − acc[-1 − k] < tol``, ``k = ceil(frac · R)``."""
+
+    tol: float = 0.5
+    frac: float = 0.2
+
+    def describe(self) -> str:
+        return (f"< {self.tol:g} pt gain over the last {100 * self.frac:g} % of rounds, on the "
+                "mean curve over seeds of every view kind a method has")  # fmt: skip
+
+    def still_rising(self, runs: list[dict], names: list[str]) -> list[str]:
+        """``"<method> on <benchmark> (<view>): +g pt"`` for every mean curve not flat yet."""
+        import math
+
+        rising = []
+        for bench in sorted({r["benchmark"] for r in runs}):
+            for name in names:
+                mruns = [r for r in runs if r["benchmark"] == bench and _name(r) == name]
+                for kind in KINDS:
+                    curves = [
+                        [
+                            results.mean_views(h["clients"], r.get("excluded_clients", {})).get(
+                                kind
+                            )
+                            for h in r["history"]
+                            if h["clients"]
+                        ]
+                        for r in mruns
+                    ]
+                    curves = [c for c in curves if c and None not in c]
+                    if not curves:
+                        continue
+                    rounds = min(len(c) for c in curves)
+                    mean = [100 * statistics.fmean(c[i] for c in curves) for i in range(rounds)]
+                    k = max(1, math.ceil(self.frac * rounds))
+                    gain = mean[-1] - mean[-1 - k] if rounds > k else float("inf")
+                    if gain >= self.tol:
+                        rising.append(f"{name} on {bench} ({kind}): +{gain:.1f} pt")
+        return rising
+
+
+def run_until_plateau(
+    cfgs: list[FedmmConfig], methods: list[str], seeds: list[int], out: Path,
+    extra: dict[str, Variant] | None = None, target: float | None = None,
+    rule: PlateauRule = PlateauRule(), max_rounds: int = 80,
+) -> dict:  # fmt: skip
+    """The same budget for every method, doubled until every method's curves have flattened.
+
+    Runs the grid at ``fed.rounds`` = R into ``out/rounds-R`` (a run's learning-rate schedule
+    spans its whole budget, so a longer budget is a new run, not a continuation), checks every
+    curve against ``rule``, and doubles R while any is still rising and 2R <= ``max_rounds``.
+    Writes ``out/plateau.json`` (each budget: what was still rising) and returns it; the last
+    budget's directory holds the report to read."""
+    out = Path(out)
+    rounds, budgets, ran = cfgs[0].fed.rounds, [], 0
+    while True:
+        sub = out / f"rounds-{rounds}"
+        ran += run_bench([c.with_overrides({"fed.rounds": rounds}) for c in cfgs], methods, seeds,
+                         sub, extra, target)["ran"]  # fmt: skip
+        cells = [(c.data.benchmark, m, s) for c in cfgs for s in seeds for m in methods]
+        rising = rule.still_rising(_cell_runs(sub, cells, cfgs[0].peft.type, extra), methods)
+        budgets.append({"rounds": rounds, "dir": sub.name, "still_rising": rising})
+        done = not rising
+        if done or 2 * rounds > max_rounds:
+            break
+        rounds *= 2
+    summary = {"rule": rule.describe(), "budgets": budgets, "plateaued": done,
+               "final_rounds": rounds, "ran": ran}  # fmt: skip
+    atomic_write(out / "plateau.json", json.dumps(summary, indent=1).encode())
+    return summary
 
 
 def cell_key(name: str, peft: str, benchmark: str, seed: int,
@@ -236,8 +354,9 @@ def _cell_runs(
 
 
 def write_outputs(
-    out: Path, cells: list[tuple], peft: str, extra: dict[str, Variant] | None = None
-) -> None:
+    out: Path, cells: list[tuple], peft: str, extra: dict[str, Variant] | None = None,
+    target: float | None = None,
+) -> None:  # fmt: skip
     runs = _cell_runs(out, cells, peft, extra)
     grid = {
         "benchmarks": sorted({c[0] for c in cells}),
@@ -248,6 +367,8 @@ def write_outputs(
     used = {m: variant(m, extra) for m in grid["methods"] if variant(m, extra).method != m}
     grid["variants"] = {m: {"method": v.method, "overrides": v.overrides, "isolates": v.isolates}
                         for m, v in used.items()}  # fmt: skip
+    if target:
+        grid["target"] = target
     payload = {"fedmm_version": __version__, "grid": grid, "runs": runs}
     atomic_write(out / "bench.json", json.dumps(payload, indent=1).encode())
     atomic_write(out / "report.md", (report(runs, grid) + "\n").encode())
@@ -303,6 +424,7 @@ def report(runs: list[dict], grid: dict) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines += _comparison_lines(bruns, grid["methods"])
+        lines += _time_to_accuracy_lines(bruns, grid["methods"], grid.get("target"))
         lines += _task_lines(bruns, grid["methods"])
     lines += [
         "",

@@ -77,6 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="NAME=METHOD:KEY=VALUE,...",
                        help="a named configuration of a method, usable in --method like the "
                             "built-in ablations (fedmm list shows them)")  # fmt: skip
+    bench.add_argument("--target-accuracy", type=float, default=None, metavar="PCT",
+                       help="accuracy (%%) of the report's time-to-accuracy table (default: the "
+                            "lowest final mean among the methods, per view kind)")  # fmt: skip
+    bench.add_argument("--until-plateau", action="store_true",
+                       help="double --rounds (one budget for every method, each budget in "
+                            "OUT/rounds-R) until every method's curves have flattened")  # fmt: skip
+    bench.add_argument(
+        "--max-rounds",
+        type=int,
+        default=80,
+        help="--until-plateau stops doubling beyond this (default: 80)",
+    )
+    bench.add_argument("--plateau-tol", type=float, default=0.5, metavar="PT",
+                       help="flat: gain below PT points over the last --plateau-frac of the "
+                            "rounds (default: 0.5)")  # fmt: skip
+    bench.add_argument(
+        "--plateau-frac",
+        type=float,
+        default=0.2,
+        help="the share of rounds the gain is measured over (default: 0.2)",
+    )
     certs = sub.add_parser("certs", help="TLS certificates + SuperNode auth keys for a deployment")
     certs.add_argument("--out", default="certificates", help="directory (default: certificates)")
     certs.add_argument("--supernodes", type=int, default=2, help="auth key pairs (default: 2)")
@@ -523,7 +544,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for benchmark in benchmarks:
         print(f"{benchmark.name}:", flush=True)
         print_notes(benchmark)
-    done = run_bench(cfgs, methods, seeds, out, extra)
+    if args.until_plateau:
+        from fedmm.bench import PlateauRule, run_until_plateau
+
+        if not (args.plateau_tol > 0 and 0 < args.plateau_frac <= 1):
+            raise ConfigError("--plateau-tol must be > 0 and --plateau-frac in (0, 1]")
+        rule = PlateauRule(args.plateau_tol, args.plateau_frac)
+        summary = run_until_plateau(cfgs, methods, seeds, out, extra, args.target_accuracy,
+                                    rule, args.max_rounds)  # fmt: skip
+        for b in summary["budgets"]:
+            print(f"{b['rounds']} rounds ({out / b['dir']}): "
+                  + ("every curve flat" if not b["still_rising"]
+                     else "still rising: " + "; ".join(b["still_rising"])))  # fmt: skip
+        print(
+            f"rule: {summary['rule']}; "
+            + (
+                f"all flat at {summary['final_rounds']} rounds"
+                if summary["plateaued"]
+                else f"NOT all flat by --max-rounds {args.max_rounds}"
+            )
+            + f"; {out}/plateau.json"
+        )
+        out = out / f"rounds-{summary['final_rounds']}"
+        cfgs = [c.with_overrides({"fed.rounds": summary["final_rounds"]}) for c in cfgs]
+        done, cells = {"ran": summary["ran"]}, cells * len(summary["budgets"])
+    else:
+        done = run_bench(cfgs, methods, seeds, out, extra, args.target_accuracy)
     print(f"\n{done['ran']} cells ran, {cells - done['ran']} were already complete")
     print((out / "report.md").read_text())
     print(f"bench: {out / 'bench.json'}  report: {out / 'report.md'}  plots: "
