@@ -18,6 +18,7 @@ from conftest import bound_method, run_federation, server_msg
 from flwr.app import Context, Message, MessageType, RecordDict
 from test_serverapp import InProcessGrid
 
+from fedmm import results
 from fedmm.backbones import build_model
 from fedmm.backbones.hf import FAMILIES, TINY
 from fedmm.cli import main
@@ -116,7 +117,7 @@ def test_two_round_federation_fedavg_and_feddat_through_the_round_loop(tiny_cfg,
         for h in record["history"]:
             assert h["failures"] == 0 and h["bytes_up"] > 0
             assert all(s["steps"] == cfg.train.local_steps for s in h["train"].values())
-        assert set(record["final"]) == set(bound_method(cfg).views)
+        assert set(results.scored_views(record)) == set(bound_method(cfg).views)
 
 
 def train_reply(cfg: FedmmConfig) -> Message:

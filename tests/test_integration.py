@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedmm import results
 from fedmm.cli import main
 
 
@@ -56,7 +57,8 @@ def test_two_round_flower_simulation_fedavg_and_feddat(tiny_cfg, capsys):
             assert all(s["steps"] == tiny_cfg.train.local_steps for s in h["train"].values())
             for views in h["clients"].values():
                 assert set(views) == set(run["views"])
-        assert set(run["final"]) == set(run["views"])
+        assert set(results.scored_views(run)) == set(run["views"])
+        assert set(run["final"]) - set(run["views"]) == set(run["view_aliases"])  # old names
         assert run["health"]["status"] == "ok" and run["health"]["trained"] == 6
         # what each site reported of its own data: sizes, nothing outside the schema
         assert set(run["loader_notes"]["sites"]) == set(run["clients"])

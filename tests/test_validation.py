@@ -202,9 +202,9 @@ def test_rejected_reply_is_never_aggregated(tiny_cfg):
     failed = run_federation(InProcessGrid(3, failing={101}), cfg.with_overrides(
         {"out_dir": cfg.out_dir + "-failed"}))  # fmt: skip
 
-    # the hostile client trained locally (its own personal view differs); the global one does not
+    # the hostile client trained locally (its own personal view differs); the shared one does not
     def global_view(r):
-        return {c: v["global"] for c, v in r["history"][0]["clients"].items()}
+        return {c: v["shared"] for c, v in r["history"][0]["clients"].items()}
 
     assert global_view(tampered) == global_view(failed)
 
