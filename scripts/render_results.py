@@ -5,8 +5,9 @@ exists, also ``bench.json``, ``report.md`` and the bench plots for the grid it r
 methods and variants, benchmarks, seeds).  Runs stored by an older fedmm are read as
 ``results.load`` upgrades them (views named by kind).  ``--merge SRC...`` first copies into
 DIR's results.json every run of the SRC directories' results.json (a run of the same key is
-replaced), with ``--variant NAME=SRC`` naming the runs of one source as a variant (for runs made
-with ``fedmm run --set ...`` before the variant existed); ``--methods``, ``--benchmarks`` and
+replaced; an incomplete run is left out, with a message), with ``--variant NAME=SRC`` naming the
+runs of one source as a variant (for runs made with ``fedmm run --set ...`` before the variant
+existed); ``--methods``, ``--benchmarks`` and
 ``--seeds`` then set the bench grid.
 
     .venv/bin/python scripts/render_results.py docs/results/bench docs/results/fmnist-domain
@@ -30,6 +31,13 @@ def merge(out: Path, sources: list[Path], variants: dict[str, str]) -> None:
     named = {Path(src).resolve(): name for name, src in variants.items()}
     for src in sources:
         for run in results.load(src)["runs"]:
+            rounds = run.get("config", {}).get("fed.rounds")
+            if rounds is not None and len(run["history"]) < rounds:
+                print(
+                    f"{src}: {results.label(run)} on {run['benchmark']} seed {run['seed']} has "
+                    f"{len(run['history'])} of {rounds} rounds: not merged (still running?)"
+                )
+                continue
             name = named.get(Path(src).resolve())
             if name:
                 run["variant"] = name
