@@ -222,3 +222,21 @@ def test_time_to_accuracy_is_the_first_round_reaching_the_target():
     assert bench.time_to_accuracy(run, "shared", 0.6) == (2, 20.0)
     assert bench.time_to_accuracy(run, "shared", 0.8) is None
     assert bench.time_to_accuracy(run, "personal", 0.1) is None
+
+
+def test_cli_until_plateau_prints_each_budget_and_the_rule(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--benchmark", "fmnist-domain", "--method", "centralized", "--seeds", "0",
+            "--out", str(out), "--set", "model.backbone=tiny", "--set", "model.image_size=32",
+            "--set", "data.train_per_client=40", "--set", "data.test_per_client=20",
+            "--clients", "2", "--rounds", "1", "--set", "train.local_steps=2",
+            "--set", "train.batch_size=8", "--set", "progress=false", "--until-plateau",
+            "--max-rounds", "2", "--plateau-tol", "1000", "--target-accuracy", "1"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "1 rounds (" in text and "still rising: centralized on fmnist-domain" in text
+    assert "2 rounds (" in text and "every curve flat" in text and "all flat at 2 rounds" in text
+    assert "2 cells ran" in text
+    report = (out / "rounds-2" / "report.md").read_text()
+    assert "Time to 1.0 % `shared` (the target given" in report
+    assert main([*argv, "--plateau-frac", "0"]) == 2
