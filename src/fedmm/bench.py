@@ -137,9 +137,8 @@ def time_to_accuracy(run: dict, view: str, target: float) -> tuple[int, float] |
     """``(round, seconds)`` when ``run``'s mean ``view`` accuracy first reaches ``target``
     (0-1; seconds: the rounds' wall time summed up to it), None if it never does."""
     elapsed = 0.0
-    for entry in run["history"]:
+    for entry, score in zip(run["history"], results.view_curve(run, view)):
         elapsed += entry["seconds"]
-        score = results.mean_views(entry["clients"], run.get("excluded_clients", {})).get(view)
         if score is not None and score >= target:
             return entry["round"], elapsed
     return None
@@ -150,7 +149,7 @@ def _time_to_accuracy_lines(runs: list[dict], names: list[str], target: float | 
     (``target`` %, or by default the lowest final mean among the methods with that kind, which
     every method reaches on average by the last round)."""
     lines = []
-    for kind in KINDS:
+    for kind in results.KINDS:
         rows = {n: [r for r in runs if _name(r) == n and kind in r["final"]] for n in names}
         rows = {n: rs for n, rs in rows.items() if rs}
         if not rows:
@@ -285,17 +284,9 @@ class PlateauRule:
         for bench in sorted({r["benchmark"] for r in runs}):
             for name in names:
                 mruns = [r for r in runs if r["benchmark"] == bench and _name(r) == name]
-                for kind in KINDS:
-                    curves = [
-                        [
-                            results.mean_views(h["clients"], r.get("excluded_clients", {})).get(
-                                kind
-                            )
-                            for h in r["history"]
-                            if h["clients"]
-                        ]
-                        for r in mruns
-                    ]
+                for kind in results.KINDS:
+                    curves = [[y for h, y in zip(r["history"], results.view_curve(r, kind))
+                               if h["clients"]] for r in mruns]  # evaluated rounds  # fmt: skip
                     curves = [c for c in curves if c and None not in c]
                     if not curves:
                         continue
@@ -472,9 +463,6 @@ def _task_lines(runs: list[dict], methods: list[str]) -> list[str]:
     return lines
 
 
-KINDS = ("shared", "shared+head", "personal")
-
-
 def plot(out: Path, runs: list[dict], grid: dict) -> None:
     """``bench_curves.png`` (accuracy per round) and ``bench_bytes.png`` (final accuracy vs MB
     communicated): one panel per (view kind, benchmark), so a panel compares like with like;
@@ -486,7 +474,7 @@ def plot(out: Path, runs: list[dict], grid: dict) -> None:
     import numpy as np
 
     benches = [b for b in grid["benchmarks"] if any(r["benchmark"] == b for r in runs)]
-    kinds = [k for k in KINDS if any(k in r["views"] for r in runs)]
+    kinds = [k for k in results.KINDS if any(k in r["views"] for r in runs)]
     if not benches or not kinds:
         return
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -503,9 +491,8 @@ def plot(out: Path, runs: list[dict], grid: dict) -> None:
                 if not mruns:
                     continue
                 rounds = min(len(r["history"]) for r in mruns)
-                acc = np.array([[100 * results.mean_views(h["clients"],
-                                                          r.get("excluded_clients", {}))
-                                 .get(view, np.nan) for h in r["history"][:rounds]]
+                acc = np.array([[np.nan if y is None else 100 * y
+                                 for y in results.view_curve(r, view)[:rounds]]
                                 for r in mruns])  # fmt: skip
                 xs = np.arange(1, rounds + 1)
                 color = colors[i % len(colors)]

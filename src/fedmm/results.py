@@ -38,8 +38,8 @@ Views are named by kind (``methods.base.VIEW_KINDS``: ``shared``, ``shared+head`
 plus a method's extras).  Before fedmm 0.2 they were ``global`` / ``personalized`` / ``dat``,
 whose meaning differed between methods (FedDAT's ``global`` had the client's own head): ``load``
 renames the views of such an old run by its method's ``view_aliases``, and ``final`` keeps the old
-names as aliases of the new ones for one release (gone in 0.3).  Files are written atomically and durably
-(``fedmm.files``), results.json after the round's checkpoint.
+names as aliases of the new ones for one release (gone in 0.3).  Files are written atomically
+and durably (``fedmm.files``), results.json after the round's checkpoint.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ from fedmm.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-VIEW_ORDER = ("shared", "shared+head", "personal", "client", "distilled")
+KINDS = ("shared", "shared+head", "personal")  # the view kinds (methods.base.VIEW_KINDS)
+VIEW_ORDER = (*KINDS, "client", "distilled")
 
 
 def new_run(
@@ -261,6 +262,13 @@ def mean_views(
             if isinstance(acc, int | float) and math.isfinite(acc):
                 views.setdefault(view, []).append(float(acc))
     return {v: sum(a) / len(a) for v, a in sorted(views.items(), key=lambda kv: view_rank(kv[0]))}
+
+
+def view_curve(run: dict, view: str) -> list[float | None]:
+    """Per ``history`` entry of ``run``: the mean ``view`` score over its included clients, None
+    where none scored it (a round without evaluation too)."""
+    excluded = run.get("excluded_clients", {})
+    return [mean_views(h["clients"], excluded).get(view) for h in run["history"]]
 
 
 def view_rank(name: str) -> tuple:
@@ -582,9 +590,7 @@ def write_curves(out_dir: str | Path, data: dict) -> None:
         for i, r in enumerate(runs):
             for view in r["views"]:
                 xs = [h["round"] for h in r["history"]]
-                excluded = r.get("excluded_clients", {})
-                ys = [100 * mean_views(h["clients"], excluded).get(view, float("nan"))
-                      for h in r["history"]]  # fmt: skip
+                ys = [float("nan") if y is None else 100 * y for y in view_curve(r, view)]
                 ax.plot(xs, ys, linestyle=styles.get(view, (0, (3, 1, 1, 1))), marker="o",
                         color=colors[i % len(colors)],
                         label=f"{label(r)} s{r['seed']} ({view})")  # fmt: skip

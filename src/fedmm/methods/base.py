@@ -7,9 +7,10 @@ plus one line in ``fedmm/methods/__init__.py``); docs/adding-a-method.md walks t
   optionally ``global_for_client`` (with ``per_client_messages = True``) and ``server_state``;
 * client half: ``local_update`` (one round of local work: returns a ``ClientUpdate`` -- what it
   uploads and what it keeps private) and ``evaluate`` (score per *view*, by kind: ``shared``,
-  ``shared+head``, ``personal``, plus a method's own extras -- ``VIEW_KINDS``).  The base class runs the round around them (``client_train`` /
-  ``client_evaluate``): it resets the model (``prepare``), loads what the client received and
-  what it kept (``load``), calls the method, and the ClientApp stores the returned private state.
+  ``shared+head``, ``personal``, plus a method's own extras -- ``VIEW_KINDS``).  The base class
+  runs the round around them (``client_train`` / ``client_evaluate``): it resets the model
+  (``prepare``), loads what the client received and what it kept (``load``), calls the method,
+  and the ClientApp stores the returned private state.
 
 The round loop (``fedmm.federation``) and the transport never look inside.  States are flat
 ``{key: tensor}`` dicts with keys ``"<part>/<param>"`` where part is ``proj``, ``head`` or
@@ -48,6 +49,7 @@ from torch.nn import functional as F
 from fedmm.backbones import FusionVLModel, check_backbone_peft
 from fedmm.config import ConfigError, FedmmConfig, TrainConfig, register_section
 from fedmm.peft import PEFT_TYPES
+from fedmm.results import KINDS
 from fedmm.runtime import Encoded
 
 State = dict[str, torch.Tensor]
@@ -146,7 +148,7 @@ def num_params(model: FusionVLModel, parts: Sequence[str]) -> int:
 
 
 # ---------------------------------------------------------------------- views by kind
-SHARED, SHARED_HEAD, PERSONAL = "shared", "shared+head", "personal"
+SHARED, SHARED_HEAD, PERSONAL = KINDS
 VIEW_KINDS = {
     SHARED: "every parameter the federation shares, with the shared head: the model a new client "
     "would receive",
