@@ -30,6 +30,8 @@ def merge(out: Path, sources: list[Path], variants: dict[str, str]) -> None:
     by_key = {results.run_key(r): r for r in data["runs"]}
     named = {Path(src).resolve(): name for name, src in variants.items()}
     for src in sources:
+        if not (Path(src) / "results.json").is_file():
+            raise SystemExit(f"--merge {src}: no results.json there")
         for run in results.load(src)["runs"]:
             rounds = run.get("config", {}).get("fed.rounds")
             if rounds is not None and len(run["history"]) < rounds:
@@ -57,7 +59,13 @@ def main() -> None:
     parser.add_argument("--benchmarks", default="")
     parser.add_argument("--seeds", default="")
     args = parser.parse_args()
+    bad = [v for v in args.variant if "=" not in v]
+    if bad:
+        parser.error(f"--variant expects NAME=SRC, got {bad[0]!r}")
     variants = dict(v.split("=", 1) for v in args.variant)
+    unknown = [src for src in variants.values() if Path(src) not in args.merge]
+    if unknown:
+        parser.error(f"--variant ...={unknown[0]}: not one of the --merge directories")
     for out in args.dirs:
         if args.merge:
             merge(out, args.merge, variants)
