@@ -7,7 +7,8 @@ A site operator writes one TOML file::
     root-certificates = "/etc/fedmm/ca.crt"       # the CA certificate (or: insecure = true)
     auth-key = "/etc/fedmm/supernode-3"           # this site's private key (SuperNode auth)
     # flwr-home = "/var/lib/fedmm/flwr"           # where Flower installs the app (optional)
-    # port = 9094                                 # the SuperNode's local ClientAppIo port (optional)
+    # port = 9094                                 # the SuperNode's Runtime API port, on 127.0.0.1
+    # trusted-apps = ["<app hash>"]               # only these fedmm apps (`fedmm app-hash DIR`)
 
     [settings]                                    # the site settings (federation/site.py)
     data-dir = "/srv/fedmm/site"
@@ -15,7 +16,10 @@ A site operator writes one TOML file::
     dp-clip-norm = 1.0
 
 and runs ``fedmm site --config site.toml``.  The runner starts ``flower-supernode`` with these
-settings as its ``--node-config`` and restarts it with backoff (2 s doubling to 60 s; reset once
+settings as its ``--node-config`` -- in process isolation, with fedmm's own site executor in place
+of Flower's, so a run's app bundle is checked and never executed: the site runs its own fedmm
+ClientApp or refuses the run (``deploy/supernode_process.py``, ``deploy/trust.py``) -- and
+restarts it with backoff (2 s doubling to 60 s; reset once
 it is online) whenever it exits, saying why in words Flower does not:
 
 * **TLS mismatch**, checked before the first start with a TLS handshake of our own: an
@@ -57,7 +61,8 @@ ONLINE = "SuperNode ID:"  # what flower-supernode prints once the SuperLink acti
 RECONNECTED = "Connection successful after"  # ... and once it is through to a restarted SuperLink
 REFUSED = "Failed to activate SuperNode"
 MARKER = ".fedmm-supernode-was-online"
-KEYS = {"superlink", "root-certificates", "insecure", "auth-key", "flwr-home", "port", "settings"}
+KEYS = {"superlink", "root-certificates", "insecure", "auth-key", "flwr-home", "port", "settings",
+        "trusted-apps"}  # fmt: skip
 
 
 @dataclass
@@ -71,6 +76,7 @@ class SiteConfig:
     flwr_home: str = ""
     port: int = 0
     settings: dict = field(default_factory=dict)
+    trusted_apps: tuple[str, ...] = ()  # app hashes (deploy/trust.py); empty: any fedmm app
 
     @classmethod
     def load(cls, path: str | Path) -> SiteConfig:
@@ -93,17 +99,28 @@ class SiteConfig:
             raise ConfigError(f"{path}: give exactly one of root-certificates = PATH (TLS) or "
                               "insecure = true")  # fmt: skip
         SiteSettings.from_node_config(cfg.settings)  # a bad site setting stops here
+        cfg.trusted_apps = _trusted_apps(path, raw.get("trusted-apps", []))
         return cfg
 
     def command(self, executable_dir: Path | None = None) -> list[str]:
-        """The ``flower-supernode`` command line."""
+        """The one child the runner supervises: ``flower-supernode`` (process isolation) with
+        fedmm's site executor (``deploy/supernode_process.py``), which runs only the site's own
+        fedmm ClientApp."""
+        from fedmm.deploy.supernode_process import DEFAULT_RUNTIME_PORT
+
+        wrapper = [sys.executable, "-m", "fedmm.deploy.supernode_process",
+                   "--runtime-port", str(self.port or DEFAULT_RUNTIME_PORT)]  # fmt: skip
+        for digest in self.trusted_apps:
+            wrapper += ["--trusted-app", digest]
+        return [*wrapper, "--", *self.supernode_command(executable_dir)]
+
+    def supernode_command(self, executable_dir: Path | None = None) -> list[str]:
+        """The ``flower-supernode`` command line (the executor adds isolation and the port)."""
         bindir = executable_dir or Path(sys.executable).parent
         cmd = [str(bindir / "flower-supernode"), "--superlink", self.superlink]
         cmd += ["--insecure"] if self.insecure else ["--root-certificates", self.root_certificates]
         if self.auth_key:
             cmd += ["--auth-supernode-private-key", self.auth_key]
-        if self.port:
-            cmd += ["--port", str(self.port)]
         if self.settings:
             cmd += ["--node-config", node_config_arg(self.settings)]
         return cmd
@@ -119,6 +136,17 @@ class SiteConfig:
         except ValueError:
             name = data_dir.name or "site"
         return settings.state_root(name)
+
+
+def _trusted_apps(path: Path, value) -> tuple[str, ...]:
+    """``trusted-apps``: a list of app hashes (64 hex digits each, ``fedmm app-hash DIR``)."""
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v.lower())
+        for v in value
+    ):
+        raise ConfigError(f'{path}: trusted-apps = ["<app hash>", ...] takes app hashes (64 hex '
+                          "digits each) as `fedmm app-hash DIR` prints them")  # fmt: skip
+    return tuple(v.lower() for v in value)
 
 
 def probe_tls(address: str, root_certificates: str = "", insecure: bool = False,

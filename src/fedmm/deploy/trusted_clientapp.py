@@ -1,0 +1,137 @@
+"""One task at a fedmm site: check the run's app, then run the site's own fedmm ClientApp.
+
+Started by the site executor (``deploy/supernode_process.py``) once per task the SuperNode
+holds, as ``python -m fedmm.deploy.trusted_clientapp --runtime-api-address 127.0.0.1:PORT
+[--trusted-app HASH ...] [--parent-pid PID]`` with the task's token in the environment
+(``FEDMM_TASK_TOKEN``: a command line is readable by every local user, a process's environment
+only by its owner).
+
+Modelled on Flower's ``run_clientapp`` (``flwr/supernode/runtime/run_clientapp.py``): the same
+``pull_task_input`` (message, context, run, FAB), ``push_message`` and ``push_task_output`` over
+the SuperNode's Runtime API, with a task heartbeat.  Where Flower then calls
+``install_from_fab(fab.content)`` and imports the FAB's ClientApp, this process
+
+1. inspects the FAB without executing anything from it (``trust.inspect_fab``: its
+   ``pyproject.toml`` read from the zip bytes, the site's ``trusted-apps``);
+2. refused: logs ``refused run R (fab id, FAB hash, app hash): reason`` at the site and replies
+   ``Error(ErrorCode.INVALID_FAB, "fedmm site refused this run's app: reason")`` to the message
+   (the code Flower's own ``--trusted-entities`` check uses), so the server records why; nothing
+   of the FAB is imported;
+3. accepted: sets ``FEDMM_FAB_HASH`` / ``FEDMM_FAB_ID`` (the site's audit log reads them) and
+   calls ``fedmm.federation.clientapp.app`` -- the fedmm installed at the site.
+
+Exit codes: 0 the ClientApp replied, 3 the app was refused, 1 anything else (the reply then is
+Flower's ``CLIENT_APP_RAISED_EXCEPTION`` error with the exception's class and text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+log = logging.getLogger("fedmm.site")
+TOKEN_ENV = "FEDMM_TASK_TOKEN"
+REFUSED_EXIT = 3
+
+
+def run_task(runtime_api_address: str, token: str, trusted_apps: list[str]) -> int:
+    """Pull the task, decide on its app, reply; returns the exit code (module docstring)."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    from fedmm.deploy.trust import inspect_fab
+
+    retry = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=retry,
+    )  # fmt: skip
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = context = reply = None
+    status, details, code = SubStatus.FAILED, "the task failed before it started", 1
+    try:
+        message, context, run, fab = pull_task_input(client)
+        verdict = inspect_fab(fab.content, trusted_apps)
+        if verdict.fab_hash != run.fab_hash:
+            verdict = type(verdict)(
+                False, f"the FAB's bytes hash to {verdict.fab_hash}, not to the run's FAB hash "
+                f"{run.fab_hash}", verdict.fab_hash, verdict.app_hash,
+            )  # fmt: skip
+        if not verdict.accepted:
+            log.error("refused run %s (fab id %r, FAB hash %s, app hash %s): %s", run.run_id,
+                      run.fab_id, verdict.fab_hash, verdict.app_hash or "-", verdict.reason)  # fmt: skip
+            details = f"fedmm site refused this run's app: {verdict.reason}"
+            reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
+            code = REFUSED_EXIT
+        else:
+            log.info("run %s: app %s %s (app hash %s) accepted; running the site's own ClientApp",
+                     run.run_id, verdict.name, verdict.version, verdict.app_hash)  # fmt: skip
+            os.environ["FEDMM_FAB_HASH"] = verdict.fab_hash
+            os.environ["FEDMM_FAB_ID"] = run.fab_id
+            from fedmm.federation.clientapp import app
+
+            reply = app(message=message, context=context)
+            status, details, code = SubStatus.COMPLETED, "", 0
+    except Exception as exc:  # the ClientApp's own failures: reported as Flower reports them
+        log.exception("the task failed")
+        details = f"{type(exc)}:<'{exc}'>"
+        if message is not None:
+            reply = Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message
+            )
+        code = 1
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+        except Exception:
+            log.exception("could not push the reply to the SuperNode")
+            code = code or 1
+        retry.max_tries = 1  # as Flower's exit handler: do not block the exit on retries
+        push_task_output(client=client, context=context, sub_status=status, details=details)
+        heartbeat.stop()
+        client.close()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's HOST:PORT")
+    parser.add_argument("--trusted-app", action="append", default=[], metavar="HASH",
+                        help="an app hash this site trusts (site.toml trusted-apps)")  # fmt: skip
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="end this task when that process (the site executor) ends")  # fmt: skip
+    args = parser.parse_args(argv)
+    token = os.environ.pop(TOKEN_ENV, "")
+    if not token:
+        print(f"trusted_clientapp: {TOKEN_ENV} is not set; this process is started by the site "
+              "executor (fedmm site), not by hand", file=sys.stderr)  # fmt: skip
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.parent_pid is not None:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)
+    return run_task(args.runtime_api_address, token, args.trusted_app)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
