@@ -15,6 +15,7 @@ import json
 import shutil
 import sys
 import textwrap
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -259,6 +260,8 @@ def test_a_hostile_app_submitted_to_a_default_site_is_refused_before_it_runs(tmp
     node = {"data-dir": str(site_dir), "state-dir": str(tmp_path / "state")}
     dep = launch.start(tmp_path / "deployment", [node], timeout=180)
     try:
+        port = tomllib.loads((tmp_path / "deployment/supernode-0/site.toml").read_text())["port"]
+        status = _acquire_task_without_the_secret(port)
         out = dep.flwr(["run", str(app), launch.CONNECTION, "--stream"], timeout=300)
         log = (tmp_path / "deployment" / "supernode-0.log").read_text()
     finally:
@@ -273,3 +276,25 @@ def test_a_hostile_app_submitted_to_a_default_site_is_refused_before_it_runs(tmp
     assert not any(name in leaked for name in site_files), leaked
     assert "refused run" in log and "hostile_app.client:app" in log  # logged at the site
     assert "-> trusted ClientApp" in log  # the site executor took the task, not Flower's
+    assert status == 401  # a local process without the executor's secret gets no task
+
+
+def _acquire_task_without_the_secret(port: int) -> int:
+    """The HTTP status a local process that reaches the site's Runtime API but lacks the site
+    executor's secret gets for ``AcquireTask`` (Flower's own client, right version header)."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        f"127.0.0.1:{port}", insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+    )  # fmt: skip
+    try:
+        client.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
+    except httpx.HTTPStatusError as exc:
+        return exc.response.status_code
+    finally:
+        client.close()
+    return 200

@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the flower-supernode command after --")
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per Runtime API call
     try:
         return run(base, args.runtime_port, args.trusted_app)
     except (OSError, ValueError) as exc:

@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
               "executor (fedmm site), not by hand", file=sys.stderr)  # fmt: skip
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per Runtime API call
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
