@@ -142,6 +142,16 @@ def test_the_app_hash_does_not_depend_on_the_compressor():
     assert trust.app_hash(changed) != trust.app_hash(deflated)
 
 
+def test_app_hash_command_prints_the_hash_a_site_pins(tmp_path, capsys):
+    from fedmm.cli import main
+
+    assert main(["app-hash", str(ROOT)]) == 0
+    out = capsys.readouterr().out
+    assert f'trusted-apps = ["{trust.inspect_fab(trust.build_app(ROOT)).app_hash}"]' in out
+    assert main(["app-hash", str(tmp_path)]) == 2
+    assert "no pyproject.toml" in capsys.readouterr().err
+
+
 def test_site_toml_trusted_apps_are_checked_and_reach_the_command(tmp_path):
     path = tmp_path / "site.toml"
     digest = "ab" * 32
@@ -275,6 +285,9 @@ def test_a_hostile_app_submitted_to_a_default_site_is_refused_before_it_runs(tmp
     leaked = json.dumps(got)
     assert not any(name in leaked for name in site_files), leaked
     assert "refused run" in log and "hostile_app.client:app" in log  # logged at the site
+    # the app hash `fedmm app-hash DIR` prints is the one the site computed for what
+    # `flwr run DIR` sent: Flower's build of a directory is reproducible
+    assert f"app hash {trust.app_hash(trust.build_app(app))}" in log
     assert "-> trusted ClientApp" in log  # the site executor took the task, not Flower's
     assert status == 401  # a local process without the executor's secret gets no task
 

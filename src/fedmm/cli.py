@@ -13,6 +13,7 @@
     fedmm split --benchmark NAME [--clients K] --out DIR [--config FILE.toml] [--set key=value ...]
               # one site directory per client + the task schema (fedmm.data.sites)
     fedmm site --config site.toml   # a site: its SuperNode from its settings, kept up
+    fedmm app-hash [DIR]  # the app hash a site pins in trusted-apps (deploy/trust.py)
     fedmm list            # methods, benchmarks, backbones, config keys with defaults
 
 Precedence: defaults < --config file < the flags above < --set.
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         "site", help="run this site's SuperNode from its settings and keep it up (restarts)"
     )
     site.add_argument("--config", required=True, help="the site's TOML file (README: a site)")
+    app_hash = sub.add_parser(
+        "app-hash", help="the app hash of a fedmm project, for a site's trusted-apps (site.toml)"
+    )
+    app_hash.add_argument("dir", nargs="?", default=".",
+                          help="the project directory `flwr run DIR` submits (default: .)")  # fmt: skip
     sub.add_parser("list", help="list methods, benchmarks, backbones and config keys")
     return parser
 
@@ -614,6 +620,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_site(SiteConfig.load(args.config), emit=lambda m: print(m, flush=True),
                             subreaper=True)  # fmt: skip
+        if args.command == "app-hash":
+            from fedmm.deploy.trust import describe_app
+
+            print(describe_app(args.dir))
+            return 0
         if args.command == "split":
             return cmd_split(args)
         return cmd_run(args)

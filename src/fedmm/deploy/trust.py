@@ -137,6 +137,26 @@ def build_app(app_dir: str | Path) -> bytes:
         raise ValueError(f"{app_dir}: Flower cannot build this app: {exc}") from None
 
 
+def describe_app(app_dir: str | Path) -> str:
+    """``fedmm app-hash DIR``: the app hash (what a site lists in ``trusted-apps``), the FAB
+    hash, and what a fedmm site would decide about the app.  ``ConfigError`` naming the
+    directory when Flower cannot build it."""
+    from fedmm.config import ConfigError
+
+    try:
+        fab = build_app(app_dir)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    verdict = inspect_fab(fab)
+    lines = [f"app hash: {verdict.app_hash}", f"FAB hash: {verdict.fab_hash}",
+             f"app: {verdict.name} {verdict.version}, ClientApp {verdict.clientapp}"]  # fmt: skip
+    if verdict.accepted:
+        lines.append(f'a fedmm site pins it with: trusted-apps = ["{verdict.app_hash}"]')
+    else:
+        lines.append(f"a fedmm site refuses it: {verdict.reason}")
+    return "\n".join(lines)
+
+
 def _open_zip(content: bytes) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(io.BytesIO(content))
