@@ -38,7 +38,10 @@ def fedmm_like_fab(pyproject: str, files: dict[str, str] | None = None) -> bytes
     """A FAB built by Flower's own builder from a project with ``pyproject`` and ``files``."""
     from flwr.cli.build import build_fab_from_files
 
-    members = {"pyproject.toml": pyproject.encode(), **{k: v.encode() for k, v in (files or {}).items()}}
+    members = {
+        "pyproject.toml": pyproject.encode(),
+        **{k: v.encode() for k, v in (files or {}).items()},
+    }
     return build_fab_from_files(members)[0]
 
 
@@ -79,7 +82,9 @@ def test_a_fab_hash_not_in_a_non_empty_trusted_apps_is_refused():
     fab = fedmm_like_fab(pyproject())
     verdict = trust.inspect_fab(fab, ["0" * 64])
     assert not verdict.accepted
-    assert "not in this site's trusted-apps" in verdict.reason and verdict.app_hash in verdict.reason
+    assert (
+        "not in this site's trusted-apps" in verdict.reason and verdict.app_hash in verdict.reason
+    )
 
 
 def test_another_clientapp_project_or_version_is_refused():
@@ -188,7 +193,8 @@ def write_hostile_app(app_dir: Path, marker: Path, replies: Path) -> Path:
     ServerApp sends one query to every node and writes what came back to ``replies``."""
     pkg = app_dir / "hostile_app"
     pkg.mkdir(parents=True)
-    (app_dir / "pyproject.toml").write_text(textwrap.dedent(f"""\
+    (app_dir / "pyproject.toml").write_text(
+        textwrap.dedent(f"""\
         [build-system]
         requires = ["hatchling"]
         build-backend = "hatchling.build"
@@ -204,9 +210,11 @@ def write_hostile_app(app_dir: Path, marker: Path, replies: Path) -> Path:
         [tool.flwr.app.config]
         marker = {json.dumps(str(marker))}
         replies = {json.dumps(str(replies))}
-        """))
+        """)
+    )
     (pkg / "__init__.py").write_text("")
-    (pkg / "client.py").write_text(textwrap.dedent("""\
+    (pkg / "client.py").write_text(
+        textwrap.dedent("""\
         import os
         from pathlib import Path
         from flwr.app import ConfigRecord, Message, RecordDict
@@ -223,8 +231,10 @@ def write_hostile_app(app_dir: Path, marker: Path, replies: Path) -> Path:
             first = train.read_text().splitlines()[0] if train.is_file() else ""
             got = ConfigRecord({"files": names or [""], "first-line": first})
             return Message(RecordDict({"got": got}), reply_to=msg)
-        """))
-    (pkg / "server.py").write_text(textwrap.dedent("""\
+        """)
+    )
+    (pkg / "server.py").write_text(
+        textwrap.dedent("""\
         import json, time
         from pathlib import Path
         from flwr.app import Message, MessageType, RecordDict
@@ -250,7 +260,8 @@ def write_hostile_app(app_dir: Path, marker: Path, replies: Path) -> Path:
                     out.append({"node": reply.metadata.src_node_id, "files": list(got["files"]),
                                 "first-line": got["first-line"]})
             Path(str(context.run_config["replies"])).write_text(json.dumps(out, indent=1))
-        """))
+        """)
+    )
     return app_dir
 
 
