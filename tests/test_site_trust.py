@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import sys
 import textwrap
@@ -184,6 +185,35 @@ def test_the_supernode_runs_in_process_isolation_on_loopback_only():
     assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == "/dev/fd/7"
     with pytest.raises(ValueError, match="--isolation"):
         supernode_command(["flower-supernode", "--isolation=subprocess"], 9100, 7)
+
+
+def test_the_wrapper_passes_the_supernodes_output_and_exit_code_through(tmp_path):
+    """A stand-in SuperNode that reads the executor's secret from the descriptor it was given,
+    prints as flower-supernode does, and exits 305 (a refused activation): the runner must see
+    both unchanged."""
+    import subprocess
+
+    from fedmm.deploy.launch import free_port
+
+    fake = tmp_path / "supernode.py"
+    fake.write_text(
+        "import sys\n"
+        "args = sys.argv[1:]\n"
+        "secret = open(args[args.index('--superexec-auth-secret-file') + 1], 'rb').read()\n"
+        "print('secret bytes:', len(secret), '| isolation:', args[args.index('--isolation') + 1])\n"
+        "print('INFO :      SuperNode ID: 7')\n"
+        "print('ERROR :     Failed to activate SuperNode.')\n"
+        "sys.exit(305)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    out = subprocess.run(
+        [sys.executable, "-m", "fedmm.deploy.supernode_process", "--runtime-port",
+         str(free_port()), "--", sys.executable, str(fake)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert out.returncode == 305 % 256, out.stdout + out.stderr  # what the OS keeps of 305
+    assert "secret bytes: 32 | isolation: process" in out.stdout
+    assert "SuperNode ID: 7" in out.stdout and "Failed to activate SuperNode." in out.stdout
 
 
 # ---------------------------------------------------------------------- a real deployment
