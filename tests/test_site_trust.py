@@ -166,7 +166,7 @@ def test_site_toml_trusted_apps_are_checked_and_reach_the_command(tmp_path):
     cfg = SiteConfig.load(path)
     assert cfg.trusted_apps == (digest,)
     cmd = cfg.command()
-    assert cmd[1:3] == ["-m", "fedmm.deploy.supernode_process"]
+    assert cmd[1:4] == ["-P", "-m", "fedmm.deploy.supernode_process"]
     assert cmd[cmd.index("--trusted-app") + 1] == digest
     assert cmd[cmd.index("--runtime-port") + 1] == "9094"  # Flower's default Runtime API port
     assert cmd[cmd.index("--") + 1].endswith("flower-supernode")

@@ -108,7 +108,8 @@ class SiteConfig:
         fedmm ClientApp."""
         from fedmm.deploy.supernode_process import DEFAULT_RUNTIME_PORT
 
-        wrapper = [sys.executable, "-m", "fedmm.deploy.supernode_process",
+        # -P: nothing from the working directory is importable (Python >= 3.11)
+        wrapper = [sys.executable, "-P", "-m", "fedmm.deploy.supernode_process",
                    "--runtime-port", str(self.port or DEFAULT_RUNTIME_PORT)]  # fmt: skip
         for digest in self.trusted_apps:
             wrapper += ["--trusted-app", digest]

@@ -101,7 +101,8 @@ class SiteExecutor:
         self._last_problem = ""
         if not (res.HasField("task") and res.token):
             return None
-        cmd = [sys.executable, "-m", "fedmm.deploy.trusted_clientapp",
+        # -P: the task imports fedmm from the site's installation, never from its working dir
+        cmd = [sys.executable, "-P", "-m", "fedmm.deploy.trusted_clientapp",
                "--runtime-api-address", self.address, "--parent-pid", str(os.getpid())]  # fmt: skip
         for digest in self.trusted_apps:
             cmd += ["--trusted-app", digest]
