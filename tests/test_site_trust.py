@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -296,40 +297,73 @@ def write_hostile_app(app_dir: Path, marker: Path, replies: Path) -> Path:
 
 
 @needs_flower
-def test_a_hostile_app_submitted_to_a_default_site_is_refused_before_it_runs(tmp_path):
+def test_a_hostile_app_is_refused_before_it_runs_and_a_pinning_site_runs_only_its_pin(
+    tmp_path, monkeypatch
+):
+    """Two sites: site 0 as `fedmm site` is by default, site 1 with ``trusted-apps`` = the app
+    hash of this fedmm project.  ``flwr run`` of a hostile app: both refuse it, nothing of it
+    runs.  ``flwr run`` of an impostor (the hostile code, declaring fedmm's ClientApp and
+    version): site 0 runs *its own* fedmm ClientApp on the message (never the impostor's code),
+    site 1 refuses it (not its pin)."""
     from fedmm.cli import main
     from fedmm.deploy import launch
 
     sites = tmp_path / "sites"
-    assert main(["split", "--benchmark", "fmnist-domain", "--clients", "1", "--out", str(sites),
+    assert main(["split", "--benchmark", "fmnist-domain", "--clients", "2", "--out", str(sites),
                  "--set", "model.backbone=tiny", "--set", "model.image_size=32",
                  "--set", "data.train_per_client=8", "--set", "data.test_per_client=4"]) == 0  # fmt: skip
-    site_dir = next(p for p in sites.iterdir() if (p / "train.jsonl").is_file())
-    site_files = {p.name for p in site_dir.rglob("*")}
-    marker, replies = tmp_path / "marker", tmp_path / "replies.json"
-    app = write_hostile_app(tmp_path / "hostile", marker, replies)
-    node = {"data-dir": str(site_dir), "state-dir": str(tmp_path / "state")}
-    dep = launch.start(tmp_path / "deployment", [node], timeout=180)
+    site_dirs = sorted(p for p in sites.iterdir() if (p / "train.jsonl").is_file())
+    site_files = {p.name for d in site_dirs for p in d.rglob("*")}
+    marker = tmp_path / "marker"
+    hostile = write_hostile_app(tmp_path / "hostile", marker, tmp_path / "hostile.json")
+    impostor = write_hostile_app(tmp_path / "impostor", marker, tmp_path / "impostor.json")
+    text = (impostor / "pyproject.toml").read_text()
+    text = text.replace('name = "hostile"', 'name = "fedmm"').replace('"1.0.0"', f'"{__version__}"')
+    (impostor / "pyproject.toml").write_text(
+        text.replace('"hostile_app.client:app"', f'"{trust.CLIENTAPP}"')
+    )
+    pin = trust.app_hash(trust.build_app(ROOT))
+    spawn = launch.Deployment._spawn
+
+    def pinning_site_1(self, name, cmd, env):  # site 1's operator adds trusted-apps
+        if name == "supernode-1":
+            config = self.workdir / "supernode-1" / "site.toml"
+            config.write_text(f'trusted-apps = ["{pin}"]\n' + config.read_text())
+        return spawn(self, name, cmd, env)
+
+    monkeypatch.setattr(launch.Deployment, "_spawn", pinning_site_1)
+    nodes = [{"data-dir": str(d), "state-dir": str(tmp_path / "state")} for d in site_dirs]
+    dep = launch.start(tmp_path / "deployment", nodes, timeout=180)
     try:
         port = tomllib.loads((tmp_path / "deployment/supernode-0/site.toml").read_text())["port"]
         status = _acquire_task_without_the_secret(port)
-        out = dep.flwr(["run", str(app), launch.CONNECTION, "--stream"], timeout=300)
-        log = (tmp_path / "deployment" / "supernode-0.log").read_text()
+        runs = [dep.flwr(["run", str(app), launch.CONNECTION, "--stream"], timeout=300)
+                for app in (hostile, impostor)]  # fmt: skip
+        logs = [(tmp_path / f"deployment/supernode-{k}.log").read_text() for k in range(2)]
     finally:
         dep.stop()
-    assert replies.is_file(), f"the ServerApp wrote no replies:\n{out.stdout}\n{out.stderr}"
-    got = json.loads(replies.read_text())
-    assert len(got) == 1 and "error" in got[0], got
-    assert "fedmm site refused this run's app" in got[0]["error"]
-    assert "'hostile_app.client:app'" in got[0]["error"]
+    for name, out in zip(("hostile", "impostor"), runs):
+        assert (tmp_path / f"{name}.json").is_file(), (
+            f"{name}: no replies:\n{out.stdout}{out.stderr}"
+        )
+    node = [int(re.search(r"SuperNode ID: (\d+)", log).group(1)) for log in logs]
+    got = {r["node"]: r for r in json.loads((tmp_path / "hostile.json").read_text())}
+    assert sorted(got) == sorted(node), got
+    for reply in got.values():
+        assert "fedmm site refused this run's app" in reply["error"], reply
+        assert "'hostile_app.client:app'" in reply["error"]
+    got_impostor = {r["node"]: r for r in json.loads((tmp_path / "impostor.json").read_text())}
+    assert "not in this site's trusted-apps" in got_impostor[node[1]]["error"]
+    assert "files" not in got_impostor[node[0]]  # what replied is fedmm's ClientApp, not the FAB's
+    assert "refused" not in got_impostor[node[0]].get("error", "")
     assert not marker.exists()
-    leaked = json.dumps(got)
+    leaked = json.dumps([got, got_impostor])
     assert not any(name in leaked for name in site_files), leaked
-    assert "refused run" in log and "hostile_app.client:app" in log  # logged at the site
-    # the app hash `fedmm app-hash DIR` prints is the one the site computed for what
-    # `flwr run DIR` sent: Flower's build of a directory is reproducible
-    assert f"app hash {trust.app_hash(trust.build_app(app))}" in log
-    assert "-> trusted ClientApp" in log  # the site executor took the task, not Flower's
+    for log in logs:  # each site logged its refusal with the app hash `fedmm app-hash` prints
+        assert "refused run" in log and "hostile_app.client:app" in log
+        assert f"app hash {trust.app_hash(trust.build_app(hostile))}" in log
+        assert "-> trusted ClientApp" in log  # the site executor took the tasks, not Flower's
+    assert "accepted; running the site's own ClientApp" in logs[0]
     assert status == 401  # a local process without the executor's secret gets no task
 
 
