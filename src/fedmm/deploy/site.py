@@ -6,7 +6,7 @@ A site operator writes one TOML file::
     superlink = "superlink.example.org:9093"      # the SuperLink's Fleet API
     root-certificates = "/etc/fedmm/ca.crt"       # the CA certificate (or: insecure = true)
     auth-key = "/etc/fedmm/supernode-3"           # this site's private key (SuperNode auth)
-    # flwr-home = "/var/lib/fedmm/flwr"           # where Flower installs the app (optional)
+    # flwr-home = "/var/lib/fedmm/flwr"           # the SuperNode's FLWR_HOME (optional)
     # port = 9094                                 # the SuperNode's Runtime API port, on 127.0.0.1
     # trusted-apps = ["<app hash>"]               # only these fedmm apps (`fedmm app-hash DIR`)
 
