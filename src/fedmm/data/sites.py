@@ -473,7 +473,7 @@ def load_site(data_dir: Path, cfg: FedmmConfig, schema: Schema | None = None) ->
             groups=[r["group"] for r in rows] if tagged else None,
         )  # fmt: skip
 
-    description = info.description or f"site {info.name} ({data_dir})"
+    description = info.description or f"site {info.name}"  # it leaves the site: never a path
     client = ClientSpec(info.name, description, encode("train"), encode("test"),
                         task="" if plain else task_name, modalities=info.modalities)  # fmt: skip
     notes = {
