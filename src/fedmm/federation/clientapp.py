@@ -243,9 +243,10 @@ class Site:
                     "this site has no data-dir: set it in the SuperNode's --node-config "
                     '(data-dir="/path/to/site", a directory written by fedmm split)'
                 )
-            problem = consent.site_directory_problem(Path(self.settings.data_dir))
+            data_dir = Path(self.settings.data_dir)
+            problem = consent.site_directory_problem(data_dir)
             if problem:
-                raise RuntimeError(problem)
+                raise (RuntimeError if data_dir.is_dir() else FileNotFoundError)(problem)
             if not self.settings.cache_dir:  # derived data stays in the site's own directory
                 cache = consent.default_cache_dir(self.settings)
                 self.cfg = self.cfg.with_overrides({"cache_dir": str(cache)})
