@@ -112,15 +112,16 @@ def check_settings(settings: Any) -> None:
     if not models:
         raise ConfigError(
             f'site setting accept-models is empty; give "{BUILTIN}" (fedmm\'s backbones), '
-            f'backbone names, hub ids org/name, or "{ANY_HUB_ID}" (any hub id)'
+            f'backbone names, hub ids, or "{ANY_HUB_ID}" (any hub id)'
         )
     names = set(backbone_names())
     for entry in models:
         if entry not in (BUILTIN, ANY_HUB_ID) and entry not in names and not is_hub_id(entry):
             raise ConfigError(
                 f"site setting accept-models: {entry!r} is neither {BUILTIN!r}, {ANY_HUB_ID!r}, a "
-                f"backbone ({', '.join(sorted(names))}) nor a hub id org/name of letters, digits "
-                "and . _ - (local weights are the site's model-dir)"
+                f"backbone ({', '.join(sorted(names))}) nor a hub id (organisation and name of "
+                "letters, digits and . _ - joined by one slash; local weights are the site's "
+                "model-dir)"
             )
 
 
@@ -149,9 +150,9 @@ def check_model(cfg: FedmmConfig, settings: Any) -> None:
     elif is_hub_id(model.hf_path):
         source = model.hf_path
     else:
-        raise refuse("model.hf_path", model.hf_path, "a server names a model by backbone or hub "
-                     "id org/name, never by a path or URL; a site's local weights are its own "
-                     "setting model-dir")  # fmt: skip
+        raise refuse("model.hf_path", model.hf_path, "a server names a model by its backbone or "
+                     "a hub id (organisation and name joined by one slash), never by a path or "
+                     "URL; a site's local weights are its own setting model-dir")  # fmt: skip
     if source:
         if source not in accepted and ANY_HUB_ID not in accepted:
             raise refuse("model.hf_path", source, "not among this site's accept-models "
@@ -238,13 +239,18 @@ def site_directory_problem(data_dir: Path) -> str | None:
 
 
 def site_name(settings: Any) -> str:
-    """The site's name as a path component: ``site.json``'s name (else the data directory's
-    name) through ``safe_name``; ``partition-K`` for a rehearsed partition."""
-    if settings.rehearsal:
-        return f"partition-{settings.partition_id}"
+    """The site's name as a path component (``safe_name``): for a site directory (``data-dir``
+    holds ``train.jsonl``; also in a simulation of site directories, where Flower sets a
+    partition-id too) ``site.json``'s name, else the directory's name -- the name its client
+    state is kept under; ``partition-K`` for a rehearsed partition of a central benchmark;
+    ``site`` without a data-dir."""
     from fedmm.data.sites import read_site_info
 
     data_dir = Path(settings.data_dir)
+    if settings.data_dir and (data_dir / "train.jsonl").is_file():
+        return safe_name(read_site_info(data_dir).name)
+    if settings.rehearsal:
+        return f"partition-{settings.partition_id}"
     return safe_name(read_site_info(data_dir).name if settings.data_dir else "site")
 
 
