@@ -117,7 +117,10 @@ def test_an_error_is_audited_with_its_reason_and_the_logs_reference(federation, 
             grid.app(message=Message(content, node, "query"), context=grid.contexts[node])
     last = audit.verify(log_of(settings[k]))[0][-1]
     assert last["reply"] == "error" and last["reason"] == str(raised.value)
-    assert str(raised.value) == f"ValueError: failed at the site (details in the site's log, ref {last['ref']})"
+    assert (
+        str(raised.value)
+        == f"ValueError: failed at the site (details in the site's log, ref {last['ref']})"
+    )
     assert any(last["ref"] in r.getMessage() and r.exc_info for r in caplog.records)
 
 

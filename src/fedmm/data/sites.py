@@ -44,7 +44,8 @@ Layout of a site directory::
 * ``task`` (string): the schema task this site does; required when the schema has more than one
   task; with one task it may be omitted, and if given must equal that task's name.
 * ``modalities``: a non-empty subset of ``["image", "text"]``; default both.
-* ``description`` (string).
+* ``description`` (string); default ``site <name>``.  It leaves the site (the server's
+  query), so it never holds a path.
 
 ``train.jsonl`` / ``test.jsonl``: one JSON object per line, blank lines ignored.
 

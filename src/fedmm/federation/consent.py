@@ -212,12 +212,20 @@ def check_consent(
     if global_arrays:
         size = sum(int(getattr(v, "size", 0)) for v in global_arrays.values())
         check_trainable(size, "the global state the server sent", settings)
+    run = settings.apply(experiment)
+    key = run.to_json()
+    if key in _VALID:  # a process serves many messages of one run: validated once
+        return
     from fedmm.validate import validate_config
 
     try:  # the CLI's own checks, on the run as this site would run it
-        validate_config(settings.apply(experiment), [experiment.method])
+        validate_config(run, [experiment.method])
     except ConfigError as exc:
         raise NotAccepted(f"the run's options are invalid at this site: {exc}") from None
+    _VALID.add(key)
+
+
+_VALID: set[str] = set()  # runs (as this site runs them) that passed validate_config
 
 
 # ---------------------------------------------------------------------- where a site is

@@ -16,9 +16,10 @@ key                      default     meaning
                                      writes them); with ``partition-id``, the files of a central
                                      benchmark to rehearse (fmnist-*: the Fashion-MNIST dir;
                                      "" = the benchmark's default search)
-``state-dir``            see below   client state (private models) and the privacy ledger, in
-                                     ``<state-dir>/<site>/``; "" = ``$XDG_STATE_HOME/fedmm``
-                                     (``~/.local/state``)
+``state-dir``            see below   the site's own directory ``<state-dir>/<site>/``: client
+                                     state (private models), privacy ledger, audit log
+                                     (``audit.jsonl``), default feature cache (``cache/``);
+                                     "" = ``$XDG_STATE_HOME/fedmm`` (``~/.local/state``)
 ``cache-dir``            ""          encoded-feature cache; "" = ``<state root>/cache`` (the site's
                                      own directory, see ``consent.site_root``; a rehearsed
                                      partition: ``$XDG_CACHE_HOME/fedmm``)
