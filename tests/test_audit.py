@@ -196,3 +196,38 @@ def test_a_torn_last_line_stops_the_site(tmp_path):
     with pytest.raises(audit.AuditError, match="incomplete line"):
         audit.append(path, {"kind": "test"})
     assert audit.verify(path)[1] == "line 2: incomplete (no newline at the end of the file)"
+
+
+def test_a_message_that_cannot_be_audited_is_not_handled_and_no_reply_leaves_unaudited(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    from flwr.app import Context, RecordDict
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")  # the site's state root cannot be made under a file
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "state-dir": str(blocked)},
+                  state=RecordDict(), run_config={})  # fmt: skip
+    msg = Message(messages.server_message({}, tiny_cfg, 0), 5, "query")
+    handled = []
+
+    def handler(msg, context):
+        handled.append(msg)
+        return Message(messages.client_reply(None, {"x": 1.0}), reply_to=msg)
+
+    with pytest.raises(clientapp.SiteError, match=r"^\w+Error: failed at the site \(.*ref \w{8}"):
+        clientapp.as_site(handler, msg, ctx)
+    assert handled == []
+
+    ctx.node_config["state-dir"] = str(tmp_path / "state")
+    real, calls = audit.append, []
+
+    def fail_second(path, entry):
+        calls.append(entry["kind"])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, entry)
+
+    monkeypatch.setattr(audit, "append", fail_second)
+    with pytest.raises(clientapp.SiteError, match="OSError: failed at the site"):
+        clientapp.as_site(handler, msg, ctx)  # handled, but its reply is withheld
+    assert len(handled) == 1 and calls == ["received", "sent"]

@@ -182,14 +182,25 @@ def as_site(handler, msg: Message, context: Context, **kwargs) -> Message:
         raise SiteError(short_error(exc, ref)) from None
     try:
         reply = handler(msg, context, **kwargs)
+        sent = audit.sent_entry(received, reply)
     except Exception as exc:
         ref = secrets.token_hex(4)
         log.exception("%s message failed (ref %s)", kind, ref)
         reason = short_error(exc, ref)
-        audit.append(log_path, audit.sent_entry(received, reason=reason, ref=ref))
+        _audit_sent(log_path, audit.sent_entry(received, reason=reason, ref=ref), kind)
         raise SiteError(reason) from None
-    audit.append(log_path, audit.sent_entry(received, reply))
+    _audit_sent(log_path, sent, kind)
     return reply
+
+
+def _audit_sent(path: Path, entry: dict, kind: str) -> None:
+    """Append what is about to leave; if that fails, nothing leaves but a fixed reason."""
+    try:
+        audit.append(path, entry)
+    except Exception as exc:
+        ref = secrets.token_hex(4)
+        log.exception("%s reply withheld: the audit log cannot be written (ref %s)", kind, ref)
+        raise SiteError(short_error(exc, ref)) from None
 
 
 app = make_client_app()
