@@ -242,19 +242,48 @@ def test_summary_names_the_sites_missing_in_the_last_round():
 
 
 # ------------------------------------------------------------------ part 6: short site errors
-def test_short_error_strips_paths_and_length_and_keeps_the_class():
-    assert clientapp.strip_paths("/srv/hosp/a/train.jsonl:6: bad JSON") == "train.jsonl:6: bad JSON"
-    exc = FileNotFoundError(2, "No such file or directory", "/srv/hosp/a/images/x.png")
-    assert clientapp.short_error(exc) == (
-        "FileNotFoundError: [Errno 2] No such file or directory: 'x.png'"
+STRIPPED = [  # (text, what may leave)
+    ("/srv/hosp/a/train.jsonl:6: bad JSON", "<path>:6: bad JSON"),
+    ("No such file: '/srv/my site/images/x.png'", "No such file: <path>"),  # spaces, quoted
+    ('cannot open "C:\\my docs\\x.png"', "cannot open <path>"),
+    ("see ~/data/site-a", "see <path>"),
+    ("path:/srv/x/y", "path:<path>"),
+    ("from file:///srv/a/b.png", "from <path>"),
+    ("images/0042/MRN123.png missing", "<path> missing"),  # relative, with a directory part
+    ("record MRN123_scan.PNG", "record <path>"),  # a bare image name
+    ("dicom at ./scans/a.dcm", "dicom at <path>"),
+    ("model.hf_path='../x'", "model.hf_path=<path>"),
+    ("C:\\sites\\a\\train.jsonl, 1/3", "<path>, 1/3"),
+    ("1/3 of the sites, https://hf.co/m", "1/3 of the sites, https://hf.co/m"),  # no secrets
+    ("this site does not accept fed.rounds=5000: this site's limit is max-rounds=1000",
+     "this site does not accept fed.rounds=5000: this site's limit is max-rounds=1000"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, stripped", STRIPPED)
+def test_strip_paths_catches_every_form_of_path(text, stripped):
+    assert clientapp.strip_paths(text) == stripped
+
+
+def test_only_fedmms_own_refusals_leave_with_their_text():
+    from fedmm.config import ConfigError
+    from fedmm.federation.consent import NotAccepted
+    from fedmm.federation.privacy import PrivacyBudgetExceeded
+
+    exc = FileNotFoundError(2, "No such file or directory", "/srv/hosp/a/images/MRN1.png")
+    assert clientapp.short_error(exc, "1a2b3c4d") == (
+        "FileNotFoundError: failed at the site (details in the site's log, ref 1a2b3c4d)"
     )
-    assert clientapp.strip_paths("C:\\sites\\a\\train.jsonl, 1/3 of sites/a, https://hf.co/m") == (
-        "train.jsonl, 1/3 of sites/a, https://hf.co/m"
-    )  # relative paths, ratios and URLs are no site's secret
-    long = clientapp.short_error(ValueError("x" * 1000))
-    assert long.startswith("ValueError: x") and len(long) <= len("ValueError: ") + 200
+    assert clientapp.short_error(ValueError("bad record images/MRN7.png")) == (
+        "ValueError: failed at the site (details in the site's log)"
+    )
     refused = RefusedMessage("the server addressed client 1, but this site is client 0")
     assert clientapp.short_error(refused) == f"RefusedMessage: {refused}"
+    for passable in (ConfigError("x /srv/a/b"), NotAccepted("x /srv/a/b"),
+                     PrivacyBudgetExceeded("x /srv/a/b")):  # fmt: skip
+        assert clientapp.short_error(passable) == f"{type(passable).__name__}: x <path>"
+    long = clientapp.short_error(RefusedMessage("x" * 1000))
+    assert long.startswith("RefusedMessage: x") and len(long) <= len("RefusedMessage: ") + 200
 
 
 @pytest.fixture()
@@ -288,10 +317,12 @@ def test_a_site_error_leaves_short_and_is_logged_in_full(site_dirs, tmp_path, ca
         with pytest.raises(clientapp.SiteError) as raised:
             clientapp.make_client_app()(message=msg, context=ctx)
     assert str(missing) not in str(raised.value) and raised.value.__cause__ is None
-    assert str(raised.value) == clientapp.short_error(direct.value)
-    assert str(raised.value).startswith(type(direct.value).__name__ + ": ")
+    reason = re.fullmatch(rf"{type(direct.value).__name__}: failed at the site \(details in the "
+                          r"site's log, ref ([0-9a-f]{8})\)", str(raised.value))  # fmt: skip
+    assert reason, str(raised.value)
     (logged,) = [r for r in caplog.records if r.exc_info]
     assert str(missing) in str(logged.exc_info[1])  # the site's own log has the detail
+    assert reason.group(1) in logged.getMessage()  # ... under the reference that left
 
 
 def test_results_never_hold_a_sites_paths(site_dirs, tmp_path):

@@ -14,6 +14,8 @@
               # one site directory per client + the task schema (fedmm.data.sites)
     fedmm site --config site.toml   # a site: its SuperNode from its settings, kept up
     fedmm app-hash [DIR]  # the app hash a site pins in trusted-apps (deploy/trust.py)
+    fedmm site audit DIR|--config site.toml   # what left the site, when, to whom; chain verified
+    fedmm site purge --config site.toml [--what cache|state|all]   # remove derived data
     fedmm list            # methods, benchmarks, backbones, config keys with defaults
 
 Precedence: defaults < --config file < the flags above < --set.
@@ -135,9 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override any option, e.g. --set data.train_per_client=100")  # fmt: skip
     split.set_defaults(method=None)
     site = sub.add_parser(
-        "site", help="run this site's SuperNode from its settings and keep it up (restarts)"
-    )
-    site.add_argument("--config", required=True, help="the site's TOML file (README: a site)")
+        "site", help="run this site's SuperNode from its settings and keep it up (restarts); "
+        "audit: print and verify its audit log; purge: remove its cache and client state",
+        description="fedmm site --config site.toml: run the site. fedmm site audit DIR (or "
+        "--config): print the audit log in DIR (the site's state root) and verify its hash "
+        "chain (exit 1 naming the first broken line). fedmm site purge --config site.toml: "
+        "remove the site's feature cache and/or client state (README: retention).",
+    )  # fmt: skip
+    site.add_argument("action", nargs="?", choices=("audit", "purge"),
+                      help="audit | purge (default: run the site)")  # fmt: skip
+    site.add_argument("dir", nargs="?", metavar="DIR",
+                      help="audit: the site's state root holding audit.jsonl, or the file")  # fmt: skip
+    site.add_argument("--config", help="the site's TOML file (README: a site)")
+    site.add_argument("--what", choices=("cache", "state", "all"), default="all",
+                      help="purge: the feature cache, the client state, or both (default: all)")  # fmt: skip
+    site.add_argument("--also-delete-privacy-ledger-and-audit-log", action="store_true",
+                      dest="records",
+                      help="purge: ALSO delete every run's privacy ledger (the site then accounts "
+                      "ε from zero) and the audit log (its record of what left); not by default")  # fmt: skip
     app_hash = sub.add_parser(
         "app-hash", help="the app hash of a fedmm project, for a site's trusted-apps (site.toml)"
     )
@@ -498,6 +515,73 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return health_exit([run], getattr(args, "allow_partial", False))
 
 
+def site_settings_of(path: str):
+    """The site settings in a ``fedmm site`` TOML file (``[settings]``)."""
+    from fedmm.deploy.site import SiteConfig
+    from fedmm.federation.site import SiteSettings
+
+    return SiteSettings.from_node_config(SiteConfig.load(path).settings)
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    """``fedmm site``: run the site (``--config``), or ``audit`` / ``purge`` it."""
+    if args.action is None:
+        if not args.config or args.dir:
+            raise ConfigError("fedmm site runs a site from its settings: fedmm site --config "
+                              "site.toml (or: fedmm site audit DIR, fedmm site purge --config "
+                              "site.toml)")  # fmt: skip
+        from fedmm.deploy.site import SiteConfig, run_site
+
+        return run_site(SiteConfig.load(args.config), emit=lambda m: print(m, flush=True),
+                        subreaper=True)  # fmt: skip
+    if args.action == "audit":
+        return cmd_site_audit(args)
+    if args.dir or not args.config:
+        raise ConfigError("fedmm site purge needs the site's file: fedmm site purge --config "
+                          "site.toml [--what cache|state|all]")  # fmt: skip
+    from fedmm.federation import retention
+
+    settings = site_settings_of(args.config)
+    try:
+        removed = retention.purge(settings, args.what, args.records)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"fedmm site purge: {exc}") from exc
+    for path in removed:
+        print(f"removed {path}")
+    kept = "" if args.records else " (privacy ledger and audit log kept)"
+    print(f"fedmm site purge: {len(removed)} item(s) removed{kept}")
+    return 0
+
+
+def cmd_site_audit(args: argparse.Namespace) -> int:
+    """Print the audit log readably and verify its chain: 0 when it holds, 1 naming the first
+    broken line."""
+    from fedmm.federation import audit, consent
+
+    if bool(args.dir) == bool(args.config):
+        raise ConfigError("fedmm site audit takes the site's state root (fedmm site audit DIR) or "
+                          "its file (fedmm site audit --config site.toml), one of them")  # fmt: skip
+    if args.dir:
+        path = Path(args.dir)
+        path = path / audit.AUDIT_FILE if path.is_dir() else path
+    else:
+        path = consent.site_root(site_settings_of(args.config)) / audit.AUDIT_FILE
+    if not path.is_file():
+        raise ConfigError(f"no audit log at {path} (a site writes it when it handles its first "
+                          "message; DIR is the site's state root, <state-dir>/<site>)")  # fmt: skip
+    entries, problem = audit.verify(path)
+    for entry in entries:
+        print(audit.describe(entry))
+    if problem:
+        print(f"fedmm: error: {path}: {problem}; entries from there on cannot be trusted",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    sent = sum(1 for e in entries if e.get("kind") == "sent" and e.get("reply") == "ok")
+    print(f"{path}: chain intact, {len(entries)} entries ({sent} replies sent), head "
+          f"{audit.head(path)} (keep it elsewhere: lines cut off the end leave a valid chain)")  # fmt: skip
+    return 0
+
+
 def get_method_federated(cfg: FedmmConfig) -> bool:
     from fedmm.methods import get_method
 
@@ -616,10 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "deploy":
             return cmd_deploy(args)
         if args.command == "site":
-            from fedmm.deploy.site import SiteConfig, run_site
-
-            return run_site(SiteConfig.load(args.config), emit=lambda m: print(m, flush=True),
-                            subreaper=True)  # fmt: skip
+            return cmd_site(args)
         if args.command == "app-hash":
             from fedmm.deploy.trust import describe_app
 

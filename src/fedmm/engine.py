@@ -22,7 +22,7 @@ from pathlib import Path
 from fedmm import logs, results
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data import sites
-from fedmm.federation.clientapp import is_local_path
+from fedmm.federation import consent
 from fedmm.federation.site import SiteSettings
 from fedmm.files import remove_stale_temps
 from fedmm.methods import get_method
@@ -71,8 +71,15 @@ def rehearsal_sites(cfg: FedmmConfig, site: dict | None = None) -> dict[int, dic
     directory under ``<out>/client_state/``, the run's cache, device and threads, plus ``site``
     (e.g. a privacy floor) for every site."""
     common = {"cache-dir": cfg.cache_dir, "device": cfg.device, "threads": cfg.train.threads}
-    if is_local_path(cfg.model.hf_path):  # the operator's local weights: every site's own copy
-        common["model-dir"] = cfg.model.hf_path
+    source = cfg.model.hf_path
+    if source not in ("", consent.TINY):
+        if not consent.is_hub_id(source) or Path(source).exists():
+            # the operator's local weights: every simulated site's own copy (model-dir)
+            common["model-dir"] = os.path.abspath(os.path.expanduser(source))
+        else:  # the operator consents, as each simulated site, to the hub model it runs
+            common["accept-models"] = f"{consent.BUILTIN},{source}"
+    if cfg.model.hf_download:
+        common["allow-download"] = True
     out = Path(cfg.out_dir) / "client_state"
     if cfg.data.benchmark == SITES:
         roots = sites.list_sites(Path(cfg.data.data_dir))

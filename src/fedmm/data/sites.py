@@ -44,7 +44,8 @@ Layout of a site directory::
 * ``task`` (string): the schema task this site does; required when the schema has more than one
   task; with one task it may be omitted, and if given must equal that task's name.
 * ``modalities``: a non-empty subset of ``["image", "text"]``; default both.
-* ``description`` (string).
+* ``description`` (string); default ``site <name>``.  It leaves the site (the server's
+  query), so it never holds a path.
 
 ``train.jsonl`` / ``test.jsonl``: one JSON object per line, blank lines ignored.
 
@@ -473,7 +474,7 @@ def load_site(data_dir: Path, cfg: FedmmConfig, schema: Schema | None = None) ->
             groups=[r["group"] for r in rows] if tagged else None,
         )  # fmt: skip
 
-    description = info.description or f"site {info.name} ({data_dir})"
+    description = info.description or f"site {info.name}"  # it leaves the site: never a path
     client = ClientSpec(info.name, description, encode("train"), encode("test"),
                         task="" if plain else task_name, modalities=info.modalities)  # fmt: skip
     notes = {

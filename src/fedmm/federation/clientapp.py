@@ -23,12 +23,22 @@ round r.  The server says in every message which round of this client it last ag
 (``last-trained``); a client that finds no state of that round is a loud error, never a silent
 fresh start.
 
-Errors: the functions registered on the ClientApp (``as_site``) log a failure in full in the
-site's own log and raise a ``SiteError`` holding only the error's class and a short reason without
-absolute paths (``short_error``) -- Flower sends that text to the server, which records it in
+Order of checks (``Site``): the site's consent (``consent.py``: what it accepts, its caps, the
+CLI's validator) from the message and the site's settings alone; then that ``data-dir`` is one
+site's directory, the schema hash (``schema.json``) and the declared client index (``site.json``);
+only then is the runtime built and data read.  A refusal reads and writes nothing.
+
+Errors and audit: the functions registered on the ClientApp (``as_site``) append every message
+received and every reply or error sent to the site's hash-chained audit log (``audit.py``), log a
+failure in full in the site's own log under a short reference, and raise a ``SiteError`` holding
+only what may leave (``short_error``): fedmm's refusals (``RefusedMessage`` and consent refusals,
+``ConfigError``, ``PrivacyBudgetExceeded``), whose texts are built from the run's values, with
+their message (paths stripped as a belt); any other error as ``ClassName: failed at the site
+(details in the site's log, ref R)`` -- Flower sends that text to the server, which records it in
 results.json.  ``handle`` / ``handle_query`` / ``dispatch`` raise the original exceptions (tests
-call them directly).  ``as_site`` also configures logging in the ``flwr-clientapp`` process
-(``fedmm.logs``), so lines such as "restored client state of round R" reach the site's log.
+call them directly) and write no audit entry.  ``as_site`` also configures logging in the
+``flwr-clientapp`` process (``fedmm.logs``), so lines such as "restored client state of round R"
+reach the site's log.
 
 Differential privacy: the upload is clipped and noised here, on the client (``dp.py``), with the
 stricter of the run's request and the site's floor; ε is accounted per site (``privacy.py``) and a
@@ -40,6 +50,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import time
 from pathlib import Path
 
@@ -48,9 +59,9 @@ from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedmm import logs
-from fedmm.config import FedmmConfig, run_name
+from fedmm.config import ConfigError, FedmmConfig, run_name
 from fedmm.data import sites as site_data
-from fedmm.federation import dp, messages
+from fedmm.federation import audit, consent, dp, messages
 from fedmm.federation.messages import RefusedMessage
 from fedmm.federation.privacy import LEDGER, Ledger, PrivacyBudgetExceeded
 from fedmm.federation.site import SiteSettings
@@ -85,47 +96,111 @@ def make_client_app(sites: dict[int, dict] | None = None) -> ClientApp:
 
 
 class SiteError(RuntimeError):
-    """What leaves a site when handling a message failed: the error's class and a short reason
-    without local paths (``short_error``); the full error is in the site's own log."""
+    """What leaves a site when handling a message failed (``short_error``); the full error is in
+    the site's own log."""
 
 
 _SEP = r"[/\\]"
-_PART = r"[^\s'\"`/\\,;()\[\]{}<>|]+"
-# an absolute path: / or \ or C:\ not inside a word, a relative path or a URL ("https://...")
-_ABSOLUTE_PATH = re.compile(rf"(?<![\w.~:/\\])(?:[A-Za-z]:)?(?:{_SEP}{_PART})+{_SEP}?")
+_PART = r"[^\s'\"`/\\,;:()\[\]{}<>|]+"
+_IMAGE_EXT = r"\.(?:png|jpe?g|gif|bmp|tiff?|webp|dcm|dicom|nii(?:\.gz)?|npy|npz)"
+_PATTERNS = [
+    # quoted paths, spaces allowed: '/srv/my site/x.png', "C:\\a b\\c", '~/a b'
+    re.compile(r"(?P<q>['\"])(?:[A-Za-z]:|~|\.{1,2})?[/\\][^'\"\n]*(?P=q)"),
+    # file:// URLs (a local file, unlike https://)
+    re.compile(r"file://[^\s'\"]*"),
+    # home-relative and absolute paths, also after "path:" or "=" ("path:/srv/x")
+    re.compile(rf"(?<![\w.~/\\])(?:~|[A-Za-z]:)?(?:{_SEP}{_PART})+{_SEP}?"),
+    re.compile(rf"(?<![\w/\\])~(?:{_SEP}{_PART})*{_SEP}?"),
+    # relative paths with a directory part: images/0042/MRN123.png, ./x, ../x
+    re.compile(rf"(?<![\w.~/\\:])(?:\.{{1,2}}{_SEP})*{_PART}(?:{_SEP}{_PART})+{_SEP}?"),
+    # bare image names: MRN123_scan.png
+    re.compile(rf"(?<![\w/\\]){_PART}{_IMAGE_EXT}\b", re.IGNORECASE),
+]
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
+_RATIO = re.compile(r"\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)+")
 MAX_REASON = 200
+PATH = "<path>"
 
 
 def strip_paths(text: str) -> str:
-    """``text`` with every absolute path replaced by its last component:
-    ``'/srv/hosp/a/train.jsonl:6'`` -> ``'train.jsonl:6'``."""
+    """``text`` with every path replaced by ``<path>``: absolute (``/srv/a/train.jsonl:6``,
+    ``C:\\x``), quoted with spaces (``'/srv/my site/x.png'``), home-relative (``~/x``), after a
+    ``path:`` prefix, ``file://`` URLs, relative paths with a directory part
+    (``images/0042/MRN123.png``, ``../x``) and bare image names (``MRN123.png``), which in a
+    hospital may carry a patient's record number.  A line number after a path is kept
+    (``<path>:6``); numbers like ``1/3`` and web URLs (``https://...``) are no site's secret."""
+    urls: list[str] = []
 
-    def last(match: re.Match) -> str:
-        return re.split(_SEP, match.group(0).rstrip("/\\"))[-1]
+    def keep_url(match: re.Match) -> str:
+        if match.group(0).lower().startswith("file://"):
+            return match.group(0)
+        urls.append(match.group(0))
+        return f"\0{len(urls) - 1}\0"
 
-    return _ABSOLUTE_PATH.sub(last, text)
+    text = _URL.sub(keep_url, text)
+    for pattern in _PATTERNS:
+        text = pattern.sub(lambda m: m.group(0) if _RATIO.fullmatch(m.group(0)) else PATH, text)
+    return re.sub("\0(\\d+)\0", lambda m: urls[int(m.group(1))], text)
 
 
-def short_error(exc: BaseException) -> str:
-    """The reason a site sends when handling a message failed: ``"ClassName: message"`` with
-    absolute paths cut to their last component and the message cut to ``MAX_REASON``
-    characters.  What a site's paths reveal about it stays in its own log."""
+# fedmm's own refusals: their texts are built from the run's values and the site's settings
+PASSABLE = (RefusedMessage, ConfigError, PrivacyBudgetExceeded)
+
+
+def short_error(exc: BaseException, ref: str = "") -> str:
+    """The reason a site sends when handling a message failed.
+
+    A refusal of fedmm's own (``PASSABLE``: ``RefusedMessage`` and the consent refusals,
+    ``ConfigError``, ``PrivacyBudgetExceeded``) leaves as ``"ClassName: message"``, paths
+    stripped (``strip_paths``, a belt) and cut to ``MAX_REASON`` characters; any other error as
+    ``"ClassName: failed at the site (details in the site's log, ref R)"`` -- its text may hold
+    a site's paths or data, so it stays in the site's log under the same ``ref``."""
+    name = type(exc).__name__
+    if not isinstance(exc, PASSABLE):
+        where = f", ref {ref}" if ref else ""
+        return f"{name}: failed at the site (details in the site's log{where})"
     text = " ".join(strip_paths(str(exc)).split())
     if len(text) > MAX_REASON:
         text = text[: MAX_REASON - 1] + "…"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{name}: {text}" if text else name
 
 
 def as_site(handler, msg: Message, context: Context, **kwargs) -> Message:
-    """``handler(msg, context, **kwargs)`` as the ClientApp runs it: logging configured, and any
-    exception logged here in full and re-raised as a ``SiteError`` with a short reason (Flower
-    sends an exception's text to the server, which records it in results.json)."""
+    """``handler(msg, context, **kwargs)`` as the ClientApp runs it: logging configured; the
+    message and what is sent back appended to the site's audit log (``audit.py``; a message that
+    cannot be audited is not handled); any exception logged here in full under a short reference
+    and re-raised as a ``SiteError`` with ``short_error`` (Flower sends an exception's text to
+    the server, which records it in results.json)."""
     logs.configure("clientapp")
+    kind = msg.metadata.message_type
     try:
-        return handler(msg, context, **kwargs)
+        log_path = consent.site_root(site_settings(context, kwargs.get("sites"))) / audit.AUDIT_FILE
+        received = audit.append(log_path, audit.received_entry(msg))
+    except Exception as exc:  # where the log goes, or the log itself, is broken: handle nothing
+        ref = secrets.token_hex(4)
+        log.exception("%s message not handled: the audit log cannot be written (ref %s)", kind, ref)
+        raise SiteError(short_error(exc, ref)) from None
+    try:
+        reply = handler(msg, context, **kwargs)
+        sent = audit.sent_entry(received, reply)
     except Exception as exc:
-        log.exception("%s message failed", msg.metadata.message_type)
-        raise SiteError(short_error(exc)) from None
+        ref = secrets.token_hex(4)
+        log.exception("%s message failed (ref %s)", kind, ref)
+        reason = short_error(exc, ref)
+        _audit_sent(log_path, audit.sent_entry(received, reason=reason, ref=ref), kind)
+        raise SiteError(reason) from None
+    _audit_sent(log_path, sent, kind)
+    return reply
+
+
+def _audit_sent(path: Path, entry: dict, kind: str) -> None:
+    """Append what is about to leave; if that fails, nothing leaves but a fixed reason."""
+    try:
+        audit.append(path, entry)
+    except Exception as exc:
+        ref = secrets.token_hex(4)
+        log.exception("%s reply withheld: the audit log cannot be written (ref %s)", kind, ref)
+        raise SiteError(short_error(exc, ref)) from None
 
 
 app = make_client_app()
@@ -147,21 +222,23 @@ def site_settings(context: Context, sites: dict[int, dict] | None = None) -> Sit
     return SiteSettings.from_node_config(node)
 
 
-def is_local_path(name: str) -> bool:
-    """Whether ``model.hf_path`` names a directory rather than a hub id or ``tiny-random``."""
-    return name.startswith(("/", "./", "../", "~", "\\")) or (len(name) > 1 and name[1] == ":")
-
-
 class Site:
-    """This node's view of itself for one message: settings, run config, data, identity."""
+    """This node's view of itself for one message: settings, run config, data, identity.
 
-    def __init__(self, context: Context, experiment: FedmmConfig, sites=None) -> None:
+    Built in the order that keeps a refusal free of reads and writes: consent (the experiment
+    against the site's settings, ``consent.check_consent``), then -- for a site directory -- that
+    ``data-dir`` is one site's directory, the schema hash and the declared client index from
+    ``schema.json`` / ``site.json`` alone (``check``), and only then the runtime (model, data).
+    ``meta`` / ``arrays``: the message's meta and global state (``messages.read_server_message``);
+    ``check_index``: False for the query, which carries no client index."""
+
+    def __init__(self, context: Context, experiment: FedmmConfig, sites=None,
+                 meta: dict | None = None, arrays: dict | None = None,
+                 check_index: bool = True) -> None:  # fmt: skip
         self.settings = site_settings(context, sites)
-        if is_local_path(experiment.model.hf_path) and not self.settings.model_dir:
-            raise RefusedMessage(
-                f"the run names a local path as model.hf_path ({experiment.model.hf_path!r}); "
-                "where a site keeps its weights is its own setting: model-dir"
-            )
+        if meta is not None and meta.get("run-id"):
+            consent.check_run_id(meta["run-id"])
+        consent.check_consent(experiment, self.settings, arrays)
         self.cfg = self.settings.apply(experiment)
         if self.cfg.data.benchmark != SITES and not self.settings.rehearsal:
             raise RuntimeError(
@@ -169,9 +246,29 @@ class Site:
                 "SuperNode has no partition-id; a site serves site-directory runs "
                 "(data.benchmark=sites), or set partition-id=K to rehearse"
             )
+        self.index = -1
+        site_dir = self.cfg.data.benchmark == SITES  # else a rehearsed central benchmark
+        if site_dir:
+            if not self.settings.data_dir:
+                raise RuntimeError(
+                    "this site has no data-dir: set it in the SuperNode's --node-config "
+                    '(data-dir="/path/to/site", a directory written by fedmm split)'
+                )
+            data_dir = Path(self.settings.data_dir)
+            problem = consent.site_directory_problem(data_dir)
+            if problem:
+                raise (RuntimeError if data_dir.is_dir() else FileNotFoundError)(problem)
+            if not self.settings.cache_dir:  # derived data stays in the site's own directory
+                cache = consent.default_cache_dir(self.settings)
+                self.cfg = self.cfg.with_overrides({"cache_dir": str(cache)})
+            schema = site_data.read_schema(Path(self.settings.data_dir) / site_data.SCHEMA_FILE)
+            if meta is not None:  # before any record is read
+                self.index = self.check(meta, schema.sha256(), check_index)
         self.runtime: Runtime = get_runtime(self.cfg)
+        if not site_dir and meta is not None:  # a central benchmark's schema needs its data
+            self.index = self.check(meta, self.runtime.schema.sha256(), check_index)
         clients = self.runtime.benchmark.clients
-        self.local = 0 if self.cfg.data.benchmark == SITES else self.settings.partition_id
+        self.local = 0 if site_dir else self.settings.partition_id
         if not 0 <= self.local < len(clients):
             raise RuntimeError(
                 f"partition-id {self.local} out of range: the benchmark has {len(clients)} clients"
@@ -183,17 +280,19 @@ class Site:
         """The client index this site declares (-1: none, the server assigns one)."""
         if self.cfg.data.benchmark != SITES:
             return self.settings.partition_id
-        index = site_data.read_site_info(Path(self.cfg.data.data_dir)).index
+        index = site_data.read_site_info(Path(self.settings.data_dir)).index
         return -1 if index is None else index
 
-    def check(self, meta: dict) -> int:
-        """The client index the server addressed, after checking it and the schema."""
-        ours = self.runtime.schema.sha256()
+    def check(self, meta: dict, ours: str, check_index: bool = True) -> int:
+        """The client index the server addressed, after checking it and the schema (``ours``:
+        this site's schema hash)."""
         if meta["schema-sha256"] != ours:
             raise RefusedMessage(
                 f"the run's task schema (sha256 {meta['schema-sha256'][:12]}) differs from this "
                 f"site's ({ours[:12]}); every site and the server must hold the same schema.json"
             )
+        if not check_index:
+            return -1
         index, declared = meta["client-index"], self.declared_index()
         if index < 0 or (declared >= 0 and index != declared):
             raise RefusedMessage(f"the server addressed client {index}, but this site is "
@@ -201,8 +300,11 @@ class Site:
         return index
 
     def state_file(self, run_id: str) -> Path:
-        run = f"{run_name(self.cfg, self.runtime.schema.name)}-{run_id}"
-        return self.settings.state_root(self.spec.client_id) / run / "client.pt"
+        """``<state root>/<run name>-<run id>/client.pt``; every name in it a safe path
+        component (``consent.safe_name``; the run id was checked on arrival)."""
+        schema = consent.safe_name(self.runtime.schema.name)
+        run = f"{run_name(self.cfg, schema)}-{consent.check_run_id(run_id)}"
+        return self.settings.state_root(consent.safe_name(self.spec.client_id)) / run / "client.pt"
 
     def split(self, name: str):
         return self.runtime.client_split(self.local, name)
@@ -210,9 +312,9 @@ class Site:
 
 def handle_query(msg: Message, context: Context, sites=None) -> Message:
     """Who this site is: the server asks once before round 1 (names, tasks, modalities, sizes;
-    never a record)."""
-    _, experiment, meta = messages.read_server_message(msg.content)
-    site = Site(context, experiment, sites)
+    never a record, never a path)."""
+    arrays, experiment, meta = messages.read_server_message(msg.content)
+    site = Site(context, experiment, sites, meta, arrays, check_index=False)
     notes = site.runtime.benchmark.notes.get("unknown_answers", {})
     metrics = {
         "client-index": site.declared_index(), "num-train": len(site.spec.train),
@@ -249,14 +351,15 @@ def check_global(method: Method, site: Site, arrays: dict, index: int) -> None:
 def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     t0 = time.perf_counter()
     global_arrays, experiment, meta = messages.read_server_message(msg.content)
-    site = Site(context, experiment, sites)
-    site.split("train"), site.split("test")  # encoded now, so load-seconds counts the data too
-    load_seconds = time.perf_counter() - t0  # model + this site's data: ~0 once a process has them
-    cfg, rnd = site.cfg, meta["round"]
-    index = site.check(meta)
+    site = Site(context, experiment, sites, meta, global_arrays)  # consent, schema, index first
+    cfg, rnd, index = site.cfg, meta["round"], site.index
     method = get_method(cfg)
     method.bind(site.runtime.schema.task_names(), {index: site.info})
     check_global(method, site, global_arrays, index)
+    consent.check_trainable(method.count_trainable(site.runtime.model), "the built model",
+                            site.settings)  # fmt: skip
+    site.split("train"), site.split("test")  # encoded now, so load-seconds counts the data too
+    load_seconds = time.perf_counter() - t0  # model + this site's data: ~0 once a process has them
     state_file = site.state_file(meta["run-id"])
     state = restore_state(context, state_file, cfg, rnd, meta["last-trained"], train=train)
     steps = cfg.train.local_steps

@@ -16,10 +16,13 @@ key                      default     meaning
                                      writes them); with ``partition-id``, the files of a central
                                      benchmark to rehearse (fmnist-*: the Fashion-MNIST dir;
                                      "" = the benchmark's default search)
-``state-dir``            see below   client state (private models) and the privacy ledger, in
-                                     ``<state-dir>/<site>/``; "" = ``$XDG_STATE_HOME/fedmm``
-                                     (``~/.local/state``)
-``cache-dir``            ""          encoded-data cache; "" = ``$XDG_CACHE_HOME/fedmm``
+``state-dir``            see below   the site's own directory ``<state-dir>/<site>/``: client
+                                     state (private models), privacy ledger, audit log
+                                     (``audit.jsonl``), default feature cache (``cache/``);
+                                     "" = ``$XDG_STATE_HOME/fedmm`` (``~/.local/state``)
+``cache-dir``            ""          encoded-feature cache; "" = ``<state root>/cache`` (the site's
+                                     own directory, see ``consent.site_root``; a rehearsed
+                                     partition: ``$XDG_CACHE_HOME/fedmm``)
 ``device``               auto        auto | cpu | cuda | cuda:N
 ``threads``              0           torch intra-op threads; 0 = all cores
 ``dp-clip-norm``         0           privacy floor: clip the update to at most this L2 norm
@@ -33,7 +36,22 @@ key                      default     meaning
                                      (instead of the run's ``model.hf_path``)
 ``partition-id``         (none)      rehearsal only: this node is client K of a central
                                      benchmark (Flower's simulation sets it)
+``accept-methods``       ""          methods this site runs, comma-separated ("" = all)
+``accept-peft``          ""          PEFT types this site trains, comma-separated ("" = all)
+``accept-models``        builtin     models this site runs: ``builtin`` (fedmm's backbones with
+                                     their own weights), backbone names, hub ids ``org/name``,
+                                     ``*`` (any hub id); never a path (local weights: model-dir)
+``allow-download``       false       may a run fetch weights (``model.hf_download = true``)
+``max-rounds``           1000        largest ``fed.rounds`` this site joins
+``max-local-steps``      10000       largest ``train.local_steps`` x ``train.accumulation``
+``max-batch-size``       512         largest ``train.batch_size`` / ``train.eval_batch_size``
+``max-image-size``       1024        largest ``model.image_size`` (pixels per side)
+``max-text-len``         512         largest ``model.max_text_len`` (tokens)
+``max-trainable-params`` 100000000   most trainable values of the run's model (the global state
+                                     the server sends, then the built model)
 =======================  ==========  ===========================================================
+
+What a site accepts and its caps are checked before anything is read (``federation/consent.py``).
 
 The stricter-of rule (``effective_dp``): a site that sets a floor always clips and noises at
 least that much, whatever the run asks; a run may ask for more privacy, never less.
@@ -68,6 +86,17 @@ class SiteSettings:
     dp_delta: float = 1e-5
     model_dir: str = ""
     partition_id: int = -1  # -1: a site directory, not a rehearsed partition
+    # consent (federation/consent.py): what this site runs, checked before anything is read
+    accept_methods: str = ""
+    accept_peft: str = ""
+    accept_models: str = "builtin"
+    allow_download: bool = False
+    max_rounds: int = 1000
+    max_local_steps: int = 10_000
+    max_batch_size: int = 512
+    max_image_size: int = 1024
+    max_text_len: int = 512
+    max_trainable_params: int = 100_000_000
 
     def __post_init__(self) -> None:
         for name in ("dp_clip_norm", "dp_noise_multiplier", "dp_max_epsilon"):
@@ -82,6 +111,9 @@ class SiteSettings:
             raise ConfigError(
                 "site setting dp-noise-multiplier needs dp-clip-norm > 0 (noise is scaled by it)"
             )
+        from fedmm.federation.consent import check_settings
+
+        check_settings(self)
 
     @property
     def rehearsal(self) -> bool:
@@ -104,7 +136,10 @@ class SiteSettings:
             f = known[key]
             kind = type(getattr(cls, f.name))
             try:
-                values[f.name] = kind(raw) if kind is not int else int(str(raw))
+                if kind is bool:  # bool("false") is True: parse the words
+                    values[f.name] = _bool(key, raw)
+                else:
+                    values[f.name] = kind(raw) if kind is not int else int(str(raw))
             except ValueError:
                 raise ConfigError(
                     f"site setting {key} expects a {kind.__name__}, got {raw!r}"
@@ -144,6 +179,18 @@ class SiteSettings:
         clip = min(clips) if clips else 0.0
         sigma = max(requested.noise_multiplier, self.dp_noise_multiplier) if clip > 0 else 0.0
         return replace(requested, clip_norm=clip, noise_multiplier=sigma)
+
+
+def _bool(key: str, raw: Any) -> bool:
+    """A boolean site setting: a TOML bool, or true/false (also 1/0, yes/no) as text."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"site setting {key} expects true or false, got {raw!r}")
 
 
 def node_key(field_name: str) -> str:
