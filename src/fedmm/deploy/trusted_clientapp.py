@@ -17,7 +17,8 @@ the SuperNode's Runtime API, with a task heartbeat.  Where Flower then calls
    ``Error(ErrorCode.INVALID_FAB, "fedmm site refused this run's app: reason")`` to the message
    (the code Flower's own ``--trusted-entities`` check uses), so the server records why; nothing
    of the FAB is imported;
-3. accepted: sets ``FEDMM_FAB_HASH`` / ``FEDMM_FAB_ID`` (the site's audit log reads them) and
+3. accepted: sets ``FEDMM_FAB_HASH`` / ``FEDMM_FAB_ID`` (the site's audit log reads them;
+   ``FEDMM_APP_HASH`` too, the hash ``trusted-apps`` pins) and
    calls ``fedmm.federation.clientapp.app`` -- the fedmm installed at the site.
 
 Exit codes: 0 the ClientApp replied, 3 the app was refused, 1 anything else (the reply then is
@@ -86,6 +87,7 @@ def run_task(runtime_api_address: str, token: str, trusted_apps: list[str]) -> i
                      run.run_id, verdict.name, verdict.version, verdict.app_hash)  # fmt: skip
             os.environ["FEDMM_FAB_HASH"] = verdict.fab_hash
             os.environ["FEDMM_FAB_ID"] = run.fab_id
+            os.environ["FEDMM_APP_HASH"] = verdict.app_hash  # what trusted-apps pins
             from fedmm.federation.clientapp import app
 
             reply = app(message=message, context=context)
