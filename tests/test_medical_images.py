@@ -146,6 +146,48 @@ def test_multi_frame_gives_the_middle_frame(tmp_path, frames, picked):
     assert got[1, 1] == 10 * (picked + 1)
 
 
+def test_enhanced_multi_frame_uses_the_frames_functional_groups(tmp_path):
+    stack = np.stack([np.full((4, 4), 1000 + 100 * k, np.uint16) for k in range(3)])
+    stack[:, 0, 0] = 0
+
+    def group(**items):
+        item = Dataset()
+        for name, attrs in items.items():
+            inner = Dataset()
+            for key, value in attrs.items():
+                setattr(inner, key, value)
+            setattr(item, name, [inner])
+        return item
+
+    shared = group(PixelValueTransformationSequence={"RescaleSlope": 1, "RescaleIntercept": -1024})
+    frames = [group(FrameVOILUTSequence={"WindowCenter": 100 * k, "WindowWidth": 201})
+              for k in range(3)]  # fmt: skip
+    path = dicom(tmp_path / "enhanced.dcm", stack, SharedFunctionalGroupsSequence=[shared],
+                 PerFrameFunctionalGroupsSequence=frames)  # fmt: skip
+    hu = stack[1] - 1024.0  # the middle frame: 76 HU, windowed by its own c=100, w=201
+    assert np.array_equal(gray(load_image(path, 4)), u8(np.clip((hu - 99.5) / 200 + 0.5, 0, 1)))
+
+
+def test_signed_pixels_and_a_voi_lut_sequence(tmp_path):
+    signed = np.array([[-1000, -10, 0, 10, 1000]] * 5, dtype=np.int16)
+    path = dicom(tmp_path / "signed.dcm", signed.view(np.uint16), PixelRepresentation=1,
+                 WindowCenter=0, WindowWidth=21, VOILUTFunction="LINEAR_EXACT")  # fmt: skip
+    assert gray(load_image(path, 5))[0].tolist() == [0, u8(0.5 - 10 / 21), 128, u8(0.5 + 10 / 21),
+                                                     255]  # fmt: skip
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 0, 8]  # 4 entries for the values 0..3, 8-bit output
+    lut.add_new(0x00283006, "US", [0, 10, 200, 255])  # LUT Data
+    path = dicom(tmp_path / "lut.dcm", np.array([[0, 1, 2, 3, 9]] * 5, np.uint16),
+                 VOILUTSequence=[lut])  # fmt: skip
+    assert gray(load_image(path, 5))[0].tolist() == [0, 10, 200, 255, 255]
+
+
+def test_malformed_window_names_the_file(tmp_path):
+    path = dicom(tmp_path / "odd.dcm", STORED, WindowCenter=40, WindowWidth=0)
+    with pytest.raises(ImageReadError, match=r"odd\.dcm cannot be read \(WindowWidth 0"):
+        read_images([path], 5)
+
+
 def test_rgb_dicom_is_passed_through(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
     path = dicom(tmp_path / "photo.dcm", rgb, sop="1.2.840.10008.5.1.4.1.1.77.1.4")  # VL photo

@@ -198,10 +198,9 @@ def _frame_item(ds, frame: int, sequence: str):
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
                           ("SharedFunctionalGroupsSequence", 0)):  # fmt: skip
         items = ds.get(groups)
-        if items is not None and len(items) > index and sequence in items[index]:
-            inner = items[index][sequence]
-            if len(inner):
-                return inner[0]
+        inner = items[index].get(sequence) if items is not None and len(items) > index else None
+        if inner:
+            return inner[0]
     return None
 
 
@@ -232,7 +231,8 @@ def _voi(ds, frame: int, values: np.ndarray, options: ImageOptions) -> np.ndarra
 
         lut = ds.VOILUTSequence[0]
         bits = int(lut.LUTDescriptor[2])
-        return np.clip(apply_voi(values, ds, index=0) / float(2**bits - 1), 0.0, 1.0)
+        indices = np.rint(values).astype(np.int64)  # a LUT is indexed by integer values
+        return np.clip(apply_voi(indices, ds, index=0) / float(2**bits - 1), 0.0, 1.0)
     return _task_window(values, options)
 
 
@@ -379,8 +379,14 @@ def to_rgb8(picture: np.ndarray, size: int) -> np.ndarray:
 def load_medical(path: Path, size: int, options: ImageOptions | None = None) -> np.ndarray:
     """uint8 ``(size, size, 3)`` RGB of one DICOM or NIfTI file (``medical_kind`` says which)."""
     kind = medical_kind(path)
-    if kind == "dicom":
-        return to_rgb8(read_dicom(path, options), size)
-    if kind == "nifti":
-        return to_rgb8(read_nifti(path, options), size)
-    raise ValueError(f"{path} is neither DICOM nor NIfTI (see fedmm.data.medical.medical_kind)")
+    if kind is None:
+        raise ValueError(f"{path} is neither DICOM nor NIfTI (see fedmm.data.medical.medical_kind)")
+    try:
+        picture = (read_dicom if kind == "dicom" else read_nifti)(path, options)
+    except (ImageReadError, MissingPackageError):
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # a malformed attribute (a WindowWidth that is no number, a DICOM without Rows, ...)
+        raise ImageReadError(f"cannot interpret the {'DICOM' if kind == 'dicom' else 'NIfTI'} "
+                             f"file ({type(exc).__name__}: {exc})") from exc  # fmt: skip
+    return to_rgb8(picture, size)
