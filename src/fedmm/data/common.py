@@ -19,8 +19,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedmm.data.medical import ImageOptions
 
 UNK = "<unk>"  # the last answer: test answers never seen in training; no training label uses it
 RARE = "<rare>"
@@ -81,7 +85,7 @@ def to_rgb8(im) -> np.ndarray:
     return np.asarray(im).copy()
 
 
-def load_image(path: Path, size: int, options=None) -> np.ndarray:
+def load_image(path: Path, size: int, options: ImageOptions | None = None) -> np.ndarray:
     """uint8 ``(size, size, 3)`` RGB of one file (``to_rgb8``, bilinear resize), cached per process.
 
     DICOM and NIfTI files (``fedmm.data.medical.medical_kind``) are read by
@@ -114,7 +118,7 @@ def load_image(path: Path, size: int, options=None) -> np.ndarray:
     return out
 
 
-def image_problem(path: Path, size: int, options=None) -> str | None:
+def image_problem(path: Path, size: int, options: ImageOptions | None = None) -> str | None:
     """Why ``path`` cannot be used as an image (``"missing"`` or ``"cannot be read (...)"``),
     or None when it loads (and is then cached for ``read_images``)."""
     try:
@@ -127,7 +131,10 @@ def image_problem(path: Path, size: int, options=None) -> str | None:
 
 
 def read_images(
-    paths: list[Path], size: int, where: list[str] | None = None, options=None
+    paths: list[Path],
+    size: int,
+    where: list[str] | None = None,
+    options: ImageOptions | None = None,
 ) -> np.ndarray:
     """uint8 ``(N, size, size, 3)`` RGB images (``load_image`` with ``options``); each file is
     read once per process.
