@@ -19,13 +19,18 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedmm.data.medical import ImageOptions
 
 UNK = "<unk>"  # the last answer: test answers never seen in training; no training label uses it
 RARE = "<rare>"
 
-_IMAGES: dict[tuple[str, int], np.ndarray] = {}  # (path, size) -> image, read once per process
+# (path, size, medical ImageOptions or None) -> image, read once per process
+_IMAGES: dict[tuple, np.ndarray] = {}
 
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I", "F")  # scaled by their range
 ALPHA_MODES = ("LA", "RGBA", "PA", "La", "RGBa")
@@ -80,18 +85,27 @@ def to_rgb8(im) -> np.ndarray:
     return np.asarray(im).copy()
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
+def load_image(path: Path, size: int, options: ImageOptions | None = None) -> np.ndarray:
     """uint8 ``(size, size, 3)`` RGB of one file (``to_rgb8``, bilinear resize), cached per process.
 
-    Raises ``FileNotFoundError`` for a missing file and ``ImageReadError`` (with Pillow's reason)
-    for one that Pillow cannot open or decode: not an image, corrupt, truncated."""
+    DICOM and NIfTI files (``fedmm.data.medical.medical_kind``) are read by
+    ``fedmm.data.medical.load_medical`` with ``options`` (an ``ImageOptions``: the task's default
+    window; None = no default); every other file by Pillow.  Raises ``FileNotFoundError`` for a
+    missing file and ``ImageReadError`` (with the reason) for one that cannot be opened or
+    decoded: not an image, corrupt, truncated, a DICOM without pixel data or decoder."""
     from PIL import Image
 
-    key = (str(path), size)
+    key = (str(path), size, options)
     if key in _IMAGES:
         return _IMAGES[key]
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    from fedmm.data import medical
+
+    if medical.medical_kind(path) is not None:
+        out = medical.load_medical(path, size, options)
+        _IMAGES[key] = out
+        return out
     try:
         with Image.open(path) as im:
             im.load()  # decode now: truncated or corrupt data fails here, not later
@@ -104,11 +118,11 @@ def load_image(path: Path, size: int) -> np.ndarray:
     return out
 
 
-def image_problem(path: Path, size: int) -> str | None:
+def image_problem(path: Path, size: int, options: ImageOptions | None = None) -> str | None:
     """Why ``path`` cannot be used as an image (``"missing"`` or ``"cannot be read (...)"``),
     or None when it loads (and is then cached for ``read_images``)."""
     try:
-        load_image(path, size)
+        load_image(path, size, options)
     except FileNotFoundError:
         return "missing"
     except ImageReadError as exc:
@@ -116,8 +130,14 @@ def image_problem(path: Path, size: int) -> str | None:
     return None
 
 
-def read_images(paths: list[Path], size: int, where: list[str] | None = None) -> np.ndarray:
-    """uint8 ``(N, size, size, 3)`` RGB images (``load_image``); each file is read once per process.
+def read_images(
+    paths: list[Path],
+    size: int,
+    where: list[str] | None = None,
+    options: ImageOptions | None = None,
+) -> np.ndarray:
+    """uint8 ``(N, size, size, 3)`` RGB images (``load_image`` with ``options``); each file is
+    read once per process.
 
     Every file is tried; any that is missing or unreadable gives one ``ImageReadError`` with
     their count and up to 5 examples, each as ``<where>: image <path> <problem>`` (``where``:
@@ -125,9 +145,9 @@ def read_images(paths: list[Path], size: int, where: list[str] | None = None) ->
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     problems = []
     for i, path in enumerate(paths):
-        problem = image_problem(path, size)
+        problem = image_problem(path, size, options)
         if problem is None:
-            out[i] = _IMAGES[(str(path), size)]
+            out[i] = _IMAGES[(str(path), size, options)]
         else:
             problems.append(f"{where[i]}: image {path} {problem}" if where else
                             f"image {path} {problem}")  # fmt: skip

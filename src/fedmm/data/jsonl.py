@@ -5,7 +5,8 @@ Format (also in docs/data.md): one JSON object per line, blank lines ignored.
 * ``image`` (string, required): image file path relative to ``data.data_dir``; any format PIL
   reads, mapped to 8-bit RGB by its real range (``fedmm.data.common.to_rgb8``: 16-bit and float
   images scaled from their own min..max, alpha composited on black) and resized to
-  ``model.image_size``.
+  ``model.image_size``; DICOM and NIfTI files by ``fedmm.data.medical`` (here without a task
+  schema, so a DICOM file must carry its own window).
 * ``text`` (string, required): the question or caption.
 * ``answer`` (string): the label; or ``labels`` (list of strings) with exactly one element --
   multi-label records (more than one label) are rejected for now, since a RawSplit holds one

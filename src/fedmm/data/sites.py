@@ -26,7 +26,10 @@ Layout of a site directory::
 * ``tasks``: a non-empty list; each task has a unique non-empty ``name``, a ``kind`` (``single``:
   one label per record; ``multilabel``: a set of labels per record), ``labels``: a non-empty list
   of distinct strings whose order *is* the label index, and optionally ``groups`` (distinct
-  strings: the evaluation groups its records may carry) and ``description`` (string).
+  strings: the evaluation groups its records may carry), ``description`` (string) and
+  ``image_window`` (``[center, width]`` or ``"minmax"``: the default window of the task's DICOM
+  images that carry none, ``fedmm.data.medical``; written only when set, so schemas without it
+  keep their hash).
 * Other keys are rejected (a typo would otherwise silently change nothing).
 * ``Schema.sha256()`` hashes the canonical form (``Schema.to_json``: keys sorted, fixed
   separators), so re-indenting the file keeps its hash.
@@ -51,7 +54,10 @@ Layout of a site directory::
 
 * ``image`` (string): the image path relative to the site directory (no absolute paths, no
   ``..`` out of it); required iff the site has the ``image`` modality, ignored otherwise.  Any
-  format PIL reads, converted to RGB and resized to ``model.image_size``.
+  format PIL reads, converted to RGB and resized to ``model.image_size``; DICOM (``.dcm`` or
+  the ``DICM`` magic) and NIfTI (``.nii``, ``.nii.gz``) through ``fedmm.data.medical``: window
+  (the file's, else the task's ``image_window``), MONOCHROME1 inverted, the middle frame of a
+  multi-frame DICOM, the middle axial slice of a volume.
 * ``text`` (non-empty string): required iff the site has the ``text`` modality; otherwise absent
   or ``""``.
 * ``answer`` (string) for a ``single`` task, or ``labels`` (list of strings, possibly empty) for
@@ -86,6 +92,7 @@ from fedmm.config import FedmmConfig
 from fedmm.data import MODALITIES, TASK_KINDS, Benchmark, ClientSpec, RawSplit, Task
 from fedmm.data.common import read_images
 from fedmm.data.jsonl import json_lines
+from fedmm.data.medical import ImageOptions, parse_window
 from fedmm.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -96,7 +103,7 @@ SPLITS = ("train", "test")
 SCHEMA_VERSION = 1
 UNKNOWN_LABEL = -100  # a test answer outside the schema: never an argmax, ignored by CE loss
 SITE_FIELDS = ("name", "index", "task", "modalities", "description")
-TASK_FIELDS = ("name", "kind", "labels", "groups", "description")
+TASK_FIELDS = ("name", "kind", "labels", "groups", "description", "image_window")
 
 
 @dataclass
@@ -106,6 +113,8 @@ class Schema:
     name: str  # benchmark name it came from (informational)
     tasks: dict[str, Task]  # task name -> kind, answers (ordered labels), description
     groups: dict[str, list[str]] = field(default_factory=dict)  # task -> evaluation groups
+    # task -> default window of its DICOM files without one: (center, width) or "minmax"
+    image_window: dict[str, tuple[float, float] | str] = field(default_factory=dict)
 
     @property
     def single(self) -> bool:
@@ -140,6 +149,9 @@ class Schema:
                 entry["groups"] = list(self.groups[name])
             if task.description:
                 entry["description"] = task.description
+            if name in self.image_window:
+                window = self.image_window[name]
+                entry["image_window"] = window if isinstance(window, str) else list(window)
             tasks.append(entry)
         return {"fedmm_schema": SCHEMA_VERSION, "name": self.name, "tasks": tasks}
 
@@ -193,6 +205,7 @@ def parse_schema(obj: object, where: str) -> Schema:
         raise ValueError(f"{where}: field 'tasks' must be a non-empty list of task objects")
     tasks: dict[str, Task] = {}
     groups: dict[str, list[str]] = {}
+    windows: dict[str, tuple[float, float] | str] = {}
     for i, entry in enumerate(raw_tasks):
         at = f"tasks[{i}]"
         if not isinstance(entry, dict):
@@ -219,7 +232,10 @@ def parse_schema(obj: object, where: str) -> Schema:
             groups[task_name] = _str_list(entry["groups"], where, f"{at}.groups")
         elif "groups" in entry:
             _str_list(entry["groups"], where, f"{at}.groups", allow_empty=True)
-    return Schema(name, tasks, groups)
+        if "image_window" in entry:
+            windows[task_name] = parse_window(entry["image_window"],
+                                              f"{where}: field '{at}.image_window'")  # fmt: skip
+    return Schema(name, tasks, groups, windows)
 
 
 def read_schema(path: Path) -> Schema:
@@ -463,12 +479,14 @@ def load_site(data_dir: Path, cfg: FedmmConfig, schema: Schema | None = None) ->
         )  # fmt: skip
 
     tagged = all(r["group"] is not None for s in SPLITS for r in kept[s])
+    options = ImageOptions(schema.image_window.get(task_name))  # DICOM / NIfTI reading
 
     def encode(split: str) -> RawSplit:
         rows = kept[split]
         images = None
         if "image" in info.modalities:
-            images = read_images([data_dir / r["image"] for r in rows], cfg.model.image_size)
+            images = read_images([data_dir / r["image"] for r in rows], cfg.model.image_size,
+                                 [r["where"] for r in rows], options)  # fmt: skip
         return RawSplit(
             images, [r["text"] for r in rows], targets[split],
             groups=[r["group"] for r in rows] if tagged else None,
