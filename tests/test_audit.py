@@ -159,7 +159,8 @@ def test_fedmm_site_audit_prints_the_log_and_names_the_first_broken_line(federat
     assert cli.main(["site", "audit", str(path.parent)]) == 0
     out = capsys.readouterr().out
     assert "chain intact, 10 entries (5 replies sent)" in out
-    assert "train     run " in out and "-> sent: " in out and "metrics " in out
+    assert "train     run " in out and "(Flower run 1) round 2" in out
+    assert "-> sent: " in out and "metrics " in out
 
     lines = path.read_bytes().split(b"\n")[:-1]
     for how, broken in TAMPERING.items():

@@ -238,7 +238,8 @@ def head(path: Path) -> str:
 
 def describe(entry: dict) -> str:
     """One readable line: when, which message of which run and round, what came or left."""
-    where = f"run {entry.get('run', '?')} round {entry.get('round', '?')}"
+    where = (f"run {entry.get('run') or '-'} (Flower run {entry.get('flower-run', '?')}) "
+             f"round {entry.get('round', '?')}")  # fmt: skip
     what = f"{entry.get('time', '?')}  #{entry.get('seq')}  {entry.get('message', '?'):<8}  {where}"
     if entry.get("kind") == "received":
         app = entry.get("app") or {}
