@@ -28,6 +28,7 @@ from pathlib import Path
 from fedmm import __version__, results
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.files import atomic_write
+from fedmm.runkey import RunKey
 
 # config keys that do not change a result (data.schema: where the server's copy of the schema is;
 # its content is the benchmark's)
@@ -331,10 +332,10 @@ def run_until_plateau(
 
 
 def cell_key(name: str, peft: str, benchmark: str, seed: int,
-             extra: dict[str, Variant] | None = None) -> tuple:  # fmt: skip
+             extra: dict[str, Variant] | None = None) -> RunKey:  # fmt: skip
     """The results.json run key (``results.run_key``) of a cell."""
     v = variant(name, extra)
-    return (v.method, name if v.method != name else "", peft, benchmark, seed)
+    return RunKey(v.method, name if v.method != name else "", peft, benchmark, seed)
 
 
 def _cell_runs(

@@ -37,6 +37,7 @@ import warnings
 from pathlib import Path
 
 from fedmm.config import ConfigError, FedmmConfig, load_toml, parse_set
+from fedmm.runkey import RunKey
 from fedmm.runtime import SITES
 
 FLAG_KEYS = {"benchmark": "data.benchmark", "peft": "peft.type", "rounds": "fed.rounds",
@@ -229,16 +230,6 @@ def validate(cfg: FedmmConfig, methods: list[str]) -> None:
     validate_config(cfg, methods)
 
 
-def benchmark_name(cfg: FedmmConfig) -> str:
-    """The benchmark a run records: for site directories, the name in their task schema."""
-    if cfg.data.benchmark != SITES:
-        return cfg.data.benchmark
-    from fedmm.data import sites
-
-    schema = cfg.data.schema or str(Path(cfg.data.data_dir) / sites.SCHEMA_FILE)
-    return sites.read_schema(Path(schema)).name
-
-
 def site_options(args: argparse.Namespace) -> dict:
     """``--site KEY=VALUE`` settings, checked now (unknown keys, types, ranges)."""
     from fedmm.federation.site import SiteSettings
@@ -342,9 +333,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = results.load(out)
     data["runs"] = [
         r for r in data["runs"]
-        if r["method"] in methods and r["seed"] == cfg.seed
-        and results.variant_of(r) == cfg.variant
-        and r.get("peft", "adapter") == cfg.peft.type and r["benchmark"] == benchmark_name(cfg)
+        if results.run_key(r) in {RunKey.of_config(cfg.with_overrides({"method": m})) for m in methods}
     ]  # fmt: skip
     print()
     print(results.summary_table(data))
@@ -429,7 +418,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     data = results.load(out)
     print()
     print(results.summary_table(data))
-    keys = {(c.method, c.variant, c.peft.type, benchmark_name(c), c.seed) for c in cfgs}
+    keys = {RunKey.of_config(c) for c in cfgs}
     return health_exit([r for r in data["runs"] if results.run_key(r) in keys],
                        getattr(args, "allow_partial", False))  # fmt: skip
 

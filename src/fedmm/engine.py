@@ -27,6 +27,7 @@ from fedmm.federation.site import SiteSettings
 from fedmm.files import remove_stale_temps
 from fedmm.methods import get_method
 from fedmm.methods.centralized import run_centralized
+from fedmm.runkey import RunKey
 from fedmm.runtime import SITES, get_runtime, resolve_device
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
     log.info("%s finished in %.0fs", label, time.perf_counter() - t0)
     data = results.load(cfg.out_dir)
     schema = sites.read_schema(Path(cfg.data.schema)).name
-    key = (cfg.method, cfg.variant, cfg.peft.type, schema, cfg.seed)
+    key = RunKey.of_config(cfg, schema)
     for run in data["runs"]:
         if results.run_key(run) == key:
             return run

@@ -57,6 +57,7 @@ from pathlib import Path
 from fedmm import __version__
 from fedmm.config import FedmmConfig
 from fedmm.files import atomic_write
+from fedmm.runkey import RunKey
 
 log = logging.getLogger(__name__)
 
@@ -447,9 +448,9 @@ def load(out_dir: str | Path) -> dict:
     return data
 
 
-def run_key(run: dict) -> tuple:
-    return (run["method"], variant_of(run), run.get("peft", "adapter"), run["benchmark"],
-            run["seed"])  # fmt: skip
+def run_key(run: dict) -> RunKey:
+    """The identity of a stored run (``fedmm.runkey.RunKey``)."""
+    return RunKey.of_run(run)
 
 
 def variant_of(run: dict) -> str:

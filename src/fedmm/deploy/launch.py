@@ -36,6 +36,7 @@ from pathlib import Path
 
 from fedmm.deploy import certs
 from fedmm.deploy.site import descendants
+from fedmm.runkey import RunKey
 
 log = logging.getLogger(__name__)
 CONNECTION = "fedmm"  # the SuperLink connection's name in $FLWR_HOME/config.toml
@@ -330,7 +331,7 @@ def _rounds_done(out_dir: Path, cfg) -> int:
     except ValueError:  # being replaced right now
         return 0
     for run in runs:
-        if (run["method"], run["seed"], run.get("peft")) == (cfg.method, cfg.seed, cfg.peft.type):
+        if RunKey.of_run(run) == RunKey.of_config(cfg):
             return len(run["history"])
     return 0
 
@@ -367,7 +368,7 @@ def _finished_run(cfg, workdir: Path) -> dict:
     from fedmm import results
 
     for run in results.load(cfg.out_dir)["runs"]:
-        if (run["method"], run["seed"], run.get("peft")) == (cfg.method, cfg.seed, cfg.peft.type):
+        if RunKey.of_run(run) == RunKey.of_config(cfg):
             if len(run["history"]) != cfg.fed.rounds:
                 break
             return run
