@@ -13,8 +13,11 @@ Schema of ``<out>/results.json``::
                             "clients": {client id: {view: accuracy}},
                             "train": {client id: {"steps", "lr-first", "lr-last", "loss",
                                                   "seconds", "bytes_up", "bytes_down"
-                                                  [, "dp-norm", "dp-scale"]}},
-                            "eval": {client id: {"seconds"}}}],
+                                                  [, "dp-clip-norm", "dp-noise-multiplier",
+                                                  "dp-mode" (0 update, 1 record), "dp-delta",
+                                                  "dp-epsilon", "dp-sample-rate", "dp-steps";
+                                                  fedmm <= 0.2 also "dp-norm", "dp-scale"]}},
+                            "eval": {client id: {"seconds" [, "scores-withheld": 1]}}}],
                "privacy": {"dp_clip_norm", "dp_noise_multiplier"},
                "final": {view: mean accuracy over clients in the last evaluated round,
                          old name: the same value, for the names in view_aliases},

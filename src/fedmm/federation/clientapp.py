@@ -309,9 +309,10 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
         "loss": ctx.stats.get("loss_sum", 0.0) / max(1, n_steps),
         "seconds": time.perf_counter() - t0, "load-seconds": load_seconds, **dp_stats,
     }  # fmt: skip
+    private = f", {release.mode}-level DP, ε = {epsilon:.3g}" if release else ""
     log.info("client %s, round %d: %d steps, loss %.4f, %.1f s (%.1f s loading)%s",
              site.spec.client_id, rnd, n_steps, metrics["loss"], metrics["seconds"],
-             load_seconds, f", {release.mode}-level DP, ε = {epsilon:.3g}" if release else "")  # fmt: skip
+             load_seconds, private)  # fmt: skip
     # with DP: no exact pre-clip norm, loss or stat.* score leaves (they are not noised)
     metrics = sitedp.train_metrics(metrics, release, epsilon, site.settings.dp_delta)
     return Message(messages.client_reply(arrays, metrics, cfg.fed.compression), reply_to=msg)

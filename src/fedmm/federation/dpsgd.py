@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -109,7 +110,10 @@ class DPSGD:
             raise RuntimeError("dp-mode=record: step with the optimiser ctx.optimizer returned")
         optimizer.zero_grad(set_to_none=True)
         if loss is not None and batch > 0:
-            with torch.autocast(loss.device.type, enabled=False):
+            with torch.autocast(loss.device.type, enabled=False), warnings.catch_warnings():
+                # the visual projection's input (cached features) needs no grad: its hook still
+                # gets the output's gradient, all Opacus needs
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
         unreached = [p for p in self._params if getattr(p, "grad_sample", None) is None]
         for p in unreached:

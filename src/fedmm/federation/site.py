@@ -63,7 +63,7 @@ state``                              arrays) over every run; auto = 1 with DP on
 
 The stricter-of rule (``effective_dp``): a site that sets a floor always clips and noises at
 least that much, whatever the run asks; a run may ask for more privacy, never less.  In both
-``dp-mode``\ s the clip norm and σ are those of ``effective_dp``; the mode is the site's alone.
+``dp-mode`` values the clip norm and σ are those of ``effective_dp``; the mode is the site's alone.
 
 With DP on (either mode), no exact data-dependent value leaves with a training reply: the
 pre-clip norm (``dp-norm``, ``dp-scale``), the training loss and a method's ``stat.*`` scores are
