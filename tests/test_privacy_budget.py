@@ -19,6 +19,8 @@ from test_serverapp import InProcessGrid
 from fedmm.federation import clientapp, dpsgd, messages, privacy, sitedp
 from fedmm.federation.messages import RefusedMessage
 from fedmm.federation.privacy import Release
+from fedmm.methods import get_method
+from fedmm.methods.base import ClientContext, supervised_update
 from fedmm.runtime import get_runtime
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -77,7 +79,9 @@ def test_record_level_epsilon_equals_opacus_accountant():
     # Poisson sampling amplifies: far below the same steps without sampling
     assert ours < privacy.epsilon([Release("record", sigma, 1.0, 1.0, steps)] * rounds, DELTA) / 2
     # mixed modes compose in one ledger: more than either part
-    both = privacy.epsilon([Release("update", 2.0, 1.0), Release("record", sigma, 1.0, q, 3)], DELTA)
+    both = privacy.epsilon(
+        [Release("update", 2.0, 1.0), Release("record", sigma, 1.0, q, 3)], DELTA
+    )
     assert both > privacy.epsilon([Release("update", 2.0, 1.0)], DELTA)
     assert both > privacy.epsilon([Release("record", sigma, 1.0, q, 3)], DELTA)
 
@@ -96,7 +100,7 @@ def test_the_budget_is_not_reset_by_a_new_run_seed_method_or_peft(tiny_cfg, tmp_
         "method": (cfg.with_overrides({"method": "fedprox"}), "runa"),
         "peft type": (cfg.with_overrides({"peft.type": "lora"}), "runa"),
     }
-    for what, (other, run_id) in server_changes.items():
+    for other, run_id in server_changes.values():
         with pytest.raises(privacy.PrivacyBudgetExceeded, match="dp-max-epsilon"):
             send(other, context(0, **site), run_id=run_id)  # a fresh Context: a restarted node
     (ledger,) = (tmp_path / "xdg-state").rglob("privacy/*.json")
@@ -247,7 +251,9 @@ def test_a_federation_with_dp_withholds_scores_and_still_writes_results(tiny_cfg
     assert entry["eval"]["0-original"]["scores-withheld"] == 1
     assert entry["clients"]["0-original"] == {}
     assert "shared" in entry["clients"]["1-inverted"] and "shared" in record["final"]
-    assert entry["train"]["0-original"]["dp-mode"] == 1 and "loss" not in entry["train"]["0-original"]
+    assert (
+        entry["train"]["0-original"]["dp-mode"] == 1 and "loss" not in entry["train"]["0-original"]
+    )
 
 
 # ---------------------------------------------------------------------- DP-SGD itself
@@ -296,13 +302,28 @@ def test_dp_sgd_noise_and_batches_are_not_from_the_run_seed():
 
 
 def test_dp_sgd_learns_the_tiny_task(tiny_cfg):
-    """Record-level DP-SGD at weak noise (σ = 0.3, C = 1) on the synthetic 10-class task: the
-    shared model after 4 rounds beats chance (0.10) by at least 0.25."""
-    cfg = tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 4, "train.local_steps": 10,
-                                   "train.lr": 3e-3})  # fmt: skip
-    site = {"dp-clip-norm": 1.0, "dp-noise-multiplier": 0.3, "dp-mode": "record",
-            "dp-evaluation": "exact"}  # fmt: skip
-    record = run_federation(InProcessGrid(3, sites={k: site for k in range(3)}), cfg)
-    assert record["final"]["shared"] > 0.10 + 0.25, record["final"]
-    eps = record["history"][-1]["train"]["0-original"]["dp-epsilon"]
-    assert 0 < eps < math.inf
+    """Record-level DP-SGD at weak noise (σ = 0.05, C = 1, Poisson batches of expected size 32
+    out of 500 records, 150 AdamW steps at lr 1e-2) on the synthetic 10-class task: test accuracy
+    beats the best constant prediction (the majority class of this split, 0.27) by at least 0.2.
+    Measured over 4 runs (the noise is secret, so every run differs): 0.65-0.71; without DP 0.88;
+    at σ = 0.1 0.37-0.59; at σ = 0.3 the noise dominates at this batch size and the model stays
+    at the majority class."""
+    steps = 150
+    cfg = tiny_cfg.with_overrides({
+        "method": "fedavg", "fed.clients": 1, "data.train_per_client": 500,
+        "data.test_per_client": 150, "train.local_steps": steps, "train.lr": 1e-2,
+        "train.batch_size": 32,
+    })  # fmt: skip
+    runtime, method = get_runtime(cfg), get_method(cfg)
+    train, test = runtime.client_split(0, "train"), runtime.client_split(0, "test")
+    ctx = ClientContext(cfg, runtime.model, train, test, {}, 1, 0, steps, steps)
+    ctx.dp_sgd = dpsgd.DPSGD(1.0, 0.05, cfg.train.batch_size, len(train))
+    method.prepare(runtime.model)
+    try:
+        supervised_update(ctx, "global_adapter")
+    finally:
+        ctx.dp_sgd.close()
+    majority = float(torch.bincount(test.labels).max()) / len(test)
+    with runtime.model.active("global_adapter"):
+        accuracy = ctx.accuracy()
+    assert accuracy > majority + 0.2, (accuracy, majority)
