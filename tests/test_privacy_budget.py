@@ -20,7 +20,7 @@ from fedmm.federation import clientapp, dpsgd, messages, privacy, sitedp
 from fedmm.federation.messages import RefusedMessage
 from fedmm.federation.privacy import Release
 from fedmm.methods import get_method
-from fedmm.methods.base import ClientContext, supervised_update
+from fedmm.methods.base import ClientContext, proximal_term, supervised_update
 from fedmm.runtime import get_runtime
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -214,6 +214,17 @@ def test_record_level_refuses_what_it_cannot_serve_before_any_work(tiny_cfg, tmp
     assert not list((tmp_path / "xdg-state").rglob("privacy/*.json"))  # nothing spent
 
 
+@pytest.mark.parametrize("name", ["fedprox", "fedadam", "fedavgm", "fedper"])
+def test_record_level_serves_the_plain_loss_methods(tiny_cfg, name):
+    cfg = tiny_cfg.with_overrides({"method": name})
+    site = {"dp-clip-norm": 1.0, "dp-noise-multiplier": 1.0, "dp-mode": "record"}
+    global_np = bound_method(cfg).init_global(get_runtime(cfg).model)
+    reply = send(cfg, context(0, **site), global_np=global_np)
+    assert metrics(reply)["dp-mode"] == 1 and metrics(reply)["dp-steps"] == 3
+    update = messages.from_record(reply.content[messages.UPDATE])
+    assert any(not np.array_equal(update[k], global_np[k]) for k in update)  # it trained
+
+
 # ---------------------------------------------------------------------- evaluation
 def test_evaluation_limits_and_withheld_scores(tiny_cfg):
     cfg = tiny_cfg.with_overrides({"method": "fedavg"})
@@ -259,7 +270,8 @@ def test_a_federation_with_dp_withholds_scores_and_still_writes_results(tiny_cfg
 # ---------------------------------------------------------------------- DP-SGD itself
 def test_dp_sgd_clips_each_example_not_the_batch():
     """σ = 0, plain SGD with lr 1: the step equals −(1/B) Σ_i clip_C(g_i), the per-example
-    gradients clipped one by one -- not the batch gradient clipped once."""
+    gradients clipped one by one -- not the batch gradient clipped once -- minus the gradient of
+    a data-independent term (FedProx's proximal term), which is added unclipped after the noise."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 3))
     x, y = torch.randn(6, 5) * 4, torch.tensor([0, 1, 2, 0, 1, 2])
@@ -270,13 +282,16 @@ def test_dp_sgd_clips_each_example_not_the_batch():
         torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         g = torch.cat([p.grad.flatten() for p in model.parameters()])
         per_example.append(g * min(1.0, clip / float(g.norm())))
-    expected = -torch.stack(per_example).sum(0) / 6
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    anchor = [p.detach() + 1.0 for p in model.parameters()]  # a FedProx-like data-free term
+    mu = 0.3
+    expected = -torch.stack(per_example).sum(0) / 6 + mu  # ∇ (μ/2)‖θ − (θ + 1)‖² = −μ
 
     engine = dpsgd.DPSGD(clip, 0.0, batch_size=6, rows=6)
     opt = engine.wrap(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    public = proximal_term(list(model.parameters()), anchor, mu)
     try:
-        engine.step(opt, torch.nn.functional.cross_entropy(model(x), y), batch=6)
+        engine.step(opt, torch.nn.functional.cross_entropy(model(x), y), batch=6, public=public)
     finally:
         engine.close()
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
