@@ -57,7 +57,6 @@ counted over every run; beyond, it refuses with the reason.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -184,6 +183,11 @@ def ledger_path(state_root: Path, identity: str) -> Path:
 def locked(path: Path) -> Iterator[None]:
     """An exclusive ``fcntl.flock`` on ``<path>.lock`` (blocking) for the ``with`` body: one
     process or thread at a time reads, checks and writes ``path``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        raise RuntimeError("the privacy ledger's lock needs fcntl.flock (a POSIX system): a site "
+                           "with DP runs on Linux or macOS") from None  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
