@@ -255,6 +255,8 @@ def test_evaluation_limits_and_withheld_scores(tiny_cfg):
 
 
 def test_a_federation_with_dp_withholds_scores_and_still_writes_results(tiny_cfg):
+    from fedmm import results
+
     cfg = tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 1})
     site = {"dp-clip-norm": 1.0, "dp-noise-multiplier": 1.0, "dp-mode": "record"}
     record = run_federation(InProcessGrid(3, sites={0: site}), cfg)
@@ -262,9 +264,17 @@ def test_a_federation_with_dp_withholds_scores_and_still_writes_results(tiny_cfg
     assert entry["eval"]["0-original"]["scores-withheld"] == 1
     assert entry["clients"]["0-original"] == {}
     assert "shared" in entry["clients"]["1-inverted"] and "shared" in record["final"]
-    assert (
-        entry["train"]["0-original"]["dp-mode"] == 1 and "loss" not in entry["train"]["0-original"]
-    )
+    train = entry["train"]["0-original"]
+    assert train["dp-mode"] == 1 and "loss" not in train and train["dp-epsilon"] > 0
+    assert results.health(record)["status"] == "ok" and results.health(record)["withheld"] == 1
+
+    # every site under DP: no score anywhere, the run is still healthy and its table says why
+    everyone = InProcessGrid(3, sites=dict.fromkeys(range(3), site))
+    record = run_federation(everyone, cfg.with_overrides({"out_dir": cfg.out_dir + "-all"}))
+    assert record["final"] == {} and results.health(record)["status"] == "ok"
+    assert "3 evaluations with scores withheld" in results.health_line(record)
+    table = results.summary_table({"runs": [record]})
+    assert "withheld" in table
 
 
 # ---------------------------------------------------------------------- DP-SGD itself
