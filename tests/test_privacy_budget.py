@@ -203,7 +203,8 @@ def test_tap_validation_scores_are_withheld_under_dp(tiny_cfg):
     [({"method": "feddat"}, "feddat"), ({"method": "ditto"}, "two models"),
      ({"method": "tap"}, "tap"), ({"method": "fedpia", "peft.type": "lora"}, "fedpia"),
      ({"method": "scaffold"}, "control variates"), ({"peft.type": "prompt"}, "prompt"),
-     ({"peft.type": "bitfit"}, "bitfit"), ({"train.accumulation": 2}, "accumulation")],
+     ({"peft.type": "bitfit"}, "bitfit"), ({"train.accumulation": 2}, "accumulation"),
+     ({"model.gradient_checkpointing": True}, "checkpointing")],
 )  # fmt: skip
 def test_record_level_refuses_what_it_cannot_serve_before_any_work(tiny_cfg, tmp_path, override,
                                                                    reason):  # fmt: skip

@@ -145,19 +145,22 @@ class DPSGD:
         self._params = []
 
 
-def refusal(method, peft_type: str, accumulation: int) -> str:
-    """Why ``dp-mode=record`` cannot serve this run ("" when it can): the method's declared
-    ``dp_sgd_refusal``, a PEFT type whose parameters no Opacus layer computes per-example
-    gradients for, or gradient accumulation."""
+def refusal(method, cfg) -> str:
+    """Why ``dp-mode=record`` cannot serve the run ``cfg`` of ``method`` ("" when it can): the
+    method's declared ``dp_sgd_refusal``, a PEFT type whose parameters no Opacus layer computes
+    per-example gradients for, gradient accumulation, or activation checkpointing (its
+    recomputation would run Opacus's activation hooks twice)."""
     if method.dp_sgd_refusal:
         return f"method {method.name!r}: {method.dp_sgd_refusal}"
-    if peft_type not in RECORD_PEFT_TYPES:
+    if cfg.peft.type not in RECORD_PEFT_TYPES:
         return (
-            f"peft.type {peft_type!r} adds parameters outside any layer Opacus computes "
+            f"peft.type {cfg.peft.type!r} adds parameters outside any layer Opacus computes "
             f"per-example gradients for; dp-mode=record serves {', '.join(RECORD_PEFT_TYPES)}"
         )
-    if accumulation > 1:
+    if cfg.train.accumulation > 1:
         return "train.accumulation > 1 (a Poisson-sampled step is one batch)"
+    if cfg.model.gradient_checkpointing:
+        return "model.gradient_checkpointing (its recomputation runs Opacus's hooks twice)"
     return ""
 
 

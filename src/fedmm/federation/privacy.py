@@ -61,7 +61,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -304,13 +304,6 @@ class EvaluationLog:
             atomic_write(self.path, json.dumps({"runs": runs, "states": states}).encode())
 
 
-def describe(releases: Sequence[Release], delta: float) -> str:
-    """One line for logs: ``"ε = 10.7 (δ = 1e-05) over 1 release (update-level)"``."""
-    modes = "/".join(sorted({r.mode for r in releases})) or "none"
-    return (f"ε = {epsilon(releases, delta):.3g} (δ = {delta:g}) over {len(releases)} releases "
-            f"({modes}-level)")  # fmt: skip
-
-
 __all__ = ["MODES", "EvaluationLimit", "EvaluationLog", "Ledger", "PrivacyBudgetExceeded",
-           "Release", "data_identity", "describe", "epsilon", "ledger_path", "locked",
+           "Release", "data_identity", "epsilon", "ledger_path", "locked",
            "state_digest"]  # fmt: skip

@@ -70,7 +70,7 @@ def check_mode(settings, dp_cfg: DPConfig, method, cfg: FedmmConfig) -> None:
             "dp-noise-multiplier in the site settings"
         )
     if is_on(dp_cfg) and settings.dp_mode == "record":
-        reason = dpsgd.refusal(method, cfg.peft.type, cfg.train.accumulation)
+        reason = dpsgd.refusal(method, cfg)
         if reason:
             raise RefusedMessage(f"this site trains with record-level DP-SGD (dp-mode=record), "
                                  f"which cannot serve this run: {reason}")  # fmt: skip
