@@ -543,6 +543,9 @@ def summary_table(data: dict) -> str:
                 lines.append(f"  {missing}")
         lines.append("")
     lines += task_table(data["runs"])
+    if any(withheld_scores(r) for r in data["runs"]):
+        lines.append("withheld: sites under differential privacy kept their scores (site setting "
+                     "dp-evaluation; README, Reliability: privacy).\n")  # fmt: skip
     lines.append(
         "Accuracy in %, mean over clients after the last round (multi-label tasks: mean AUROC, "
         "see the per-task table); views by kind (README, Views); —: the method has no such "
