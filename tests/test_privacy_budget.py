@@ -123,6 +123,16 @@ def test_the_ledger_is_keyed_by_the_data_a_site_directory_holds(tmp_path):
         "fmnist-domain", "", "", 1)  # fmt: skip
 
 
+def test_mixed_modes_compose_in_one_ledger_and_name_the_unit_they_protect(tmp_path):
+    ledger = privacy.Ledger(tmp_path / "privacy" / "x.json")
+    update, record = Release("update", 2.0, 1.0), Release("record", 1.1, 1.0, 0.2, 3)
+    assert ledger.spend(update, DELTA, 0.0) == pytest.approx(privacy.epsilon([update], DELTA))
+    assert ledger.unit() == "site"
+    both = ledger.spend(record, DELTA, 0.0)
+    assert both == pytest.approx(privacy.epsilon([update, record], DELTA))
+    assert ledger.unit() == "record" and ledger.epsilon(DELTA) == pytest.approx(both)
+
+
 def test_an_unreadable_ledger_is_a_loud_error(tmp_path):
     path = tmp_path / "privacy" / "x.json"
     path.parent.mkdir()
