@@ -17,7 +17,9 @@ key                      default     meaning
                                      benchmark to rehearse (fmnist-*: the Fashion-MNIST dir;
                                      "" = the benchmark's default search)
 ``state-dir``            see below   client state (private models) and the privacy ledger, in
-                                     ``<state-dir>/<site>/``; "" = ``$XDG_STATE_HOME/fedmm``
+                                     ``<state-dir>/<site>/`` (the ledger and evaluation counts:
+                                     ``privacy/<sha256 of the data>.json``, one per training
+                                     data set over every run); "" = ``$XDG_STATE_HOME/fedmm``
                                      (``~/.local/state``)
 ``cache-dir``            ""          encoded-data cache; "" = ``$XDG_CACHE_HOME/fedmm``
 ``device``               auto        auto | cpu | cuda | cuda:N
