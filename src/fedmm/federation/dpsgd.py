@@ -61,6 +61,7 @@ class DPSGD:
         self._gsm = None
         self._optimizer = None
         self._params: list[nn.Parameter] = []
+        self._reached: set[int] | None = None  # ids of the parameters a batch's forward reaches
         self._sample_gen = torch.Generator().manual_seed(secrets.randbits(63))
 
     # ------------------------------------------------------------------ sampling
@@ -104,8 +105,9 @@ class DPSGD:
         """One DP-SGD step: backward of ``loss`` (the batch mean; None for an empty sample of
         ``batch`` = 0 rows), per-example clip + noise (``DPOptimizer.pre_step``), then the
         gradient of ``public()`` (a data-independent term) and ``adjust()``, then the wrapped
-        optimiser's step.  A parameter the forward never reached (another task's head) gets no
-        grad: its true per-example gradient is 0 for every record, and it is not moved."""
+        optimiser's step.  A parameter the forward never reaches (another task's head: fixed by
+        the model, not the data) gets no grad and is not moved; an empty sample's step is noise
+        only, on the parameters a batch reached (on all before any batch did)."""
         if optimizer is not self._optimizer:
             raise RuntimeError("dp-mode=record: step with the optimiser ctx.optimizer returned")
         optimizer.zero_grad(set_to_none=True)
@@ -116,12 +118,15 @@ class DPSGD:
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
         unreached = [p for p in self._params if getattr(p, "grad_sample", None) is None]
+        if batch > 0:  # which parameters the forward reaches is fixed by the model, not the data
+            self._reached = {id(p) for p in self._params} - {id(p) for p in unreached}
         for p in unreached:
             p.grad_sample = torch.zeros((batch, *p.shape), device=p.device, dtype=p.dtype)
         if not optimizer.pre_step():  # clip each example, sum, add N(0, σ²C²), divide by B
             raise RuntimeError("Opacus skipped a DP-SGD step (no accumulation is configured)")
-        for p in unreached:
-            p.grad = None
+        for p in self._params:  # never moved: no record's gradient reaches them
+            if self._reached is not None and id(p) not in self._reached:
+                p.grad = None
         if public is not None:
             term = public()
             params = [p for p in self._params if p.grad is not None]
@@ -142,7 +147,7 @@ class DPSGD:
                     if hasattr(p, name):
                         delattr(p, name)
         self._gsm = self._optimizer = None
-        self._params = []
+        self._params, self._reached = [], None
 
 
 def refusal(method, cfg) -> str:
