@@ -363,3 +363,22 @@ def test_dp_sgd_learns_the_tiny_task(tiny_cfg):
     with runtime.model.active("global_adapter"):
         accuracy = ctx.accuracy()
     assert accuracy > majority + 0.2, (accuracy, majority)
+
+
+def test_dp_sgd_leaves_the_heads_of_other_tasks_alone(tiny_cfg):
+    """A multi-task model: the client's own head trains under DP-SGD, no noise lands on the
+    heads of the other tasks (no record's gradient reaches them)."""
+    cfg = tiny_cfg.with_overrides(
+        {"method": "fedavg", "data.benchmark": "fmnist-task", "fed.clients": 6}
+    )
+    site = {"dp-clip-norm": 1.0, "dp-noise-multiplier": 1.0, "dp-mode": "record"}
+    global_np = bound_method(cfg).init_global(get_runtime(cfg).model)
+    update = messages.from_record(
+        send(cfg, context(0, **site), global_np=global_np).content[messages.UPDATE]
+    )
+    task = get_runtime(cfg).client_split(0, "train").task
+    heads = {k for k in update if k.startswith("head/")}
+    own = {k for k in heads if k.startswith(f"head/{task}.")}
+    assert own and heads - own
+    assert all(not np.array_equal(update[k], global_np[k]) for k in own)
+    assert all(np.array_equal(update[k], global_np[k]) for k in heads - own)
