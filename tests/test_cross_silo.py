@@ -66,7 +66,7 @@ def test_hostile_server_messages_are_refused_and_nothing_is_written(tiny_cfg, tm
     state_root = tmp_path / "xdg-state"
     before, context_before = snapshot(state_root), dict(ctx.state)
     assert any(p.name == "client.pt" for p in before) and any(
-        p.name == "privacy.json" for p in before
+        p.parent.name == "privacy" and p.suffix == ".json" for p in before
     )
 
     good = Message(server_msg(cfg, global_np, 2, 0, last_trained=1), 100, MessageType.TRAIN)
@@ -127,8 +127,10 @@ def test_the_site_privacy_floor_wins_over_the_run(tiny_cfg):
 
 
 def test_epsilon_is_accounted_at_the_site_and_the_budget_stops_training(tiny_cfg, tmp_path):
-    one, two = privacy.epsilon([1.0], 1e-5), privacy.epsilon([1.0, 1.0], 1e-5)
-    assert 0 < one < two and privacy.epsilon([0.0], 1e-5) == float("inf")
+    release = privacy.Release("update", 1.0, 1.0)
+    one, two = privacy.epsilon([release], 1e-5), privacy.epsilon([release] * 2, 1e-5)
+    assert 0 < one < two
+    assert privacy.epsilon([privacy.Release("update", 0.0, 1.0)], 1e-5) == float("inf")
     budget = (one + two) / 2  # room for one release, not two
     site = {"dp-clip-norm": 1.0, "dp-noise-multiplier": 1.0, "dp-max-epsilon": budget}
     cfg = tiny_cfg.with_overrides({"method": "fedavg"})
@@ -143,9 +145,11 @@ def test_epsilon_is_accounted_at_the_site_and_the_budget_stops_training(tiny_cfg
     with pytest.raises(privacy.PrivacyBudgetExceeded, match="ε = ∞"):  # a budget, but no DP
         train(cfg, context(2, **{"dp-max-epsilon": 10.0}), 1, global_np, index=2)
 
-    # in a federation the round goes on without it, and ε per round is in results.json
+    # in a federation the round goes on without it, and ε per round is in results.json (a new
+    # state-dir: the site's ledger above already holds this data's one release, whatever the run)
     run_cfg = tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 2})
-    grid = InProcessGrid(3, sites={0: site}, errors_as_replies=True)
+    fresh = site | {"state-dir": str(tmp_path / "another-state")}
+    grid = InProcessGrid(3, sites={0: fresh}, errors_as_replies=True)
     record = run_federation(grid, run_cfg)
     r1, r2 = record["history"]
     assert r1["train"]["0-original"]["dp-epsilon"] == pytest.approx(one)

@@ -111,7 +111,7 @@ def test_node_without_partition_id_gets_a_clear_error(tiny_cfg):
 
 TRAIN_METRICS = {"client-index", "num-examples", "steps", "lr-first", "lr-last", "loss", "seconds",
                  "load-seconds"}  # fmt: skip
-DP_METRICS = {"dp-norm", "dp-scale"}
+DP_METRICS = {"dp-clip-norm", "dp-noise-multiplier", "dp-mode", "dp-delta", "dp-epsilon"}
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -147,17 +147,19 @@ def test_payload_audit_train_and_evaluate_of_every_method(tiny_cfg, name):
     assert not train.content.config_records and not evaluate.content.config_records
 
 
-def test_payload_audit_with_dp_adds_only_its_scalars(tiny_cfg):
+@pytest.mark.parametrize("mode", ["update", "record"])
+def test_payload_audit_with_dp_adds_only_its_scalars(tiny_cfg, mode):
+    """With DP the exact loss and every stat.* stay home (tests/test_privacy_budget.py); the
+    client says what it applied and what it spent."""
     cfg = tiny_cfg.with_overrides(
         {"method": "fedavg", "dp.clip_norm": 0.5, "dp.noise_multiplier": 0.1}
     )
-    train, _ = send(cfg, make_context(0), MessageType.TRAIN, 1)
-    names = {k for k in train.content[messages.METRICS].keys() if not k.startswith("stat.")}
-    assert names == TRAIN_METRICS | DP_METRICS | {
-        "dp-clip-norm",
-        "dp-noise-multiplier",
-        "dp-epsilon",
-    }  # what the client applied
+    context = make_context(0)
+    context.node_config["dp-mode"] = mode
+    train, _ = send(cfg, context, MessageType.TRAIN, 1)
+    names = set(train.content[messages.METRICS].keys())
+    record = {"dp-sample-rate", "dp-steps"} if mode == "record" else set()
+    assert names == (TRAIN_METRICS - {"loss"}) | DP_METRICS | record
 
 
 def test_a_client_never_sends_an_upload_its_method_did_not_declare(tiny_cfg, monkeypatch):

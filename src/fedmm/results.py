@@ -13,8 +13,11 @@ Schema of ``<out>/results.json``::
                             "clients": {client id: {view: accuracy}},
                             "train": {client id: {"steps", "lr-first", "lr-last", "loss",
                                                   "seconds", "bytes_up", "bytes_down"
-                                                  [, "dp-norm", "dp-scale"]}},
-                            "eval": {client id: {"seconds"}}}],
+                                                  [, "dp-clip-norm", "dp-noise-multiplier",
+                                                  "dp-mode" (0 update, 1 record), "dp-delta",
+                                                  "dp-epsilon", "dp-sample-rate", "dp-steps";
+                                                  fedmm <= 0.2 also "dp-norm", "dp-scale"]}},
+                            "eval": {client id: {"seconds" [, "scores-withheld": 1]}}}],
                "privacy": {"dp_clip_norm", "dp_noise_multiplier"},
                "final": {view: mean accuracy over clients in the last evaluated round,
                          old name: the same value, for the names in view_aliases},
@@ -234,12 +237,22 @@ def declared_views(run: dict) -> tuple[str, ...]:
 
 def missing_cell(run: dict, view: str) -> str:
     """What a table shows where ``run`` has no score for ``view`` (group suffixes allowed):
-    ``n/a`` the run has the view but no included client scored it; ``n/m`` the method has it
-    today but the run predates it (made before fedmm 0.2); ``—`` the method has no such model."""
+    ``withheld`` the sites kept their scores (DP, ``federation/sitedp.py``); ``n/a`` the run has
+    the view but no included client scored it; ``n/m`` the method has it today but the run
+    predates it (made before fedmm 0.2); ``—`` the method has no such model."""
     base = view.partition(".")[0]
     if base in run.get("views", ()):
-        return "n/a"
+        return "withheld" if withheld_scores(run) else "n/a"
     return "n/m" if base in declared_views(run) else "—"
+
+
+def withheld_scores(run: dict) -> int:
+    """Evaluations whose site withheld its scores (DP on, ``dp-evaluation = "withhold"``)."""
+    return sum(
+        bool(e.get("scores-withheld"))
+        for h in run.get("history", [])
+        for e in h.get("eval", {}).values()
+    )
 
 
 def scored_views(run: dict) -> dict[str, float]:
@@ -286,6 +299,7 @@ def health(run: dict) -> dict:
     * ``sampled``: client-rounds asked to train (centralised: one pooled update per round);
       ``trained``: of those, the valid replies that took at least one step;
     * ``expected``: evaluations asked for; ``evaluated``: those that came back with a score;
+      ``withheld``: those a DP site answered without scores (by design: not expected to score);
     * ``rejected`` (refused by validation), ``failed`` (errors, timeouts), ``eval_failed``;
     * ``status``: ``no rounds``, ``trained nothing``, ``evaluated nothing``, ``partial`` (some
       client-rounds or evaluations missing) or ``ok``.
@@ -298,8 +312,9 @@ def health(run: dict) -> dict:
     no_train = {c for c, why in excluded.items() if "train" in why}
     no_test = {c for c, why in excluded.items() if "test" in why}
     counts = dict.fromkeys(
-        ("sampled", "trained", "expected", "evaluated", "rejected", "failed", "eval_failed"), 0
-    )
+        ("sampled", "trained", "expected", "evaluated", "withheld", "rejected", "failed",
+         "eval_failed"), 0
+    )  # fmt: skip
     for h in run.get("history", []):
         train = h.get("train", {})
         rejected = h.get("rejected", [])
@@ -316,7 +331,10 @@ def health(run: dict) -> dict:
         clients = h.get("clients", {})
         asked_excluded = {c for c in clients if c in no_test}
         asked_excluded |= {x.get("client") for x in eval_failed if x.get("client") in no_test}
-        counts["expected"] += h.get("evaluated", len(clients)) - len(asked_excluded)
+        withheld = sum(bool(e.get("scores-withheld")) and c not in no_test
+                       for c, e in h.get("eval", {}).items())  # fmt: skip
+        counts["withheld"] += withheld
+        counts["expected"] += h.get("evaluated", len(clients)) - len(asked_excluded) - withheld
         counts["evaluated"] += sum(
             c not in no_test and any(isinstance(v, int | float) and math.isfinite(v)
                                      for v in m.values())
@@ -326,7 +344,7 @@ def health(run: dict) -> dict:
         status = "no rounds"
     elif counts["trained"] == 0:
         status = "trained nothing"
-    elif counts["evaluated"] == 0:
+    elif counts["evaluated"] == 0 and counts["withheld"] == 0:
         status = "evaluated nothing"
     elif counts["trained"] < counts["sampled"] or counts["evaluated"] < counts["expected"]:
         status = "partial"
@@ -345,6 +363,8 @@ def health_line(run: dict) -> str:
     )
     if h["eval_failed"]:
         line += f", {h['eval_failed']} evaluations failed"
+    if h["withheld"]:
+        line += f", {h['withheld']} evaluations with scores withheld (DP)"
     excluded = run.get("excluded_clients", {})
     if excluded:
         line += "; excluded from every mean (n/a): " + ", ".join(
@@ -524,6 +544,9 @@ def summary_table(data: dict) -> str:
                 lines.append(f"  {missing}")
         lines.append("")
     lines += task_table(data["runs"])
+    if any(withheld_scores(r) for r in data["runs"]):
+        lines.append("withheld: sites under differential privacy kept their scores (site setting "
+                     "dp-evaluation; README, Reliability: privacy).\n")  # fmt: skip
     lines.append(
         "Accuracy in %, mean over clients after the last round (multi-label tasks: mean AUROC, "
         "see the per-task table); views by kind (README, Views); —: the method has no such "

@@ -40,9 +40,13 @@ call them directly) and write no audit entry.  ``as_site`` also configures loggi
 ``flwr-clientapp`` process (``fedmm.logs``), so lines such as "restored client state of round R"
 reach the site's log.
 
-Differential privacy: the upload is clipped and noised here, on the client (``dp.py``), with the
-stricter of the run's request and the site's floor; ε is accounted per site (``privacy.py``) and a
-site refuses to train once its ``dp-max-epsilon`` would be exceeded.
+Differential privacy (``sitedp.py``): with the stricter of the run's request and the site's floor,
+either the whole upload is clipped and noised here (``dp-mode = "update"``, ``dp.py``) or every
+local step is DP-SGD (``"record"``, ``dpsgd.py``, Opacus).  ε is accounted in the site's one
+ledger per training data set (``privacy.py``: over every run, locked, spent before training), and
+a site refuses to train once its ``dp-max-epsilon`` would be exceeded.  With DP on, no exact loss,
+pre-clip norm or ``stat.*`` score leaves, and evaluation scores are withheld unless the site says
+``dp-evaluation = "exact"``; evaluations are counted against the site's limits.
 """
 
 from __future__ import annotations
@@ -61,9 +65,8 @@ from flwr.clientapp import ClientApp
 from fedmm import logs
 from fedmm.config import ConfigError, FedmmConfig, run_name
 from fedmm.data import sites as site_data
-from fedmm.federation import audit, consent, dp, messages
+from fedmm.federation import audit, consent, dp, messages, sitedp
 from fedmm.federation.messages import RefusedMessage
-from fedmm.federation.privacy import LEDGER, Ledger, PrivacyBudgetExceeded
 from fedmm.federation.site import SiteSettings
 from fedmm.files import atomic_torch_save, remove_stale_temps
 from fedmm.methods import ClientContext, get_method
@@ -358,6 +361,10 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     check_global(method, site, global_arrays, index)
     consent.check_trainable(method.count_trainable(site.runtime.model), "the built model",
                             site.settings)  # fmt: skip
+    dp_cfg = site.settings.effective_dp(cfg.dp)  # the stricter of the run's and the site's
+    dp_on = sitedp.is_on(dp_cfg)
+    if train:  # refuse what this site's DP cannot serve before any record is read
+        sitedp.check_mode(site.settings, dp_cfg, method, cfg)
     site.split("train"), site.split("test")  # encoded now, so load-seconds counts the data too
     load_seconds = time.perf_counter() - t0  # model + this site's data: ~0 once a process has them
     state_file = site.state_file(meta["run-id"])
@@ -368,39 +375,35 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
         steps, steps * cfg.fed.rounds,
     )  # fmt: skip
     global_state = to_torch(global_arrays)
-    if not train:
+    if not train:  # counted against the site's evaluation limits before it runs
+        sitedp.gate_evaluation(site, dp_on, meta, global_arrays)
         views = method.client_evaluate(ctx, global_state)
-        metrics = {f"acc.{view}": acc for view, acc in views.items()}
+        metrics = sitedp.evaluation_metrics(views, site.settings, dp_on)
         metrics.update({"client-index": index, "num-examples": len(ctx.test),
                         "seconds": time.perf_counter() - t0,
                         "load-seconds": load_seconds})  # fmt: skip
         return Message(messages.client_reply(None, metrics), reply_to=msg)
 
-    dp_cfg = site.settings.effective_dp(cfg.dp)
-    ledger = Ledger(state_file.parent / LEDGER)
-    epsilon = None
-    if site.settings.dp_max_epsilon > 0 and dp_cfg.clip_norm <= 0:
-        raise PrivacyBudgetExceeded(
-            "this site has a privacy budget (dp-max-epsilon) but neither it nor the run sets a "
-            "clip norm: an upload without DP has ε = ∞; set dp-clip-norm and "
-            "dp-noise-multiplier in the site settings"
-        )
-    if dp_cfg.clip_norm > 0:  # before any work: a site over budget trains nothing
-        epsilon = ledger.check_budget(
-            dp_cfg.noise_multiplier, site.settings.dp_delta, site.settings.dp_max_epsilon
-        )
-    update = method.client_train(ctx, global_state)
+    # before any training: spend the round's ε in the site's one ledger (locked; recorded before
+    # the reply leaves: a crash over-counts)
+    release, epsilon = None, 0.0
+    if dp_on:
+        release = sitedp.release(site.settings, dp_cfg, cfg, len(ctx.train))
+        epsilon = sitedp.spend(site, release, meta, cfg)
+        ctx.dp_sgd = sitedp.dp_sgd_for(release, cfg, len(ctx.train))
+    try:
+        update = method.client_train(ctx, global_state)
+    finally:
+        if ctx.dp_sgd is not None:  # the model is shared: no Opacus hook outlives the round
+            ctx.dp_sgd.close()
     undeclared = sorted(set(update.upload) - set(method.upload_spec(site.runtime.model)))
     if undeclared:  # a method bug: never send what the method did not declare
         raise RuntimeError(f"method {cfg.method!r} returned an upload outside its declared "
                            f"upload_spec: {undeclared[:3]}")  # fmt: skip
-    arrays, dp_stats = dp.privatize(to_numpy(update.upload), global_arrays, dp_cfg)
-    if dp_cfg.clip_norm > 0:
-        ledger.record(rnd, dp_cfg.noise_multiplier, dp_cfg.clip_norm)
-        dp_stats |= {"dp-clip-norm": dp_cfg.clip_norm,
-                     "dp-noise-multiplier": dp_cfg.noise_multiplier}  # fmt: skip
-        if epsilon is not None and epsilon < float("inf"):
-            dp_stats["dp-epsilon"] = epsilon
+    if release is not None and release.mode == "record":  # DP-SGD already noised every step
+        arrays, dp_stats = to_numpy(update.upload), {}
+    else:  # update level: clip the whole update to C, add N(0, (σC)²) (dp.py)
+        arrays, dp_stats = dp.privatize(to_numpy(update.upload), global_arrays, dp_cfg)
     save_state(context, state_file, cfg, rnd, update.keep)
     n_steps = ctx.stats.get("steps", 0)
     metrics = {f"stat.{k}": v for k, v in ctx.stats.items() if k not in CORE_STATS}
@@ -410,9 +413,12 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
         "loss": ctx.stats.get("loss_sum", 0.0) / max(1, n_steps),
         "seconds": time.perf_counter() - t0, "load-seconds": load_seconds, **dp_stats,
     }  # fmt: skip
-    log.info("client %s, round %d: %d steps, loss %.4f, %.1f s (%.1f s loading)",
+    private = f", {release.mode}-level DP, ε = {epsilon:.3g}" if release else ""
+    log.info("client %s, round %d: %d steps, loss %.4f, %.1f s (%.1f s loading)%s",
              site.spec.client_id, rnd, n_steps, metrics["loss"], metrics["seconds"],
-             load_seconds)  # fmt: skip
+             load_seconds, private)  # fmt: skip
+    # with DP: no exact pre-clip norm, loss or stat.* score leaves (they are not noised)
+    metrics = sitedp.train_metrics(metrics, release, epsilon, site.settings.dp_delta)
     return Message(messages.client_reply(arrays, metrics, cfg.fed.compression), reply_to=msg)
 
 

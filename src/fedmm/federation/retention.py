@@ -9,7 +9,8 @@ Everything a site derives from its data stays in its own directories (``consent.
 * **client state** -- ``<site root>/<run>/client.pt`` (+ ``client.pt.prev``): a run's private
   models (FedDAT's A_c, personal heads, ...), trained on the site's data.  Kept after a run ends
   (a resumed run needs it) until purged.
-* **privacy ledger** -- ``<site root>/<run>/privacy.json``: the DP releases of each run.
+* **privacy ledger** -- ``<site root>/privacy/<sha256 of the data>.json``: every DP release
+  computed from that data over every run (``privacy.py``), and the evaluation counts.
 * **audit log** -- ``<site root>/audit.jsonl``: every message received and sent.
 
 ``purge`` removes the cache and/or the client state.  The privacy ledger and the audit log are
@@ -28,7 +29,7 @@ from typing import Any
 
 from fedmm.federation import consent
 from fedmm.federation.audit import AUDIT_FILE
-from fedmm.federation.privacy import LEDGER
+from fedmm.federation.privacy import LEDGER_DIR
 
 log = logging.getLogger(__name__)
 WHAT = ("cache", "state", "all")
@@ -67,17 +68,17 @@ def purge(settings: Any, what: str = "all", records: bool = False) -> list[Path]
     root = consent.site_root(settings)
     if what in ("state", "all") and root.is_dir():
         own_cache = consent.default_cache_dir(settings)
-        for run in sorted(p for p in root.iterdir() if p.is_dir() and p != own_cache):
+        ledgers = root / LEDGER_DIR
+        for run in sorted(p for p in root.iterdir() if p.is_dir() and p not in (own_cache, ledgers)):
             doomed = [run / name for name in STATE_FILES] + list(run.glob(".fedmm-*.tmp"))
-            if records:
-                doomed.append(run / LEDGER)
             for path in doomed:
                 if path.exists():
                     _remove(path, removed)
             if not any(run.iterdir()):
                 run.rmdir()
-    if records and (root / AUDIT_FILE).exists():
-        _remove(root / AUDIT_FILE, removed)
+    for record in (root / LEDGER_DIR, root / AUDIT_FILE) if records else ():
+        if record.exists():
+            _remove(record, removed)
     for path in removed:
         log.info("purged %s", path)
     return removed

@@ -204,7 +204,10 @@ def round_line(entry: dict, rounds: int, excluded=()) -> str:
 
 
 TRAIN_METRICS = ("steps", "lr-first", "lr-last", "loss", "seconds", "load-seconds")
-DP_METRICS = ("dp-norm", "dp-scale", "dp-clip-norm", "dp-noise-multiplier", "dp-epsilon")
+# a DP reply carries C, σ, the mode (0 = update, 1 = record: sitedp.DP_MODES), δ, the site's ε and
+# (record level) q and T; dp-norm / dp-scale: results of fedmm <= 0.2 (now withheld, sitedp.py)
+DP_METRICS = ("dp-norm", "dp-scale", "dp-clip-norm", "dp-noise-multiplier", "dp-mode", "dp-delta",
+              "dp-epsilon", "dp-sample-rate", "dp-steps")  # fmt: skip
 
 
 class Federation:
@@ -391,8 +394,8 @@ class Federation:
                 record.eval_failed.append(self.who(node) | {"reason": str(exc)})
                 continue
             record.clients[self.client_ids[index]] = views
-            record.eval[self.client_ids[index]] = {
-                k: float(m[k]) for k in ("seconds", "load-seconds") if k in m
+            record.eval[self.client_ids[index]] = {  # scores-withheld: a DP site (sitedp.py)
+                k: float(m[k]) for k in ("seconds", "load-seconds", "scores-withheld") if k in m
             }
 
     # ------------------------------------------------------------------ record

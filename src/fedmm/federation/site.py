@@ -17,7 +17,9 @@ key                      default     meaning
                                      benchmark to rehearse (fmnist-*: the Fashion-MNIST dir;
                                      "" = the benchmark's default search)
 ``state-dir``            see below   the site's own directory ``<state-dir>/<site>/``: client
-                                     state (private models), privacy ledger, audit log
+                                     state (private models), the privacy ledger and evaluation
+                                     counts (``privacy/<sha256 of the data>.json``, one per
+                                     training data set over every run), audit log
                                      (``audit.jsonl``), default feature cache (``cache/``);
                                      "" = ``$XDG_STATE_HOME/fedmm`` (``~/.local/state``)
 ``cache-dir``            ""          encoded-feature cache; "" = ``<state root>/cache`` (the site's
@@ -30,8 +32,34 @@ key                      default     meaning
 ``dp-noise-multiplier``  0           privacy floor: at least this σ; the client uses
                                      max(run's, floor)
 ``dp-max-epsilon``       0           privacy budget: refuse to train once ε (at ``dp-delta``)
-                                     would exceed it; 0 = no budget
+                                     would exceed it; 0 = no budget.  One budget per site and
+                                     training data set over every run, seed, method and PEFT
+                                     type (``privacy.py``): a server cannot reset it
 ``dp-delta``             1e-5        δ of the reported ε
+``dp-mode``              update      what the clip norm C bounds, how ε is accounted
+                                     (``privacy.py``): ``update`` = the site's whole update is
+                                     clipped to C and noised once per round; protects the
+                                     site's whole data (any change of it) against the server
+                                     and the wire; ε of a Gaussian of sensitivity 2C per round.
+                                     ``record`` = DP-SGD with Opacus (``dpsgd.py``): each
+                                     example's gradient clipped to C, noise in every local step,
+                                     Poisson-sampled batches; protects one record; ε of T
+                                     Poisson-sampled Gaussian steps per round.  FedAvg, FedProx,
+                                     FedAdam, FedYogi, FedAvgM, FedPer, local with adapter or
+                                     LoRA; other methods / PEFT types are refused
+``dp-evaluation``        withhold    with DP on: ``withhold`` = evaluation replies carry no score
+                                     (scores are outside ε); ``exact`` = exact scores, knowingly
+                                     outside the accounted ε
+``max-evaluations-per-   -1 (auto)   evaluations this site answers per run id, counted on
+run``                                disk; beyond, it refuses with the reason.  auto = 1000 with
+                                     DP on (fed.eval_every=1 for hundreds of rounds stays
+                                     inside it; a server asking in a loop does not), no limit
+                                     without DP; 0 = no limit
+``max-evaluations-per-   -1 (auto)   evaluations of one global state (sha256 of the received
+state``                              arrays) over every run; auto = 1 with DP on (the server
+                                     learns each state's score once), no limit without DP (a
+                                     rerun or resumed round re-evaluates identical states);
+                                     0 = no limit
 ``model-dir``            ""          local Hugging Face weights for the run's model family
                                      (instead of the run's ``model.hf_path``)
 ``partition-id``         (none)      rehearsal only: this node is client K of a central
@@ -54,7 +82,12 @@ key                      default     meaning
 What a site accepts and its caps are checked before anything is read (``federation/consent.py``).
 
 The stricter-of rule (``effective_dp``): a site that sets a floor always clips and noises at
-least that much, whatever the run asks; a run may ask for more privacy, never less.
+least that much, whatever the run asks; a run may ask for more privacy, never less.  In both
+``dp-mode`` values the clip norm and σ are those of ``effective_dp``; the mode is the site's alone.
+
+With DP on (either mode), no exact data-dependent value leaves with a training reply: the
+pre-clip norm (``dp-norm``, ``dp-scale``), the training loss and a method's ``stat.*`` scores are
+withheld; the reply carries C, σ, the mode and the ε spent.
 """
 
 from __future__ import annotations
@@ -84,6 +117,10 @@ class SiteSettings:
     dp_noise_multiplier: float = 0.0
     dp_max_epsilon: float = 0.0
     dp_delta: float = 1e-5
+    dp_mode: str = "update"  # update | record: what the clip norm bounds (privacy.py, dpsgd.py)
+    dp_evaluation: str = "withhold"  # withhold | exact: evaluation metrics under DP
+    max_evaluations_per_run: int = -1  # -1 = auto: 1000 with DP on, else none; 0 = no limit
+    max_evaluations_per_state: int = -1  # -1 = auto: 1 with DP on, else none; 0 = no limit
     model_dir: str = ""
     partition_id: int = -1  # -1: a site directory, not a rehearsed partition
     # consent (federation/consent.py): what this site runs, checked before anything is read
@@ -111,6 +148,7 @@ class SiteSettings:
             raise ConfigError(
                 "site setting dp-noise-multiplier needs dp-clip-norm > 0 (noise is scaled by it)"
             )
+        check_privacy_settings(self)
         from fedmm.federation.consent import check_settings
 
         check_settings(self)
@@ -191,6 +229,21 @@ def _bool(key: str, raw: Any) -> bool:
     if text in ("false", "0", "no"):
         return False
     raise ConfigError(f"site setting {key} expects true or false, got {raw!r}")
+
+
+def check_privacy_settings(settings: SiteSettings) -> None:
+    """``dp-mode``, ``dp-evaluation`` and the evaluation limits in range (``ConfigError``)."""
+    for name, choices in (("dp_mode", ("update", "record")), ("dp_evaluation", DP_EVALUATION)):
+        if getattr(settings, name) not in choices:
+            raise ConfigError(f"site setting {node_key(name)} must be one of {choices}, got "
+                              f"{getattr(settings, name)!r}")  # fmt: skip
+    for name in ("max_evaluations_per_run", "max_evaluations_per_state"):
+        if getattr(settings, name) < -1:
+            raise ConfigError(f"site setting {node_key(name)} must be >= -1 (-1 = auto, 0 = no "
+                              f"limit), got {getattr(settings, name)}")  # fmt: skip
+
+
+DP_EVALUATION = ("withhold", "exact")
 
 
 def node_key(field_name: str) -> str:

@@ -40,6 +40,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -277,9 +278,13 @@ class ClientContext:
     client_index: int
     steps_per_round: int
     total_steps: int  # over the whole run, for the learning-rate schedule
+    # record-level DP-SGD (``federation/dpsgd.py``, site setting dp-mode=record): Poisson batches,
+    # per-example clipping and noise in ``optimizer`` / ``steps`` / ``step``; None: plain training
+    dp_sgd: Any = None
     stats: dict[str, float] = field(default_factory=dict)
     views: dict[str, float] = field(default_factory=dict)  # filled by ``view``
     _micro: tuple[int, int] = field(default=(0, 1), init=False, repr=False)  # (micro-batch, k)
+    _rows: int = field(default=0, init=False, repr=False)  # rows of the batch last yielded
 
     def __post_init__(self) -> None:
         self.kept = MappingProxyType(dict(self.kept))  # read-only: a method returns its new state
@@ -307,11 +312,14 @@ class ClientContext:
                 p.requires_grad_(True)
         scale = 1.0 if lr is None else lr / self.cfg.train.lr
         options.setdefault("weight_decay", self.cfg.train.weight_decay)
-        return OPTIMIZERS[kind](
+        optimizer = OPTIMIZERS[kind](
             [{"params": list(g), "lr_scale": scale} for g in groups if len(g)],
             lr=self.cfg.train.lr * scale,
             **options,
         )
+        if self.dp_sgd is not None:  # per-example clipping and noise (Opacus's DPOptimizer)
+            return self.dp_sgd.wrap(self.model, optimizer)
+        return optimizer
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``train.precision``: bf16 autocast on this device, or nothing (fp32)."""
@@ -339,6 +347,11 @@ class ClientContext:
         ``train.batch_size`` (``step`` accumulates their gradients and steps on the k-th); the
         step budget and the schedule count optimiser steps.  The consumer's forward runs under
         ``train.precision``'s autocast.
+
+        With record-level DP-SGD (``dp_sgd``) each step's batch is instead a Poisson sample of the
+        rows (``DPSGD.batches``: each row independently with probability batch_size / rows, from
+        a secret generator); a step whose sample is empty is taken here, noise only, and not
+        yielded.
         """
         data = self.train if data is None else data
         n = self.steps_per_round if n is None else n
@@ -360,6 +373,7 @@ class ClientContext:
             resolve_precision(self.cfg.train.precision, self.device) == "bf16"
         )
         self.model.train()
+        poisson = self.dp_sgd.batches(n) if self.dp_sgd is not None else None
         for i in range(n):
             lr = lr_at(first + i, total, schedule)
             for group in optimizer.param_groups:
@@ -367,6 +381,15 @@ class ClientContext:
             self.stats.setdefault("lr_first", lr)
             self.stats["lr_last"] = lr
             self.stats[stat] = self.stats.get(stat, 0) + 1
+            if poisson is not None:  # record-level DP-SGD: one Poisson batch per step
+                idx = next(poisson)
+                self._rows = len(idx)
+                if self._rows == 0:
+                    self.dp_sgd.step(optimizer, None, 0)
+                    continue
+                with self.autocast():
+                    yield data.batch(idx, self.device)
+                continue
             for micro in range(k):
                 if pos + min(bs, rows) > rows:
                     order, pos = torch.randperm(rows, generator=gen), 0
@@ -380,10 +403,22 @@ class ClientContext:
     def step(
         self, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
         adjust: Callable[[], None] | None = None,
+        public: Callable[[], torch.Tensor] | None = None,
     ) -> None:  # fmt: skip
         """Backward, clip, ``adjust()`` (a method's change of the gradients, e.g. SCAFFOLD's
         control-variate correction), one optimiser step, gradients back to None (with
-        accumulation: the loss is scaled by 1/k and the step taken on the k-th micro-batch)."""
+        accumulation: the loss is scaled by 1/k and the step taken on the k-th micro-batch).
+
+        ``public``: a term of the objective that reads no data (FedProx's proximal term); it is
+        added to ``loss``, except under record-level DP-SGD, where ``loss`` (the batch mean of
+        the per-example losses) is clipped and noised per example and ``public``'s gradient is
+        added after the noise (``DPSGD.step``)."""
+        if self.dp_sgd is not None:
+            self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(loss.detach())
+            self.dp_sgd.step(optimizer, loss, self._rows, public=public, adjust=adjust)
+            return
+        if public is not None:
+            loss = loss + public()
         micro, k = self._micro
         if micro == 0:
             optimizer.zero_grad(set_to_none=True)
@@ -505,10 +540,7 @@ def supervised_update(
     opt = ctx.optimizer(model_groups(model, adapter_set))
     with model.active(adapter_set):
         for feats, ids, mask, labels in ctx.steps(opt, stat=stat):
-            loss = task_loss(model(feats, ids, mask), labels)
-            if regulariser is not None:
-                loss = loss + regulariser()
-            ctx.step(opt, loss)
+            ctx.step(opt, task_loss(model(feats, ids, mask), labels), public=regulariser)
 
 
 def proximal_term(
@@ -580,6 +612,10 @@ class Method(ABC):
     # True: the server sends each client its own part of the global state (global_for_client)
     # and expects only that part back
     per_client_messages: bool = False
+    # why record-level DP-SGD (site setting dp-mode=record, federation/dpsgd.py) cannot serve this
+    # method's local update; "" = it can: the update is ``ctx.steps`` / ``ctx.step`` on one
+    # plain loss over one model (data-independent terms passed as ``step(public=...)``)
+    dp_sgd_refusal: str = "its local update is not declared to be one plain loss over one model"
 
     def __init__(self, cfg: FedmmConfig) -> None:
         self.cfg = cfg

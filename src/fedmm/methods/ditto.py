@@ -61,6 +61,7 @@ class Ditto(FedAvg):
     options = DittoConfig
     views = (SHARED, PERSONAL)
     adapter_sets = ("global_adapter", "personal_adapter")
+    dp_sgd_refusal = "it trains two models per round (the global and the personal v_k)"
 
     def count_trainable(self, model: FusionVLModel) -> int:
         """Two full models per client: the global copy and the personal one."""

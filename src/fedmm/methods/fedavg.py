@@ -51,6 +51,7 @@ class FedAvg(Method):
     views = (SHARED, SHARED_HEAD, PERSONAL)
     view_aliases = MappingProxyType({"global": SHARED, "personalized": PERSONAL})
     adapter_sets = ("global_adapter",)
+    dp_sgd_refusal = ""  # one plain loss over one model: record-level DP-SGD serves it
 
     def upload_parts(self) -> tuple[str, ...]:
         return PARTS

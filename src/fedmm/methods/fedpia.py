@@ -192,6 +192,7 @@ def align(
 @register("fedpia")
 class FedPIA(FedAvg):
     options = FedPIAConfig
+    dp_sgd_refusal = "it trains and keeps a local model beside the federated one (two models)"
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

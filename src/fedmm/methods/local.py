@@ -31,6 +31,7 @@ class Local(Method):
     views = (PERSONAL,)
     view_aliases = MappingProxyType({"personalized": PERSONAL})
     adapter_sets = ("local_adapter",)
+    dp_sgd_refusal = ""  # one plain loss over one model: record-level DP-SGD serves it
 
     def trainable_parts(self) -> tuple[str, ...]:
         return (f"adapter.{self.adapter_sets[0]}", "proj", "head")

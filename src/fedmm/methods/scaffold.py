@@ -116,6 +116,8 @@ def prefixed(state: dict, prefix: str) -> dict:
 @register("scaffold")
 class Scaffold(FedAvg):
     options = ScaffoldConfig
+    dp_sgd_refusal = ("its control variates (variant I: an exact gradient over the site's data) "
+                      "leave the site outside the per-example clipping")  # fmt: skip
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

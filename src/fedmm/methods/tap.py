@@ -176,6 +176,8 @@ class TAP(Method):
     views = (SHARED, PERSONAL, "distilled")
     view_aliases = MappingProxyType({"global": SHARED, "personalized": PERSONAL})
     per_client_messages = True  # each client is sent (and returns) only its own modules
+    dp_sgd_refusal = ("it trains two stages and scores a validation split it reports (two "
+                      "models, data-dependent selection)")  # fmt: skip
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
