@@ -67,6 +67,7 @@ from fedmm.config import ConfigError, FedmmConfig, run_name
 from fedmm.data import sites as site_data
 from fedmm.federation import audit, consent, dp, messages, sitedp
 from fedmm.federation.messages import RefusedMessage
+from fedmm.federation.privacy import PrivacyBudgetExceeded
 from fedmm.federation.site import SiteSettings
 from fedmm.files import atomic_torch_save, remove_stale_temps
 from fedmm.methods import ClientContext, get_method
