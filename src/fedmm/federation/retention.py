@@ -69,7 +69,9 @@ def purge(settings: Any, what: str = "all", records: bool = False) -> list[Path]
     if what in ("state", "all") and root.is_dir():
         own_cache = consent.default_cache_dir(settings)
         ledgers = root / LEDGER_DIR
-        for run in sorted(p for p in root.iterdir() if p.is_dir() and p not in (own_cache, ledgers)):
+        for run in sorted(
+            p for p in root.iterdir() if p.is_dir() and p not in (own_cache, ledgers)
+        ):
             doomed = [run / name for name in STATE_FILES] + list(run.glob(".fedmm-*.tmp"))
             for path in doomed:
                 if path.exists():
