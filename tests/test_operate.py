@@ -11,6 +11,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -299,11 +300,12 @@ def test_a_superlink_restarted_with_its_database_keeps_its_sites(tmp_path):
     dep = launch.start(tmp_path / "deployment", nodes, timeout=120)
     try:
         assert dep.database.is_file()
-        offsets = [dep.log_size(k) for k in range(2)]
+        killed_at = time.time()
         dep.kill_superlink()
         dep.start_superlink()
-        for k in range(2):  # each site's own word that it is through again: no registering
-            dep.wait_site_online(k, offsets[k], timeout=150)
+        # the SuperLink's own word that it heard from each site again: no registering
+        back = dep.wait_back([0, 1], killed_at, timeout=150)
+        assert all(t >= killed_at for t in back.values())
         assert dep.online_nodes() == 2
         registered = dep.flwr(["supernode", "list", launch.CONNECTION, "--format", "json"], 30)
         assert len(json.loads(registered.stdout)["nodes"]) == 2  # the same two, kept
