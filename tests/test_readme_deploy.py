@@ -127,7 +127,8 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path, fmnist_dir):
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_HOME"] = str(tmp_path / "flwr-home")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    procs: list[subprocess.Popen] = []
+    services: dict[str, subprocess.Popen] = {}  # long-running: the SuperLink, the sites
+    logs = tmp_path / "logs"
 
     def write(block: Block, k: int | None = None) -> Path:
         path = Path(sub(block.file.replace("$FLWR_HOME", env["FLWR_HOME"]), k))
@@ -137,13 +138,14 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path, fmnist_dir):
 
     def bash(block: Block, k: int | None = None, timeout: float = 300.0):
         name = f"{block.name}-{k}" if k is not None else block.name
-        log = tmp_path / "logs" / f"{name}.log"
+        log = logs / f"{name}.log"
         with log.open("wb") as fh:
             proc = subprocess.Popen(["bash", "-euc", sub(block.body, k)], stdout=fh,
                                     stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                     start_new_session=True)  # fmt: skip
         if block.background:
-            procs.append(proc)
+            if block.name != "run":
+                services[name] = proc
             return proc
         try:
             rc = proc.wait(timeout=timeout)
@@ -155,20 +157,20 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path, fmnist_dir):
     try:
         bash(blocks["certs"])
         superlink = bash(blocks["superlink"])
-        _wait_for(lambda: _listening(sub.port), superlink, "the SuperLink to listen", 120)
+        _wait_for(lambda: _listening(sub.port), services, logs, "the SuperLink to listen", 120)
         write(blocks["flwr-config"])
         for k in range(2):
             bash(blocks["register"], k)
         for k in range(2):
             write(blocks["site-toml"], k)
             bash(blocks["site"], k)
-        _wait_for(lambda: _online(env) == 2, superlink, "both sites online", 300)
+        _wait_for(lambda: _online(env) == 2, services, logs, "both sites online", 300)
 
         out = tmp_path / "var" / "runs" / "deployed"
         run = bash(blocks["run"])
-        _wait_for(lambda: _rounds(out) >= 1 or run.poll() is not None, superlink,
+        _wait_for(lambda: _rounds(out) >= 1 or run.poll() is not None, services, logs,
                   "round 1 of the run", 600)  # fmt: skip
-        assert run.poll() is None, (tmp_path / "logs" / "run.log").read_text()[-3000:]
+        assert run.poll() is None, (logs / "run.log").read_text()[-3000:]
         killed = [pid for pid in descendants(superlink.pid) if _is_serverapp(pid)]
         assert killed, "no flwr-serverapp process under the SuperLink"
         for pid in killed:
@@ -188,9 +190,9 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path, fmnist_dir):
         record = json.loads((out / "results.json").read_text())["runs"]
         assert [(r["method"], len(r["history"])) for r in record] == [("feddat", 2)]
     finally:
-        for proc in reversed(procs):
+        for proc in reversed(services.values()):
             _end(proc)
-    assert all(p.poll() is not None for p in procs)
+    assert all(p.poll() is not None for p in services.values())
 
 
 def _end(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -206,11 +208,16 @@ def _end(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             continue
 
 
-def _wait_for(ready, superlink: subprocess.Popen, what: str, timeout: float) -> None:
-    """Until ``ready()``: bounded but generous (a loaded CI machine), never a fixed sleep."""
+def _wait_for(ready, services: dict[str, subprocess.Popen], logs: Path, what: str,
+              timeout: float) -> None:  # fmt: skip
+    """Until ``ready()``: bounded but generous (a loaded CI machine), never a fixed sleep; a
+    long-running README command that exits meanwhile fails the test at once, with its log."""
     deadline = time.monotonic() + timeout
     while not ready():
-        assert superlink.poll() is None, f"the SuperLink exited while waiting for {what}"
+        for name, proc in services.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited ({proc.returncode}) while waiting for "
+                                     f"{what}:\n{(logs / f'{name}.log').read_text()[-3000:]}")  # fmt: skip
         assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
         time.sleep(0.5)
 

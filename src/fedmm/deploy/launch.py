@@ -527,11 +527,13 @@ def drill(cfg, workdir: str | Path, site: int = 1, timeout: float = 1800.0,
     2. the ServerApp process is SIGKILLed before round 2 completes (the run dies; its checkpoint
        is round 1's);
     3. the SuperLink is SIGKILLed and restarted with its database (no site registers again);
-    4. the run is resumed with its own options (``resume=true``) and finishes.
+    4. a run still "running" by ``flwr ls`` is stopped (``flwr stop``); the run is resumed with
+       its own options (``resume=true``) and finishes.
 
-    Returns ``{"run": the resumed run's record, "seconds": {...}}``: site back online after its
-    kill, SuperLink back with every site online, resume to the end.  ``cfg.fed.rounds`` must be at
-    least 2."""
+    "Back" is the SuperLink's own word, not a site's log: its node list shows the site online
+    with an activation or heartbeat after the kill (``Deployment.wait_back``).  Returns ``{"run":
+    the resumed run's record, "seconds": {...}}``: site back after its kill, every site back
+    after the SuperLink's kill, resume to the end.  ``cfg.fed.rounds`` must be at least 2."""
     from fedmm.engine import prepare
 
     cfg = prepare(cfg)
