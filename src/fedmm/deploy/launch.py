@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmm.deploy import certs
-from fedmm.deploy.site import descendants
+from fedmm.deploy.site import descendants, exit_reason
 
 log = logging.getLogger(__name__)
 CONNECTION = "fedmm"  # the SuperLink connection's name in $FLWR_HOME/config.toml
@@ -51,7 +51,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode}")
+            raise RuntimeError(f"process {proc.args[0]} {exit_reason(proc.returncode)}")
         with socket.socket() as sock:
             sock.settimeout(1.0)
             if sock.connect_ex(("127.0.0.1", port)) == 0:
@@ -267,7 +267,7 @@ class Deployment:
             for k, proc in self.supernodes.items():
                 if proc.poll() is not None:
                     raise RuntimeError(
-                        f"supernode-{k} exited with {proc.returncode}; see "
+                        f"supernode-{k}'s runner {exit_reason(proc.returncode)}; see "
                         f"{self.workdir / f'supernode-{k}.log'}"
                     )
             if time.monotonic() > deadline:
