@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -197,6 +199,30 @@ def test_retries_after_a_crash_are_paced_to_the_superlinks_heartbeat_window(tmp_
     assert online.startswith(stamp(1064)), said
     assert "64 s after this site's previous SuperNode was last seen alive" in online
     assert "still registered as online" in said[1] and "retrying in 56 s" in said[1]
+
+
+def test_sigterm_ends_the_runner_during_a_long_wait(tmp_path):
+    """A runner waiting 600 s before its next start stops at once on SIGTERM (systemd's stop)."""
+    fake = _fake_supernode(tmp_path, "sys.exit(1)\n")
+    with _listening() as address:
+        code = (
+            "from fedmm.deploy.site import SiteConfig, run_site\n"
+            f"cfg = SiteConfig({address!r}, insecure=True, settings={{'data-dir': "
+            f"{str(tmp_path / 'site')!r}, 'state-dir': {str(tmp_path / 'state')!r}}})\n"
+            f"raise SystemExit(run_site(cfg, emit=lambda m: print(m, flush=True), "
+            f"command={fake!r}, min_wait=600))\n"
+        )
+        runner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        try:
+            for line in runner.stdout:
+                if "retrying in 600 s" in line:
+                    break
+            runner.send_signal(signal.SIGTERM)
+            assert runner.wait(timeout=120) == 0  # not after the 600 s wait
+        finally:
+            runner.kill()
+            runner.wait()
 
 
 def _tls_server(cert_dir: Path) -> tuple[socket.socket, threading.Thread]:

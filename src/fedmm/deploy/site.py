@@ -219,14 +219,15 @@ def run_site(
     cfg: SiteConfig, emit: Callable[[str], None] = print, max_starts: int | None = None,
     command: list[str] | None = None, min_wait: float = 2.0, max_wait: float = 60.0,
     subreaper: bool = False, clock: Callable[[], float] = time.time,
-    sleep: Callable[[float], None] = time.sleep, retry_every: float = RETRY_EVERY,
+    sleep: Callable[[float], object] | None = None, retry_every: float = RETRY_EVERY,
 ) -> int:  # fmt: skip
     """Run (and re-run) the site's SuperNode until SIGTERM/SIGINT, or ``max_starts`` starts.
     Returns 2 for a configuration no retry can fix (TLS), else 0.  ``subreaper`` (the ``fedmm
     site`` command): what the SuperNode leaves running when it exits is this process's to end.
 
     Every line it emits starts with the time (ISO-8601 UTC).  ``clock``/``sleep`` are the wall
-    clock and the wait between starts (tests pass their own).  Waits: after a "still registered
+    clock and the wait between starts (tests pass their own; by default a wait that SIGTERM
+    ends at once).  Waits: after a "still registered
     as online" refusal, until the heartbeat window of the previous SuperNode ends (its last sign
     of life, in the marker, + ``WINDOW``) and then every ``retry_every`` s; after a refusal of
     the key 30 s; after any other exit ``min_wait`` doubling to ``max_wait`` (reset once online).
@@ -244,11 +245,13 @@ def run_site(
     env = dict(os.environ)
     if cfg.flwr_home:
         env["FLWR_HOME"] = cfg.flwr_home
-    stopping, child = False, None
+    stopping, child, stopped = False, None, threading.Event()
+    sleep = sleep or stopped.wait
 
     def stop(signum, frame) -> None:
         nonlocal stopping
         stopping = True
+        stopped.set()
         if child is not None and child.poll() is None:
             child.terminate()
 
