@@ -136,7 +136,7 @@ class Deployment:
 
     def wait_back(self, sites: list[int], since: float, timeout: float = 300.0) -> dict[int, float]:
         """Until the SuperLink has heard from each of ``sites`` (an activation or a heartbeat)
-        after ``since`` (epoch seconds), by its own node list; returns when each was seen so.
+        after ``since`` (epoch seconds), by its own node list; returns when each was heard from.
 
         "online" in ``flwr supernode list`` alone proves nothing here: the SuperLink lists a
         node as online until its last heartbeat + the heartbeat window, also a dead node's and,
@@ -146,17 +146,17 @@ class Deployment:
         + HEARTBEAT_PATIENCE x the node's heartbeat interval)."""
         keys = {self.site_key(k): k for k in sites}
         back: dict[int, float] = {}
-        deadline = time.monotonic() + timeout
+        deadline, unanswered = time.monotonic() + timeout, ""
         while True:
             try:
-                nodes = self.nodes()
-            except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError):
-                nodes = []  # the SuperLink is still starting
+                nodes, unanswered = self.nodes(), ""
+            except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+                nodes, unanswered = [], f"; last error: {exc}"  # e.g. a SuperLink still starting
             for node in nodes:
                 k = keys.get(node["public_key"])
                 if k is not None and k not in back and node["status"] == "online" \
                         and node["last_contact"] >= since:  # fmt: skip
-                    back[k] = time.time()
+                    back[k] = node["last_contact"]
             if len(back) == len(sites):
                 return back
             for k in sites:
@@ -167,8 +167,8 @@ class Deployment:
                 missing = sorted(set(sites) - set(back))
                 raise TimeoutError(
                     f"the SuperLink has not heard from site(s) {missing} within {timeout:.0f} s "
-                    f"(flwr supernode list {CONNECTION}: {_brief(nodes)}); see "
-                    f"{self.workdir}/supernode-K.log"
+                    f"(flwr supernode list {CONNECTION}: {_brief(nodes)}{unanswered[-500:]}); "
+                    f"see {self.workdir}/supernode-K.log"
                 )
             time.sleep(1.0)
 
