@@ -338,3 +338,26 @@ def test_a_superlink_restarted_with_its_database_keeps_its_sites(tmp_path):
     finally:
         dep.stop()
     assert all(p.poll() is not None for p in [dep.superlink, *dep.supernodes.values()])
+
+
+def test_a_resume_stops_the_runs_flower_still_shows_unfinished(tmp_path):
+    """What flwr ls shows unfinished (a run whose ServerApp died stays "running" until its
+    heartbeat window passes) is stopped before a resume; finished runs are left alone."""
+    runs = [{"run-id": "11", "status": "finished:completed"}, {"run-id": "12", "status": "running"},
+            {"run-id": "13", "status": "finished:failed"}, {"run-id": "14", "status": "pending"}]  # fmt: skip
+    calls: list[list[str]] = []
+
+    def flwr(args, timeout):
+        calls.append(args)
+        out = json.dumps({"success": True, "runs": runs}) if args[0] == "ls" else "stopped"
+        return subprocess.CompletedProcess(args, 0, out, "")
+
+    dep = launch.Deployment(tmp_path, 0, 0, {})
+    dep.flwr = flwr
+    said: list[str] = []
+    assert dep.stop_dead_runs(said.append) == ["12", "14"]
+    assert calls[1:] == [["stop", "12", "fedmm"], ["stop", "14", "fedmm"]]
+    assert "run 12 is still 'running'" in said[0] and "flwr stop 12 fedmm" in said[0]
+    dep.flwr = lambda args, timeout: subprocess.CompletedProcess(args, 1, "", "connection refused")
+    with pytest.raises(RuntimeError, match="flwr ls failed"):
+        dep.stop_dead_runs(said.append)
