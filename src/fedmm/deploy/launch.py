@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmm.deploy import certs
-from fedmm.deploy.site import descendants
+from fedmm.deploy.site import descendants, exit_reason
 from fedmm.runkey import RunKey
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode}")
+            raise RuntimeError(f"process {proc.args[0]} {exit_reason(proc.returncode)}")
         with socket.socket() as sock:
             sock.settimeout(1.0)
             if sock.connect_ex(("127.0.0.1", port)) == 0:
@@ -113,23 +113,93 @@ class Deployment:
         keeps every registration, so sites reconnect without registering again."""
         return self.workdir / "superlink.db"
 
-    def log_size(self, k: int) -> int:
-        path = self.workdir / f"supernode-{k}.log"
-        return path.stat().st_size if path.is_file() else 0
+    def nodes(self, timeout: float = 30.0) -> list[dict]:
+        """The SuperLink's own view of its SuperNodes (``flwr supernode list`` through the
+        deployment's connection, read with Flower's Control API client): per node its id,
+        ``status``, ``last_contact`` (its last activation or heartbeat, epoch seconds) and
+        ``public_key`` (PEM)."""
+        out = subprocess.run(
+            [sys.executable, "-c", "from fedmm.deploy.launch import _print_nodes; _print_nodes()"],
+            env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"cannot list the SuperLink's nodes:\n{out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def wait_site_online(self, k: int, offset: int, timeout: float = 300.0) -> None:
-        """Until site ``k``'s runner says it is online in its log after byte ``offset`` (the
-        SuperLink may still list a dead node of it as online until its heartbeat window ends)."""
-        path, deadline = self.workdir / f"supernode-{k}.log", time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with path.open("rb") as fh:
-                fh.seek(offset)
-                if b"fedmm site: online" in fh.read():
-                    return
-            if self.supernodes[k].poll() is not None:
-                raise RuntimeError(f"site {k}'s runner exited; see {path}")
+    def site_key(self, k: int) -> str:
+        """Site ``k``'s public key as the SuperLink stores it (PEM, SubjectPublicKeyInfo)."""
+        from cryptography.hazmat.primitives import serialization
+
+        pub = serialization.load_ssh_public_key(self.paths["supernode_keys"][k][1].read_bytes())
+        return pub.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+
+    def wait_back(self, sites: list[int], since: float, timeout: float = 300.0) -> dict[int, float]:
+        """Until the SuperLink has heard from each of ``sites`` (an activation or a heartbeat)
+        after ``since`` (epoch seconds), by its own node list; returns when each was heard from.
+
+        "online" in ``flwr supernode list`` alone proves nothing here: the SuperLink lists a
+        node as online until its last heartbeat + the heartbeat window, also a dead node's and,
+        after a restart with its database, every node's.  A node's ``online_until`` minus that
+        window is when it was last heard from (``flwr/server/superlink/linkstate/
+        sql_linkstate.py``: ``activate_node`` and ``acknowledge_node_heartbeat`` set it to now
+        + HEARTBEAT_PATIENCE x the node's heartbeat interval)."""
+        keys = {self.site_key(k): k for k in sites}
+        back: dict[int, float] = {}
+        deadline, unanswered = time.monotonic() + timeout, ""
+        while True:
+            try:
+                nodes, unanswered = self.nodes(), ""
+            except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+                nodes, unanswered = [], f"; last error: {exc}"  # e.g. a SuperLink still starting
+            for node in nodes:
+                k = keys.get(node["public_key"])
+                if k is not None and k not in back and node["status"] == "online" \
+                        and node["last_contact"] >= since:  # fmt: skip
+                    back[k] = node["last_contact"]
+            if len(back) == len(sites):
+                return back
+            for k in sites:
+                if self.supernodes[k].poll() is not None:
+                    raise RuntimeError(f"site {k}'s runner exited; see "
+                                       f"{self.workdir / f'supernode-{k}.log'}")  # fmt: skip
+            if time.monotonic() > deadline:
+                missing = sorted(set(sites) - set(back))
+                raise TimeoutError(
+                    f"the SuperLink has not heard from site(s) {missing} within {timeout:.0f} s "
+                    f"(flwr supernode list {CONNECTION}: {_brief(nodes)}{unanswered[-500:]}); "
+                    f"see {self.workdir}/supernode-K.log"
+                )
             time.sleep(1.0)
-        raise TimeoutError(f"site {k} not back online within {timeout:.0f}s; see {path}")
+
+    def unfinished_runs(self, timeout: float = 60.0) -> list[dict]:
+        """``flwr ls``'s runs that are not finished (pending, starting, running)."""
+        out = self.flwr(["ls", CONNECTION, "--format", "json"], timeout)
+        try:
+            runs = json.loads(out.stdout)["runs"]
+        except (json.JSONDecodeError, KeyError):
+            raise RuntimeError(f"flwr ls failed:\n{out.stdout}{out.stderr}") from None
+        return [r for r in runs if not r["status"].startswith("finished")]
+
+    def stop_dead_runs(self, emit=print, timeout: float = 60.0) -> list[str]:
+        """``flwr stop`` every unfinished run: before a resume, the run whose ServerApp died.
+
+        Flower keeps such a run "running" until its ServerApp's heartbeat window ends (its
+        token expires, then ``finished:failed``, "No heartbeat received from the task":
+        ``flwr/supercore/corestate/sql_corestate.py``), and its messages already out may still
+        reach sites: a site running one of them would write the run's client state while the
+        resumed run does.  Stopping it ends that (sites are refused its messages)."""
+        stopped = []
+        for run in self.unfinished_runs(timeout):
+            rid = run["run-id"]
+            emit(f"run {rid} is still '{run['status']}' by flwr ls though its ServerApp "
+                 f"is gone; flwr stop {rid} {CONNECTION}")  # fmt: skip
+            out = self.flwr(["stop", rid, CONNECTION], timeout)
+            if out.returncode != 0:
+                raise RuntimeError(f"flwr stop {rid} failed:\n{out.stdout}{out.stderr}")
+            stopped.append(rid)
+        return stopped
 
     def kill_superlink(self) -> None:
         """SIGKILL the SuperLink and its children (SuperExec, the ServerApp): a crash."""
@@ -198,7 +268,7 @@ class Deployment:
             for k, proc in self.supernodes.items():
                 if proc.poll() is not None:
                     raise RuntimeError(
-                        f"supernode-{k} exited with {proc.returncode}; see "
+                        f"supernode-{k}'s runner {exit_reason(proc.returncode)}; see "
                         f"{self.workdir / f'supernode-{k}.log'}"
                     )
             if time.monotonic() > deadline:
@@ -239,6 +309,32 @@ class Deployment:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _print_nodes() -> None:
+    """Print the SuperLink's node list as JSON (one line): run in a process whose ``FLWR_HOME``
+    holds the deployment's connection (``Deployment.nodes``).  The same call as ``flwr supernode
+    list`` (``flwr/cli/supernode/ls.py``), keeping what its output leaves out: ``online_until``
+    and the heartbeat interval, from which the last contact follows."""
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.common.constant import HEARTBEAT_PATIENCE
+    from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
+
+    client = init_http_client_from_connection(read_superlink_connection(CONNECTION))
+    try:
+        nodes = client.ListNodes(ListNodesRequest()).nodes_info
+    finally:
+        client.close()
+    print(json.dumps([{
+        "node_id": n.node_id, "status": n.status, "public_key": n.public_key.decode(),
+        "last_contact": (n.online_until - HEARTBEAT_PATIENCE * n.heartbeat_interval
+                         if n.HasField("online_until") else 0.0),
+    } for n in nodes]))  # fmt: skip
+
+
+def _brief(nodes: list[dict]) -> str:
+    return ", ".join(f"node {n['node_id']} {n['status']}" for n in nodes) or "no answer"
 
 
 def _toml(value) -> str:
@@ -400,6 +496,12 @@ def deploy_and_run(
     cfg = prepare(cfg)
     workdir = Path(workdir)
     dep = start(workdir, site_nodes(cfg))
+    if cfg.resume:  # the run that died is still "running" in the SuperLink's database
+        try:
+            dep.stop_dead_runs(emit=lambda m: log.warning("%s", m))
+        except BaseException:
+            dep.stop()
+            raise
     killed = kill_node is None
 
     def fault() -> None:
@@ -426,11 +528,13 @@ def drill(cfg, workdir: str | Path, site: int = 1, timeout: float = 1800.0,
     2. the ServerApp process is SIGKILLed before round 2 completes (the run dies; its checkpoint
        is round 1's);
     3. the SuperLink is SIGKILLed and restarted with its database (no site registers again);
-    4. the run is resumed with its own options (``resume=true``) and finishes.
+    4. a run still "running" by ``flwr ls`` is stopped (``flwr stop``); the run is resumed with
+       its own options (``resume=true``) and finishes.
 
-    Returns ``{"run": the resumed run's record, "seconds": {...}}``: site back online after its
-    kill, SuperLink back with every site online, resume to the end.  ``cfg.fed.rounds`` must be at
-    least 2."""
+    "Back" is the SuperLink's own word, not a site's log: its node list shows the site online
+    with an activation or heartbeat after the kill (``Deployment.wait_back``).  Returns ``{"run":
+    the resumed run's record, "seconds": {...}}``: site back after its kill, every site back
+    after the SuperLink's kill, resume to the end.  ``cfg.fed.rounds`` must be at least 2."""
     from fedmm.engine import prepare
 
     cfg = prepare(cfg)
@@ -448,28 +552,30 @@ def drill(cfg, workdir: str | Path, site: int = 1, timeout: float = 1800.0,
                 raise RuntimeError(f"round 1 never completed; see {workdir / 'flwr-run.log'}")
             time.sleep(0.2)
         emit(f"drill: round 1 done; killing site {site} (SuperNode + runner) while round 2 is out")
-        t0 = time.monotonic()
+        killed_at, t0 = time.time(), time.monotonic()
         dep.kill_supernode(site)
-        offset = dep.log_size(site)
         dep.start_supernode(site)
         if not dep.kill_serverapp():
             raise RuntimeError("no flwr-serverapp process to kill: the run ended too soon")
         _kill_group(proc, signal.SIGKILL)
-        emit("drill: killed the ServerApp mid-round 2; waiting for the site to come back")
-        dep.wait_site_online(site, offset)
+        emit("drill: killed the ServerApp mid-round 2; waiting for the SuperLink to hear from "
+             f"site {site} again")  # fmt: skip
+        dep.wait_back([site], killed_at)
         seconds["site_back_online"] = time.monotonic() - t0
-        emit(f"drill: site {site} online again after {seconds['site_back_online']:.0f} s; "
-             "killing the SuperLink")  # fmt: skip
-        t0 = time.monotonic()
-        offsets = [dep.log_size(k) for k in range(len(nodes))]
+        emit(f"drill: site {site} online again after {seconds['site_back_online']:.0f} s "
+             "(by the SuperLink's node list); killing the SuperLink")  # fmt: skip
+        killed_at, t0 = time.time(), time.monotonic()
         dep.kill_superlink()
         dep.start_superlink()
-        for k in range(len(nodes)):  # every site's runner has reconnected on its own
-            dep.wait_site_online(k, offsets[k])
+        back = dep.wait_back(list(range(len(nodes))), killed_at)  # the runners reconnect alone
         seconds["superlink_back"] = time.monotonic() - t0
-        emit(f"drill: SuperLink back with every site online after {seconds['superlink_back']:.0f}"
-             " s; resuming the run")  # fmt: skip
+        emit("drill: SuperLink back, every site heard from again ("
+             + ", ".join(f"site {k} {back[k] - killed_at:.0f} s" for k in sorted(back))
+             + f") after {seconds['superlink_back']:.0f} s; resuming the run")  # fmt: skip
         t0 = time.monotonic()
+        dep.stop_dead_runs(
+            lambda m: emit(f"drill: {m}")
+        )  # the killed run, "running" until its heartbeat window ends
         _watch(dep.run(run_config_of(cfg.with_overrides({"resume": True})), wait=False),
                max(60.0, deadline - time.monotonic()))  # fmt: skip
         seconds["resume_to_end"] = time.monotonic() - t0
