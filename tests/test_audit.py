@@ -232,3 +232,13 @@ def test_a_message_that_cannot_be_audited_is_not_handled_and_no_reply_leaves_una
     with pytest.raises(clientapp.SiteError, match="OSError: failed at the site"):
         clientapp.as_site(handler, msg, ctx)  # handled, but its reply is withheld
     assert len(handled) == 1 and calls == ["received", "sent"]
+
+
+def test_a_servers_long_value_is_audited_as_its_hash(tiny_cfg, flower_task_identity):
+    """A megabyte run id must not land in the log as is (found by the hostile-server review:
+    each such message added megabytes and made the next append quadratic under the lock)."""
+    from flwr.app import MessageType
+
+    content = messages.server_message({}, tiny_cfg, 1, 0, "0" * 64, 0, "r" * 1_000_000)
+    entry = audit.received_entry(Message(content, 7, MessageType.TRAIN))
+    assert entry["run"] == "sha256:" + __import__("hashlib").sha256(b"r" * 1_000_000).hexdigest()

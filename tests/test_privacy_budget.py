@@ -264,6 +264,13 @@ def test_evaluation_limits_and_withheld_scores(tiny_cfg):
     # without DP no limit by default: a rerun re-evaluates identical states
     for _ in range(2):
         assert "acc.shared" in evaluate(context(2), global_np)
+    # a site with a budget but no floor of its own guards its scores when a run turns DP off
+    # (found by the hostile-server review: they were exact and unlimited)
+    third = {k: v + 0.02 for k, v in global_np.items()}
+    m = evaluate(context(2, **{"dp-max-epsilon": 8.0}), third)
+    assert m["scores-withheld"] == 1 and not [k for k in m if k.startswith("acc.")]
+    with pytest.raises(privacy.EvaluationLimit, match="max-evaluations-per-state"):
+        evaluate(context(2, **{"dp-max-epsilon": 8.0}), third, run_id="runc")
 
 
 def test_a_federation_with_dp_withholds_scores_and_still_writes_results(tiny_cfg):

@@ -131,6 +131,17 @@ REFUSALS = [  # (experiment options, site settings, what the refusal names)
     ({"model.hf_path": "someorg/some-model"}, {},
      r"model.hf_path='someorg/some-model'.*accept-models \(builtin\)"),
     ({"train.lr": -1.0}, {}, r"invalid at this site: train.lr must be a finite number in \(0"),
+    # found by the hostile-server review: widths that build a model of gigabytes before the
+    # trainable count could be checked, and a regex that backtracks for hours per module name
+    ({"model.head_hidden": 3_000_000}, {}, r"model.head_hidden=3000000.*max-width=8192"),
+    ({"peft.type": "lora", "peft.lora_r": 10**6}, {}, r"peft.lora_r=1000000.*max-width=8192"),
+    ({"adapter.bottleneck": 10**6}, {}, r"adapter.bottleneck=1000000.*max-width=8192"),
+    ({"peft.prompt_length": 10**6}, {}, r"peft.prompt_length=1000000.*max-width=8192"),
+    ({"method": "tap", "tap.distill_steps": 10**9}, {},
+     r"tap.distill_steps=1000000000.*max-local-steps=10000"),
+    ({"peft.type": "lora", "peft.lora_targets": "(.|.)*Z"}, {},
+     r"peft.lora_targets='\(\.\|\.\)\*Z'.*without groups"),
+    ({"peft.type": "lora", "peft.lora_targets": "q.*.*.*.*.*Z"}, {}, r"at most 4 of"),
 ]  # fmt: skip
 
 

@@ -121,6 +121,15 @@ def test_a_fab_that_is_not_a_zip_or_holds_a_name_twice_is_refused():
             fab.writestr("pyproject.toml", pyproject(clientapp="evil:app"))
     verdict = trust.inspect_fab(buf.getvalue())
     assert not verdict.accepted and "twice" in verdict.reason
+    # a member zipfile cannot unpack (unknown compression method): a refusal, not a crash
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as fab:
+        fab.writestr("pyproject.toml", pyproject())
+    raw = bytearray(buf.getvalue())
+    for offset in (8, raw.rfind(b"PK\x01\x02") + 10):  # method in local and central header
+        raw[offset : offset + 2] = (99).to_bytes(2, "little")
+    verdict = trust.inspect_fab(bytes(raw))
+    assert not verdict.accepted and "cannot be unpacked" in verdict.reason
 
 
 def test_nothing_of_the_fab_is_imported(tmp_path):

@@ -66,6 +66,20 @@ def app_hash(content: bytes) -> str:
     """The app hash of a FAB (module docstring): independent of the compressor.
 
     Raises ``ValueError`` for a FAB that is not a zip, holds a member name twice (which copy an
+    installer would take is not defined), unpacks to more than ``MAX_UNCOMPRESSED_BYTES`` or
+    cannot be unpacked at all (an unknown compression method, an encrypted member, ...)."""
+    try:
+        return _app_hash(content)
+    except ValueError:
+        raise
+    except Exception as exc:  # zipfile raises NotImplementedError, RuntimeError, ... on tricks
+        raise ValueError(f"a member cannot be unpacked ({type(exc).__name__}: {exc})") from None
+
+
+def _app_hash(content: bytes) -> str:
+    """The app hash of a FAB (module docstring): independent of the compressor.
+
+    Raises ``ValueError`` for a FAB that is not a zip, holds a member name twice (which copy an
     installer would take is not defined), or unpacks to more than ``MAX_UNCOMPRESSED_BYTES``."""
     lines, total = [], 0
     with _open_zip(content) as fab:
@@ -184,3 +198,7 @@ def _pyproject(content: bytes) -> dict:
             return tomllib.loads(fab.read(info).decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError, zipfile.BadZipFile) as exc:
             raise ValueError(f"its pyproject.toml is not valid TOML ({exc})") from None
+        except Exception as exc:  # an unknown compression method, an encrypted member, ...
+            raise ValueError(
+                f"its pyproject.toml cannot be unpacked ({type(exc).__name__})"
+            ) from None

@@ -64,15 +64,18 @@ def _last_line(fh) -> bytes:
     end = fh.seek(0, os.SEEK_END)
     if end == 0:
         return b""
-    block, data = 4096, b""
+    block, chunks, newlines = 4096, [], 0  # read backwards in blocks, joined once: linear
     pos = end
     while pos > 0:
         step = min(block, pos)
         pos -= step
         fh.seek(pos)
-        data = fh.read(step) + data
-        if data.count(b"\n") >= 2 or (pos == 0):
+        chunk = fh.read(step)
+        chunks.append(chunk)
+        newlines += chunk.count(b"\n")
+        if newlines >= 2:
             break
+    data = b"".join(reversed(chunks))
     body = data[:-1] if data.endswith(b"\n") else data
     start = body.rfind(b"\n") + 1
     return data[start:]
@@ -128,6 +131,9 @@ def experiment_sha256(raw: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+MAX_FIELD = 64  # characters of a message's value kept as is; a longer one is kept as its hash
+
+
 def received_entry(msg) -> dict:
     """What a message says about itself, read leniently (a malformed message is audited too)."""
     from fedmm.federation.messages import CONFIG
@@ -144,6 +150,8 @@ def received_entry(msg) -> dict:
         if key in config:
             value = config[key]
             entry[name] = value if isinstance(value, int | str) else str(value)
+            if isinstance(entry[name], str) and len(entry[name]) > MAX_FIELD:  # never a server's
+                entry[name] = "sha256:" + hashlib.sha256(entry[name].encode()).hexdigest()  # bulk
     if "experiment" in config:
         entry["experiment-sha256"] = experiment_sha256(config["experiment"])
     return entry

@@ -67,7 +67,7 @@ from fedmm.config import ConfigError, FedmmConfig, run_name
 from fedmm.data import sites as site_data
 from fedmm.federation import audit, consent, dp, messages, sitedp
 from fedmm.federation.messages import RefusedMessage
-from fedmm.federation.privacy import PrivacyBudgetExceeded
+from fedmm.federation.privacy import EvaluationLimit, PrivacyBudgetExceeded
 from fedmm.federation.site import SiteSettings
 from fedmm.files import atomic_torch_save, remove_stale_temps
 from fedmm.methods import ClientContext, get_method
@@ -148,7 +148,7 @@ def strip_paths(text: str) -> str:
 
 
 # fedmm's own refusals: their texts are built from the run's values and the site's settings
-PASSABLE = (RefusedMessage, ConfigError, PrivacyBudgetExceeded)
+PASSABLE = (RefusedMessage, ConfigError, PrivacyBudgetExceeded, EvaluationLimit)
 
 
 def short_error(exc: BaseException, ref: str = "") -> str:
@@ -377,9 +377,11 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     )  # fmt: skip
     global_state = to_torch(global_arrays)
     if not train:  # counted against the site's evaluation limits before it runs
-        sitedp.gate_evaluation(site, dp_on, meta, global_arrays)
+        # a site with a privacy budget guards its scores even when a run turns DP off
+        guarded = dp_on or site.settings.dp_max_epsilon > 0
+        sitedp.gate_evaluation(site, guarded, meta, global_arrays)
         views = method.client_evaluate(ctx, global_state)
-        metrics = sitedp.evaluation_metrics(views, site.settings, dp_on)
+        metrics = sitedp.evaluation_metrics(views, site.settings, guarded)
         metrics.update({"client-index": index, "num-examples": len(ctx.test),
                         "seconds": time.perf_counter() - t0,
                         "load-seconds": load_seconds})  # fmt: skip

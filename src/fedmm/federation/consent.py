@@ -84,6 +84,7 @@ CAPS = {  # site setting field -> (what it bounds, for messages)
     "max_batch_size": "train.batch_size and train.eval_batch_size",
     "max_image_size": "model.image_size",
     "max_text_len": "model.max_text_len",
+    "max_width": "model.head_hidden, peft.lora_r, adapter.bottleneck, peft.prompt_length",
     "max_trainable_params": "the trainable values of the run's model",
 }
 
@@ -178,9 +179,45 @@ def check_caps(cfg: FedmmConfig, settings: Any) -> None:
         ("model.image_size", cfg.model.image_size, "max-image-size", settings.max_image_size),
         ("model.max_text_len", cfg.model.max_text_len, "max-text-len", settings.max_text_len),
     ]  # fmt: skip
+    for option in ("model.head_hidden", "peft.lora_r", "adapter.bottleneck", "peft.prompt_length"):
+        section, name = option.split(".")
+        checks.append((option, getattr(getattr(cfg, section), name), "max-width",
+                       settings.max_width))  # fmt: skip
+    tap = getattr(cfg, "tap", None)  # TAP's own local steps: the same budget as a round's
+    for name in ("teacher_steps", "distill_steps") if tap is not None else ():
+        checks.append((f"tap.{name}", getattr(tap, name), "max-local-steps",
+                       settings.max_local_steps))  # fmt: skip
     for option, value, key, limit in checks:
         if not isinstance(value, int) or value > limit:
             raise refuse(option, value, f"this site's limit is {key}={limit}")
+    check_lora_targets(cfg)
+
+
+LORA_PATTERN = re.compile(r"[A-Za-z0-9_.\\*+?^$|\[\]-]{1,200}")  # no groups, no repetition counts
+MAX_LORA_TARGETS, MAX_QUANTIFIERS = 32, 4
+
+
+def check_lora_targets(cfg: FedmmConfig) -> None:
+    """``peft.lora_targets`` from a server: regular expressions this site will run over its
+    module names, so only ones whose matching time is bounded: no groups or repetition counts
+    (``(.|.)*Z`` backtracks exponentially: hours per name), at most ``MAX_QUANTIFIERS``
+    ``*`` / ``+`` / ``?`` each (polynomial in the name's length, a few million steps at most),
+    200 characters and ``MAX_LORA_TARGETS`` entries."""
+    from fedmm.config import PeftConfig
+
+    spec = cfg.peft.lora_targets
+    if cfg.peft.type != "lora" or spec == PeftConfig().lora_targets:
+        return
+    targets = csv(spec)
+    if len(targets) > MAX_LORA_TARGETS:
+        raise refuse("peft.lora_targets", f"{len(targets)} entries",
+                     f"at most {MAX_LORA_TARGETS} entries")  # fmt: skip
+    for target in targets:
+        quantifiers = sum(target.count(q) for q in "*+?")
+        if not LORA_PATTERN.fullmatch(target) or quantifiers > MAX_QUANTIFIERS:
+            raise refuse("peft.lora_targets", target[:60], "a target is a module name or a "
+                         "regular expression without groups or repetition counts, with at most "
+                         f"{MAX_QUANTIFIERS} of * + ? (its matching time must be bounded)")  # fmt: skip
 
 
 def check_trainable(count: int, what: str, settings: Any) -> None:

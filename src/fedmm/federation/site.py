@@ -75,6 +75,10 @@ state``                              arrays) over every run; auto = 1 with DP on
 ``max-batch-size``       512         largest ``train.batch_size`` / ``train.eval_batch_size``
 ``max-image-size``       1024        largest ``model.image_size`` (pixels per side)
 ``max-text-len``         512         largest ``model.max_text_len`` (tokens)
+``max-width``            8192        largest ``model.head_hidden``, ``peft.lora_r``,
+                                     ``adapter.bottleneck``, ``peft.prompt_length`` and TAP's
+                                     ``teacher_steps`` / ``distill_steps`` are bounded by
+                                     ``max-local-steps`` (checked before any model is built)
 ``max-trainable-params`` 100000000   most trainable values of the run's model (the global state
                                      the server sends, then the built model)
 =======================  ==========  ===========================================================
@@ -133,6 +137,7 @@ class SiteSettings:
     max_batch_size: int = 512
     max_image_size: int = 1024
     max_text_len: int = 512
+    max_width: int = 8192
     max_trainable_params: int = 100_000_000
 
     def __post_init__(self) -> None:
