@@ -395,3 +395,24 @@ def _acquire_task_without_the_secret(port: int) -> int:
     finally:
         client.close()
     return 200
+
+
+def test_an_app_refusal_is_in_the_sites_audit_log(tmp_path, flower_task_identity):
+    """What a data-protection officer reads: the refused message and the refusal, with the
+    app's hashes, in the site's hash-chained audit log (not only in the SuperNode's output)."""
+    from flwr.app import Context, Message, MessageType, RecordDict
+
+    from fedmm.deploy.trusted_clientapp import audit_refusal
+    from fedmm.federation import audit
+
+    verdict = trust.inspect_fab(raw_fab({"pyproject.toml": pyproject("hostile").encode()}))
+    assert not verdict.accepted
+    context = Context(run_id=1, node_id=7, node_config={"state-dir": str(tmp_path)},
+                      state=RecordDict(), run_config={})  # fmt: skip
+    audit_refusal(Message(RecordDict(), 7, MessageType.QUERY), context, "mallory/hostile",
+                  verdict, "fedmm site refused this run's app: " + verdict.reason)  # fmt: skip
+    entries, problem = audit.verify(tmp_path / "site" / audit.AUDIT_FILE)
+    assert problem is None and [e["kind"] for e in entries] == ["received", "sent"]
+    assert entries[0]["app"] == {"fab-id": "mallory/hostile", "fab-hash": verdict.fab_hash,
+                                 "app-hash": verdict.app_hash}  # fmt: skip
+    assert entries[1]["reply"] == "error" and "refused this run's app" in entries[1]["reason"]

@@ -1,3 +1,3 @@
 """fedmm: federated parameter-efficient finetuning of multimodal foundation models."""
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"

@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="purge: the feature cache, the client state, or both (default: all)")  # fmt: skip
     site.add_argument("--also-delete-privacy-ledger-and-audit-log", action="store_true",
                       dest="records",
-                      help="purge: ALSO delete every run's privacy ledger (the site then accounts "
-                      "ε from zero) and the audit log (its record of what left); not by default")  # fmt: skip
+                      help="purge: ALSO delete the privacy ledgers of its data (the site then "
+                      "accounts ε from zero) and the audit log (its record of what left); not by "
+                      "default")  # fmt: skip
     app_hash = sub.add_parser(
         "app-hash", help="the app hash of a fedmm project, for a site's trusted-apps (site.toml)"
     )

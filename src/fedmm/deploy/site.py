@@ -307,7 +307,7 @@ def run_site(
             link.ended()
             if stopping:
                 break
-            kind, why = classify("".join(lines), rc, marker.is_file())
+            kind, why = classify("".join(lines), rc, _recently_alive(marker, clock()))
             if kind == "still-online":
                 wait = _until_window_ends(marker, clock(), retry_every)
             elif kind == "not-registered":
@@ -391,6 +391,14 @@ class _Liveness:
 
     def ended(self) -> None:
         self.tick(force=True)  # it was alive until now
+
+
+def _recently_alive(marker: Path, now: float) -> bool:
+    """Whether this site's previous SuperNode was seen alive within the heartbeat window (+30 s):
+    only then can a refusal of its key mean "still registered as online"; later, the SuperLink
+    has forgotten the key (a SuperLink restarted without its database, say)."""
+    last = _last_alive(marker)
+    return last is not None and now - last <= WINDOW + 30.0
 
 
 def _last_alive(marker: Path) -> float | None:

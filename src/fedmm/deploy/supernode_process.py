@@ -167,7 +167,7 @@ def run(base: list[str], runtime_port: int, trusted_apps: list[str]) -> int:
         executor.close()
         rc = supernode.wait()
         pump.join(timeout=5)
-    return rc if rc >= 0 else 128 - rc
+    return rc  # negative: killed by that signal (``main`` dies of it too)
 
 
 def _die_with_parent() -> None:
@@ -194,10 +194,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per Runtime API call
     try:
-        return run(base, args.runtime_port, args.trusted_app)
+        rc = run(base, args.runtime_port, args.trusted_app)
     except (OSError, ValueError) as exc:
         print(f"fedmm site executor: cannot start the SuperNode: {exc}", flush=True)
         return 2
+    if rc < 0:  # the SuperNode was killed (e.g. SIGKILL by the OOM killer): so is this process,
+        sys.stdout.flush()  # and the runner says "killed by SIGKILL", not "exited with 137"
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(-rc, signal.SIG_DFL)
+        os.kill(os.getpid(), -rc)
+        return 128 - rc  # a signal that does not end a process
+    return rc
 
 
 if __name__ == "__main__":

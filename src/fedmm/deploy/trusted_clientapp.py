@@ -82,6 +82,7 @@ def run_task(runtime_api_address: str, token: str, trusted_apps: list[str]) -> i
             details = f"fedmm site refused this run's app: {verdict.reason}"
             reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
             code = REFUSED_EXIT
+            audit_refusal(message, context, run.fab_id, verdict, details)
         else:
             log.info("run %s: app %s %s (app hash %s) accepted; running the site's own ClientApp",
                      run.run_id, verdict.name, verdict.version, verdict.app_hash)  # fmt: skip
@@ -112,6 +113,23 @@ def run_task(runtime_api_address: str, token: str, trusted_apps: list[str]) -> i
         heartbeat.stop()
         client.close()
     return code
+
+
+def audit_refusal(message, context, fab_id: str, verdict, details: str) -> None:
+    """The refused message and the refusal in the site's audit log (``federation/audit.py``),
+    like every message the site's ClientApp handles; a site whose settings or log cannot be
+    read logs that and still refuses."""
+    from fedmm.federation import audit, consent
+    from fedmm.federation.site import SiteSettings
+
+    try:
+        settings = SiteSettings.from_node_config(dict(context.node_config))
+        path = consent.site_root(settings) / audit.AUDIT_FILE
+        app = {"fab-id": fab_id, "fab-hash": verdict.fab_hash, "app-hash": verdict.app_hash}
+        received = audit.append(path, audit.received_entry(message) | {"app": app})
+        audit.append(path, audit.sent_entry(received, reason=details, ref="app-refused"))
+    except Exception:
+        log.exception("the refusal could not be written to the site's audit log")
 
 
 def main(argv: list[str] | None = None) -> int:

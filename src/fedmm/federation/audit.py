@@ -56,7 +56,8 @@ def now() -> str:
 def app_identity() -> dict[str, str]:
     """Which app this process runs, as the trusted ClientApp process set it."""
     return {"fab-id": os.environ.get("FEDMM_FAB_ID", ""),
-            "fab-hash": os.environ.get("FEDMM_FAB_HASH", "")}  # fmt: skip
+            "fab-hash": os.environ.get("FEDMM_FAB_HASH", ""),
+            "app-hash": os.environ.get("FEDMM_APP_HASH", "")}  # fmt: skip
 
 
 def _last_line(fh) -> bytes:
