@@ -254,7 +254,7 @@ def run_bench(
     for benchmark, method, seed in cells:
         ccfg = cell_config(by_name[benchmark], method, seed, out, extra)
         existing = {results.run_key(r): r for r in results.load(out)["runs"]}
-        key = (ccfg.method, ccfg.variant, ccfg.peft.type, benchmark, seed)
+        key = RunKey(ccfg.method, ccfg.variant, ccfg.peft.type, benchmark, seed)
         bar.set_postfix_str(f"{method} on {benchmark}, seed {seed}")
         if key not in existing or not _same(existing[key], ccfg):
             run_method(ccfg)

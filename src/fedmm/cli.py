@@ -332,10 +332,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for method in methods:
         run_method(cfg.with_overrides({"method": method}), site)
     data = results.load(out)
-    data["runs"] = [
-        r for r in data["runs"]
-        if results.run_key(r) in {RunKey.of_config(cfg.with_overrides({"method": m})) for m in methods}
-    ]  # fmt: skip
+    keys = {RunKey.of_config(cfg.with_overrides({"method": m})) for m in methods}
+    data["runs"] = [r for r in data["runs"] if results.run_key(r) in keys]
     print()
     print(results.summary_table(data))
     print(
