@@ -149,7 +149,7 @@ def test_check_fails_when_the_gradient_sign_is_flipped(bar_task, tmp_path, monke
     learning check fails (centralized: one model, the cheapest run)."""
     original = ClientContext.step
 
-    def ascending_step(self, optimizer, loss, adjust=None):
+    def ascending_step(self, optimizer, loss, adjust=None, **kwargs):
         def flip_then_adjust():
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -158,7 +158,7 @@ def test_check_fails_when_the_gradient_sign_is_flipped(bar_task, tmp_path, monke
             if adjust is not None:
                 adjust()
 
-        original(self, optimizer, loss, flip_then_adjust)
+        original(self, optimizer, loss, flip_then_adjust, **kwargs)
 
     monkeypatch.setattr(ClientContext, "step", ascending_step)
     accuracies = final_accuracies(learning_cfg(bar_task, tmp_path, "centralized"))
