@@ -58,6 +58,7 @@ def federation(tiny_cfg, tmp_path, monkeypatch):
 
     monkeypatch.setenv("FEDMM_FAB_ID", "fedmm/fedmm")
     monkeypatch.setenv("FEDMM_FAB_HASH", "ab" * 32)
+    monkeypatch.setenv("FEDMM_APP_HASH", "cd" * 32)
     root = tmp_path / "sites"
     sites.write_sites(load_benchmark(tiny_cfg), root)
     cfg = prepare(tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 2,
@@ -87,7 +88,8 @@ def test_every_message_of_a_federation_is_audited_at_its_site(federation):
             assert got["kind"] == "received" and sent["kind"] == "sent"
             assert (got["message"], got["round"], got["run"]) == (kind, rnd, sent["run"])
             assert got["message"] in kinds and len(got["experiment-sha256"]) == 64
-            assert got["app"] == {"fab-id": "fedmm/fedmm", "fab-hash": "ab" * 32}
+            assert got["app"] == {"fab-id": "fedmm/fedmm", "fab-hash": "ab" * 32,
+                                  "app-hash": "cd" * 32}  # fmt: skip
             assert sent["reply"] == "ok" and not reply.has_error()
             arrays = {f"{name}/{key}": rec[key].numpy() for name, rec in reply.content.items()
                       if name == messages.UPDATE for key in rec.keys()}  # fmt: skip
