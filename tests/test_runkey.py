@@ -42,3 +42,16 @@ def test_deploy_never_takes_another_benchmarks_or_variants_run_as_its_own(tmp_pa
     (tmp_path / "results.json").write_text(json.dumps({"runs": [other, mine]}))
     assert launch._rounds_done(tmp_path, cfg) == 2
     assert launch._finished_run(cfg, tmp_path)["benchmark"] == "fmnist-domain"
+
+
+def test_the_clis_help_and_the_run_identity_load_no_torch():
+    """``fedmm --help`` used to import torch (cli.py took the string "sites" from runtime.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib\nimport fedmm.cli, fedmm.runkey, fedmm.results\n"
+            "with contextlib.suppress(SystemExit):\n    fedmm.cli.main(['--help'])\n"
+            "with contextlib.suppress(SystemExit):\n    fedmm.cli.main(['site', '--help'])\n"
+            "print('torch loaded:', 'torch' in sys.modules)\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("torch loaded: False"), out.stdout[-300:]

@@ -36,9 +36,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from fedmm.config import ConfigError, FedmmConfig, load_toml, parse_set
+from fedmm.config import SITES, ConfigError, FedmmConfig, load_toml, parse_set
 from fedmm.runkey import RunKey
-from fedmm.runtime import SITES
 
 FLAG_KEYS = {"benchmark": "data.benchmark", "peft": "peft.type", "rounds": "fed.rounds",
              "clients": "fed.clients", "seed": "seed", "out": "out_dir"}  # fmt: skip

@@ -21,6 +21,9 @@ class ConfigError(ValueError):
     """A configuration key or value that fedmm cannot use; the message says what is valid."""
 
 
+SITES = "sites"  # data.benchmark of a federation of site directories
+
+
 @dataclass
 class ModelConfig:
     """The backbone and the trainable parts around it."""

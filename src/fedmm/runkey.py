@@ -61,7 +61,9 @@ def recorded_benchmark(cfg) -> str:
     """The benchmark a run of ``cfg`` records: for site directories (``data.benchmark =
     "sites"``) the name in their task schema (``data.schema``, else ``<data.data_dir>/
     schema.json``), otherwise ``data.benchmark``."""
-    if cfg.data.benchmark != "sites":
+    from fedmm.config import SITES
+
+    if cfg.data.benchmark != SITES:
         return cfg.data.benchmark
     from fedmm.data import sites
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fedmm.backbones import FusionVLModel, build_model
-from fedmm.config import FedmmConfig
+from fedmm.config import SITES, FedmmConfig
 from fedmm.data import Benchmark, RawSplit, load_benchmark
 from fedmm.data import sites as site_data
 from fedmm.files import atomic_torch_save
@@ -82,9 +82,6 @@ class Encoded:
             mask.to(device),
             self.labels[idx].to(device),
         )
-
-
-SITES = "sites"  # data.benchmark of a federation of site directories
 
 
 def server_model(cfg: FedmmConfig, schema: site_data.Schema) -> FusionVLModel:
