@@ -57,8 +57,8 @@ def ledger(site) -> Ledger:
         cfg.data.benchmark, cfg.data.data_dir, site.runtime.schema.sha256(),
         -1 if cfg.data.benchmark == SITES else settings.partition_id,
     )  # fmt: skip
-    root = settings.state_root(consent.safe_name(site.spec.client_id))  # as the client state's
-    return Ledger(ledger_path(root, identity))
+    # the site's one root (``consent.site_root``), where its audit log is and purge looks
+    return Ledger(ledger_path(consent.site_root(settings), identity))
 
 
 def check_mode(settings, dp_cfg: DPConfig, method, cfg: FedmmConfig) -> None:
