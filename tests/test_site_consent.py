@@ -296,3 +296,18 @@ def test_purge_removes_cache_and_state_and_keeps_ledger_and_audit(
     assert cli.main(["site", "purge", "--config", str(toml),
                      "--also-delete-privacy-ledger-and-audit-log"]) == 0  # fmt: skip
     assert [p for p in root.rglob("*") if p.is_file()] == []
+
+
+def test_purging_the_cache_of_a_rehearsed_partition_is_an_error_not_a_silent_nothing(tmp_path):
+    """A rehearsed partition without cache-dir uses the shared default cache: a purge of one
+    partition must neither empty it nor report an empty directory as purged."""
+    from fedmm.federation import retention
+
+    settings = SiteSettings.from_node_config({"data-dir": str(tmp_path / "fmnist"),
+                                              "state-dir": str(tmp_path), "partition-id": 1})  # fmt: skip
+    with pytest.raises(ValueError, match="shared feature cache"):
+        retention.purge(settings, "cache")
+    own = SiteSettings.from_node_config({"data-dir": str(tmp_path / "fmnist"), "partition-id": 1,
+                                         "state-dir": str(tmp_path), "cache-dir": str(tmp_path / "c")})  # fmt: skip
+    (tmp_path / "c" / "features").mkdir(parents=True)
+    assert retention.purge(own, "cache") == [tmp_path / "c" / "features"]

@@ -37,8 +37,16 @@ STATE_FILES = ("client.pt", "client.pt.prev")  # and a killed write's .fedmm-*.t
 
 
 def cache_dir(settings: Any) -> Path:
-    """The site's feature cache directory (``cache-dir``, else ``<site root>/cache``)."""
-    return Path(settings.cache_dir) if settings.cache_dir else consent.default_cache_dir(settings)
+    """The site's feature cache directory: ``cache-dir``, else ``<site root>/cache`` for a site
+    directory (as ``clientapp.Site`` sets it).  ``ValueError`` for a rehearsed partition without
+    ``cache-dir``: it shares the runtime's default cache with the other partitions, which a purge
+    of one site must not empty (and must not claim to have emptied)."""
+    if settings.cache_dir:
+        return Path(settings.cache_dir)
+    if consent.site_directory_problem(Path(settings.data_dir)) is not None:
+        raise ValueError("this node rehearses a partition and uses the shared feature cache "
+                         "($XDG_CACHE_HOME/fedmm); remove it by hand, or give it its own cache-dir")  # fmt: skip
+    return consent.default_cache_dir(settings)
 
 
 def _remove(path: Path, removed: list[Path]) -> None:
@@ -55,7 +63,8 @@ def purge(settings: Any, what: str = "all", records: bool = False) -> list[Path]
     ``what``: ``cache`` (``<cache-dir>/features``), ``state`` (every run's ``client.pt``,
     ``client.pt.prev`` and temporary files under the site root) or ``all``.  ``records``: also
     every run's privacy ledger and the audit log (see the module docstring for why not by
-    default).  A run directory left empty is removed.  ``ValueError`` for another ``what``."""
+    default).  A run directory left empty is removed.  ``ValueError`` for another ``what``, and
+    for ``cache`` on a rehearsed partition without its own ``cache-dir`` (``cache_dir``)."""
     if what not in WHAT:
         raise ValueError(f"--what must be one of {', '.join(WHAT)}, got {what!r}")
     if records and what == "cache":
