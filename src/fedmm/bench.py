@@ -26,13 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmm import __version__, results
-from fedmm.config import ConfigError, FedmmConfig
+from fedmm.config import MAY_DIFFER, ConfigError, FedmmConfig
 from fedmm.files import atomic_write
 from fedmm.runkey import RunKey
-
-# config keys that do not change a result (data.schema: where the server's copy of the schema is;
-# its content is the benchmark's)
-VOLATILE = ("out_dir", "cache_dir", "progress", "resume", "data.schema")
+from fedmm.spec import KINDS, METHOD_SPECS, VIEW_ORDER
 
 
 @dataclass(frozen=True)
@@ -130,8 +127,9 @@ def _comparison_lines(runs: list[dict], names: list[str]) -> list[str]:
             "|---|---|---|---|---|---|---|---|", *rows]  # fmt: skip
 
 
-# what a variant may not set: they place the cell in the grid (or name it), the bench sets them
-CELL_KEYS = ("method", "variant", "seed", "out_dir", "data.benchmark", "peft.type")
+# what a variant may not set: the run's identity (RunKey) and where it is written -- they place the
+# cell in the grid (or name it), the bench sets them
+CELL_KEYS = (*RunKey.CONFIG_KEYS, "out_dir")
 
 
 def time_to_accuracy(run: dict, view: str, target: float) -> tuple[int, float] | None:
@@ -150,7 +148,7 @@ def _time_to_accuracy_lines(runs: list[dict], names: list[str], target: float | 
     (``target`` %, or by default the lowest final mean among the methods with that kind, which
     every method reaches on average by the last round)."""
     lines = []
-    for kind in results.KINDS:
+    for kind in KINDS:
         rows = {n: [r for r in runs if _name(r) == n and kind in r["final"]] for n in names}
         rows = {n: rs for n, rs in rows.items() if rs}
         if not rows:
@@ -185,15 +183,13 @@ def parse_variant(text: str) -> tuple[str, Variant]:
     theirs), or a key of ``CELL_KEYS`` (a variant changes a method's options, not the cell)."""
     import re
 
-    from fedmm.methods import METHODS
-
     name, eq, rest = (x.strip() for x in text.partition("="))
     method, _, sets = (x.strip() for x in rest.partition(":"))
     if not (eq and name and method):
         raise ConfigError(f"--variant expects NAME=METHOD:KEY=VALUE,..., got {text!r}")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
         raise ConfigError(f"--variant {name!r}: a name is letters, digits and _ . + - only")
-    if name in METHODS or name in VARIANTS:
+    if name in METHOD_SPECS or name in VARIANTS:
         raise ConfigError(f"--variant {name!r}: that name is a method's or a built-in "
                           "variant's; pick another (its runs would pass for theirs)")  # fmt: skip
     overrides = {}
@@ -227,11 +223,13 @@ def cell_config(
 
 
 def _same(run: dict, cfg: FedmmConfig) -> bool:
-    """Whether a stored run was made with ``cfg``.  A key the stored config lacks (an option
-    added to fedmm after the run) counts as its default value, which is what the run used."""
+    """Whether a stored run was made with ``cfg``: the options that affect results are equal
+    (``config.MAY_DIFFER``, where things are and how they are shown -- paths, the device --, may
+    differ).  A key the stored config lacks (an option added to fedmm after the run) counts as its
+    default value, which is what the run used."""
     flat, defaults = cfg.to_flat(), FedmmConfig().to_flat()
     return len(run["history"]) == cfg.fed.rounds and all(
-        run["config"].get(k, defaults[k]) == v for k, v in flat.items() if k not in VOLATILE
+        run["config"].get(k, defaults[k]) == v for k, v in flat.items() if k not in MAY_DIFFER
     )
 
 
@@ -285,7 +283,7 @@ class PlateauRule:
         for bench in sorted({r["benchmark"] for r in runs}):
             for name in names:
                 mruns = [r for r in runs if r["benchmark"] == bench and _name(r) == name]
-                for kind in results.KINDS:
+                for kind in KINDS:
                     curves = [[y for h, y in zip(r["history"], results.view_curve(r, kind))
                                if h["clients"]] for r in mruns]  # evaluated rounds  # fmt: skip
                     curves = [c for c in curves if c and None not in c]
@@ -447,7 +445,7 @@ def _task_lines(runs: list[dict], methods: list[str]) -> list[str]:
     if not runs:
         return []
     tasks = sorted({t for r in runs for t in r["final_by_task"]})
-    views = [v for v in results.VIEW_ORDER if any(v in r["views"] for r in runs)]
+    views = [v for v in VIEW_ORDER if any(v in r["views"] for r in runs)]
     cols = [(t, v) for t in tasks for v in views]
     head = ["method", *(f"{t} {v}" for t, v in cols)]
     lines = ["", "Per task (accuracy; multi-label tasks: mean AUROC):", "",
@@ -475,7 +473,7 @@ def plot(out: Path, runs: list[dict], grid: dict) -> None:
     import numpy as np
 
     benches = [b for b in grid["benchmarks"] if any(r["benchmark"] == b for r in runs)]
-    kinds = [k for k in results.KINDS if any(k in r["views"] for r in runs)]
+    kinds = [k for k in KINDS if any(k in r["views"] for r in runs)]
     if not benches or not kinds:
         return
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

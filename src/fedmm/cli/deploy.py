@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedmm import results
 from fedmm.cli.commands import health_exit, resumable
 from fedmm.cli.options import check_data, resolve_config
 from fedmm.config import ConfigError, FedmmConfig, parse_set
@@ -15,7 +16,6 @@ from fedmm.config import ConfigError, FedmmConfig, parse_set
 def cmd_deploy_resume(args: argparse.Namespace) -> int:
     """``fedmm deploy --resume DIR``: every deployed run checkpointed under DIR, on the same
     deployment (its work directory: certificates, the SuperLink's database, each site's state)."""
-    from fedmm import results
     from fedmm.deploy import launch
 
     out, runs = Path(args.resume), []
@@ -70,7 +70,6 @@ def cmd_drill(cfg: FedmmConfig, workdir: Path, timeout: float) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     if args.resume:
         return cmd_deploy_resume(args)
-    from fedmm import results
     from fedmm.deploy import launch
 
     cfgs, methods = resolve_config(args)
