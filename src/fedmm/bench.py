@@ -22,74 +22,21 @@ from __future__ import annotations
 import io
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedmm import __version__, results
 from fedmm.config import MAY_DIFFER, ConfigError, FedmmConfig
 from fedmm.files import atomic_write
 from fedmm.runkey import RunKey
-from fedmm.spec import KINDS, METHOD_SPECS, VIEW_ORDER
+from fedmm.spec import KINDS, METHOD_SPECS, VIEW_ORDER, Variant
 
-
-@dataclass(frozen=True)
-class Variant:
-    """A named configuration of ``method``: ``overrides`` (flat config keys) on top of the
-    bench's options; ``isolates``: what comparing it with its method (or a baseline) measures."""
-
-    method: str
-    overrides: dict = field(default_factory=dict)
-    isolates: str = ""
-
-
-VARIANTS: dict[str, Variant] = {
-    "feddat-fedhead": Variant(
-        "feddat", {"feddat.federate_head": True},
-        "FedDAT with a federated head, so it has a `shared` view: A_s + shared head against "
-        "FedAvg's `shared` (the dual-adapter teacher without a personal head)",
-    ),
-    "feddat-nodistill": Variant(
-        "feddat", {"feddat.alpha": 1.0, "feddat.beta": 1.0},
-        "FedDAT without mutual distillation (α = β = 1: A_s and the DAT each on the task loss "
-        "only) against FedDAT",
-    ),
-    "fedpia-identity": Variant(
-        "fedpia", {"fedpia.solver": "identity"},
-        "FedPIA without alignment (units matched by index; the server merge is FedAvg's) "
-        "against FedPIA's optimal-transport alignment",
-    ),
-    "tap-noreplace": Variant(
-        "tap", {"tap.replacement": False},
-        "TAP without adaptive replacement against TAP (TAP without stage 2 is the `personal` "
-        "view of either)",
-    ),
-}  # fmt: skip
-
-
-# Like-with-like comparisons the report makes when both sides are in the grid: (name, view) pairs
-# of the same view kind -- or of the models a claim compares -- and what the difference measures.
-COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str], str], ...] = (
-    (("feddat-fedhead", "shared"), ("fedavg", "shared"),
-     "FedDAT's training (dual adapters + distillation), nothing personal in the shared model"),
-    (("feddat", "shared+head"), ("fedper", "shared+head"),
-     "FedDAT vs FedPer, both A_s/body + own head: what the DAT and distillation add"),
-    (("feddat", "shared+head"), ("fedavg", "shared+head"),
-     "FedDAT vs FedAvg's body with the locally trained head"),
-    (("feddat", "shared+head"), ("feddat-fedhead", "shared"),
-     "FedDAT's own head vs a federated head"),
-    (("feddat", "personal"), ("fedper", "shared+head"), "the DAT vs FedPer"),
-    (("feddat", "personal"), ("fedavg", "personal"), "the DAT vs FedAvg fine-tuned"),
-    (("feddat", "shared+head"), ("feddat-nodistill", "shared+head"),
-     "mutual distillation, A_s + own head"),
-    (("feddat", "personal"), ("feddat-nodistill", "personal"), "mutual distillation, the DAT"),
-    (("fedpia", "shared"), ("fedpia-identity", "shared"), "OT alignment, merged model"),
-    (("fedpia", "personal"), ("fedpia-identity", "personal"), "OT alignment, local model"),
-    (("fedpia-identity", "shared"), ("fedavg", "shared"),
-     "FedPIA's client integration (λ·L + (1 − λ)·G) without alignment vs FedAvg"),
-    (("fedpia", "shared"), ("fedavg", "shared"), "FedPIA vs FedAvg, merged model"),
-    (("tap", "personal"), ("tap-noreplace", "personal"), "adaptive replacement"),
-    (("tap", "distilled"), ("tap", "personal"), "stage 2 (distillation after the last round)"),
-)  # fmt: skip
+# the methods' ablations and the like-with-like comparisons of their claims, as each method
+# declares them (fedmm.spec.MethodSpec.variants / comparisons), in the registry's order
+VARIANTS: dict[str, Variant] = {n: v for s in METHOD_SPECS.values() for n, v in s.variants.items()}
+COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str], str], ...] = tuple(
+    c for s in METHOD_SPECS.values() for c in s.comparisons
+)
 
 
 def compare(a: list[float], b: list[float]) -> dict:
@@ -256,6 +203,7 @@ def run_bench(
         bar.set_postfix_str(f"{method} on {benchmark}, seed {seed}")
         if key not in existing or not _same(existing[key], ccfg):
             run_method(ccfg)
+            results.write_reports(out)  # summary.md, curves.png of every run so far
             ran += 1
         bar.update(1)
         write_outputs(out, cells, ccfg.peft.type, extra, target)
@@ -420,8 +368,13 @@ def report(runs: list[dict], grid: dict) -> str:
         "",
         "Views by kind (README, Views): `shared` = every parameter the federation shares, with "
         "the shared head (what a new client would receive); `shared+head` = the shared body with "
-        "the client's own head; `personal` = the client's own full model; `client` (FedDAT: A_c "
-        "alone) and `distilled` (TAP's stage 2) are method extras. A dash: the method has no "
+        "the client's own head; `personal` = the client's own full model; "
+        + "; ".join(
+            f"`{view}` ({name}: {meaning})"
+            for name, s in METHOD_SPECS.items()
+            for view, meaning in s.extras.items()
+        )  # fmt: skip
+        + " are method extras. A dash: the method has no "
         "such model; n/m: it has one, but these runs predate the view (fedmm < 0.2) and did "
         "not measure it. Seconds per round are wall time on the machine that ran the bench, "
         "including evaluation.",

@@ -242,6 +242,23 @@ Aliases = Mapping[str, str]
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A named configuration of ``method`` (``fedmm bench``'s ablations): ``overrides`` (flat
+    config keys) on top of the bench's options; ``isolates``: what comparing it with its method
+    (or a baseline) measures."""
+
+    method: str
+    overrides: dict = field(default_factory=dict)
+    isolates: str = ""
+
+
+# a like-with-like comparison a bench report makes when both sides are in the grid: (name, view)
+# pairs of the same view kind -- or of the models a claim compares -- and what the difference
+# measures
+Comparison = tuple[tuple[str, str], tuple[str, str], str]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """What a method declares about itself, readable without importing it.
 
@@ -249,12 +266,17 @@ class MethodSpec:
     ``views``: what its ``evaluate`` scores, kinds of ``VIEW_KINDS`` first, then its extras;
     ``view_aliases``: its view names before fedmm 0.2 -> today's (kept in results.json for one
     release); ``narrow``: for a method whose views depend on its options, ``flat config ->
-    (views, view_aliases)`` of a run made with them, or None for the declared ones."""
+    (views, view_aliases)`` of a run made with them, or None for the declared ones; ``extras``:
+    what each of its views beyond ``VIEW_KINDS`` is; ``variants``: its ablations (``fedmm bench
+    --method NAME``), ``comparisons``: the comparisons its claims call for (bench reports)."""
 
     options: type | None = None
     views: Views = (SHARED,)
     view_aliases: Aliases = field(default_factory=lambda: MappingProxyType({}))
     narrow: Callable[[Mapping[str, object]], tuple[Views, Aliases] | None] | None = None
+    extras: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    variants: Mapping[str, Variant] = field(default_factory=lambda: MappingProxyType({}))
+    comparisons: tuple[Comparison, ...] = ()
 
     def views_for(self, flat_config: Mapping[str, object]) -> Views:
         """The views the method scores when run with ``flat_config`` (a results.json run's)."""
@@ -291,10 +313,70 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     "fedadam": MethodSpec(FedAdamConfig, **_AVERAGED),
     "ditto": MethodSpec(DittoConfig, (SHARED, PERSONAL), _AVERAGED["view_aliases"]),
     "fedper": MethodSpec(views=(SHARED_HEAD,), view_aliases=MappingProxyType({"personalized": SHARED_HEAD})),
-    "feddat": MethodSpec(FedDATConfig, (SHARED_HEAD, PERSONAL, "client"), MappingProxyType(
-        {"global": SHARED_HEAD, "personalized": PERSONAL, "dat": PERSONAL}), _feddat_head),
-    "fedpia": MethodSpec(FedPIAConfig, **_AVERAGED),
-    "tap": MethodSpec(TAPConfig, (SHARED, PERSONAL, "distilled"), _AVERAGED["view_aliases"]),
+    "feddat": MethodSpec(
+        FedDATConfig, (SHARED_HEAD, PERSONAL, "client"),
+        MappingProxyType({"global": SHARED_HEAD, "personalized": PERSONAL, "dat": PERSONAL}),
+        _feddat_head, extras=MappingProxyType({"client": "A_c alone"}),
+        variants=MappingProxyType({
+            "feddat-fedhead": Variant(
+                "feddat", {"feddat.federate_head": True},
+                "FedDAT with a federated head, so it has a `shared` view: A_s + shared head "
+                "against FedAvg's `shared` (the dual-adapter teacher without a personal head)",
+            ),
+            "feddat-nodistill": Variant(
+                "feddat", {"feddat.alpha": 1.0, "feddat.beta": 1.0},
+                "FedDAT without mutual distillation (α = β = 1: A_s and the DAT each on the task "
+                "loss only) against FedDAT",
+            ),
+        }),
+        comparisons=(
+            (("feddat-fedhead", "shared"), ("fedavg", "shared"),
+             "FedDAT's training (dual adapters + distillation), nothing personal in the shared "
+             "model"),
+            (("feddat", "shared+head"), ("fedper", "shared+head"),
+             "FedDAT vs FedPer, both A_s/body + own head: what the DAT and distillation add"),
+            (("feddat", "shared+head"), ("fedavg", "shared+head"),
+             "FedDAT vs FedAvg's body with the locally trained head"),
+            (("feddat", "shared+head"), ("feddat-fedhead", "shared"),
+             "FedDAT's own head vs a federated head"),
+            (("feddat", "personal"), ("fedper", "shared+head"), "the DAT vs FedPer"),
+            (("feddat", "personal"), ("fedavg", "personal"), "the DAT vs FedAvg fine-tuned"),
+            (("feddat", "shared+head"), ("feddat-nodistill", "shared+head"),
+             "mutual distillation, A_s + own head"),
+            (("feddat", "personal"), ("feddat-nodistill", "personal"),
+             "mutual distillation, the DAT"),
+        ),
+    ),
+    "fedpia": MethodSpec(
+        FedPIAConfig, **_AVERAGED,
+        variants=MappingProxyType({"fedpia-identity": Variant(
+            "fedpia", {"fedpia.solver": "identity"},
+            "FedPIA without alignment (units matched by index; the server merge is FedAvg's) "
+            "against FedPIA's optimal-transport alignment",
+        )}),
+        comparisons=(
+            (("fedpia", "shared"), ("fedpia-identity", "shared"), "OT alignment, merged model"),
+            (("fedpia", "personal"), ("fedpia-identity", "personal"),
+             "OT alignment, local model"),
+            (("fedpia-identity", "shared"), ("fedavg", "shared"),
+             "FedPIA's client integration (λ·L + (1 − λ)·G) without alignment vs FedAvg"),
+            (("fedpia", "shared"), ("fedavg", "shared"), "FedPIA vs FedAvg, merged model"),
+        ),
+    ),
+    "tap": MethodSpec(
+        TAPConfig, (SHARED, PERSONAL, "distilled"), _AVERAGED["view_aliases"],
+        extras=MappingProxyType({"distilled": "stage 2"}),
+        variants=MappingProxyType({"tap-noreplace": Variant(
+            "tap", {"tap.replacement": False},
+            "TAP without adaptive replacement against TAP (TAP without stage 2 is the "
+            "`personal` view of either)",
+        )}),
+        comparisons=(
+            (("tap", "personal"), ("tap-noreplace", "personal"), "adaptive replacement"),
+            (("tap", "distilled"), ("tap", "personal"),
+             "stage 2 (distillation after the last round)"),
+        ),
+    ),
     "fedavgm": MethodSpec(FedAvgMConfig, **_AVERAGED),
     "fedyogi": MethodSpec(FedYogiConfig, **_AVERAGED),
     "scaffold": MethodSpec(ScaffoldConfig, **_AVERAGED),

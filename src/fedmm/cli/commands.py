@@ -34,7 +34,9 @@ def cmd_list() -> None:
     print("views (by kind, the same for every method):")
     for kind, meaning in VIEW_KINDS.items():
         print(f"  {kind:<12} {meaning}")
-    print("  + method extras: FedDAT client (A_c alone), TAP distilled (stage 2)")
+    extras = [f"{name} {view} ({meaning})" for name, spec in METHOD_SPECS.items()
+              for view, meaning in spec.extras.items()]  # fmt: skip
+    print("  + method extras:", ", ".join(extras))
     print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
     print("backbones: ", ", ".join(BACKBONE_NAMES))
     print("peft types:", ", ".join(PEFT_TYPE_NAMES))
@@ -81,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               "per client as train.<client>.bf16)", flush=True)  # fmt: skip
     for method in methods:
         run_method(cfg.with_overrides({"method": method}), site)
-    data = results.load(out)
+    data = results.write_reports(out)
     keys = {RunKey.of_config(cfg.with_overrides({"method": m})) for m in methods}
     data["runs"] = [r for r in data["runs"] if results.run_key(r) in keys]
     print()
@@ -163,7 +165,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         print(f"fedmm: resuming {cfg.method} on {cfg.data.benchmark} (seed {cfg.seed}) in {out}/",
               flush=True)  # fmt: skip
         run_method(cfg, site)
-    data = results.load(out)
+    data = results.write_reports(out)
     print()
     print(results.summary_table(data))
     keys = {RunKey.of_config(c) for c in cfgs}

@@ -24,7 +24,7 @@ def cmd_deploy_resume(args: argparse.Namespace) -> int:
         print(f"fedmm deploy: resuming {cfg.method} (seed {cfg.seed}) in {out}/ on the deployment "
               f"in {workdir}/", flush=True)  # fmt: skip
         runs.append(launch.deploy_and_run(cfg, workdir, timeout=args.timeout))
-    print(results.summary_table(results.load(out)))
+    print(results.summary_table(results.write_reports(out)))
     return health_exit(runs, getattr(args, "allow_partial", False))
 
 
@@ -96,7 +96,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.drill:
         return cmd_drill(cfg, workdir, args.timeout)
     run = launch.deploy_and_run(cfg, workdir, args.kill_node, args.kill_after_round, args.timeout)
-    print(results.summary_table(results.load(cfg.out_dir)))
+    print(results.summary_table(results.write_reports(cfg.out_dir)))
     return health_exit([run], getattr(args, "allow_partial", False))
 
 

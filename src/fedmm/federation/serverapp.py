@@ -435,6 +435,7 @@ def run_federation(
     saved = checkpoint.load(cfg) if cfg.resume else None
     if saved is not None and saved.round >= cfg.fed.rounds:  # killed after its last checkpoint,
         results.save_run(cfg.out_dir, saved.record)  # maybe before results: write them
+        results.write_reports(cfg.out_dir)
         return saved.record
     fed = Federation(grid, cfg, engine, saved)
     timeout = cfg.fed.round_timeout or None
@@ -453,4 +454,5 @@ def run_federation(
         entry = fed.save_round(rnd, record)
         if on_round:
             on_round(entry)
+    results.write_reports(cfg.out_dir)  # summary.md and curves.png once, when the run ends
     return fed.record

@@ -55,7 +55,7 @@ from __future__ import annotations
 from fedmm.results.curves import write_curves
 from fedmm.results.health import health, health_line, missing_line, sites_scored, unhealthy
 from fedmm.results.record import RoundRecord, add_round, attach_notes, new_run
-from fedmm.results.store import load, save_run
+from fedmm.results.store import load, save_run, write_reports
 from fedmm.results.tables import (
     NOTE_LABELS,
     engine_overhead,
@@ -111,5 +111,6 @@ __all__ = [
     "with_aliases",
     "withheld_scores",
     "write_curves",
+    "write_reports",
     "write_summary",
 ]
