@@ -21,7 +21,8 @@ from torch import nn
 
 from fedmm.backbones.checkpointing import enable_checkpointing
 from fedmm.backbones.fusion import Backbone, FusionVLModel, VLModel
-from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
+from fedmm.config import ConfigError
+from fedmm.sections import AdapterConfig, ModelConfig, PeftConfig
 from fedmm.spec import BACKBONE_NAMES
 
 BackboneBuilder = Callable[[], Backbone]

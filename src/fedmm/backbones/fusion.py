@@ -36,9 +36,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmm.config import AdapterConfig, ModelConfig, PeftConfig
 from fedmm.peft import PeftBank
 from fedmm.peft.build import PeftTarget, build_bank
+from fedmm.sections import AdapterConfig, ModelConfig, PeftConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

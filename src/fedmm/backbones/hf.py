@@ -46,9 +46,10 @@ from fedmm.backbones.checkpointing import enable_checkpointing
 from fedmm.backbones.fusion import VLModel, masked_mean
 from fedmm.backbones.hf_families import FAMILIES, Family
 from fedmm.backbones.hf_loading import load_family
-from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
+from fedmm.config import ConfigError
 from fedmm.peft import PromptBank
 from fedmm.peft.build import PeftTarget, build_bank
+from fedmm.sections import AdapterConfig, ModelConfig, PeftConfig
 
 
 # ---------------------------------------------------------------------- the models

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from fedmm.backbones.hf_families import FAMILIES, TINY, Family
-from fedmm.config import ConfigError, ModelConfig
+from fedmm.config import ConfigError
+from fedmm.sections import ModelConfig
 
 Tokenize = Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]
 

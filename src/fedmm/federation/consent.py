@@ -32,8 +32,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedmm.config import ConfigError, FedmmConfig, PeftConfig
+from fedmm.config import ConfigError, FedmmConfig
 from fedmm.federation.messages import RefusedMessage
+from fedmm.sections import PeftConfig
 from fedmm.spec import BACKBONE_NAMES, METHOD_SPECS, PEFT_TYPE_NAMES
 
 BUILTIN = "builtin"  # accept-models: fedmm's registered backbones with their own weights

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from fedmm.config import AdapterConfig, ConfigError, PeftConfig
+from fedmm.config import ConfigError
 from fedmm.peft.adapter import AdapterBank
 from fedmm.peft.base import PeftBank
 from fedmm.peft.bitfit import BitFitBank
 from fedmm.peft.lora import LoraBank, lora_rank_for_budget
 from fedmm.peft.prompt import PromptBank
+from fedmm.sections import AdapterConfig, PeftConfig
 from fedmm.spec import PEFT_TYPE_NAMES
 
 
