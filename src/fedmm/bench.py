@@ -390,7 +390,7 @@ def report(runs: list[dict], grid: dict) -> str:
         bruns = [r for r in runs if r["benchmark"] == bench]
         if not bruns:
             continue
-        views = [v for v in results._views(bruns) if "." not in v]
+        views = [v for v in results.report_views(bruns) if "." not in v]
         groups = _groups(bruns)
         head = ["method", "seeds", *views]
         for g in groups:
