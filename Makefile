@@ -15,7 +15,7 @@ DEMO_ARGS ?= --method fedavg,feddat --out $(DEMO_OUT)
 env: $(STAMP)
 
 # Rebuilt only when the dependency files change; otherwise the existing .venv is reused.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-docs.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fedmm needs Python >= 3.11 (set PYTHON=...)")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
