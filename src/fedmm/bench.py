@@ -366,7 +366,7 @@ def report(runs: list[dict], grid: dict) -> str:
         lines += _task_lines(bruns, grid["methods"])
     lines += [
         "",
-        "Views by kind (README, Views): `shared` = every parameter the federation shares, with "
+        "Views by kind (docs/methods.md, Views): `shared` = every parameter the federation shares, with "
         "the shared head (what a new client would receive); `shared+head` = the shared body with "
         "the client's own head; `personal` = the client's own full model; "
         + "; ".join(

@@ -85,7 +85,7 @@ VIEW_KINDS = {
     PERSONAL: "the client's own full model (FedAvg's locally trained copy, Ditto's v_k, FedDAT's "
     "DAT, FedPIA's local model, TAP's stage-1 model, local training's)",
 }
-"""The view kinds every method names the same way (docs: README "Views").  A method that has no
+"""The view kinds every method names the same way (docs/methods.md, "Views").  A method that has no
 such model has no such view -- its table cell is "—", never another model under the name.
 Method-specific extras: FedDAT ``client`` (A_c alone), TAP ``distilled`` (stage 2)."""
 VIEW_ORDER = (*KINDS, "client", "distilled")

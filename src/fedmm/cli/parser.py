@@ -35,7 +35,7 @@ RUN_OPTIONS: tuple[tuple[tuple[str, ...], dict], ...] = (
                         "each, reading only its own directory")),
     (("--site",), dict(action="append", default=[], metavar="KEY=VALUE",
                        help="a site setting given to every simulated site, e.g. --site "
-                       "dp-clip-norm=1.0 (README: site settings)")),
+                       "dp-clip-norm=1.0 (docs/deployment.md: site settings)")),
     (("-v", "--verbose"), dict(action="store_true", help="debug logging")),
     (("--resume",), dict(metavar="DIR", help="continue the interrupted runs checkpointed under "
                          "DIR (their own options)")),
@@ -124,13 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="fedmm site --config site.toml: run the site. fedmm site audit DIR (or "
         "--config): print the audit log in DIR (the site's state root) and verify its hash "
         "chain (exit 1 naming the first broken line). fedmm site purge --config site.toml: "
-        "remove the site's feature cache and/or client state (README: retention).",
+        "remove the site's feature cache and/or client state (docs/deployment.md: retention).",
     )  # fmt: skip
     site.add_argument("action", nargs="?", choices=("audit", "purge"),
                       help="audit | purge (default: run the site)")  # fmt: skip
     site.add_argument("dir", nargs="?", metavar="DIR",
                       help="audit: the site's state root holding audit.jsonl, or the file")  # fmt: skip
-    site.add_argument("--config", help="the site's TOML file (README: a site)")
+    site.add_argument("--config", help="the site's TOML file (docs/deployment.md: step 5)")
     site.add_argument("--what", choices=("cache", "state", "all"), default="all",
                       help="purge: the feature cache, the client state, or both (default: all)")  # fmt: skip
     site.add_argument("--also-delete-privacy-ledger-and-audit-log", action="store_true",

@@ -103,10 +103,10 @@ def summary_table(data: dict) -> str:
     lines += task_table(data["runs"])
     if any(withheld_scores(r) for r in data["runs"]):
         lines.append("withheld: sites under differential privacy kept their scores (site setting "
-                     "dp-evaluation; README, Reliability: privacy).\n")  # fmt: skip
+                     "dp-evaluation; docs/deployment.md, Privacy).\n")  # fmt: skip
     lines.append(
         "Accuracy in %, mean over clients after the last round (multi-label tasks: mean AUROC, "
-        "see the per-task table); views by kind (README, Views); —: the method has no such "
+        "see the per-task table); views by kind (docs/methods.md, Views); —: the method has no such "
         "model; n/m: it has, but this run was made before fedmm 0.2 and did not measure it; "
         "n/a: no included client was scored in that view; (N/K): the "
         "mean is over the N of K sites scored in the last evaluated round (the line 'missing in "
