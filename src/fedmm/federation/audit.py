@@ -18,8 +18,9 @@ Entries (``kind``):
 * ``received``: ``time`` (UTC, ISO 8601), ``message`` (query | train | evaluate), ``run`` (the
   run id in the message), ``flower-run`` (Flower's run id), ``round``, ``client-index``,
   ``experiment-sha256`` (of the experiment options as canonical JSON), ``app`` (``FEDMM_FAB_ID``
-  / ``FEDMM_FAB_HASH`` of the process: which app handled it);
-* ``sent``: the same ``message``/``run``/``round``, ``reply`` ``ok`` or ``error``; for ``ok``:
+  / ``FEDMM_FAB_HASH`` of the process: which app handled it), ``secagg-stage`` (a secure
+  aggregation stage, ``secagg.STAGES``: setup, share-keys, collect-masked-input, unmask);
+* ``sent``: the same ``message``/``run``/``round``/``secagg-stage``, ``reply`` ``ok`` or ``error``; for ``ok``:
   ``tensors`` (key -> ``[dtype, shape]``), ``payload-sha256`` (of every array's key, dtype,
   shape and bytes, in key order), ``metrics`` (every value), ``records`` (every config record
   field, e.g. the query's site description); for ``error``: ``reason`` (the text that left) and
@@ -155,6 +156,12 @@ def received_entry(msg) -> dict:
                 entry[name] = "sha256:" + hashlib.sha256(entry[name].encode()).hexdigest()  # bulk
     if "experiment" in config:
         entry["experiment-sha256"] = experiment_sha256(config["experiment"])
+    try:  # secure aggregation (secagg.py): which stage of the round's protocol
+        stage = msg.content["secagg"].get("stage")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        stage = None
+    if stage is not None:
+        entry["secagg-stage"] = str(stage)[:MAX_FIELD]
     return entry
 
 
@@ -175,7 +182,8 @@ def sent_entry(received: dict, reply=None, reason: str = "", ref: str = "") -> d
     reason and its reference."""
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-    entry = {k: received[k] for k in ("message", "run", "round", "flower-run") if k in received}
+    entry = {k: received[k] for k in ("message", "run", "round", "flower-run", "secagg-stage")
+             if k in received}  # fmt: skip
     entry |= {"kind": "sent", "time": now()}
     if reply is None:
         return entry | {"reply": "error", "reason": reason, "ref": ref}

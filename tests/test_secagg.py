@@ -1,0 +1,1 @@
+"""Secure aggregation (SecAgg+, issue 25): placeholder, replaced below."""
