@@ -50,7 +50,6 @@ import base64
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -409,7 +408,11 @@ def client_collect(msg: Message, context, meta: dict, cfg: FedmmConfig) -> Param
                              f"fewer than the threshold {state['threshold']} - 1")  # fmt: skip
     nodes, pk2s = list(state["nodes"]), list(state["pk2s"])
     sk2 = bytes_to_private_key(state["sk2"])
-    held, b_sh, sk_sh = list(state["share-nodes"]), list(state["b-shares"]), list(state["sk-shares"])
+    held, b_sh, sk_sh = (
+        list(state["share-nodes"]),
+        list(state["b-shares"]),
+        list(state["sk-shares"]),
+    )
     for src, ctxt in zip(srcs, ctxts, strict=True):
         if src not in nodes or src == me:
             raise RefusedMessage(f"secure aggregation collect: a share from node {src}, not a "
@@ -467,7 +470,10 @@ def check_masked(record: ArrayRecord, keys: Sequence[str], shapes: Sequence[tupl
     shapes, as the wire dtype, every value below the modulus (``ValueError`` otherwise)."""
     expected = dict(zip([*keys, WEIGHT_KEY], [*shapes, (1,)], strict=True))
     if set(record.keys()) != set(expected):
-        extra, missing = sorted(set(record.keys()) - set(expected)), sorted(set(expected) - set(record.keys()))
+        extra, missing = (
+            sorted(set(record.keys()) - set(expected)),
+            sorted(set(expected) - set(record.keys())),
+        )
         raise ValueError(f"masked input keys differ: unexpected {extra[:3]}, missing {missing[:3]}")
     dtype = wire_dtype(modulus_bits)
     for key, shape in expected.items():
@@ -587,14 +593,18 @@ class SecureRound:
             try:
                 seed = combine_shares(shares[node])
             except ValueError:
-                raise SecAggFailed(f"the shares of node {node}'s mask seed do not combine") from None
+                raise SecAggFailed(
+                    f"the shares of node {node}'s mask seed do not combine"
+                ) from None
             total = [add_mod(t, m, p.modulus_bits, -1)
                      for t, m in zip(total, expand(seed, shapes, p.modulus_bits))]  # fmt: skip
         for d in dead:  # a dropped site's pairwise masks stay in its neighbours' inputs
             try:
                 sk1 = bytes_to_private_key(combine_shares(shares[d]))
             except ValueError:
-                raise SecAggFailed(f"the shares of dropped node {d}'s mask key do not combine") from None
+                raise SecAggFailed(
+                    f"the shares of dropped node {d}'s mask key do not combine"
+                ) from None
             for i in survivors:
                 if d not in relay[i][0]:  # i never masked with d (d's shares never reached it)
                     continue

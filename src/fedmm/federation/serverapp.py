@@ -405,7 +405,8 @@ class Federation:
                         m = content[messages.METRICS]
                         if int(m["client-index"]) != self.index_of.get(node):
                             raise validation.InvalidReply(
-                                f"client-index {int(m['client-index'])} from node {node}")
+                                f"client-index {int(m['client-index'])} from node {node}"
+                            )
                         secagg.check_masked(content[secagg.MASKED], keys,
                                             [spec.shapes[k] for k in keys],
                                             params.modulus_bits)  # fmt: skip
@@ -424,8 +425,10 @@ class Federation:
                 if node not in answered and node not in out_of_round:
                     out_of_round.add(node)
                     log.warning("round %d: no %s reply from node %s", rnd, stage, node)
-                    record.failed.append(self.who(node) | {
-                        "reason": f"secagg {stage}: no reply within {cfg.fed.round_timeout:g}s"})
+                    record.failed.append(
+                        self.who(node)
+                        | {"reason": f"secagg {stage}: no reply within {cfg.fed.round_timeout:g}s"}
+                    )
 
         secure = secagg.SecureRound(
             params, keys, [spec.shapes[k] for k in keys], method.secagg_summed,
