@@ -50,6 +50,7 @@ import base64
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -511,7 +512,7 @@ class SecureRound:
         (``fed.min_clients``)."""
         self.params, self.keys, self.shapes, self.summed = params, list(keys), list(shapes), summed
         self.seed, self.minimum = seed, minimum
-        self.info: dict = {"bytes_down": 0, "bytes_up": 0, "bytes_masked": 0}
+        self.info: dict = {"bytes_down": 0, "bytes_up": 0, "bytes_masked": 0, "wait_seconds": 0.0}
 
     def _exchange(self, send, message, on_reply, stage, contents: dict[int, dict], arrays=None):
         out = []
@@ -520,7 +521,9 @@ class SecureRound:
             msg.content[SECAGG] = ConfigRecord({"stage": stage, **cfg})
             out.append(msg)
         self.info["bytes_down"] += sum(_record_bytes(m.content[SECAGG]) for m in out)
+        t0 = time.perf_counter()
         replies = send(out)
+        self.info["wait_seconds"] += time.perf_counter() - t0  # the sites' work and the wire
         got = {}
         for node, reply in on_reply(stage, out, replies):
             got[node] = reply

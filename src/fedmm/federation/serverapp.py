@@ -448,7 +448,8 @@ class Federation:
             return
         total = Reply(-1, outcome.sums, outcome.weight)
         self.global_state = method.aggregate_sum(self.global_state, total)
-        record.server_seconds = time.perf_counter() - t_server  # unmasking included
+        # the server's own work: stage messages, summing, unmasking, the method's step
+        record.server_seconds = time.perf_counter() - t_server - outcome.info["wait_seconds"]
         record.failures = len(sampled) - len(outcome.survivors)
         record.secagg = outcome.info
         for node in outcome.survivors:
