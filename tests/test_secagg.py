@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import bound_method, run_federation, server_msg
@@ -425,3 +427,25 @@ def test_a_server_crash_mid_protocol_restarts_the_round(tiny_cfg):
     run = run_federation(InProcessGrid(3), cfg.with_overrides({"resume": True}))
     assert [h["round"] for h in run["history"]] == [1, 2]
     assert run["history"][1]["secagg"]["survivors"] == 3 and run["history"][1]["skipped"] == ""
+
+
+def test_site_dp_composes_and_no_dp_diagnostic_leaves(tiny_cfg):
+    """A site's DP runs first (its ε spent in its own ledger); under SecAgg+ the reply carries no
+    dp-* value, loss or count -- only the masked input and the reply's time."""
+    cfg = tiny_cfg.with_overrides({"fed.rounds": 1, "fed.secure_aggregation": "secagg+",
+                                   "dp.clip_norm": 1.0, "dp.noise_multiplier": 0.5,
+                                   "fed.secagg_clip": 4.0})  # fmt: skip
+    run = run_federation(InProcessGrid(3), cfg)
+    entry = run["history"][0]
+    assert entry["skipped"] == "" and entry["secagg"]["survivors"] == 3
+    for stats_ in entry["train"].values():
+        assert set(stats_) <= {"seconds", "load-seconds"}
+    from fedmm.federation import consent
+    from fedmm.federation.site import SiteSettings
+
+    for i in range(3):  # each site spent one release in its own ledger, as without SecAgg+
+        root = consent.site_root(SiteSettings.from_node_config({"partition-id": i}))
+        ledgers = [p for p in (root / "privacy").glob("*.json") if "." not in p.stem]
+        assert len(ledgers) == 1
+        releases = json.loads(ledgers[0].read_text())["releases"]
+        assert len(releases) == 1 and releases[0]["noise_multiplier"] == 0.5

@@ -40,6 +40,12 @@ call them directly) and write no audit entry.  ``as_site`` also configures loggi
 ``flwr-clientapp`` process (``fedmm.logs``), so lines such as "restored client state of round R"
 reach the site's log.
 
+Secure aggregation (``fed.secure_aggregation``, ``secagg.py``): a training round is four
+``train`` messages; setup, share-keys and unmask pass the site's consent checks (its settings and
+the experiment; no data is read), the collect stage is the training message above, and its reply
+is the masked input with the reply's time only (no loss, count or DP diagnostic).  A site refuses
+stages out of order and, with ``require-secure-aggregation``, any run without it.
+
 Differential privacy (``sitedp.py``): with the stricter of the run's request and the site's floor,
 either the whole upload is clipped and noised here (``dp-mode = "update"``, ``dp.py``) or every
 local step is DP-SGD (``"record"``, ``dpsgd.py``, Opacus).  ε is accounted in the site's one

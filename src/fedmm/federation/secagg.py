@@ -55,6 +55,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
@@ -241,6 +242,18 @@ def expand(seed: bytes, shapes: Sequence[tuple[int, ...]], modulus_bits: int) ->
     return out
 
 
+def scalar_of(private_key: bytes) -> bytes:
+    """The private scalar of a PEM EC key, 48 bytes big-endian (SECP384R1, Flower's curve):
+    what is Shamir-shared (the 306-byte PEM would cost 20 Shamir chunks instead of 4)."""
+    key = bytes_to_private_key(private_key)
+    return key.private_numbers().private_value.to_bytes(48, "big")
+
+
+def key_of_scalar(scalar: bytes) -> ec.EllipticCurvePrivateKey:
+    """The private key of a scalar from ``scalar_of`` (cryptography's ``derive_private_key``)."""
+    return ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP384R1())
+
+
 def wire_dtype(modulus_bits: int) -> np.dtype:
     """uint32 where the modulus fits (half the bytes), else uint64."""
     return np.dtype(np.uint32 if modulus_bits <= 32 else np.uint64)
@@ -341,20 +354,22 @@ def client_stage(msg: Message, context, meta: dict, cfg: FedmmConfig) -> RecordD
             raise RefusedMessage("secure aggregation share-keys: two sites show the same key")
         seed = os.urandom(32)  # b_i, the self mask's seed
         b_shares = create_shares(seed, state["threshold"], len(keys))
-        sk_shares = create_shares(state["sk1"], state["threshold"], len(keys))
-        dsts, ctxts, mine = [], [], {}
+        sk_shares = create_shares(scalar_of(state["sk1"]), state["threshold"], len(keys))
+        dsts, ctxts, mine, ss2 = [], [], {}, []
         sk2 = bytes_to_private_key(state["sk2"])
         for idx, (node, (_, pk2)) in enumerate(sorted(keys.items())):
             if node == me:
                 mine = {"b": b_shares[idx], "sk": sk_shares[idx]}
+                ss2.append(b"")
                 continue
             shared = generate_shared_key(sk2, bytes_to_public_key(pk2))
+            ss2.append(shared)  # kept (as Flower's ss2_dict) to decrypt this neighbour's shares
             plain = share_keys_plaintext_concat(me, node, b_shares[idx], sk_shares[idx])
             dsts.append(node)
             ctxts.append(encrypt(shared, plain))
         state |= {
             "stage": SHARE_KEYS, "seed": seed, "nodes": sorted(keys),
-            "pk1s": [keys[n][0] for n in sorted(keys)], "pk2s": [keys[n][1] for n in sorted(keys)],
+            "pk1s": [keys[n][0] for n in sorted(keys)], "ss2s": ss2,
             "share-nodes": [me], "b-shares": [mine["b"]], "sk-shares": [mine["sk"]],
         }  # fmt: skip
         _save(context, state)
@@ -407,8 +422,7 @@ def client_collect(msg: Message, context, meta: dict, cfg: FedmmConfig) -> Param
     if len(srcs) + 1 < state["threshold"]:
         raise RefusedMessage(f"secure aggregation collect: shares from {len(srcs)} other sites, "
                              f"fewer than the threshold {state['threshold']} - 1")  # fmt: skip
-    nodes, pk2s = list(state["nodes"]), list(state["pk2s"])
-    sk2 = bytes_to_private_key(state["sk2"])
+    nodes, ss2 = list(state["nodes"]), list(state["ss2s"])
     held, b_sh, sk_sh = (
         list(state["share-nodes"]),
         list(state["b-shares"]),
@@ -418,9 +432,8 @@ def client_collect(msg: Message, context, meta: dict, cfg: FedmmConfig) -> Param
         if src not in nodes or src == me:
             raise RefusedMessage(f"secure aggregation collect: a share from node {src}, not a "
                                  "neighbour of this site")  # fmt: skip
-        shared = generate_shared_key(sk2, bytes_to_public_key(pk2s[nodes.index(src)]))
         try:
-            plain = decrypt(shared, ctxt)
+            plain = decrypt(ss2[nodes.index(src)], ctxt)
         except Exception:  # a ciphertext not made with the shared key: refuse, reveal nothing
             raise RefusedMessage(f"secure aggregation collect: the share from node {src} does "
                                  "not decrypt") from None  # fmt: skip
@@ -603,7 +616,7 @@ class SecureRound:
                      for t, m in zip(total, expand(seed, shapes, p.modulus_bits))]  # fmt: skip
         for d in dead:  # a dropped site's pairwise masks stay in its neighbours' inputs
             try:
-                sk1 = bytes_to_private_key(combine_shares(shares[d]))
+                sk1 = key_of_scalar(combine_shares(shares[d]))
             except ValueError:
                 raise SecAggFailed(
                     f"the shares of dropped node {d}'s mask key do not combine"
