@@ -405,6 +405,7 @@ def test_the_audit_log_records_every_stage_and_no_per_site_score(tiny_cfg):
     assert {k.split("/", 1)[1] for k in collect["metrics"]} == {"client-index", "seconds",
                                                                "load-seconds"}  # fmt: skip
     assert all(k.startswith("masked/") for k in collect["tensors"])
+    assert "train (unmask)" in audit.describe(sent[secagg.UNMASK])  # fedmm site audit shows it
 
 
 def test_a_server_crash_mid_protocol_restarts_the_round(tiny_cfg):

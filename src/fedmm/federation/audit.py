@@ -257,7 +257,10 @@ def describe(entry: dict) -> str:
     """One readable line: when, which message of which run and round, what came or left."""
     where = (f"run {entry.get('run') or '-'} (Flower run {entry.get('flower-run', '?')}) "
              f"round {entry.get('round', '?')}")  # fmt: skip
-    what = f"{entry.get('time', '?')}  #{entry.get('seq')}  {entry.get('message', '?'):<8}  {where}"
+    message = str(entry.get("message", "?"))
+    if entry.get("secagg-stage"):  # secure aggregation: which stage of the round
+        message += f" ({entry['secagg-stage']})"
+    what = f"{entry.get('time', '?')}  #{entry.get('seq')}  {message:<8}  {where}"
     if entry.get("kind") == "received":
         app = entry.get("app") or {}
         fab = app.get("fab-id") or "-"
