@@ -358,8 +358,8 @@ class Federation:
             for r in ok:
                 self.last_trained[r.client_index] = rnd
         else:
-            log.warning("round %d: %d replies < fed.min_clients=%d; global state kept",
-                        rnd, len(ok), self.cfg.fed.min_clients)  # fmt: skip
+            record.skipped = f"{len(ok)} valid replies < fed.min_clients={self.cfg.fed.min_clients}"
+            log.warning("round %d: %s; global state kept", rnd, record.skipped)
         record.server_seconds = time.perf_counter() - t_server
 
     # ------------------------------------------------------------------ secure train
