@@ -14,6 +14,7 @@ from fedmm.spec import (
     PEFT_TYPE_NAMES,
     PRECISIONS,
     SCHEDULES,
+    SECURE_AGGREGATIONS,
     SERVER,
     SITE,
     TEST_SPLITS,
@@ -157,6 +158,26 @@ class FedConfig:
         help="fraction of clients evaluated (seeded sample; last round: all)",
     )
     compression: str = option("none", choices=COMPRESSIONS, help="encoding of the uploaded update")
+    # secure aggregation (federation/secagg.py, docs/secure-aggregation.md): off | secagg+ (Bell
+    # et al. 2020): the server learns only the sum of the sampled sites' uploads
+    secure_aggregation: str = option(
+        "off", choices=SECURE_AGGREGATIONS, help="the server learns only the sum of the uploads"
+    )
+    secagg_threshold: int = option(
+        0, "[0, inf)", help="t of the t-of-n Shamir shares; 0 = a strict majority of n"
+    )
+    secagg_neighbours: int = option(
+        0, "[0, inf)", help="k other sites each site masks with (even); 0 = every sampled site"
+    )
+    secagg_clip: float = option(
+        1.0, "(0, inf)", help="clipping range c: each uploaded Δ value is clipped to [-c, c]"
+    )
+    secagg_quantization_bits: int = option(
+        24, "[1, 30]", help="Δ ∈ [-c, c] quantized to integers in [0, 2^bits]"
+    )
+    secagg_modulus_bits: int = option(
+        64, "[2, 64]", help="masked sums are taken mod 2^bits (sent as uint32 if ≤ 32)"
+    )
 
 
 @dataclass

@@ -68,6 +68,7 @@ PEFT_TYPE_NAMES = ("adapter", "lora", "prompt", "bitfit")  # fedmm.peft.PEFT_TYP
 BACKBONE_NAMES = ("blip", "clip", "minilm-mobilenet", "siglip", "tiny", "vilt")
 PRECISIONS = ("fp32", "bf16", "auto")
 COMPRESSIONS = ("none", "fp16", "int8")  # fedmm.federation.messages encodes them
+SECURE_AGGREGATIONS = ("off", "secagg+")  # fedmm.federation.secagg implements them
 SCHEDULES = ("cosine", "linear", "constant")
 WEIGHTINGS = ("samples", "uniform")
 TEST_SPLITS = ("standard", "image-disjoint")

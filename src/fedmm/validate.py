@@ -73,6 +73,12 @@ def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
     _check_cross(cfg)
     for m in methods:  # method x PEFT x options (e.g. fedpia with prompt tuning)
         METHODS[m](cfg.with_overrides({"method": m}))
+        if cfg.fed.secure_aggregation != "off" and METHODS[m].secagg_refusal:
+            raise ConfigError(
+                f"method {m!r} cannot run under fed.secure_aggregation="
+                f"{cfg.fed.secure_aggregation}: {METHODS[m].secagg_refusal}; set "
+                "fed.secure_aggregation=off or choose a method that declares it can"
+            )
     _check_model(cfg)
 
 
@@ -120,6 +126,10 @@ def _check_cross(cfg: FedmmConfig) -> None:
             f"dp.noise_multiplier={cfg.dp.noise_multiplier:g} needs dp.clip_norm > 0 (DP is off "
             "while dp.clip_norm = 0, so no noise would be added)"
         )
+    if cfg.fed.secure_aggregation != "off":
+        from fedmm.federation.secagg import check_options
+
+        check_options(cfg)
     if cfg.peft.type == "lora" and not [t for t in cfg.peft.lora_targets.split(",") if t.strip()]:
         raise ConfigError("peft.lora_targets is empty; name at least one linear layer")
 

@@ -161,6 +161,7 @@ def reference_step(
 class FedDAT(Method):
     adapter_sets = (GLOBAL, FROZEN, CLIENT)
     dp_sgd_refusal = "its loss distils between two adapters (a sum of losses over several models)"
+    secagg_refusal = ""  # A_s (with proj / head when federated) is the weighted mean: a sum
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -21,6 +21,7 @@ from fedmm.methods.state import Arrays, State, get_parts
 class Local(Method):
     adapter_sets = ("local_adapter",)
     dp_sgd_refusal = ""  # one plain loss over one model: record-level DP-SGD serves it
+    secagg_refusal = "it uploads nothing: there is no sum to protect (run it with it off)"
 
     def trainable_parts(self) -> tuple[str, ...]:
         return (f"adapter.{self.adapter_sets[0]}", "proj", "head")
