@@ -32,7 +32,7 @@ from fedmm.runkey import RunKey
 
 # config keys that do not change a result (data.schema: where the server's copy of the schema is;
 # its content is the benchmark's)
-VOLATILE = ("out_dir", "cache_dir", "progress", "resume", "data.schema")
+VOLATILE = ("out_dir", "cache_dir", "progress", "track", "resume", "data.schema")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from fedmm.config import SITES, ConfigError, FedmmConfig, load_toml, parse_set
 from fedmm.runkey import RunKey
 
 FLAG_KEYS = {"benchmark": "data.benchmark", "peft": "peft.type", "rounds": "fed.rounds",
-             "clients": "fed.clients", "seed": "seed", "out": "out_dir"}  # fmt: skip
+             "clients": "fed.clients", "seed": "seed", "out": "out_dir", "track": "track"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="run seed (default: 0)")
     run.add_argument("--out", help="output directory (default: runs/latest)")
     run.add_argument("--config", help="TOML file with options (tables = sections)")
+    run.add_argument("--track", choices=("tensorboard", "mlflow"),
+                     help="log every round to TensorBoard (<out>/tensorboard/) or MLflow "
+                     "(<out>/mlflow.db, or MLFLOW_TRACKING_URI); default: no tracking")  # fmt: skip
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any option, e.g. --set train.lr=5e-4 (repeatable)")  # fmt: skip
     run.add_argument("--sites", metavar="DIR",

@@ -148,6 +148,9 @@ class FedmmConfig:
     cache_dir: str = ""  # frozen-feature cache; "" = $XDG_CACHE_HOME/fedmm or ~/.cache/fedmm
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # progress bars
+    # experiment tracking (tracking.py): tensorboard | mlflow | "" (none); local files unless
+    # MLFLOW_TRACKING_URI says otherwise
+    track: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -291,7 +294,7 @@ def parse_interval(text: str) -> tuple[float, float, bool, bool]:
 # floor wins, see federation/site.py).
 SITE_KEYS = frozenset({"data.data_dir", "cache_dir", "device", "train.threads"})
 SERVER_KEYS = frozenset(
-    {"out_dir", "progress", "resume", "variant", "data.schema", "fed.round_timeout",
+    {"out_dir", "progress", "track", "resume", "variant", "data.schema", "fed.round_timeout",
      "fed.min_clients", "fed.eval_every", "fed.eval_fraction", "validate.max_examples", "validate.max_upload_mb"}
 )  # fmt: skip
 

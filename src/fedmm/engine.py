@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedmm import logs, results
+from fedmm import logs, results, tracking
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data import sites
 from fedmm.federation import consent
@@ -122,12 +122,15 @@ def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
                 dict(method.view_aliases),
             )  # fmt: skip
 
-            def save_round(round_record: results.RoundRecord) -> None:
-                entry = results.add_round(record, round_record)
-                results.save_run(cfg.out_dir, record)
-                on_round(entry)
+            with tracking.track(cfg, record) as tracker:
 
-            run_centralized(cfg, save_round)
+                def save_round(round_record: results.RoundRecord) -> None:
+                    entry = results.add_round(record, round_record)
+                    results.save_run(cfg.out_dir, record)
+                    tracker.log_round(entry)
+                    on_round(entry)
+
+                run_centralized(cfg, save_round)
     finally:
         bar.close()
     log.info("%s finished in %.0fs", label, time.perf_counter() - t0)

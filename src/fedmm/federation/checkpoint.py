@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MAY_DIFFER = {
     "resume",
     "progress",
+    "track",
     "out_dir",
     "cache_dir",
     "device",
