@@ -109,6 +109,7 @@ def test_a_bench_logs_one_run_per_cell_grouped(tiny_cfg, tmp_path, monkeypatch):
     elsewhere.parent.mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")  # the user's own store
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "my-bench")
+    monkeypatch.chdir(tmp_path)  # artifacts: where that store puts them (sqlite: ./mlruns)
     for track in ("mlflow", "tensorboard"):
         out = tmp_path / f"bench-{track}"
         args = ["bench", "--method", "centralized", "--seeds", "0,1", "--rounds", "2",
@@ -122,6 +123,7 @@ def test_a_bench_logs_one_run_per_cell_grouped(tiny_cfg, tmp_path, monkeypatch):
         scalars, _ = event_scalars(tmp_path / "bench-tensorboard" / "tensorboard" / cell)
         assert [s for s, _ in scalars["accuracy/shared/mean"]] == [1, 2]
     assert not (tmp_path / "bench-mlflow" / "mlflow.db").exists()  # MLFLOW_TRACKING_URI won
+    assert not (tmp_path / "bench-mlflow" / "mlartifacts").exists()
     client = MlflowClient(tracking_uri=f"sqlite:///{elsewhere}")
     experiment = client.get_experiment_by_name("my-bench")
     runs = client.search_runs([experiment.experiment_id])
