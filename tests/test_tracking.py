@@ -163,3 +163,33 @@ def test_a_missing_tracker_library_is_a_clear_error(tiny_cfg, monkeypatch):
     with pytest.raises(ConfigError, match="track='wandb': choices are tensorboard, mlflow"):
         validate_config(tiny_cfg.with_overrides({"track": "wandb"}))
     validate_config(tiny_cfg.with_overrides({"track": "tensorboard"}))  # installed: no error
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+@pytest.mark.parametrize("track", ["mlflow", "tensorboard"])
+def test_a_resumed_run_continues_its_tracked_run(tiny_cfg, track):
+    from test_resume import CrashingGrid, Interrupted
+
+    cfg = tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 3, "track": track})
+    with pytest.raises(Interrupted):
+        run_federation(CrashingGrid(3, crash_round=3), cfg)
+    record = run_federation(InProcessGrid(3), cfg.with_overrides({"resume": True}))
+    means = {h["round"]: expected(record, h)["accuracy/shared/mean"] for h in record["history"]}
+    out = Path(cfg.out_dir)
+    if track == "mlflow":
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name(f"fedmm {out.resolve()}")
+        (mlrun,) = client.search_runs([experiment.experiment_id])  # one run, not two
+        assert mlrun.info.status == "FINISHED"
+        history = client.get_metric_history(mlrun.info.run_id, "accuracy/shared/mean")
+        got = {m.step: m.value for m in history}
+        assert sorted(m.step for m in history) == [1, 2, 3]  # the crashed round 3 left nothing
+    else:
+        # the crashed process logged round 3's training nothing: its round never ended; the
+        # resumed one's steps replace whatever the first file held from step 3 on
+        scalars, _ = event_scalars(out / "tensorboard" / "fedavg-adapter-fmnist-domain-seed0")
+        got = dict(scalars["accuracy/shared/mean"])
+        assert [s for s, _ in scalars["accuracy/shared/mean"]] == [1, 2, 3]
+    assert got == pytest.approx(means, rel=1e-6)
