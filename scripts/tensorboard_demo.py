@@ -45,10 +45,15 @@ def main(out_dir: str, png: str) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tags) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles = {}
+    for ax in axes.flat:  # one legend entry per run, whichever panels it appears in
+        for line in ax.get_lines():
+            handles.setdefault(line.get_label(), line)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles),
+               fontsize=8)  # fmt: skip
     fig.suptitle(f"{out_dir}/tensorboard: scalars read with EventAccumulator (matplotlib "
                  "rendering, not the TensorBoard UI)", fontsize=9)  # fmt: skip
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
     print(f"{png}: {len(tags)} scalars of {len(runs)} runs: {', '.join(runs)}")
