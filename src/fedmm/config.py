@@ -75,6 +75,16 @@ class FedmmConfig:
         "auto", scope=SITE, affects_results=False, help="auto | cpu | cuda | cuda:N"
     )
     progress: bool = option(True, scope=DISPLAY, affects_results=False, help="progress bars")
+    # experiment tracking (fedmm.tracking): local files unless MLFLOW_TRACKING_URI says otherwise
+    track: str = option(
+        "",
+        choices=("", "tensorboard", "mlflow"),
+        scope=DISPLAY,
+        affects_results=False,
+        help='log every round to TensorBoard (<out>/tensorboard/) or MLflow (<out>/mlflow.db, '
+        'or MLFLOW_TRACKING_URI); "" = no tracking',
+        flag="track",
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

@@ -43,6 +43,7 @@ def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
     Raises ``ConfigError`` naming the option and its valid range at the first violation."""
     from fedmm.data import BENCHMARKS
     from fedmm.methods import METHODS
+    from fedmm.tracking import check as check_tracker
 
     methods = [cfg.method] if methods is None else methods
     if not methods:
@@ -70,6 +71,7 @@ def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
     for name, section in cfg.methods.items():  # every method's options
         check_section(name, section)
     _check_device(cfg.device)
+    check_tracker(cfg.track)
     _check_cross(cfg)
     for m in methods:  # method x PEFT x options (e.g. fedpia with prompt tuning)
         METHODS[m](cfg.with_overrides({"method": m}))
