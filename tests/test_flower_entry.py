@@ -35,12 +35,15 @@ def test_a_simulated_run_logs_no_flower_deprecation_notice(tiny_cfg):
     flwr_logger = logging.getLogger("flwr")  # Flower's own logger (flwr.supercore.logger)
     handler = Records()
     flwr_logger.addHandler(handler)
+    level = flwr_logger.level  # fedmm's CLI (run by other tests) sets it to WARNING
+    flwr_logger.setLevel(logging.DEBUG)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             run = run_method(tiny_cfg.with_overrides({"fed.rounds": 1, "fed.clients": 2}))
     finally:
         flwr_logger.removeHandler(handler)
+        flwr_logger.setLevel(level)
     assert [h["round"] for h in run["history"]] == [1]  # the run did go through Flower
     assert any(r.name.startswith("flwr") for r in handler.records)  # the handler saw Flower
     notices = [r.getMessage() for r in handler.records if "DEPRECATED" in r.getMessage()]

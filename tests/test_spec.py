@@ -20,18 +20,18 @@ def test_every_option_is_declared_with_a_scope_and_the_derived_sets_follow():
     # the allowlists and resume's sets as they were kept by hand before (config.py, checkpoint.py)
     assert config.SITE_KEYS == {"data.data_dir", "cache_dir", "device", "train.threads"}
     assert config.SERVER_KEYS == {
-        "out_dir", "progress", "resume", "variant", "data.schema", "fed.round_timeout",
+        "out_dir", "progress", "track", "resume", "variant", "data.schema", "fed.round_timeout",
         "fed.min_clients", "fed.eval_every", "fed.eval_fraction", "validate.max_examples",
         "validate.max_upload_mb",
     }  # fmt: skip
-    assert config.MAY_DIFFER == {"resume", "progress", "out_dir", "cache_dir", "device",
+    assert config.MAY_DIFFER == {"resume", "progress", "track", "out_dir", "cache_dir", "device",
                                  "data.data_dir", "data.schema"}  # fmt: skip
     assert config.OPERATIONAL == {"fed.round_timeout", "fed.min_clients", "fed.eval_every",
                                   "fed.eval_fraction"}  # fmt: skip
     assert config.experiment_keys() == set(declared) - config.SITE_KEYS - config.SERVER_KEYS
     assert config.FLAG_KEYS == {"benchmark": "data.benchmark", "peft": "peft.type",
                                 "rounds": "fed.rounds", "clients": "fed.clients", "seed": "seed",
-                                "out": "out_dir"}  # fmt: skip
+                                "out": "out_dir", "track": "track"}  # fmt: skip
 
 
 def test_a_new_option_is_placed_by_its_declaration(monkeypatch):

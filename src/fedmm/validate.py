@@ -34,7 +34,8 @@ def _number(key: str, value: float, lo: float, hi: float, lo_open: bool, hi_open
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"unknown {key} {value!r}; choices: {', '.join(choices)}")
+        shown = ", ".join(c or '"" (none)' for c in choices)
+        raise ConfigError(f"unknown {key} {value!r}; choices: {shown}")
 
 
 def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
