@@ -78,6 +78,8 @@ class TrainConfig:
     # with AMX / AVX512-BF16 -- else fp32; each site resolves it, results record it per client)
     precision: str = "fp32"
     accumulation: int = 1  # micro-batches per optimiser step: effective batch = batch_size x this
+    # generative tasks: answers longer than this (tokens) are cut for training, counted, reported
+    max_target_tokens: int = 16
 
 
 @dataclass
@@ -114,6 +116,17 @@ class DataConfig:
     # the server's copy of the task schema (schema.json, shared like the CA certificate); ""
     # = derived from the benchmark by the process that starts a rehearsal (fedmm run)
     schema: str = ""
+    # "" = the benchmark's own task kinds; "generate" = a single-label benchmark answered in text
+    # (each record's answer is the target text; needs a generative backbone, docs/generative.md)
+    task_kind: str = ""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of generative tasks (fedmm.generation): greedy decoding and what is shown."""
+
+    max_new_tokens: int = 16  # generated tokens per answer at most (decoding stops at end-of-turn)
+    predictions: int = 5  # predictions per client and view kept for summary.md (0 = none)
 
 
 @dataclass
@@ -154,6 +167,7 @@ class FedmmConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     resume: bool = False  # continue from <out_dir>'s server checkpoint of this run, if there is one

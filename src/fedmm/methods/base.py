@@ -283,6 +283,9 @@ class ClientContext:
     dp_sgd: Any = None
     stats: dict[str, float] = field(default_factory=dict)
     views: dict[str, float] = field(default_factory=dict)  # filled by ``view``
+    # generative tasks (fedmm.generation): a sample of what the model said, per view
+    predictions: dict[str, list[dict]] = field(default_factory=dict)
+    last_predictions: list[dict] = field(default_factory=list)
     _micro: tuple[int, int] = field(default=(0, 1), init=False, repr=False)  # (micro-batch, k)
     _rows: int = field(default=0, init=False, repr=False)  # rows of the batch last yielded
 
@@ -373,6 +376,8 @@ class ClientContext:
             resolve_precision(self.cfg.train.precision, self.device) == "bf16"
         )
         self.model.train()
+        if getattr(data, "truncated", 0):  # generative targets cut to train.max_target_tokens
+            self.stats["targets_truncated"] = float(data.truncated)
         poisson = self.dp_sgd.batches(n) if self.dp_sgd is not None else None
         for i in range(n):
             lr = lr_at(first + i, total, schedule)
@@ -465,6 +470,10 @@ class ClientContext:
         split = self.test if split is None else split
         if len(split) == 0:
             return {}
+        if split.kind == "generate":  # greedy decoding, exact match and token F1
+            from fedmm.generation import generative_scores
+
+            return generative_scores(self, split)
         logits = self.logits(split)
         if split.kind == "multilabel":
             return multilabel_scores(logits, split.labels)
@@ -485,6 +494,8 @@ class ClientContext:
         scores = self.score(self.test)
         for name in names:
             self.views.update({f"{name}{suffix}": v for suffix, v in scores.items()})
+            if self.last_predictions:
+                self.predictions[name] = self.last_predictions
         return self.views
 
     def accuracy(self, split: Encoded | None = None) -> float | None:
@@ -558,6 +569,10 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     BCE-with-logits for multi-label tasks (``labels`` float 0/1 ``(B, K)``)."""
     if labels.is_floating_point():
         return F.binary_cross_entropy_with_logits(logits, labels)
+    if labels.ndim == 2:  # generative: next-token labels per position, -100 off the answer
+        from fedmm.generation import token_loss
+
+        return token_loss(logits, labels)
     return F.cross_entropy(logits, labels)
 
 
@@ -616,6 +631,8 @@ class Method(ABC):
     # method's local update; "" = it can: the update is ``ctx.steps`` / ``ctx.step`` on one
     # plain loss over one model (data-independent terms passed as ``step(public=...)``)
     dp_sgd_refusal: str = "its local update is not declared to be one plain loss over one model"
+    # why this method cannot train a generative model (fedmm.generation); "" = it can
+    generative_refusal: str = ""
 
     def __init__(self, cfg: FedmmConfig) -> None:
         self.cfg = cfg
@@ -629,6 +646,9 @@ class Method(ABC):
                 f"train.accumulation >= 1 (got {cfg.train.accumulation})"
             )
         check_backbone_peft(cfg.model, cfg.peft)  # e.g. prompt tuning on a dual encoder
+        if self.generative_refusal and _generative_backbone(cfg.model.backbone):
+            raise ConfigError(f"method {type(self).name!r} cannot train the generative backbone "
+                              f"{cfg.model.backbone!r} yet: {self.generative_refusal}")  # fmt: skip
         if type(self).name in cfg.methods:  # its own options: intervals and choices
             from fedmm.validate import check_section
 
@@ -741,6 +761,12 @@ class Method(ABC):
     @abstractmethod
     def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         """Test score per view (``ctx.view``) of the loaded model."""
+
+
+def _generative_backbone(name: str) -> bool:
+    from fedmm.backbones.generative import GENERATIVE_BACKBONES
+
+    return name in GENERATIVE_BACKBONES
 
 
 # ---------------------------------------------------------------------- the registry

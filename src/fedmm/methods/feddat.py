@@ -195,6 +195,7 @@ class FedDAT(Method):
     options = FedDATConfig
     views = (SHARED_HEAD, PERSONAL, "client")
     adapter_sets = (GLOBAL, FROZEN, CLIENT)
+    generative_refusal = "its mutual distillation reads class logits of one head; token-level distillation is issue 27"
     dp_sgd_refusal = "its loss distils between two adapters (a sum of losses over several models)"
     view_aliases = MappingProxyType(
         {"global": SHARED_HEAD, "personalized": PERSONAL, "dat": PERSONAL}

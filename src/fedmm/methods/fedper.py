@@ -35,6 +35,7 @@ BODY = ("adapter.global_adapter", "proj")
 
 @register("fedper")
 class FedPer(FedAvg):
+    generative_refusal = "it personalises the task head, and a generative model has none (issue 27)"
     views = (SHARED_HEAD,)
     view_aliases = MappingProxyType({"personalized": SHARED_HEAD})
 

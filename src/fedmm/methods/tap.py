@@ -176,6 +176,7 @@ class TAP(Method):
     views = (SHARED, PERSONAL, "distilled")
     view_aliases = MappingProxyType({"global": SHARED, "personalized": PERSONAL})
     per_client_messages = True  # each client is sent (and returns) only its own modules
+    generative_refusal = "its per-task heads and distilled stage need class logits (issue 27)"
     dp_sgd_refusal = ("it trains two stages and scores a validation split it reports (two "
                       "models, data-dependent selection)")  # fmt: skip
 
