@@ -38,7 +38,7 @@ import logging
 import re
 import string
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,9 +96,10 @@ class GenerativeEncoded(Encoded):
     truncated: int = 0
 
     def subset(self, idx: torch.Tensor) -> GenerativeEncoded:
-        rows = idx.tolist()
-        return replace(
-            super().subset(idx), prompt_lens=self.prompt_lens[idx],
+        rows, base = idx.tolist(), super().subset(idx)
+        return GenerativeEncoded(
+            **{f.name: getattr(base, f.name) for f in fields(Encoded)},
+            prompt_lens=self.prompt_lens[idx],
             references=tuple(self.references[i] for i in rows),
             questions=tuple(self.questions[i] for i in rows), truncated=self.truncated,
         )  # fmt: skip
@@ -249,17 +250,32 @@ def save_predictions(path: Path, client_id: str, rnd: int, predictions: dict[str
                          + "\n")  # fmt: skip
 
 
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+def predictions_section(out_dir: str | Path) -> str:
+    """Markdown of the prediction samples the rehearsed sites of ``out_dir`` wrote
+    (``<out>/client_state/<site>/<client>/<run>/predictions.jsonl``): per run, the last evaluated
+    round's question / reference / generated, per client and view; "" when there are none."""
+    files = sorted(Path(out_dir).glob(f"client_state/*/*/*/{PREDICTIONS_FILE}"))
+    runs: dict[str, list[dict]] = {}
+    for path in files:
+        run = path.parent.name
+        with open(path, encoding="utf-8") as fh:
+            runs.setdefault(run, []).extend(json.loads(line) for line in fh if line.strip())
+    lines: list[str] = []
+    for run, rows in sorted(runs.items()):
+        lines += predictions_markdown(rows, run)
+    return "\n".join(["## Generated answers (a sample per client)", "", *lines]) if lines else ""
+
+
 def predictions_markdown(rows: list[dict], title: str) -> list[str]:
-    """A markdown section of the last round's predictions per client and view."""
+    """A markdown table of the last round's predictions per client and view."""
     if not rows:
         return []
     last = max(r["round"] for r in rows)
-    lines = [
-        f"### {title}: what the model says (round {last})",
-        "",
-        "| client | view | question | reference | generated |",
-        "|---|---|---|---|---|",
-    ]
+    lines = [f"### {title} (round {last})", "",
+             "| client | view | question | reference | generated |", "|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r["round"] == last:
             cells = [r["client"], r["view"], r["question"], r["reference"], r["generated"]]

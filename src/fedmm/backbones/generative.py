@@ -138,6 +138,23 @@ def default_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
 
 
+def resolve_gguf(hf_path: str) -> Path:
+    """The GGUF file ``model.hf_path`` names: "" = the installed SmolLM2 (``default_gguf``); a
+    file; or a directory holding exactly one ``*.gguf`` (a site's ``model-dir``)."""
+    if not hf_path:
+        return default_gguf()
+    path = Path(hf_path).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) != 1:
+            raise RuntimeError(
+                f"{path} holds {len(found)} .gguf files; model.hf_path (or the site's model-dir) "
+                "must name one GGUF file or a directory with exactly one"
+            )
+        return found[0]
+    return path
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -187,12 +204,16 @@ def load_cached_lm(
         except Exception as exc:  # a truncated or foreign entry: rebuild it, never trust it
             log.warning("ignoring unreadable LM cache %s: %s", entry, exc)
     model, tok = load()
-    if getattr(model.config, "quantization_config", None) is not None:
+    if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the stored weights are plain fp32 tensors
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
-        model.save_pretrained(tmp, safe_serialization=True)
+        # written by hand: transformers refuses save_pretrained on a model loaded from a GGUF
+        from safetensors.torch import save_model
+
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
         if entry.exists():
             shutil.rmtree(entry)
@@ -247,6 +268,9 @@ def tiny_llama() -> tuple[nn.Module, ChatTokenizer]:
         vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+        # the (tied) output layer's logits are bounded by |RMSNorm(h)| · |e_v| = √d · |e_v|: at
+        # the usual 0.02 a frozen random model cannot make any token likelier than ~0.6 nats
+        initializer_range=0.3,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
@@ -485,7 +509,7 @@ def _cache_dir(model_cfg: ModelConfig) -> Path:
 
 def build_smollm2(model_cfg, adapter_cfg, num_answers, peft_cfg=None) -> GenerativeVLModel:
     _check_not_classifier("smollm2-mobilenet", num_answers)
-    path = Path(model_cfg.hf_path).expanduser() if model_cfg.hf_path else default_gguf()
+    path = resolve_gguf(model_cfg.hf_path)
     lm, tok = load_gguf_lm(path, LM_CACHE_DIR.get() or _cache_dir(model_cfg))
     vision, dim = mobilenet_features()
     return GenerativeVLModel("smollm2-mobilenet", vision, dim, lm, tok, model_cfg, adapter_cfg,
