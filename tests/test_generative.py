@@ -359,3 +359,88 @@ def test_a_generative_benchmark_splits_into_sites_that_read_back_as_generation(g
                                   "data.task_kind": ""})  # fmt: skip
     test = get_runtime(cfg).client_split(0, "test")
     assert test.kind == "generate" and test.references == tuple(bench.clients[1].test.targets)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's byte -> printable symbol table (its byte-level BPE alphabet)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def write_tiny_gguf(path, seed: int = 0) -> None:
+    """A tiny Llama GGUF (hidden 32, 2 layers, fp32 tensors) with a byte-level BPE tokenizer and
+    a ChatML template, written with the ``gguf`` package."""
+    from gguf import GGUFWriter, TokenType
+
+    d, layers, ff, heads, kv = 32, 2, 64, 4, 2
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_byte_symbols(), "he", "ll"]
+    w = GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(d)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(d // heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.CONTROL] * 3 + [TokenType.NORMAL] * (len(tokens) - 3))
+    w.add_token_merges(["h e", "l l"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    rng = np.random.default_rng(seed)
+
+    def tensor(name, *shape):
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.3).astype(np.float32))
+
+    tensor("token_embd.weight", len(tokens), d)
+    for i in range(layers):
+        for name, shape in (("attn_q", (d, d)), ("attn_k", (kv * d // heads, d)),
+                            ("attn_v", (kv * d // heads, d)), ("attn_output", (d, d)),
+                            ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff))):  # fmt: skip
+            tensor(f"blk.{i}.{name}.weight", *shape)
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, np.float32))
+    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gguf_loads_once_and_its_cached_weights_equal_the_fresh_load(tmp_path):
+    """The real path on a tiny GGUF: dequantized by transformers, cached as safetensors under
+    the file's sha256; the cached model equals the fresh load, tensor for tensor, and the chat
+    tokenizer comes back with it; another file gets another entry."""
+    from fedmm.backbones.generative import file_sha256, load_gguf_lm
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    fresh, chat = load_gguf_lm(path, tmp_path / "cache")
+    entry = tmp_path / "cache" / "llm" / file_sha256(path)
+    assert (entry / "model.safetensors").is_file()
+    cached, chat2 = load_gguf_lm(path, tmp_path / "cache")
+    a, b = fresh.state_dict(), cached.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([[1, 70, 71, 2]])
+    assert torch.equal(fresh(ids).logits, cached(ids).logits)
+    assert (
+        chat.prompt("hi") == chat2.prompt("hi") and chat2.decode(chat2.encode("hello")) == "hello"
+    )
+    assert chat2.eos_id == 2  # <|im_end|>, the end of the assistant's turn
+    write_tiny_gguf(tmp_path / "other.gguf", seed=1)
+    load_gguf_lm(tmp_path / "other.gguf", tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "llm").iterdir())) == 2
