@@ -43,7 +43,8 @@ def one_case(case: str, steps: int, gen_rows: int, overrides: dict) -> dict:
     import torch
 
     from fedmm.config import FedmmConfig
-    from fedmm.methods.base import ClientContext, model_groups, task_loss
+    from fedmm.methods.context import ClientContext, model_groups
+    from fedmm.methods.losses import task_loss
     from fedmm.runtime import get_runtime
 
     precision = "bf16" if case.startswith("bf16") else "fp32"

@@ -345,7 +345,9 @@ def test_cached_weights_equal_a_fresh_load_and_skip_the_loader(tmp_path):
 # ---------------------------------------------------------------------- site directories
 def test_a_generative_benchmark_splits_into_sites_that_read_back_as_generation(gen_cfg, tmp_path):
     from fedmm.data import load_benchmark
-    from fedmm.data.sites import load_site, read_schema, write_sites
+    from fedmm.data.schema import read_schema
+    from fedmm.data.site_split import write_sites
+    from fedmm.data.sites import load_site
 
     bench = load_benchmark(gen_cfg)
     sites = write_sites(bench, tmp_path / "split")

@@ -8,17 +8,12 @@ import torch
 from conftest import bound_method
 
 from fedmm.methods import METHODS, ClientContext, Reply
-from fedmm.methods.base import (
-    distill_kl,
-    from_namespace,
-    get_parts,
-    lr_at,
-    task_loss,
-    to_torch,
-    weighted_average,
-)
+from fedmm.methods.aggregation import weighted_average
 from fedmm.methods.centralized import run_centralized
+from fedmm.methods.context import lr_at
 from fedmm.methods.feddat import CLIENT, FROZEN, GLOBAL
+from fedmm.methods.losses import distill_kl, task_loss
+from fedmm.methods.state import from_namespace, get_parts, to_torch
 from fedmm.runtime import get_runtime
 
 
@@ -260,7 +255,7 @@ def test_a_set_starts_the_same_whatever_other_sets_the_model_holds(tiny_cfg):
 def test_auto_precision_is_bf16_only_where_the_device_has_native_bf16(tiny_cfg, monkeypatch):
     """``train.precision=auto``: bf16 on a CPU with AMX or AVX512-BF16, fp32 on one without
     (emulated bf16 is slower there), recorded in the round's train stats (``bf16``)."""
-    from fedmm.methods.base import resolve_precision
+    from fedmm.methods.precision import resolve_precision
 
     cpu = torch.device("cpu")
     for amx, avx in ((False, False), (True, False), (False, True)):

@@ -48,7 +48,7 @@ def test_real_weights_load_and_fuse(real_cfg):
 
 def test_real_backbone_feddat_round_moves_only_trainable_parts(real_cfg):
     from fedmm.methods import ClientContext
-    from fedmm.methods.base import to_torch
+    from fedmm.methods.state import to_torch
     from fedmm.runtime import get_runtime
 
     cfg = real_cfg.with_overrides({"method": "feddat"})
