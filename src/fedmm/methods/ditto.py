@@ -50,7 +50,9 @@ class Ditto(FedAvg):
     options = DittoConfig
     views = (SHARED, PERSONAL)
     adapter_sets = ("global_adapter", "personal_adapter")
-    generative_refusal = "its personal model's evaluation per view is not yet wired for generation (issue 27)"
+    generative_refusal = (
+        "its personal model's evaluation per view is not yet wired for generation (issue 27)"
+    )
     dp_sgd_refusal = "it trains two models per round (the global and the personal v_k)"
 
     def count_trainable(self, model: FusionVLModel) -> int:

@@ -187,7 +187,9 @@ def align(
 @register("fedpia")
 class FedPIA(FedAvg):
     options = FedPIAConfig
-    generative_refusal = "its permutation alignment and local model are not yet defined on LM PEFT sets (issue 27)"
+    generative_refusal = (
+        "its permutation alignment and local model are not yet defined on LM PEFT sets (issue 27)"
+    )
     dp_sgd_refusal = "it trains and keeps a local model beside the federated one (two models)"
 
     def __init__(self, cfg) -> None:
