@@ -109,3 +109,4 @@ def test_deployment_with_tls_and_auth_matches_simulation_and_survives_a_killed_n
     certs = tmp_path / "deployment" / "certs"
     assert (certs / "ca.crt").is_file() and (certs / "supernode-2.pub").is_file()
     assert (certs / "supernode-0").stat().st_mode & 0o077 == 0  # private keys are 0600
+

@@ -8,9 +8,9 @@ import warnings
 import torch
 
 from fedmm.config import ConfigError
+from fedmm.spec import PRECISIONS  # train.precision's choices, declared once
 
 # ---------------------------------------------------------------------- client helpers
-PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def native_bf16(device: torch.device) -> bool:
