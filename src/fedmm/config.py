@@ -24,6 +24,7 @@ from fedmm.sections import (
     AdapterConfig,
     DataConfig,
     DPConfig,
+    EvalConfig,
     FedConfig,
     ModelConfig,
     PeftConfig,
@@ -91,6 +92,7 @@ class FedmmConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     resume: bool = option(

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fedmm.backbones import FusionVLModel, build_model
-from fedmm.config import SITES, FedmmConfig
+from fedmm.config import SITES, ConfigError, FedmmConfig
 from fedmm.data import Benchmark, RawSplit, load_benchmark
 from fedmm.data import sites as site_data
 from fedmm.data.schema import SCHEMA_FILE, Schema, read_schema, schema_of
@@ -74,6 +74,9 @@ class Encoded:
         mask = self.attention_mask[idx]
         width = max(1, int(mask.sum(1).max())) if len(idx) else mask.shape[1]
         mask = mask[:, :width]
+        labels = self.labels[idx]
+        if self.kind == "generate":  # next-token labels (N, L): trimmed with the text
+            labels = labels[:, :width]
         if self.image_present is not None:
             present = self.image_present[idx].to(mask.dtype)
             mask = torch.cat([mask, present[:, None].expand(-1, self.feats.shape[1])], 1)
@@ -81,7 +84,7 @@ class Encoded:
             self.feats[idx].to(device, torch.float32),
             self.input_ids[idx, :width].to(device),
             mask.to(device),
-            self.labels[idx].to(device),
+            labels.to(device),
         )
 
 
@@ -131,6 +134,9 @@ class Runtime:
         else:
             self.benchmark = load_benchmark(cfg)
             self.schema = schema_of(self.benchmark)
+        from fedmm.backbones.generative import LM_CACHE_DIR  # the dequantized LM's cache
+
+        LM_CACHE_DIR.set(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
         self.model: FusionVLModel = build_model(
             cfg.model, cfg.adapter, self.benchmark.head_sizes(), cfg.peft
         ).to(self.device)
@@ -176,9 +182,12 @@ class Runtime:
     def _encode(self, name: str, raw: RawSplit, task: str = "") -> Encoded:
         if name in self._encoded:
             return self._encoded[name]
+        kind = self.benchmark.task_kind(task) if task else "single"
+        if kind == "generate":  # text targets: fedmm.generation
+            self._encoded[name] = self._encode_generative(name, raw, task)
+            return self._encoded[name]
         ids, mask = self.model.tokenize(raw.texts)
         groups = None if raw.groups is None else tuple(raw.groups)
-        kind = self.benchmark.task_kind(task) if task else "single"
         labels = torch.as_tensor(
             raw.labels, dtype=torch.float32 if kind == "multilabel" else torch.long
         )
@@ -192,6 +201,28 @@ class Runtime:
         self._encoded[name] = enc
         return enc
 
+    def _encode_generative(self, name: str, raw: RawSplit, task: str) -> Encoded:
+        from fedmm.generation import DEFAULT_PROMPT, encode_generative
+
+        if not getattr(self.model, "generative", False):
+            raise ConfigError(
+                f"task {task!r} is generative (text targets) but model.backbone="
+                f"{self.cfg.model.backbone!r} classifies over a label list; use a generative "
+                "backbone (smollm2-mobilenet, docs/generative.md)"
+            )
+        present = None
+        if raw.images is None:
+            feats = torch.zeros(len(raw), *self.model.visual_token_shape(), dtype=torch.float16)
+            present = torch.zeros(len(raw), dtype=torch.bool)
+        else:
+            feats = self._visual_features(name, raw)
+        template = self.benchmark.tasks[task].prompt or DEFAULT_PROMPT
+        return encode_generative(
+            self.model, raw, feats, template=template, max_text_len=self.cfg.model.max_text_len,
+            max_target_tokens=self.cfg.train.max_target_tokens, name=name, task=task,
+            present=present,
+        )  # fmt: skip
+
     def _visual_features(self, name: str, raw: RawSplit) -> torch.Tensor:
         """Frozen visual features of ``raw``'s images, cached on disk under a content key: the
         vision tower's identity and a hash of the pixels themselves, so the same images share one
@@ -199,7 +230,8 @@ class Runtime:
         cfg = self.cfg
         pixels = hashlib.sha256(np.ascontiguousarray(raw.images).tobytes()).hexdigest()
         key_src = "|".join(
-            map(str, (cfg.model.backbone, cfg.model.image_size, cfg.model.grid,
+            map(str, (getattr(self.model, "vision_id", cfg.model.backbone),
+                      cfg.model.image_size, cfg.model.grid,
                       cfg.model.hf_path, raw.images.shape, raw.images.dtype, pixels))
         )  # fmt: skip
         digest = hashlib.sha1(key_src.encode()).hexdigest()[:20]

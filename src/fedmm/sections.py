@@ -11,6 +11,7 @@ from fedmm.spec import (
     CLIENTS_BY,
     COMPRESSIONS,
     DIRICHLET_BY,
+    DISPLAY,
     PEFT_TYPE_NAMES,
     PRECISIONS,
     SCHEDULES,
@@ -117,6 +118,10 @@ class TrainConfig:
     accumulation: int = option(
         1, "[1, inf)", help="micro-batches per optimiser step: effective batch = batch_size x this"
     )
+    max_target_tokens: int = option(
+        16, "[1, inf)", help="generative tasks: answers longer than this (tokens) are cut for "
+        "training, counted (train stat targets_truncated) and reported (docs/generative.md)",
+    )  # fmt: skip
 
 
 @dataclass
@@ -230,6 +235,23 @@ class DataConfig:
         'task schema (schema.json); "" = derived from the benchmark by the '
         "process that starts a rehearsal",
     )
+    task_kind: str = option(
+        "", choices=("", "generate"), help='"" = the benchmark\'s own task kinds; "generate" = a '
+        "single-label benchmark answered in text by a generative backbone (docs/generative.md)",
+    )  # fmt: skip
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of generative tasks (fedmm.generation): greedy decoding and what is shown."""
+
+    max_new_tokens: int = option(
+        16, "[1, inf)", help="generated tokens per answer at most (decoding stops at end-of-turn)"
+    )
+    predictions: int = option(
+        5, "[0, inf)", scope=DISPLAY, affects_results=False,
+        help="predictions per client and view kept at the site for summary.md (0 = none)",
+    )  # fmt: skip
 
 
 @dataclass

@@ -135,6 +135,27 @@ def _check_cross(cfg: FedmmConfig) -> None:
         check_options(cfg)
     if cfg.peft.type == "lora" and not [t for t in cfg.peft.lora_targets.split(",") if t.strip()]:
         raise ConfigError("peft.lora_targets is empty; name at least one linear layer")
+    _check_generative(cfg)
+
+
+def _check_generative(cfg: FedmmConfig) -> None:
+    """A generative task needs a generative backbone and the other way round (docs/generative.md);
+    site directories and jsonl declare their task kinds in their data, checked when built."""
+    from fedmm.backbones.generative import GENERATIVE_BACKBONES
+
+    generative = cfg.model.backbone in GENERATIVE_BACKBONES
+    if cfg.data.task_kind == "generate" and not generative:
+        raise ConfigError(
+            f"data.task_kind=generate needs a generative backbone (model.backbone one of "
+            f"{', '.join(GENERATIVE_BACKBONES)}); {cfg.model.backbone!r} classifies over a "
+            "label list"
+        )
+    if generative and not cfg.data.task_kind and cfg.data.benchmark not in ("sites", "jsonl"):
+        raise ConfigError(
+            f"model.backbone={cfg.model.backbone!r} is generative (it answers in text), but "
+            f"benchmark {cfg.data.benchmark!r} is a classification task; add "
+            "--set data.task_kind=generate to answer it in text"
+        )
 
 
 # ---------------------------------------------------------------------- model-dependent limits

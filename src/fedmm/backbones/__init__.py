@@ -75,6 +75,13 @@ def build_model(
     if model_cfg.backbone in MODEL_BUILDERS:
         check_backbone_peft(model_cfg, peft_cfg or PeftConfig())
         return MODEL_BUILDERS[model_cfg.backbone](model_cfg, adapter_cfg, num_answers, peft_cfg)
+    sizes = num_answers.values() if isinstance(num_answers, dict) else [num_answers]
+    if 0 in sizes:  # a generative task (text targets) has no label list
+        raise ConfigError(
+            f"backbone {model_cfg.backbone!r} classifies over a label list, and a task of this "
+            "benchmark is generative (text targets); use a generative backbone "
+            "(smollm2-mobilenet, docs/generative.md)"
+        )
     backbone = load_backbone(model_cfg.backbone)
     model = FusionVLModel(backbone, num_answers, model_cfg, adapter_cfg, peft_cfg)
     if model_cfg.gradient_checkpointing:
@@ -180,7 +187,8 @@ def tiny() -> Backbone:
     )
 
 
-from fedmm.backbones import hf  # noqa: E402,F401  (registers vilt, clip, siglip, blip)
+# the model builders register themselves on import
+from fedmm.backbones import generative, hf  # noqa: E402,F401  (smollm2-mobilenet, vilt, ...)
 
 if tuple(backbone_names()) != BACKBONE_NAMES:  # one backbone: registered here, named in fedmm.spec
     raise ImportError(f"fedmm.backbones registers {backbone_names()}, fedmm.spec declares "

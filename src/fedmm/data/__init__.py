@@ -36,12 +36,16 @@ class RawSplit:
     texts: list[str]
     labels: np.ndarray  # int64 indices into the task's answers, or (N, K) multi-hot
     groups: list[str] | None = None
+    # a generative task's target texts, one per record (fedmm.generation); None otherwise
+    targets: list[str] | None = None
 
     def __post_init__(self) -> None:
         n_images = len(self.texts) if self.images is None else len(self.images)
         sizes = {n_images, len(self.texts), len(self.labels)}
         if self.groups is not None:
             sizes.add(len(self.groups))
+        if self.targets is not None:
+            sizes.add(len(self.targets))
         if len(sizes) != 1:
             raise ValueError(
                 f"split sizes differ: {n_images} images, {len(self.texts)} texts, "
@@ -54,7 +58,7 @@ class RawSplit:
 
 
 MODALITIES = ("image", "text")
-TASK_KINDS = ("single", "multilabel")
+TASK_KINDS = ("single", "multilabel", "generate")  # generate: text targets, fedmm.generation
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Task:
     kind: str
     answers: list[str]
     description: str = ""
+    prompt: str = ""  # generate: the prompt template, "{question}" = the record's text
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
@@ -150,6 +155,10 @@ def load_benchmark(cfg: FedmmConfig) -> Benchmark:
     key = f"{name}|{cfg.data}|{cfg.fed.clients}|{cfg.model.image_size}"  # file images are resized
     if key not in _CACHE:
         benchmark = BENCHMARKS[name](cfg)
+        if cfg.data.task_kind == "generate":  # answered in text (fedmm.generation)
+            from fedmm.generation import as_generative
+
+            benchmark = as_generative(benchmark)
         check_clients(benchmark, cfg)
         _CACHE[key] = benchmark
     return _CACHE[key]

@@ -43,7 +43,7 @@ SCHEMA_FILE = "schema.json"
 SCHEMA_VERSION = 1
 
 
-TASK_FIELDS = ("name", "kind", "labels", "groups", "description", "image_window")
+TASK_FIELDS = ("name", "kind", "labels", "groups", "description", "image_window", "prompt")
 
 
 @dataclass
@@ -89,6 +89,8 @@ class Schema:
                 entry["groups"] = list(self.groups[name])
             if task.description:
                 entry["description"] = task.description
+            if task.prompt:  # generate: the prompt template (fedmm.generation)
+                entry["prompt"] = task.prompt
             if name in self.image_window:
                 window = self.image_window[name]
                 entry["image_window"] = window if isinstance(window, str) else list(window)
@@ -163,11 +165,14 @@ def parse_schema(obj: object, where: str) -> Schema:
         if kind not in TASK_KINDS:
             raise ValueError(f"{where}: field '{at}.kind' must be one of {', '.join(TASK_KINDS)}, "
                              f"got {kind!r}")  # fmt: skip
-        labels = _str_list(entry.get("labels"), where, f"{at}.labels")
-        description = entry.get("description", "")
-        if not isinstance(description, str):
-            raise ValueError(f"{where}: field '{at}.description' must be a string")
-        tasks[task_name] = Task(kind, labels, description)
+        # a generative task (text targets, fedmm.generation) has no label list
+        labels = _str_list(entry.get("labels", []), where, f"{at}.labels",
+                           allow_empty=kind == "generate")  # fmt: skip
+        description, prompt = entry.get("description", ""), entry.get("prompt", "")
+        if not isinstance(description, str) or not isinstance(prompt, str):
+            raise ValueError(f"{where}: fields '{at}.description' and '{at}.prompt' must be "
+                             "strings")  # fmt: skip
+        tasks[task_name] = Task(kind, labels, description, prompt)
         if entry.get("groups"):
             groups[task_name] = _str_list(entry["groups"], where, f"{at}.groups")
         elif "groups" in entry:
@@ -213,6 +218,6 @@ def schema_of(benchmark: Benchmark) -> Schema:
                 groups.setdefault(task, set()).update(split.groups)
     return Schema(
         benchmark.name,
-        {name: Task(t.kind, list(t.answers), t.description) for name, t in tasks.items()},
+        {name: Task(t.kind, list(t.answers), t.description, t.prompt) for name, t in tasks.items()},
         {task: sorted(g) for task, g in groups.items() if g},
     )

@@ -51,7 +51,9 @@ def _write_records(
         if "text" in modalities:
             record["text"] = data.texts[row]
         label = data.labels[row]
-        if task.kind == "single":
+        if task.kind == "generate":
+            record["answer"] = data.targets[row]
+        elif task.kind == "single":
             record["answer"] = task.answers[int(label)]
         else:
             record["labels"] = [task.answers[j] for j in np.flatnonzero(np.asarray(label) > 0.5)]

@@ -176,7 +176,12 @@ def read_site_records(path: Path, kind: str, modalities: tuple[str, ...]) -> lis
             raise ValueError(f"{where}: field 'text' must be absent or \"\": the site has no text "
                              "modality (add \"text\" to site.json 'modalities' to use it)")  # fmt: skip
         record = {"image": image, "text": text, "where": where}
-        if kind == "single":
+        if kind == "generate":  # the target text (fedmm.generation); empty is refused there
+            if not isinstance(obj.get("answer"), str):
+                raise ValueError(f"{where}: field 'answer' must be a string (the target text of "
+                                 "the site's generative task)")  # fmt: skip
+            record["answer"] = obj["answer"]
+        elif kind == "single":
             if "labels" in obj or not isinstance(obj.get("answer"), str):
                 raise ValueError(f"{where}: field 'answer' must be a string (the site's task is "
                                  "single-label; 'labels' is for multilabel tasks)")  # fmt: skip
@@ -237,7 +242,9 @@ def label_records(
     for split in SPLITS:
         rows, ys = [], []
         for r in records[split]:
-            if task.kind == "single":
+            if task.kind == "generate":  # no label list: the answer text is the target
+                ys.append(0)
+            elif task.kind == "single":
                 if r["answer"] in index:
                     ys.append(index[r["answer"]])
                 elif split == "train":  # cannot be learned: dropped
@@ -256,7 +263,7 @@ def label_records(
                 ys.append(vec)
             rows.append(r)
         kept[split] = rows
-        if task.kind == "single":
+        if task.kind in ("single", "generate"):
             targets[split] = np.asarray(ys, dtype=np.int64)
         else:
             targets[split] = np.stack(ys) if ys else np.zeros((0, len(task.answers)), np.float32)
@@ -316,6 +323,7 @@ def load_site(data_dir: Path, cfg: FedmmConfig, schema: Schema | None = None) ->
         return RawSplit(
             images, [r["text"] for r in rows], targets[split],
             groups=[r["group"] for r in rows] if tagged else None,
+            targets=[r["answer"] for r in rows] if task.kind == "generate" else None,
         )  # fmt: skip
 
     description = info.description or f"site {info.name}"  # it leaves the site: never a path

@@ -425,6 +425,11 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
         guarded = dp_on or site.settings.dp_max_epsilon > 0
         sitedp.gate_evaluation(site, guarded, meta, global_arrays)
         views = method.client_evaluate(ctx, global_state)
+        if ctx.predictions:  # generative: a sample of what it said, kept at the site only
+            from fedmm.generation import PREDICTIONS_FILE, save_predictions
+
+            save_predictions(state_file.parent / PREDICTIONS_FILE, site.spec.client_id, rnd,
+                             ctx.predictions)  # fmt: skip
         metrics = sitedp.evaluation_metrics(views, site.settings, guarded)
         metrics.update({"client-index": index, "num-examples": len(ctx.test),
                         "seconds": time.perf_counter() - t0,

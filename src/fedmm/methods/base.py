@@ -87,6 +87,8 @@ class Method(ABC):
     # method's local update; "" = it can: the update is ``ctx.steps`` / ``ctx.step`` on one
     # plain loss over one model (data-independent terms passed as ``step(public=...)``)
     dp_sgd_refusal: str = "its local update is not declared to be one plain loss over one model"
+    # why this method cannot train a generative model (fedmm.generation); "" = it can
+    generative_refusal: str = ""
     # why this method cannot run under secure aggregation (fed.secure_aggregation, federation/
     # secagg.py); "" = it can: its ``aggregate`` reads the replies only through Σ_k w_k·upload_k
     # and Σ_k w_k (and plain sums of the ``secagg_summed`` keys), so ``aggregate_sum`` serves it
@@ -104,6 +106,9 @@ class Method(ABC):
                 f"train.accumulation >= 1 (got {cfg.train.accumulation})"
             )
         check_backbone_peft(cfg.model, cfg.peft)  # e.g. prompt tuning on a dual encoder
+        if self.generative_refusal and _generative_backbone(cfg.model.backbone):
+            raise ConfigError(f"method {type(self).name!r} cannot train the generative backbone "
+                              f"{cfg.model.backbone!r} yet: {self.generative_refusal}")  # fmt: skip
         if type(self).name in cfg.methods:  # its own options: intervals and choices
             from fedmm.validate import check_section
 
@@ -233,6 +238,12 @@ class Method(ABC):
     @abstractmethod
     def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         """Test score per view (``ctx.view``) of the loaded model."""
+
+
+def _generative_backbone(name: str) -> bool:
+    from fedmm.backbones.generative import GENERATIVE_BACKBONES
+
+    return name in GENERATIVE_BACKBONES
 
 
 # ---------------------------------------------------------------------- the registry

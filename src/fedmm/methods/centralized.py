@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fedmm.methods.aggregation import Reply
 from fedmm.methods.base import register
@@ -68,6 +69,13 @@ def run_centralized(
                 runtime.client_split(i, "test"), state, rnd, i, 1, cfg.fed.rounds,
             )  # fmt: skip
             clients[spec.client_id] = method.client_evaluate(ectx, {})
+            if ectx.predictions:  # generative: as a rehearsed site keeps them (summary.md)
+                from fedmm.config import run_name
+                from fedmm.generation import PREDICTIONS_FILE, save_predictions
+
+                where = Path(cfg.out_dir) / "client_state" / "centralized" / spec.client_id
+                save_predictions(where / run_name(cfg) / PREDICTIONS_FILE, spec.client_id, rnd,
+                                 ectx.predictions)  # fmt: skip
         n_steps = stats.get("steps", 0)
         record = RoundRecord(
             rnd, seconds=time.perf_counter() - t0, evaluated=len(specs), clients=clients,

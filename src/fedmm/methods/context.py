@@ -64,6 +64,9 @@ class ClientContext:
     dp_sgd: Any = None
     stats: dict[str, float] = field(default_factory=dict)
     views: dict[str, float] = field(default_factory=dict)  # filled by ``view``
+    # generative tasks (fedmm.generation): a sample of what the model said, per view
+    predictions: dict[str, list[dict]] = field(default_factory=dict)
+    last_predictions: list[dict] = field(default_factory=list)
     _micro: tuple[int, int] = field(default=(0, 1), init=False, repr=False)  # (micro-batch, k)
     _rows: int = field(default=0, init=False, repr=False)  # rows of the batch last yielded
 
@@ -154,6 +157,8 @@ class ClientContext:
             resolve_precision(self.cfg.train.precision, self.device) == "bf16"
         )
         self.model.train()
+        if getattr(data, "truncated", 0):  # generative targets cut to train.max_target_tokens
+            self.stats["targets_truncated"] = float(data.truncated)
         poisson = self.dp_sgd.batches(n) if self.dp_sgd is not None else None
         for i in range(n):
             lr = lr_at(first + i, total, schedule)
@@ -246,6 +251,10 @@ class ClientContext:
         split = self.test if split is None else split
         if len(split) == 0:
             return {}
+        if split.kind == "generate":  # greedy decoding, exact match and token F1
+            from fedmm.generation import generative_scores
+
+            return generative_scores(self, split)
         logits = self.logits(split)
         if split.kind == "multilabel":
             return multilabel_scores(logits, split.labels)
@@ -266,6 +275,8 @@ class ClientContext:
         scores = self.score(self.test)
         for name in names:
             self.views.update({f"{name}{suffix}": v for suffix, v in scores.items()})
+            if self.last_predictions:
+                self.predictions[name] = self.last_predictions
         return self.views
 
     def accuracy(self, split: Encoded | None = None) -> float | None:

@@ -37,6 +37,9 @@ RENAME_TO_PERSONAL = {"adapter.global_adapter": "adapter.personal_adapter"}
 @register("ditto")
 class Ditto(FedAvg):
     adapter_sets = ("global_adapter", "personal_adapter")
+    generative_refusal = (
+        "its personal model's evaluation per view is not yet wired for generation (issue 27)"
+    )
     dp_sgd_refusal = "it trains two models per round (the global and the personal v_k)"
 
     def count_trainable(self, model: FusionVLModel) -> int:

@@ -160,6 +160,7 @@ def reference_step(
 @register("feddat")
 class FedDAT(Method):
     adapter_sets = (GLOBAL, FROZEN, CLIENT)
+    generative_refusal = "its mutual distillation reads class logits of one head; token-level distillation is issue 27"
     dp_sgd_refusal = "its loss distils between two adapters (a sum of losses over several models)"
     secagg_refusal = ""  # A_s (with proj / head when federated) is the weighted mean: a sum
 

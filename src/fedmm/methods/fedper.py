@@ -26,6 +26,8 @@ BODY = ("adapter.global_adapter", "proj")
 
 @register("fedper")
 class FedPer(FedAvg):
+    generative_refusal = "it personalises the task head, and a generative model has none (issue 27)"
+
     def upload_parts(self) -> tuple[str, ...]:
         return BODY
 

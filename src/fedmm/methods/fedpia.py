@@ -151,6 +151,9 @@ def align(
 # ---------------------------------------------------------------------- the method
 @register("fedpia")
 class FedPIA(FedAvg):
+    generative_refusal = (
+        "its permutation alignment and local model are not yet defined on LM PEFT sets (issue 27)"
+    )
     dp_sgd_refusal = "it trains and keeps a local model beside the federated one (two models)"
     secagg_refusal = (
         "its server aligns (permutes) each site's adapters to an anchor before "

@@ -52,6 +52,10 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     BCE-with-logits for multi-label tasks (``labels`` float 0/1 ``(B, K)``)."""
     if labels.is_floating_point():
         return F.binary_cross_entropy_with_logits(logits, labels)
+    if labels.ndim == 2:  # generative: next-token labels per position, -100 off the answer
+        from fedmm.generation import token_loss
+
+        return token_loss(logits, labels)
     return F.cross_entropy(logits, labels)
 
 

@@ -138,6 +138,7 @@ def loaded(model: VLModel, state: State) -> Iterator[None]:
 @register("tap")
 class TAP(Method):
     per_client_messages = True  # each client is sent (and returns) only its own modules
+    generative_refusal = "its per-task heads and distilled stage need class logits (issue 27)"
     dp_sgd_refusal = ("it trains two stages and scores a validation split it reports (two "
                       "models, data-dependent selection)")  # fmt: skip
     # its averages are sums over each module's owners, but the sites upload different module

@@ -150,7 +150,12 @@ def task_table(runs: list[dict]) -> list[str]:
 
 
 def write_summary(out_dir: str | Path, data: dict) -> None:
-    atomic_write(Path(out_dir) / "summary.md", (summary_table(data) + "\n").encode())
+    from fedmm.generation import predictions_section  # generative runs: what the model said
+
+    text = summary_table(data) + "\n"
+    predictions = predictions_section(out_dir)
+    atomic_write(Path(out_dir) / "summary.md", (text + (f"\n{predictions}\n" if predictions
+                                                         else "")).encode())  # fmt: skip
 
 
 def engine_overhead(entry: dict) -> dict[str, float]:

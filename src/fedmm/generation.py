@@ -1,0 +1,283 @@
+"""Tasks with text targets (task kind ``generate``): encoding, teacher-forced labels, decoding, scores.
+
+A generative task has no label list: each record's target is text (its answer).  The model reads
+
+    <chat prefix> [image tokens] <question in the task's prompt template><assistant header>
+
+and is trained to continue with ``<answer> <eos>``.  The loss is the next-token cross-entropy on
+the answer tokens and the end-of-turn token only: every prompt, image and padding position has
+label -100 (``methods.base.task_loss``).
+
+* ``train.max_target_tokens``: an answer longer than this (in tokens, end-of-turn excluded) is
+  cut to its first ``max_target_tokens`` tokens for training, and the cut is counted: a warning
+  per split and the train statistic ``targets_truncated`` of every round (results' train
+  entries).  Scores always compare against the full reference text.
+* A prompt longer than ``model.max_text_len`` tokens (chat template included, image tokens not),
+  or a whole sequence longer than the language model's context, is an error naming the record
+  and the limit; an empty answer is an error.
+
+Evaluation (``generative_scores``): batched greedy decoding with the KV cache
+(``GenerativeVLModel.generate``), at most ``eval.max_new_tokens`` new tokens, stopping at the
+end-of-turn token.  Scores, after the normalisation of the VQA evaluation (Antol et al., 2015;
+the official script's steps we apply: lower-case, punctuation removed, articles a/an/the removed,
+whitespace collapsed):
+
+* ``""`` (primary) exact match: normalised prediction == normalised reference;
+* ``.f1``: token F1 of the normalised prediction and reference (SQuAD's, Rajpurkar et al., 2016);
+* ``.<group>``: exact match per evaluation group (VQA-RAD: ``closed`` / ``open``).
+
+The client keeps a sample of its predictions (``eval.predictions`` rows: question / reference /
+generated) in ``ClientContext.predictions``; they are written under the site's own directory and,
+in a rehearsal, into the run's summary.md (``write_predictions``) -- they never travel in a reply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedmm.config import ConfigError
+from fedmm.runtime import Encoded
+
+if TYPE_CHECKING:
+    from fedmm.data import Benchmark, RawSplit
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label of a position that takes no loss (torch's cross_entropy ignore_index)
+DEFAULT_PROMPT = "{question} Answer in one or two words."
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+# ---------------------------------------------------------------------- scores
+def normalize_text(text: str) -> str:
+    """VQA-style normalisation: lower-case, punctuation -> space, articles dropped, whitespace
+    collapsed (``"The T-shirt."`` -> ``"t shirt"``)."""
+    text = str(text).lower().translate(PUNCT)
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_text(prediction) == normalize_text(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the normalised tokens' multiset overlap; 1.0 when both are empty."""
+    pred, ref = normalize_text(prediction).split(), normalize_text(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+# ---------------------------------------------------------------------- data
+@dataclass
+class GenerativeEncoded(Encoded):
+    """An encoded generative split: ``input_ids`` (N, L) = prompt, image placeholders, answer
+    and end-of-turn, right-padded; ``labels`` (N, L) next-token ids (-100 off the answer);
+    ``prompt_lens`` (N,) the prompt's length (image tokens included); ``references`` and
+    ``questions`` the texts; ``truncated`` how many targets were cut to ``max_target_tokens``."""
+
+    prompt_lens: torch.Tensor | None = None
+    references: tuple[str, ...] = ()
+    questions: tuple[str, ...] = ()
+    truncated: int = 0
+
+    def subset(self, idx: torch.Tensor) -> GenerativeEncoded:
+        rows, base = idx.tolist(), super().subset(idx)
+        return GenerativeEncoded(
+            **{f.name: getattr(base, f.name) for f in fields(Encoded)},
+            prompt_lens=self.prompt_lens[idx],
+            references=tuple(self.references[i] for i in rows),
+            questions=tuple(self.questions[i] for i in rows), truncated=self.truncated,
+        )  # fmt: skip
+
+    def prompts(self, idx: torch.Tensor) -> list[list[int]]:
+        return [self.input_ids[i, : int(self.prompt_lens[i])].tolist() for i in idx.tolist()]
+
+
+def encode_generative(
+    model, raw: RawSplit, feats: torch.Tensor, *, template: str, max_text_len: int,
+    max_target_tokens: int, name: str, task: str = "", present: torch.Tensor | None = None,
+) -> GenerativeEncoded:  # fmt: skip
+    """Token ids and next-token labels of ``raw`` (``raw.targets``: the answers) for the
+    generative ``model`` (its ``chat`` tokenizer, ``image_tokens``, ``image_offset``)."""
+    if raw.targets is None:
+        raise ConfigError(f"{name}: a generative task needs text targets (RawSplit.targets)")
+    chat, n_vis = model.chat, model.image_tokens
+    rows, prompt_lens, truncated = [], [], 0
+    for i, (question, answer) in enumerate(zip(raw.texts, raw.targets)):
+        prefix, suffix = chat.prompt(template.format(question=question))
+        if len(prefix) + len(suffix) > max_text_len:
+            raise ConfigError(
+                f"{name}, record {i}: the prompt has {len(prefix) + len(suffix)} tokens (chat "
+                f"template included), more than model.max_text_len={max_text_len}; raise "
+                f"model.max_text_len or shorten the question ({question[:60]!r})"
+            )
+        target = chat.encode(str(answer).strip())
+        if not target:
+            raise ConfigError(f"{name}, record {i}: empty target text (answer {answer!r})")
+        if len(target) > max_target_tokens:
+            target, truncated = target[:max_target_tokens], truncated + 1
+        prompt = [*prefix, *[chat.pad_id] * n_vis, *suffix]
+        rows.append((prompt, [*target, chat.eos_id]))
+        prompt_lens.append(len(prompt))
+    # one width for every split (the pooled centralised data concatenates them); batches are
+    # trimmed to their longest row
+    width = max_text_len + n_vis + max_target_tokens + 1
+    if model.context and width > model.context:
+        raise ConfigError(
+            f"{name}: sequences of {width} tokens (prompt, {n_vis} image tokens, answer) exceed "
+            f"the language model's context of {model.context} tokens; lower model.max_text_len "
+            "or train.max_target_tokens"
+        )
+    ids = torch.full((len(rows), width), chat.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (prompt, target) in enumerate(rows):
+        seq = prompt + target
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        # position t predicts token t+1: the answer and eos, predicted from the prompt's end on
+        labels[i, len(prompt) - 1 : len(seq) - 1] = torch.tensor(target)
+    if truncated:
+        log.warning("%s: %d of %d targets longer than train.max_target_tokens=%d were truncated "
+                    "for training", name, truncated, len(rows), max_target_tokens)  # fmt: skip
+    return GenerativeEncoded(
+        feats, ids, mask, labels, tuple(raw.groups) if raw.groups is not None else None,
+        present, task, "generate", prompt_lens=torch.tensor(prompt_lens, dtype=torch.long),
+        references=tuple(str(t) for t in raw.targets), questions=tuple(raw.texts),
+        truncated=truncated,
+    )  # fmt: skip
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not -100:
+    ``logits`` ``(B, L, V)``, ``labels`` ``(B, L')`` with L' >= L (extra columns are padding)."""
+    from torch.nn import functional as F
+
+    labels = labels[:, : logits.shape[1]]
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+# ---------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def generate_split(ctx, split: GenerativeEncoded) -> list[str]:
+    """Greedy answers of ``ctx.model`` to every row of ``split`` (text, special tokens dropped)."""
+    model = ctx.model
+    model.eval()
+    bs = ctx.cfg.train.eval_batch_size
+    out: list[str] = []
+    for start in range(0, len(split), bs):
+        idx = torch.arange(start, min(start + bs, len(split)))
+        feats = split.feats[idx].to(torch.float32)
+        with ctx.autocast():
+            ids = model.generate(feats, split.prompts(idx), ctx.cfg.eval.max_new_tokens)
+        out += [model.chat.decode(row) for row in ids]
+    return out
+
+
+def generative_scores(ctx, split: GenerativeEncoded) -> dict[str, float]:
+    """``{"": exact match, ".f1": token F1, ".<group>": exact match per group}`` of greedy
+    generation on ``split``; a sample of the predictions is left in ``ctx.last_predictions``."""
+    generated = generate_split(ctx, split)
+    em = [exact_match(g, r) for g, r in zip(generated, split.references)]
+    f1 = [token_f1(g, r) for g, r in zip(generated, split.references)]
+    scores = {"": sum(em) / len(em), ".f1": sum(f1) / len(f1)}
+    for group in sorted(set(split.groups or ())):
+        rows = [i for i, g in enumerate(split.groups) if g == group]
+        scores[f".{group}"] = sum(em[i] for i in rows) / len(rows)
+    n = ctx.cfg.eval.predictions
+    ctx.last_predictions = [
+        {"question": q, "reference": r, "generated": g}
+        for q, r, g in list(zip(split.questions, split.references, generated))[:n]
+    ]
+    return scores
+
+
+# ---------------------------------------------------------------------- benchmarks as generation
+def as_generative(benchmark: Benchmark, template: str = DEFAULT_PROMPT) -> Benchmark:
+    """A single-label benchmark as one generative task: each record's target text is its answer
+    (the label's name), the prompt the record's question in ``template``.  The split, images and
+    questions are unchanged, so the two runs of a benchmark are comparable record for record."""
+    from fedmm.data import Benchmark, ClientSpec, Task
+
+    if benchmark.tasks:
+        kinds = {t.kind for t in benchmark.tasks.values()}
+        if kinds == {"generate"}:
+            return benchmark
+        raise ConfigError(
+            f"data.task_kind=generate: benchmark {benchmark.name!r} has tasks of kinds "
+            f"{sorted(kinds)}; only a single-label benchmark turns into a generative one"
+        )
+
+    def split(raw):
+        return replace(raw, targets=[benchmark.answers[int(y)] for y in raw.labels])
+
+    clients = [
+        ClientSpec(c.client_id, c.description, split(c.train), split(c.test), benchmark.name,
+                   c.modalities)
+        for c in benchmark.clients
+    ]  # fmt: skip
+    task = Task("generate", [], f"{benchmark.name} answered in text", prompt=template)
+    notes = dict(benchmark.notes, task_kind=f"generate (prompt {template!r})")
+    return Benchmark(benchmark.name, benchmark.description, [], clients, notes,
+                     {benchmark.name: task}, dict(benchmark.excluded))  # fmt: skip
+
+
+# ---------------------------------------------------------------------- predictions
+def save_predictions(path: Path, client_id: str, rnd: int, predictions: dict[str, list]) -> None:
+    """Append one evaluation's prediction sample (per view) to the JSON-lines file ``path``."""
+    if not predictions:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        for view, rows in predictions.items():
+            for row in rows:
+                fh.write(json.dumps({"client": client_id, "round": rnd, "view": view, **row})
+                         + "\n")  # fmt: skip
+
+
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+def predictions_section(out_dir: str | Path) -> str:
+    """Markdown of the prediction samples the rehearsed sites of ``out_dir`` wrote
+    (``<out>/client_state/<site>/<client>/<run>/predictions.jsonl``): per run, the last evaluated
+    round's question / reference / generated, per client and view; "" when there are none."""
+    files = sorted(Path(out_dir).glob(f"client_state/*/*/*/{PREDICTIONS_FILE}"))
+    runs: dict[str, list[dict]] = {}
+    for path in files:
+        run = path.parent.name
+        with open(path, encoding="utf-8") as fh:
+            runs.setdefault(run, []).extend(json.loads(line) for line in fh if line.strip())
+    lines: list[str] = []
+    for run, rows in sorted(runs.items()):
+        lines += predictions_markdown(rows, run)
+    return "\n".join(["## Generated answers (a sample per client)", "", *lines]) if lines else ""
+
+
+def predictions_markdown(rows: list[dict], title: str) -> list[str]:
+    """A markdown table of the last round's predictions per client and view."""
+    if not rows:
+        return []
+    last = max(r["round"] for r in rows)
+    lines = [f"### {title} (round {last})", "",
+             "| client | view | question | reference | generated |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if r["round"] == last:
+            cells = [r["client"], r["view"], r["question"], r["reference"], r["generated"]]
+            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return lines + [""]
