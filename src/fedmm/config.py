@@ -34,6 +34,10 @@ class ModelConfig:
     max_text_len: int = 24  # text tokens, [CLS] and [SEP] included
     head_hidden: int = 256  # hidden width of the task head MLP
     dropout: float = 0.1  # dropout in the head
+    # dropout inside the frozen backbone's transformer while training (hidden and attention
+    # dropout; docs/performance.md): -1 = the backbone's own rates (MiniLM: 0.1, today's
+    # behaviour), 0 = off (no dropout masks: measured faster, accuracy effect not yet measured)
+    backbone_dropout: float = -1.0
     # Hugging Face families (vilt | clip | siglip | blip, see docs/backbones.md): where to load from
     hf_path: str = ""  # hub name, local dir or "tiny-random"; "" = the family's default
     hf_download: bool = False  # may fetch hf_path from the hub (else local files/cache only)
@@ -74,8 +78,11 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_batch_size: int = 256
     threads: int = 0  # torch intra-op threads in each client process; 0 = all cores
-    # fp32 | bf16 (torch.autocast) | auto (bf16 where the device has native bf16 -- CUDA, or a CPU
-    # with AMX / AVX512-BF16 -- else fp32; each site resolves it, results record it per client)
+    # fp32 | bf16 | auto (bf16 where the device has native bf16 -- CUDA, or a CPU with AMX /
+    # AVX512-BF16 -- else fp32; each site resolves it, results record it per client).  bf16: the
+    # frozen backbone's matmul weights stored once in bf16, autocast, the trainable PEFT sets,
+    # projection and head kept in fp32 (docs/performance.md).  Default fp32 until the parity
+    # runs (fp32 vs bf16, 3 seeds, two benchmarks) are done on an idle machine.
     precision: str = "fp32"
     accumulation: int = 1  # micro-batches per optimiser step: effective batch = batch_size x this
 

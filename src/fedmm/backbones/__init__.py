@@ -72,11 +72,13 @@ def build_model(
 ) -> VLModel:
     if model_cfg.backbone in MODEL_BUILDERS:
         check_backbone_peft(model_cfg, peft_cfg or PeftConfig())
-        return MODEL_BUILDERS[model_cfg.backbone](model_cfg, adapter_cfg, num_answers, peft_cfg)
-    backbone = load_backbone(model_cfg.backbone)
-    model = FusionVLModel(backbone, num_answers, model_cfg, adapter_cfg, peft_cfg)
-    if model_cfg.gradient_checkpointing:
-        enable_checkpointing(model.text, model.peft)
+        model = MODEL_BUILDERS[model_cfg.backbone](model_cfg, adapter_cfg, num_answers, peft_cfg)
+    else:
+        backbone = load_backbone(model_cfg.backbone)
+        model = FusionVLModel(backbone, num_answers, model_cfg, adapter_cfg, peft_cfg)
+        if model_cfg.gradient_checkpointing:
+            enable_checkpointing(model.text, model.peft)
+    model.set_backbone_dropout(model_cfg.backbone_dropout)
     return model
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +49,14 @@ from torch.nn import functional as F
 from fedmm.backbones import FusionVLModel, check_backbone_peft
 from fedmm.config import ConfigError, FedmmConfig, TrainConfig, register_section
 from fedmm.peft import PEFT_TYPES
+from fedmm.precision import (  # noqa: F401  (re-exported: fedmm.methods.base was their home)
+    BF16_CPU_FLAGS,
+    PRECISIONS,
+    autocast_for,
+    cpu_flags,
+    native_bf16,
+    resolve_precision,
+)
 from fedmm.results import KINDS
 from fedmm.runtime import Encoded
 
@@ -205,45 +212,6 @@ def weighted_average(replies: Sequence[Reply], weighting: str = "samples") -> Ar
 
 
 # ---------------------------------------------------------------------- client helpers
-PRECISIONS = ("fp32", "bf16", "auto")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 matmuls natively: a CUDA device with bf16, or a CPU with
-    AMX tiles or AVX512-BF16.  Elsewhere bf16 is emulated -- measured 4× *slower* than fp32 on an
-    AVX512 Xeon without them (benchmarks/step_profile.py) -- so ``auto`` keeps fp32 there."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cpu = torch.cpu
-        return any(getattr(cpu, probe, lambda: False)()
-                   for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))  # fmt: skip
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``train.precision`` as it runs on ``device``: ``auto`` is ``bf16`` where the device has
-    native bf16 (``native_bf16``), else ``fp32``; ``fp32`` and ``bf16`` as given."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on ``device`` for ``precision = "bf16"`` (fp32 where the device has no bf16,
-    with a warning) or ``auto`` on a device with native bf16; nothing for ``fp32``.  Parameters
-    and the tensors sent stay fp32."""
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        warnings.warn(f"{device} has no bf16: train.precision=bf16 runs in fp32", stacklevel=2)
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Learning rate at global step ``step`` of ``total``: linear warm-up, then the schedule."""
     warmup = int(cfg.warmup_frac * total)
@@ -285,6 +253,10 @@ class ClientContext:
     views: dict[str, float] = field(default_factory=dict)  # filled by ``view``
     _micro: tuple[int, int] = field(default=(0, 1), init=False, repr=False)  # (micro-batch, k)
     _rows: int = field(default=0, init=False, repr=False)  # rows of the batch last yielded
+    # Σ loss over the steps so far, kept as a tensor on the device: reading it per step
+    # (``float(loss)``) would wait for the device at every step; ``steps`` adds it to
+    # ``stats["loss_sum"]`` once, when its loop ends
+    _loss_sum: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.kept = MappingProxyType(dict(self.kept))  # read-only: a method returns its new state
@@ -358,21 +330,36 @@ class ClientContext:
         schedule = self.cfg.train if schedule is None else schedule
         first = (self.round - 1) * self.steps_per_round if first_step is None else first_step
         total = self.total_steps if total is None else total
-        rows, bs = len(data), self.cfg.train.batch_size
-        if rows == 0:  # nothing to learn from: no step (a batch of 0 rows has a NaN loss)
+        if len(data) == 0:  # nothing to learn from: no step (a batch of 0 rows has a NaN loss)
             return
-        k = max(1, self.cfg.train.accumulation)
         rnd = self.round if seed_round is None else seed_round
         seed = self.cfg.seed * 1_000_003 + self.client_index * 9_176 + rnd
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout: the same masks whichever process runs this client
-        order = torch.randperm(rows, generator=gen)
-        pos = 0
         # the precision this site trains in (``auto`` resolves per device): results' train stats
         self.stats["bf16"] = float(
             resolve_precision(self.cfg.train.precision, self.device) == "bf16"
         )
         self.model.train()
+        try:
+            yield from self._batches(data, n, optimizer, schedule, first, total, gen, stat)
+        finally:  # one host read of the summed loss per call, not one per step
+            self.flush_loss()
+
+    def flush_loss(self) -> None:
+        """Add the loss summed on the device since the last flush to ``stats["loss_sum"]``."""
+        if self._loss_sum is not None:
+            self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(self._loss_sum)
+            self._loss_sum = None
+
+    def _batches(
+        self, data: Encoded, n: int, optimizer: torch.optim.Optimizer, schedule: TrainConfig,
+        first: int, total: int, gen: torch.Generator, stat: str,
+    ) -> Iterator[tuple[torch.Tensor, ...]]:  # fmt: skip
+        rows, bs = len(data), self.cfg.train.batch_size
+        k = max(1, self.cfg.train.accumulation)
+        order = torch.randperm(rows, generator=gen)
+        pos = 0
         poisson = self.dp_sgd.batches(n) if self.dp_sgd is not None else None
         for i in range(n):
             lr = lr_at(first + i, total, schedule)
@@ -424,7 +411,8 @@ class ClientContext:
             optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=False):  # backward outside autocast
             (loss / k if k > 1 else loss).backward()
-        self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(loss.detach()) / k
+        part = loss.detach().double() / k  # fp64, as the Python float sum it replaces
+        self._loss_sum = part if self._loss_sum is None else self._loss_sum + part
         if micro < k - 1:
             return
         if self.cfg.train.grad_clip > 0:
