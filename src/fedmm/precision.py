@@ -75,7 +75,20 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         warnings.warn(f"{device} has no bf16: train.precision=bf16 runs in fp32", stacklevel=2)
         return contextlib.nullcontext()
+    if device.type == "cpu":
+        return _cpu_bf16()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def _cpu_bf16():
+    """bf16 autocast on the CPU with attention on SDPA's math backend: torch's fused CPU kernel
+    (chosen when attention dropout is 0) made a bf16 FedAvg step 2.1x slower than the math
+    backend on an AMX Xeon, while in fp32 the two were equal (docs/performance.md)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def stores_bf16(precision: str, device: torch.device) -> bool:
