@@ -20,9 +20,10 @@ for FedAvg (one adapter set) and FedDAT (fedmm's batched two-path step), in thes
 * ``bf16-fast``    -- ``bf16`` with ``model.backbone_dropout=0``.
 
 Each variant has its own model (same weights), built once.  Variants are interleaved in a
-rotating order for ``--repeat`` rounds after ``--warmup``; the median per variant, examples/s,
-the ratio to ``fp32-today``'s FedAvg step and FedDAT's step / FedAvg's of the same variant are
-printed, with the machine (``lscpu`` bf16 flags, load average at start and end, threads).
+rotating order for ``--repeat`` rounds after ``--warmup``; the median per variant of the wall time
+and of the process's CPU time (on a shared machine the wall time includes waiting for a core),
+examples/s, the ratio to ``fp32-today``'s step and FedDAT's step / FedAvg's of the same variant
+are printed, with the machine (``lscpu`` bf16 flags, load average at start and end, threads).
 
     .venv/bin/python benchmarks/step_speed.py [--repeat 10] [--threads 1] [--bf16 auto]
         [--methods fedavg,feddat] [--compile] [--set key=value ...]
@@ -157,37 +158,45 @@ def main() -> None:
                       f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
             steps[(name, method)] = fns[method]
     keys = list(steps)
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    wall: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    cpu_s: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     for rep in range(args.warmup + args.repeat):
         order = keys[rep % len(keys) :] + keys[: rep % len(keys)]
         for key in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps[key]()
             if rep >= args.warmup:
-                times[key].append(time.perf_counter() - t0)
+                wall[key].append(time.perf_counter() - t0)
+                cpu_s[key].append(time.process_time() - c0)
     bs = cfg.train.batch_size
     print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, batch {bs}, "
-          f"{args.repeat} interleaved repetitions (after {args.warmup} warm-up)")  # fmt: skip
-    base_t = statistics.median(times[("fp32-today", methods[0])])
-    print(f"{'variant':<18} {'method':<7} {'median ms':>9} {'min ms':>8} {'examples/s':>10} "
-          f"{'speed-up vs fp32-today ' + methods[0]:>30}")  # fmt: skip
+          f"{args.repeat} interleaved repetitions (after {args.warmup} warm-up).  wall: elapsed "
+          "time; cpu: this process's CPU time (on a loaded machine the wall time includes waiting "
+          "for a core, the CPU time does not: read its ratios there)")  # fmt: skip
+
+    def med(table, key):
+        return statistics.median(table[key])
+
+    first = ("fp32-today", methods[0])
+    print(f"{'variant':<18} {'method':<7} {'wall ms':>8} {'min ms':>8} {'cpu ms':>8} "
+          f"{'examples/s':>10} {'speed-up wall':>13} {'speed-up cpu':>12}   (vs {first[0]} "
+          f"{first[1]})")  # fmt: skip
     for key in keys:
-        med = statistics.median(times[key])
-        print(f"{key[0]:<18} {key[1]:<7} {1e3 * med:>9.1f} {1e3 * min(times[key]):>8.1f} "
-              f"{bs / med:>10.1f} {base_t / med:>30.2f}")  # fmt: skip
-    if len(methods) > 1:
-        print("\nsame method, speed-up over fp32-today:")
+        w, c = med(wall, key), med(cpu_s, key)
+        print(f"{key[0]:<18} {key[1]:<7} {1e3 * w:>8.1f} {1e3 * min(wall[key]):>8.1f} "
+              f"{1e3 * c:>8.1f} {bs / w:>10.1f} {med(wall, first) / w:>13.2f} "
+              f"{med(cpu_s, first) / c:>12.2f}")  # fmt: skip
+    print("\nspeed-up over fp32-today, same method (wall / cpu):")
+    for name in names:
+        row = [f"{m} {med(wall, ('fp32-today', m)) / med(wall, (name, m)):.2f}x / "
+               f"{med(cpu_s, ('fp32-today', m)) / med(cpu_s, (name, m)):.2f}x"
+               for m in methods]  # fmt: skip
+        print(f"  {name:<18} {', '.join(row)}")
+    if "fedavg" in methods and "feddat" in methods:
+        print("FedDAT step / FedAvg step, same variant (wall / cpu):")
         for name in names:
-            row = [f"{m} {statistics.median(times[('fp32-today', m)]) / statistics.median(times[(name, m)]):.2f}x"
-                   for m in methods]  # fmt: skip
-            print(f"  {name:<18} {', '.join(row)}")
-        if "fedavg" in methods and "feddat" in methods:
-            print("FedDAT step / FedAvg step (same variant):")
-            for name in names:
-                ratio = statistics.median(times[(name, "feddat")]) / statistics.median(
-                    times[(name, "fedavg")]
-                )
-                print(f"  {name:<18} {ratio:.2f}")
+            print(f"  {name:<18} {med(wall, (name, 'feddat')) / med(wall, (name, 'fedavg')):.2f}"
+                  f" / {med(cpu_s, (name, 'feddat')) / med(cpu_s, (name, 'fedavg')):.2f}")  # fmt: skip
     print(flags_line())
     print(facts("end"))
 
