@@ -1,6 +1,7 @@
 # fedmm: two commands do all set-up.
 #   make demo   build .venv, install everything (Fashion-MNIST too), run FedAvg vs FedDAT
 #   make test   build .venv, run the test suite
+#   make docs   build the documentation (MkDocs, offline) into site/
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,12 +10,12 @@ FMNIST_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_OUT ?= runs/demo
 DEMO_ARGS ?= --method fedavg,feddat --out $(DEMO_OUT)
 
-.PHONY: demo test env data lint clean
+.PHONY: demo test env data lint clean docs
 
 env: $(STAMP)
 
 # Rebuilt only when the dependency files change; otherwise the existing .venv is reused.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-docs.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fedmm needs Python >= 3.11 (set PYTHON=...)")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -41,9 +42,19 @@ test: $(STAMP)
 	@$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
+# The docs need only mkdocs (requirements-docs.txt), not the training stack: a bare .venv will do.
+DOCS_STAMP := $(VENV)/.fedmm-docs-stamp
+$(DOCS_STAMP): requirements-docs.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements-docs.txt
+	@touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

@@ -27,7 +27,7 @@ from machine import facts
 
 from fedmm.config import FedmmConfig, parse_set
 from fedmm.methods import ClientContext, get_method
-from fedmm.methods.base import to_torch
+from fedmm.methods.state import to_torch
 from fedmm.runtime import Runtime
 
 

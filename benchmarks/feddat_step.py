@@ -31,7 +31,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedmm.config import FedmmConfig, parse_set
 from fedmm.methods import ClientContext, get_method
-from fedmm.methods.base import task_loss, to_torch
 from fedmm.methods.feddat import (
     CLIENT,
     GLOBAL,
@@ -39,6 +38,8 @@ from fedmm.methods.feddat import (
     feddat_losses,
     reference_step,
 )
+from fedmm.methods.losses import task_loss
+from fedmm.methods.state import to_torch
 from fedmm.runtime import get_runtime
 
 

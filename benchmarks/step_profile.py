@@ -25,8 +25,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from fedmm.config import FedmmConfig, parse_set
 from fedmm.methods import ClientContext, get_method
-from fedmm.methods.base import model_groups, task_loss, to_torch
+from fedmm.methods.context import model_groups
 from fedmm.methods.feddat import CLIENT, GLOBAL, feddat_logits, feddat_losses
+from fedmm.methods.losses import task_loss
+from fedmm.methods.state import to_torch
 from fedmm.runtime import get_runtime
 
 CATEGORIES = (  # first match wins; names are ATen / profiler record names

@@ -19,7 +19,8 @@ import importlib
 
 import torch
 
-from fedmm.backbones.hf import FAMILIES, MODEL_CLASSES, TINY
+from fedmm.backbones.hf import MODEL_CLASSES
+from fedmm.backbones.hf_families import FAMILIES, TINY
 from fedmm.config import AdapterConfig, ModelConfig, PeftConfig
 
 DEFAULT_CONFIGS = {"vilt": "ViltConfig", "clip": "CLIPConfig", "siglip": "SiglipConfig",

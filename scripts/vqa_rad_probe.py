@@ -29,8 +29,8 @@ from fedmm.backbones import build_model
 from fedmm.backbones.fusion import preprocess_images
 from fedmm.config import FedmmConfig
 from fedmm.data.vqa_rad import load_images, load_vqa_rad
-from fedmm.methods.base import ClientContext
 from fedmm.methods.centralized import Centralized
+from fedmm.methods.context import ClientContext
 from fedmm.runtime import Encoded
 
 

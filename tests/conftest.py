@@ -88,7 +88,7 @@ def bound_method(cfg: FedmmConfig):
     """``get_method(cfg)`` bound to the tasks and clients of ``cfg``'s benchmark, as the server
     binds it after asking the sites (TAP's modules depend on them)."""
     from fedmm.methods import get_method
-    from fedmm.methods.base import ClientInfo
+    from fedmm.methods.aggregation import ClientInfo
     from fedmm.runtime import get_runtime
 
     runtime = get_runtime(cfg)

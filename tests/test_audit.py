@@ -53,14 +53,15 @@ class ClientAppGrid(InProcessGrid):
 def federation(tiny_cfg, tmp_path, monkeypatch):
     """A 2-round FedAvg over three site directories through the ClientApp: ``(grid, settings,
     cfg)``."""
-    from fedmm.data import load_benchmark, sites
+    from fedmm.data import load_benchmark
+    from fedmm.data.site_split import write_sites
     from fedmm.engine import prepare, rehearsal_sites
 
     monkeypatch.setenv("FEDMM_FAB_ID", "fedmm/fedmm")
     monkeypatch.setenv("FEDMM_FAB_HASH", "ab" * 32)
     monkeypatch.setenv("FEDMM_APP_HASH", "cd" * 32)
     root = tmp_path / "sites"
-    sites.write_sites(load_benchmark(tiny_cfg), root)
+    write_sites(load_benchmark(tiny_cfg), root)
     cfg = prepare(tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 2,
                                            "data.benchmark": "sites",
                                            "data.data_dir": str(root)}))  # fmt: skip
@@ -127,9 +128,9 @@ def test_an_error_is_audited_with_its_reason_and_the_logs_reference(federation, 
 
 
 def _sha(cfg) -> str:
-    from fedmm.data import sites
+    from fedmm.data.schema import read_schema
 
-    return sites.read_schema(Path(cfg.data.schema)).sha256()
+    return read_schema(Path(cfg.data.schema)).sha256()
 
 
 TAMPERING = {  # how a line is tampered with -> what `fedmm site audit` names

@@ -84,3 +84,25 @@ def test_cli_reports_bad_sizes_and_unreadable_results_without_running(tiny_cfg, 
     assert main([*common, "--out", str(bad)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert (bad / "results.json").read_text() == "{not json"  # left as it was
+
+
+def test_an_error_while_running_is_not_reported_as_refused(tiny_cfg, tmp_path, capsys, monkeypatch):
+    """The exit status says whether anything ran: an option refused before the run exits 2, an
+    error after the run started (out of memory is a RuntimeError) exits 4 (cli's docstring)."""
+    import fedmm.engine
+    from fedmm.cli.commands import EXIT_FAILED, EXIT_REFUSED
+
+    started = []
+
+    def out_of_memory(cfg, site=None):
+        started.append(cfg.method)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fedmm.engine, "run_method", out_of_memory)
+    common = ["run", "--set", "model.backbone=tiny", "--set", f"data.data_dir={tiny_cfg.data.data_dir}",
+              "--set", "data.train_per_client=10", "--set", "data.test_per_client=10",
+              "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(common) == EXIT_FAILED == 4
+    assert started == ["fedavg"] and "out of memory" in capsys.readouterr().err
+    assert main([*common, "--set", "train.lr=-1"]) == EXIT_REFUSED == 2
+    assert started == ["fedavg"]  # refused: nothing ran

@@ -163,11 +163,12 @@ def test_the_server_never_loads_data(tiny_cfg, tmp_path, monkeypatch):
     """A run over site directories with every data loader broken in the server's process (the
     clients run in Flower's simulation workers, which load their own site only)."""
     from fedmm.data import load_benchmark, sites
+    from fedmm.data.site_split import write_sites
     from fedmm.engine import run_method
 
     cfg = tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 1})
     root = tmp_path / "sites"
-    sites.write_sites(load_benchmark(cfg), root)
+    write_sites(load_benchmark(cfg), root)
     site_cfg = cfg.with_overrides({"data.benchmark": "sites", "data.data_dir": str(root)})
 
     def forbidden(*args, **kwargs):
@@ -195,9 +196,10 @@ def test_the_feature_cache_is_keyed_by_content_not_by_path(tiny_cfg, tmp_path):
 
     import fedmm.runtime
     from fedmm.data import common, load_benchmark, sites
+    from fedmm.data.site_split import write_sites
 
     root = tmp_path / "sites"
-    sites.write_sites(load_benchmark(tiny_cfg), root)
+    write_sites(load_benchmark(tiny_cfg), root)
     site = sites.list_sites(root)[0]
     cfg = tiny_cfg.with_overrides({"data.benchmark": "sites", "data.data_dir": str(site)})
     before = get_runtime(cfg).client_split(0, "train").feats.clone()

@@ -235,7 +235,7 @@ def test_jsonl_answer_normalisation_is_on_by_default_counted_and_can_be_turned_o
 
 
 def test_loader_notes_are_formatted_for_the_user(byo):
-    from fedmm.results import loader_notes_lines
+    from fedmm.results.tables import loader_notes_lines
 
     bench = BENCHMARKS["jsonl"](jsonl_cfg(byo, **{"fed.clients": 2}))
     text = "\n".join(loader_notes_lines(bench.notes))

@@ -6,7 +6,7 @@ import numpy as np
 from conftest import bound_method
 
 from fedmm.methods import Reply
-from fedmm.methods.base import weighted_average
+from fedmm.methods.aggregation import weighted_average
 
 
 def replies(rng, theta, n=3):

@@ -8,7 +8,6 @@ import torch
 from conftest import bound_method
 
 from fedmm.methods import ClientContext
-from fedmm.methods.base import to_torch
 from fedmm.methods.feddat import (
     CLIENT,
     FROZEN,
@@ -19,6 +18,7 @@ from fedmm.methods.feddat import (
     prefix_block,
     reference_step,
 )
+from fedmm.methods.state import to_torch
 from fedmm.runtime import get_runtime
 
 

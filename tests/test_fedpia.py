@@ -10,8 +10,9 @@ from conftest import bound_method
 
 from fedmm.config import ConfigError
 from fedmm.methods import Reply
-from fedmm.methods.base import get_parts, load_parts, to_numpy, to_torch, weighted_average
+from fedmm.methods.aggregation import weighted_average
 from fedmm.methods.fedpia import ADAPTER, FedPIAConfig, align, permute, unit_groups
+from fedmm.methods.state import get_parts, load_parts, to_numpy, to_torch
 from fedmm.runtime import get_runtime
 
 
@@ -106,7 +107,7 @@ def test_client_integrates_local_and_aligned_global(pia):
             cfg.with_overrides({"fedpia.lam": lam, "train.lr": 0.0, "train.warmup_frac": 0.0})
         )
         local = random_perms({k: v + 0.5 for k, v in state.items()}, np.random.default_rng(5))
-        from fedmm.methods.base import ClientContext
+        from fedmm.methods.context import ClientContext
 
         rt = get_runtime(cfg)
         ctx = ClientContext(cfg.with_overrides({"train.lr": 0.0}), model, rt.client_split(0, "train"),

@@ -20,11 +20,11 @@ from test_serverapp import InProcessGrid
 
 from fedmm import results
 from fedmm.backbones import build_model
-from fedmm.backbones.hf import FAMILIES, TINY
+from fedmm.backbones.hf_families import FAMILIES, TINY
 from fedmm.cli import main
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.federation import clientapp, messages
-from fedmm.methods.base import ClientContext, supervised_update
+from fedmm.methods.context import ClientContext, supervised_update
 from fedmm.peft import AdapterBank, LoraBank
 from fedmm.runtime import get_runtime
 
@@ -185,7 +185,7 @@ def test_cli_reports_missing_weights_before_any_run(tiny_cfg, monkeypatch, capsy
 def test_local_directory_uses_the_familys_tokenizer_and_image_processor(tiny_cfg, tmp_path):
     from transformers import BertTokenizer, ViltImageProcessor, ViltModel
 
-    from fedmm.backbones.hf import _tiny_vilt
+    from fedmm.backbones.hf_families import _tiny_vilt
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "in", "the", "image"]
     vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(100)])}

@@ -28,7 +28,8 @@ from pydicom.uid import (  # noqa: E402
 from fedmm.data import Task  # noqa: E402
 from fedmm.data.common import ImageReadError, load_image, read_images  # noqa: E402
 from fedmm.data.medical import ImageOptions, medical_kind, window  # noqa: E402
-from fedmm.data.sites import SCHEMA_FILE, Schema, load_site, read_schema, write_schema  # noqa: E402
+from fedmm.data.schema import SCHEMA_FILE, Schema, read_schema, write_schema  # noqa: E402
+from fedmm.data.sites import load_site  # noqa: E402
 
 
 def dicom(path: Path, pixels: np.ndarray | None, *, syntax=ExplicitVRLittleEndian,

@@ -8,17 +8,12 @@ import torch
 from conftest import bound_method
 
 from fedmm.methods import METHODS, ClientContext, Reply
-from fedmm.methods.base import (
-    distill_kl,
-    from_namespace,
-    get_parts,
-    lr_at,
-    task_loss,
-    to_torch,
-    weighted_average,
-)
+from fedmm.methods.aggregation import weighted_average
 from fedmm.methods.centralized import run_centralized
+from fedmm.methods.context import lr_at
 from fedmm.methods.feddat import CLIENT, FROZEN, GLOBAL
+from fedmm.methods.losses import distill_kl, task_loss
+from fedmm.methods.state import from_namespace, get_parts, to_torch
 from fedmm.runtime import get_runtime
 
 
@@ -262,7 +257,7 @@ def test_auto_precision_is_bf16_only_where_the_device_has_native_bf16(tiny_cfg, 
     avx512_bf16, fp32 on one without (emulated bf16 is slower there), recorded in the round's
     train stats (``bf16``); the flag reader is mocked, so this holds on any machine."""
     from fedmm import precision
-    from fedmm.methods.base import resolve_precision
+    from fedmm.methods.precision import resolve_precision
 
     cpu = torch.device("cpu")
     for flags in ({"avx512f", "fma"}, {"avx512f", "amx_bf16", "amx_tile"}, {"avx512_bf16"}):

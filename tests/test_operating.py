@@ -289,11 +289,12 @@ def test_only_fedmms_own_refusals_leave_with_their_text():
 @pytest.fixture()
 def site_dirs(tiny_cfg, tmp_path):
     """Three site directories, the server's config over them, each site's settings."""
-    from fedmm.data import load_benchmark, sites
+    from fedmm.data import load_benchmark
+    from fedmm.data.site_split import write_sites
     from fedmm.engine import prepare, rehearsal_sites
 
     root = tmp_path / "sites"
-    sites.write_sites(load_benchmark(tiny_cfg), root)
+    write_sites(load_benchmark(tiny_cfg), root)
     cfg = prepare(tiny_cfg.with_overrides({"method": "fedavg", "fed.rounds": 2,
                                            "data.benchmark": "sites",
                                            "data.data_dir": str(root)}))  # fmt: skip
@@ -302,11 +303,11 @@ def site_dirs(tiny_cfg, tmp_path):
 
 def test_a_site_error_leaves_short_and_is_logged_in_full(site_dirs, tmp_path, caplog):
     """Through the handlers registered on the ClientApp, as Flower calls them."""
-    from fedmm.data import sites
+    from fedmm.data.schema import read_schema
 
     cfg, settings = site_dirs
     missing = tmp_path / "hospital" / "site-a"
-    sha = sites.read_schema(Path(cfg.data.schema)).sha256()
+    sha = read_schema(Path(cfg.data.schema)).sha256()
     msg = Message(messages.server_message({}, cfg, 0, schema_sha=sha), 100, MessageType.QUERY)
     node = {**settings[0], "data-dir": str(missing)}
     ctx = Context(run_id=1, node_id=100, node_config=node, state=RecordDict(), run_config={})

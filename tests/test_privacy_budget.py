@@ -20,7 +20,8 @@ from fedmm.federation import clientapp, dpsgd, messages, privacy, sitedp
 from fedmm.federation.messages import RefusedMessage
 from fedmm.federation.privacy import Release
 from fedmm.methods import get_method
-from fedmm.methods.base import ClientContext, proximal_term, supervised_update
+from fedmm.methods.context import ClientContext, supervised_update
+from fedmm.methods.losses import proximal_term
 from fedmm.runtime import get_runtime
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

@@ -1,10 +1,11 @@
-"""The README's deployment commands, run as written: the fenced blocks of "Deploy across
-machines" marked ``<!-- readme-test: NAME [per-site] [background] [file=PATH] -->`` are taken
-from README.md, their placeholders replaced (host, port, paths, the site index K, RUN_ID; a tiny
-model and 2 rounds instead of the real one), and run on two tiny sites on 127.0.0.1: certificates,
-the SuperLink, `flwr`'s connection, registration, `fedmm site` per site, the run; then the
-ServerApp is killed after round 1 and the README's after-a-crash commands (`flwr ls`, `flwr
-stop`, the resume command) finish the run.  A README edit that breaks a command breaks this test.
+"""The deployment guide's commands, run as written: the fenced blocks marked
+``<!-- readme-test: NAME [per-site] [background] [file=PATH] -->`` are taken from wherever they
+live -- README.md or a page of docs/ (today docs/deployment.md, "Step by step across machines" and
+"After a crash") --, their placeholders replaced (host, port, paths, the site index K, RUN_ID; a
+tiny model and 2 rounds instead of the real one), and run on two tiny sites on 127.0.0.1:
+certificates, the SuperLink, `flwr`'s connection, registration, `fedmm site` per site, the run;
+then the ServerApp is killed after round 1 and the guide's after-a-crash commands (`flwr ls`,
+`flwr stop`, the resume command) finish the run.  An edit that breaks a command breaks this test.
 """
 
 from __future__ import annotations
@@ -51,22 +52,30 @@ class Block:
     file: str = ""
 
 
-def deployment_blocks(readme: Path = ROOT / "README.md") -> dict[str, Block]:
-    """The marked blocks of the README's "Deploy across machines" section, by name."""
-    text = readme.read_text()
-    start = text.index("\n## Deploy across machines")
-    end = text.find("\n## ", start + 1)
+def marked_files() -> list[Path]:
+    """Where marked blocks may live: the README and every page of docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def deployment_blocks(files: list[Path] | None = None) -> dict[str, Block]:
+    """Every marked block of ``files`` (default: ``marked_files()``), by name; a name marked twice
+    is an error (which one would run?)."""
     blocks: dict[str, Block] = {}
-    for m in MARKED.finditer(text[start : end if end > 0 else None]):
-        name, *flags = m["spec"].split()
-        options = dict(f.split("=", 1) for f in flags if "=" in f)
-        body = textwrap.dedent(m["body"])
-        blocks[name] = Block(name, body, "per-site" in flags, "background" in flags,
-                             options.get("file", ""))  # fmt: skip
+    where: dict[str, Path] = {}
+    for path in marked_files() if files is None else files:
+        for m in MARKED.finditer(path.read_text()):
+            name, *flags = m["spec"].split()
+            assert name not in blocks, (f"block {name!r} is marked in {where[name].name} and "
+                                        f"again in {path.name}")  # fmt: skip
+            options = dict(f.split("=", 1) for f in flags if "=" in f)
+            body = textwrap.dedent(m["body"])
+            blocks[name] = Block(name, body, "per-site" in flags, "background" in flags,
+                                 options.get("file", ""))  # fmt: skip
+            where[name] = path
     return blocks
 
 
-def test_the_readme_marks_every_deployment_step_it_promises():
+def test_the_docs_mark_every_deployment_step_they_promise():
     blocks = deployment_blocks()
     assert sorted(blocks) == sorted(NEEDED)
     for name in ("superlink", "site", "run", "resume"):  # long-running: no relative paths
@@ -79,7 +88,7 @@ def test_the_readme_marks_every_deployment_step_it_promises():
 
 
 class Placeholders:
-    """README values -> this test's: one machine, two tiny sites, 2 rounds."""
+    """The guide's values -> this test's: one machine, two tiny sites, 2 rounds."""
 
     def __init__(self, tmp: Path, sites: list[Path], port: int) -> None:
         self.tmp, self.sites, self.port = tmp, sites, port
@@ -111,7 +120,7 @@ class Placeholders:
 
 
 @needs_flower
-def test_the_readme_deployment_commands_run_as_written(tmp_path, fmnist_dir):
+def test_the_deployment_commands_run_as_written(tmp_path, fmnist_dir):
     from fedmm.cli import main
 
     sites_dir = tmp_path / "sites"
@@ -151,7 +160,7 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path, fmnist_dir):
             rc = proc.wait(timeout=timeout)
         finally:
             _end(proc)
-        assert rc == 0, f"README block {name!r} failed ({rc}):\n{log.read_text()[-3000:]}"
+        assert rc == 0, f"marked block {name!r} failed ({rc}):\n{log.read_text()[-3000:]}"
         return log.read_text()
 
     try:
@@ -211,7 +220,7 @@ def _end(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 def _wait_for(ready, services: dict[str, subprocess.Popen], logs: Path, what: str,
               timeout: float) -> None:  # fmt: skip
     """Until ``ready()``: bounded but generous (a loaded CI machine), never a fixed sleep; a
-    long-running README command that exits meanwhile fails the test at once, with its log."""
+    long-running marked command that exits meanwhile fails the test at once, with its log."""
     deadline = time.monotonic() + timeout
     while not ready():
         for name, proc in services.items():

@@ -68,7 +68,7 @@ def test_backbone_dropout_sets_every_frozen_dropout_and_leaves_the_heads(real_cf
 
 def test_real_backbone_feddat_round_moves_only_trainable_parts(real_cfg):
     from fedmm.methods import ClientContext
-    from fedmm.methods.base import to_torch
+    from fedmm.methods.state import to_torch
     from fedmm.runtime import get_runtime
 
     cfg = real_cfg.with_overrides({"method": "feddat"})

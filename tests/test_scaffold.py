@@ -10,7 +10,7 @@ from conftest import bound_method
 
 from fedmm.config import ConfigError
 from fedmm.methods import ClientContext, Reply
-from fedmm.methods.base import to_numpy, to_torch
+from fedmm.methods.state import to_numpy, to_torch
 from fedmm.runtime import get_runtime
 
 
@@ -82,7 +82,9 @@ def test_the_correction_c_minus_c_i_enters_the_local_step(tiny_cfg):
 def gradient(cfg, x, train_mode: bool):
     """∇ of the task loss at ``x`` over the full training batch, by hand: in train mode through
     ``ctx.steps`` (the step's own batch order and dropout masks), or in eval mode."""
-    from fedmm.methods.base import model_groups, part_module, task_loss
+    from fedmm.methods.context import model_groups
+    from fedmm.methods.losses import task_loss
+    from fedmm.methods.state import part_module
 
     method, model = bound_method(cfg), get_runtime(cfg).model
     ctx = ctx_for(cfg, {}, 1)

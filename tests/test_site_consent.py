@@ -33,9 +33,10 @@ def one_site(tiny_cfg, tmp_path):
     """``(cfg, site directory, split root, state dir)``: the first site of a tiny split; its
     settings name only ``data-dir`` and ``state-dir`` (the cache defaults to the state root)."""
     from fedmm.data import load_benchmark, sites
+    from fedmm.data.site_split import write_sites
 
     root = tmp_path / "split"
-    sites.write_sites(load_benchmark(tiny_cfg), root)
+    write_sites(load_benchmark(tiny_cfg), root)
     site = sites.list_sites(root)[0]
     cfg = tiny_cfg.with_overrides({"method": "fedavg", "data.benchmark": "sites",
                                    "data.data_dir": str(site)})  # fmt: skip
@@ -48,9 +49,9 @@ def node(site: Path, state: Path, **settings) -> Context:
 
 
 def schema_sha(site: Path) -> str:
-    from fedmm.data import sites
+    from fedmm.data.schema import SCHEMA_FILE, read_schema
 
-    return sites.read_schema(site / sites.SCHEMA_FILE).sha256()
+    return read_schema(site / SCHEMA_FILE).sha256()
 
 
 def message(cfg, site: Path, kind=MessageType.TRAIN, arrays=None, index=0, sha=None,
@@ -241,6 +242,7 @@ def test_a_site_without_a_description_sends_its_name_and_no_path(one_site, tmp_p
 
 def test_names_from_files_and_messages_become_safe_path_components(one_site, tmp_path):
     from fedmm.data import sites
+    from fedmm.data.schema import SCHEMA_FILE
 
     assert safe_name("hospital-a_1.2") == "hospital-a_1.2"  # a safe name is kept as is
     for hostile in ("../../etc", ".hidden", "a/b", "", "x" * 200, "naïve name"):
@@ -252,8 +254,8 @@ def test_names_from_files_and_messages_become_safe_path_components(one_site, tmp
     cfg, site, _, state = one_site
     info = json.loads((site / sites.SITE_FILE).read_text()) | {"name": "../../escaped"}
     (site / sites.SITE_FILE).write_text(json.dumps(info))
-    schema = json.loads((site / sites.SCHEMA_FILE).read_text()) | {"name": "../../evil"}
-    (site / sites.SCHEMA_FILE).write_text(json.dumps(schema))
+    schema = json.loads((site / SCHEMA_FILE).read_text()) | {"name": "../../evil"}
+    (site / SCHEMA_FILE).write_text(json.dumps(schema))
     from fedmm.runtime import get_runtime
 
     global_np = bound_method(cfg).init_global(get_runtime(cfg).model)

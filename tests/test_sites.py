@@ -12,18 +12,9 @@ import pytest
 from PIL import Image
 
 from fedmm.data import BENCHMARKS, Benchmark, Task
-from fedmm.data.sites import (
-    SCHEMA_FILE,
-    SITE_FILE,
-    UNKNOWN_LABEL,
-    Schema,
-    list_sites,
-    load_site,
-    read_schema,
-    schema_of,
-    write_schema,
-    write_sites,
-)
+from fedmm.data.schema import SCHEMA_FILE, Schema, read_schema, schema_of, write_schema
+from fedmm.data.site_split import write_sites
+from fedmm.data.sites import SITE_FILE, UNKNOWN_LABEL, list_sites, load_site
 from fedmm.data.vqa_rad import find_vqa_rad
 
 

@@ -10,7 +10,8 @@ from conftest import bound_method
 
 from fedmm.data import load_benchmark
 from fedmm.methods import ClientContext, Reply
-from fedmm.methods.base import get_parts, multilabel_scores, part_module, task_loss, to_torch
+from fedmm.methods.losses import multilabel_scores, task_loss
+from fedmm.methods.state import get_parts, part_module, to_torch
 from fedmm.methods.tap import TAP, client_sets, owns
 from fedmm.runtime import get_runtime
 

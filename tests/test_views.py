@@ -16,17 +16,9 @@ from conftest import bound_method
 
 from fedmm import results
 from fedmm.methods import METHODS, ClientContext
-from fedmm.methods.base import (
-    PERSONAL,
-    SHARED,
-    SHARED_HEAD,
-    VIEW_KINDS,
-    from_namespace,
-    get_parts,
-    model_keys,
-    to_torch,
-)
+from fedmm.methods.base import PERSONAL, SHARED, SHARED_HEAD, VIEW_KINDS
 from fedmm.methods.fedavg import FedAvg
+from fedmm.methods.state import from_namespace, get_parts, model_keys, to_torch
 from fedmm.runtime import get_runtime
 
 # methods that evaluate as FedAvg does (its subclasses that keep its evaluate)

@@ -390,7 +390,7 @@ def report(runs: list[dict], grid: dict) -> str:
         bruns = [r for r in runs if r["benchmark"] == bench]
         if not bruns:
             continue
-        views = [v for v in results._views(bruns) if "." not in v]
+        views = [v for v in results.report_views(bruns) if "." not in v]
         groups = _groups(bruns)
         head = ["method", "seeds", *views]
         for g in groups:
@@ -420,7 +420,7 @@ def report(runs: list[dict], grid: dict) -> str:
         lines += _task_lines(bruns, grid["methods"])
     lines += [
         "",
-        "Views by kind (README, Views): `shared` = every parameter the federation shares, with "
+        "Views by kind (docs/methods.md, Views): `shared` = every parameter the federation shares, with "
         "the shared head (what a new client would receive); `shared+head` = the shared body with "
         "the client's own head; `personal` = the client's own full model; `client` (FedDAT: A_c "
         "alone) and `distilled` (TAP's stage 2) are method extras. A dash: the method has no "

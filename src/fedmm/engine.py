@@ -22,6 +22,7 @@ from pathlib import Path
 from fedmm import logs, results
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data import sites
+from fedmm.data.schema import SCHEMA_FILE, read_schema, write_schema
 from fedmm.federation import consent
 from fedmm.federation.site import SiteSettings
 from fedmm.files import remove_stale_temps
@@ -57,13 +58,13 @@ def prepare(cfg: FedmmConfig) -> FedmmConfig:
         roots = sites.list_sites(Path(cfg.data.data_dir))
         updates = {"fed.clients": len(roots)}
         if not cfg.data.schema:
-            updates["data.schema"] = str(Path(cfg.data.data_dir) / sites.SCHEMA_FILE)
+            updates["data.schema"] = str(Path(cfg.data.data_dir) / SCHEMA_FILE)
         return cfg.with_overrides(updates)
     if cfg.data.schema:
         return cfg
     schema = get_runtime(cfg).schema  # the operator's machine holds the central benchmark
     path = Path(cfg.out_dir) / "schemas" / f"{schema.name}-{schema.sha256()[:12]}.json"
-    sites.write_schema(schema, path)
+    write_schema(schema, path)
     return cfg.with_overrides({"data.schema": str(path)})
 
 
@@ -132,7 +133,7 @@ def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
         bar.close()
     log.info("%s finished in %.0fs", label, time.perf_counter() - t0)
     data = results.load(cfg.out_dir)
-    schema = sites.read_schema(Path(cfg.data.schema)).name
+    schema = read_schema(Path(cfg.data.schema)).name
     key = RunKey.of_config(cfg, schema)
     for run in data["runs"]:
         if results.run_key(run) == key:

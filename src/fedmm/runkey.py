@@ -65,10 +65,10 @@ def recorded_benchmark(cfg) -> str:
 
     if cfg.data.benchmark != SITES:
         return cfg.data.benchmark
-    from fedmm.data import sites
+    from fedmm.data.schema import SCHEMA_FILE, read_schema
 
-    schema = cfg.data.schema or str(Path(cfg.data.data_dir) / sites.SCHEMA_FILE)
-    return sites.read_schema(Path(schema)).name
+    schema = cfg.data.schema or str(Path(cfg.data.data_dir) / SCHEMA_FILE)
+    return read_schema(Path(schema)).name
 
 
 __all__ = ["RunKey", "recorded_benchmark"]

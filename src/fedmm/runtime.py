@@ -32,6 +32,7 @@ from fedmm.backbones import FusionVLModel, build_model
 from fedmm.config import SITES, FedmmConfig
 from fedmm.data import Benchmark, RawSplit, load_benchmark
 from fedmm.data import sites as site_data
+from fedmm.data.schema import SCHEMA_FILE, Schema, read_schema, schema_of
 from fedmm.files import atomic_torch_save
 from fedmm.precision import stores_bf16
 
@@ -86,7 +87,7 @@ class Encoded:
         )
 
 
-def server_model(cfg: FedmmConfig, schema: site_data.Schema) -> FusionVLModel:
+def server_model(cfg: FedmmConfig, schema: Schema) -> FusionVLModel:
     """The model the server holds: built from the model config and the task schema alone (for
     the trainable shapes and the first global state), never from data."""
     return build_model(cfg.model, cfg.adapter, schema.head_sizes(), cfg.peft)
@@ -122,7 +123,7 @@ class Runtime:
                     '(data-dir="/path/to/site", a directory written by fedmm split)'
                 )
             root = Path(cfg.data.data_dir)
-            self.schema = site_data.read_schema(root / site_data.SCHEMA_FILE)
+            self.schema = read_schema(root / SCHEMA_FILE)
             if (root / "train.jsonl").is_file():  # one site: its own records only
                 self.benchmark: Benchmark = site_data.load_site(root, cfg, self.schema)
             else:  # every site of a rehearsal pooled (the centralised baseline)
@@ -131,7 +132,7 @@ class Runtime:
                 self.benchmark = replace(parts[0], clients=[c for p in parts for c in p.clients])
         else:
             self.benchmark = load_benchmark(cfg)
-            self.schema = site_data.schema_of(self.benchmark)
+            self.schema = schema_of(self.benchmark)
         self.model: FusionVLModel = build_model(
             cfg.model, cfg.adapter, self.benchmark.head_sizes(), cfg.peft
         ).to(self.device)

@@ -86,7 +86,7 @@ RANGES: list[tuple[str, float, float, bool, bool]] = [
 def choices() -> list[tuple[str, tuple[str, ...]]]:
     """(key, valid values) of every option with a fixed set of values."""
     from fedmm.federation.messages import COMPRESSIONS
-    from fedmm.methods.base import PRECISIONS
+    from fedmm.methods.precision import PRECISIONS
     from fedmm.peft import PEFT_TYPES
 
     return [
@@ -232,7 +232,7 @@ def text_skeleton(cfg: FedmmConfig):
         text = load_backbone(name).text
         return text, text.config.max_position_embeddings, True
     if name in MODEL_BUILDERS:
-        from fedmm.backbones.hf import FAMILIES, TINY
+        from fedmm.backbones.hf_families import FAMILIES, TINY
 
         family = FAMILIES.get(name)
         if family is None:
@@ -258,7 +258,7 @@ def lora_targets(cfg: FedmmConfig) -> list[str]:
 
     spec = cfg.peft.lora_targets
     if cfg.model.backbone in MODEL_BUILDERS and spec == PeftConfig().lora_targets:
-        from fedmm.backbones.hf import FAMILIES
+        from fedmm.backbones.hf_families import FAMILIES
 
         family = FAMILIES.get(cfg.model.backbone)
         spec = family.lora_targets if family else spec

@@ -16,26 +16,8 @@ Layout of a site directory::
     test.jsonl      its test records
     images/...      image files named by the records (any relative path under the directory)
 
-``schema.json``::
-
-    {"fedmm_schema": 1, "name": "fmnist-task",
-     "tasks": [{"name": "vqa", "kind": "single", "labels": ["t-shirt", ...],
-                "groups": ["closed", "open"], "description": "..."}, ...]}
-
-* ``fedmm_schema`` must be 1; ``name`` (string) names the benchmark it came from (informational).
-* ``tasks``: a non-empty list; each task has a unique non-empty ``name``, a ``kind`` (``single``:
-  one label per record; ``multilabel``: a set of labels per record), ``labels``: a non-empty list
-  of distinct strings whose order *is* the label index, and optionally ``groups`` (distinct
-  strings: the evaluation groups its records may carry), ``description`` (string) and
-  ``image_window`` (``[center, width]`` or ``"minmax"``: the default window of the task's DICOM
-  images that carry none, ``fedmm.data.medical``; written only when set, so schemas without it
-  keep their hash).
-* Other keys are rejected (a typo would otherwise silently change nothing).
-* ``Schema.sha256()`` hashes the canonical form (``Schema.to_json``: keys sorted, fixed
-  separators), so re-indenting the file keeps its hash.
-
-``load_site`` turns a schema of one single-label task into a ``Benchmark`` without ``tasks``
-(``answers`` = its labels, client task ``""``), any other schema into ``Benchmark.tasks``.
+The schema (``schema.json``) is ``fedmm.data.schema``'s; writing sites (``fedmm split``) is
+``fedmm.data.site_split``'s.
 
 ``site.json`` (optional; every field optional, other keys rejected)::
 
@@ -78,204 +60,28 @@ the file (and ``file:line`` for a record) and what to change.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import re
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedmm.config import FedmmConfig
-from fedmm.data import MODALITIES, TASK_KINDS, Benchmark, ClientSpec, RawSplit, Task
+from fedmm.data import MODALITIES, Benchmark, ClientSpec, RawSplit, Task
 from fedmm.data.common import read_images
 from fedmm.data.jsonl import json_lines
-from fedmm.data.medical import ImageOptions, parse_window
-from fedmm.files import atomic_write
+from fedmm.data.medical import ImageOptions
+from fedmm.data.schema import SCHEMA_FILE, Schema, read_schema
 
 log = logging.getLogger(__name__)
 
-SCHEMA_FILE = "schema.json"
 SITE_FILE = "site.json"
 SPLITS = ("train", "test")
-SCHEMA_VERSION = 1
+
+
 UNKNOWN_LABEL = -100  # a test answer outside the schema: never an argmax, ignored by CE loss
 SITE_FIELDS = ("name", "index", "task", "modalities", "description")
-TASK_FIELDS = ("name", "kind", "labels", "groups", "description", "image_window")
-
-
-@dataclass
-class Schema:
-    """The federation's task schema: the label space of every task, shared by all sites."""
-
-    name: str  # benchmark name it came from (informational)
-    tasks: dict[str, Task]  # task name -> kind, answers (ordered labels), description
-    groups: dict[str, list[str]] = field(default_factory=dict)  # task -> evaluation groups
-    # task -> default window of its DICOM files without one: (center, width) or "minmax"
-    image_window: dict[str, tuple[float, float] | str] = field(default_factory=dict)
-
-    @property
-    def single(self) -> bool:
-        """Exactly one task."""
-        return len(self.tasks) == 1
-
-    @property
-    def plain(self) -> bool:
-        """One single-label task: a ``Benchmark`` without ``tasks`` (every VQA benchmark)."""
-        return self.single and next(iter(self.tasks.values())).kind == "single"
-
-    def task_names(self) -> list[str]:
-        """The tasks as clients name them: ``[""]`` for a plain schema (one single-label task),
-        else the schema's task names."""
-        return [""] if self.plain else list(self.tasks)
-
-    def head_sizes(self) -> int | dict[str, int]:
-        """One task: its number of labels; several: ``{task: number of labels}``.
-
-        Always equal to ``load_site(...).head_sizes()``: a lone *multilabel* task (which a
-        ``Benchmark`` can only hold in ``tasks``) is ``{task: number of labels}`` too.
-        """
-        if self.plain:
-            return len(next(iter(self.tasks.values())).answers)
-        return {name: len(task.answers) for name, task in self.tasks.items()}
-
-    def to_dict(self) -> dict:
-        tasks = []
-        for name, task in self.tasks.items():
-            entry = {"name": name, "kind": task.kind, "labels": list(task.answers)}
-            if self.groups.get(name):
-                entry["groups"] = list(self.groups[name])
-            if task.description:
-                entry["description"] = task.description
-            if name in self.image_window:
-                window = self.image_window[name]
-                entry["image_window"] = window if isinstance(window, str) else list(window)
-            tasks.append(entry)
-        return {"fedmm_schema": SCHEMA_VERSION, "name": self.name, "tasks": tasks}
-
-    def to_json(self) -> str:
-        """The canonical text: keys sorted, indent 1, separators ``(",", ": ")``, final newline."""
-        return (
-            json.dumps(
-                self.to_dict(),
-                sort_keys=True,
-                indent=1,
-                separators=(",", ": "),
-                ensure_ascii=False,
-            )  # fmt: skip
-            + "\n"
-        )
-
-    def sha256(self) -> str:
-        """Hex SHA-256 of ``to_json()`` (UTF-8): equal at two sites iff their schemas are equal."""
-        import hashlib
-
-        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
-
-
-# ---------------------------------------------------------------------- schema files
-def _str_list(value: object, where: str, what: str, allow_empty: bool = False) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{where}: field {what!r} must be a list of strings")
-    if not value and not allow_empty:
-        raise ValueError(f"{where}: field {what!r} must not be empty")
-    dup = next((v for i, v in enumerate(value) if v in value[:i]), None)
-    if dup is not None:
-        raise ValueError(f"{where}: field {what!r} lists {dup!r} twice; labels must be distinct")
-    return list(value)
-
-
-def parse_schema(obj: object, where: str) -> Schema:
-    """A ``Schema`` from parsed JSON; ``where`` (the file) starts every error message."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    extra = sorted(set(obj) - {"fedmm_schema", "name", "tasks"})
-    if extra:
-        raise ValueError(f"{where}: unknown field {extra[0]!r}; fields: fedmm_schema, name, tasks")
-    if obj.get("fedmm_schema") != SCHEMA_VERSION:
-        raise ValueError(f"{where}: field 'fedmm_schema' must be {SCHEMA_VERSION}, got "
-                         f"{obj.get('fedmm_schema')!r} (is this a fedmm task schema?)")  # fmt: skip
-    name = obj.get("name")
-    if not isinstance(name, str):
-        raise ValueError(f"{where}: field 'name' must be a string")
-    raw_tasks = obj.get("tasks")
-    if not isinstance(raw_tasks, list) or not raw_tasks:
-        raise ValueError(f"{where}: field 'tasks' must be a non-empty list of task objects")
-    tasks: dict[str, Task] = {}
-    groups: dict[str, list[str]] = {}
-    windows: dict[str, tuple[float, float] | str] = {}
-    for i, entry in enumerate(raw_tasks):
-        at = f"tasks[{i}]"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: field {at!r} must be an object")
-        extra = sorted(set(entry) - set(TASK_FIELDS))
-        if extra:
-            raise ValueError(f"{where}: unknown field '{at}.{extra[0]}'; task fields: "
-                             f"{', '.join(TASK_FIELDS)}")  # fmt: skip
-        task_name = entry.get("name")
-        if not isinstance(task_name, str) or not task_name:
-            raise ValueError(f"{where}: field '{at}.name' must be a non-empty string")
-        if task_name in tasks:
-            raise ValueError(f"{where}: field '{at}.name': task {task_name!r} is declared twice")
-        kind = entry.get("kind")
-        if kind not in TASK_KINDS:
-            raise ValueError(f"{where}: field '{at}.kind' must be one of {', '.join(TASK_KINDS)}, "
-                             f"got {kind!r}")  # fmt: skip
-        labels = _str_list(entry.get("labels"), where, f"{at}.labels")
-        description = entry.get("description", "")
-        if not isinstance(description, str):
-            raise ValueError(f"{where}: field '{at}.description' must be a string")
-        tasks[task_name] = Task(kind, labels, description)
-        if entry.get("groups"):
-            groups[task_name] = _str_list(entry["groups"], where, f"{at}.groups")
-        elif "groups" in entry:
-            _str_list(entry["groups"], where, f"{at}.groups", allow_empty=True)
-        if "image_window" in entry:
-            windows[task_name] = parse_window(entry["image_window"],
-                                              f"{where}: field '{at}.image_window'")  # fmt: skip
-    return Schema(name, tasks, groups, windows)
-
-
-def read_schema(path: Path) -> Schema:
-    """The schema in ``path``; ``FileNotFoundError`` / ``ValueError`` naming the file and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: every site directory needs the federation's {SCHEMA_FILE} "
-            "(the same file at every site and the server; `fedmm split` writes one)"
-        )
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
-    return parse_schema(obj, str(path))
-
-
-def write_schema(schema: Schema, path: Path) -> None:
-    """``schema.to_json()`` to ``path``, atomically."""
-    atomic_write(path, schema.to_json().encode("utf-8"))
-
-
-def schema_of(benchmark: Benchmark) -> Schema:
-    """The schema of a benchmark: its tasks, or one task named after it over its answers.
-
-    A task's groups are the sorted evaluation groups its clients' records carry (none if no
-    client of the task tags its records).
-    """
-    tasks = benchmark.tasks or {benchmark.name: Task("single", list(benchmark.answers))}
-    groups: dict[str, set[str]] = {}
-    for c in benchmark.clients:
-        task = c.task or benchmark.name
-        for split in (c.train, c.test):
-            if split.groups is not None:
-                groups.setdefault(task, set()).update(split.groups)
-    return Schema(
-        benchmark.name,
-        {name: Task(t.kind, list(t.answers), t.description) for name, t in tasks.items()},
-        {task: sorted(g) for task, g in groups.items() if g},
-    )
 
 
 # ---------------------------------------------------------------------- reading a site
@@ -392,43 +198,32 @@ def read_site_records(path: Path, kind: str, modalities: tuple[str, ...]) -> lis
     return records
 
 
-def load_site(data_dir: Path, cfg: FedmmConfig, schema: Schema | None = None) -> Benchmark:
-    """One site directory as a one-client ``Benchmark`` over the schema's label space.
+def site_task(info: SiteInfo, schema: Schema, site_file: Path) -> str:
+    """The schema task a site does: ``site.json``'s ``task``, or the schema's lone task.
 
-    ``schema`` defaults to ``data_dir/schema.json``.  A schema with one single-label task gives
-    ``Benchmark(name=schema.name, answers=labels, tasks={})`` and client task ""; otherwise
-    (several tasks, or one multilabel task) ``tasks=schema.tasks`` and the client's task from
-    ``site.json`` (or the lone task).  Only ``data_dir`` is read.
-    """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"site directory {data_dir} does not exist")
-    if schema is None:
-        schema = read_schema(data_dir / SCHEMA_FILE)
-    info = read_site_info(data_dir)
-    site_file = data_dir / SITE_FILE
+    Raises ``ValueError`` naming ``site_file`` when the schema has several tasks and the site
+    names none, or names one the schema lacks."""
     if info.task is None:
         if not schema.single:
             raise ValueError(f"{site_file}: field 'task' is required: the schema has several "
                              f"tasks ({', '.join(schema.tasks)}); name the one this site does")  # fmt: skip
-        task_name = next(iter(schema.tasks))
-    elif info.task not in schema.tasks:
+        return next(iter(schema.tasks))
+    if info.task not in schema.tasks:
         raise ValueError(f"{site_file}: field 'task': {info.task!r} is not a task of the schema "
                          f"{schema.name!r} ({', '.join(schema.tasks)})")  # fmt: skip
-    else:
-        task_name = info.task
-    task = schema.tasks[task_name]
-    plain = schema.plain  # a Benchmark without tasks
+    return info.task
 
-    records = {s: read_site_records(data_dir / f"{s}.jsonl", task.kind, info.modalities)
-               for s in SPLITS}  # fmt: skip
-    missing = [r for s in SPLITS for r in records[s]
-               if r["image"] is not None and not (data_dir / r["image"]).is_file()]  # fmt: skip
-    if missing:
-        examples = "; ".join(f"{r['where']} {r['image']}" for r in missing[:5])
-        raise FileNotFoundError(f"{len(missing)} record(s) name image files that do not exist "
-                                f"under {data_dir}, e.g. {examples}. Fix the paths.")  # fmt: skip
 
+def label_records(
+    records: dict[str, list[dict]], task: Task
+) -> tuple[dict[str, list[dict]], dict[str, np.ndarray], dict]:
+    """Each split's records with their label targets over ``task``'s schema labels.
+
+    Returns ``(kept, targets, unknown)``: the records kept per split; targets per split (int64
+    label indices ``(N,)`` for a single-label task, test answers outside the schema as
+    ``UNKNOWN_LABEL``; float32 0/1 ``(N, K)`` for a multilabel task); ``unknown``: counts of
+    answers outside the schema per split and up to 5 ``file:line answer`` examples.  A training
+    record whose single answer is unknown is dropped (it cannot be learned)."""
     index = {a: i for i, a in enumerate(task.answers)}
     unknown = {"train": 0, "test": 0, "examples": []}
 
@@ -465,6 +260,37 @@ def load_site(data_dir: Path, cfg: FedmmConfig, schema: Schema | None = None) ->
             targets[split] = np.asarray(ys, dtype=np.int64)
         else:
             targets[split] = np.stack(ys) if ys else np.zeros((0, len(task.answers)), np.float32)
+    return kept, targets, unknown
+
+
+def load_site(data_dir: Path, cfg: FedmmConfig, schema: Schema | None = None) -> Benchmark:
+    """One site directory as a one-client ``Benchmark`` over the schema's label space.
+
+    ``schema`` defaults to ``data_dir/schema.json``.  A schema with one single-label task gives
+    ``Benchmark(name=schema.name, answers=labels, tasks={})`` and client task ""; otherwise
+    (several tasks, or one multilabel task) ``tasks=schema.tasks`` and the client's task from
+    ``site.json`` (or the lone task).  Only ``data_dir`` is read.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"site directory {data_dir} does not exist")
+    if schema is None:
+        schema = read_schema(data_dir / SCHEMA_FILE)
+    info = read_site_info(data_dir)
+    task_name = site_task(info, schema, data_dir / SITE_FILE)
+    task = schema.tasks[task_name]
+    plain = schema.plain  # a Benchmark without tasks
+
+    records = {s: read_site_records(data_dir / f"{s}.jsonl", task.kind, info.modalities)
+               for s in SPLITS}  # fmt: skip
+    missing = [r for s in SPLITS for r in records[s]
+               if r["image"] is not None and not (data_dir / r["image"]).is_file()]  # fmt: skip
+    if missing:
+        examples = "; ".join(f"{r['where']} {r['image']}" for r in missing[:5])
+        raise FileNotFoundError(f"{len(missing)} record(s) name image files that do not exist "
+                                f"under {data_dir}, e.g. {examples}. Fix the paths.")  # fmt: skip
+
+    kept, targets, unknown = label_records(records, task)
     for split in SPLITS:
         if not kept[split]:
             dropped = " (all of its training answers are outside the schema)" if records[
@@ -510,115 +336,3 @@ def load_site(data_dir: Path, cfg: FedmmConfig, schema: Schema | None = None) ->
         notes,
         tasks={} if plain else dict(schema.tasks),
     )  # fmt: skip
-
-
-# ---------------------------------------------------------------------- writing sites
-def slug(text: str) -> str:
-    """A file-name-safe form of a client id: runs of other characters become one '-'."""
-    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-.") or "site"
-
-
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    if image.dtype != np.uint8 or not (
-        image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)
-    ):
-        raise ValueError(f"cannot write an image of dtype {image.dtype} and shape {image.shape}; "
-                         "expected uint8 (H, W) or (H, W, 3)")  # fmt: skip
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")  # 2-D: L, 3-D: RGB
-    return buf.getvalue()
-
-
-def _write_records(
-    site: Path, split: str, data: RawSplit, task: Task, modalities: tuple[str, ...]
-) -> None:
-    lines = []
-    if "image" in modalities:
-        (site / "images").mkdir(parents=True, exist_ok=True)
-    for row in range(len(data)):
-        record: dict = {}
-        if "image" in modalities:
-            name = f"images/{split}-{row:05d}.png"
-            (site / name).write_bytes(_png(data.images[row]))
-            record["image"] = name
-        if "text" in modalities:
-            record["text"] = data.texts[row]
-        label = data.labels[row]
-        if task.kind == "single":
-            record["answer"] = task.answers[int(label)]
-        else:
-            record["labels"] = [task.answers[j] for j in np.flatnonzero(np.asarray(label) > 0.5)]
-        if data.groups is not None:
-            record["group"] = data.groups[row]
-        lines.append(json.dumps(record, ensure_ascii=False))
-    atomic_write(site / f"{split}.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
-
-
-def check_split_dir(out: Path) -> bool:
-    """Whether ``out`` holds a previous split; ``FileExistsError`` if it holds anything else."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if not out.is_dir() or not any(out.iterdir()):
-        return False
-    if not (out / SCHEMA_FILE).is_file():
-        raise FileExistsError(f"{out} is not empty and is not a previous `fedmm split` (no "
-                              f"{SCHEMA_FILE}); choose an empty or new --out directory")  # fmt: skip
-    return True
-
-
-def _check_writable(benchmark: Benchmark, schema: Schema) -> None:
-    """Every client can be written as a site that ``load_site`` reads back unchanged."""
-    for client in benchmark.clients:
-        name = f"client {client.client_id}"
-        task = schema.tasks[client.task or benchmark.name]
-        if not len(client.train) or not len(client.test):
-            raise ValueError(f"{name} has {len(client.train)} training and {len(client.test)} "
-                             "test records; a site needs at least one of each (give it more "
-                             "data or fewer clients)")  # fmt: skip
-        for split, data in (("train", client.train), ("test", client.test)):
-            if "image" in client.modalities and data.images is None:
-                raise ValueError(f"{name}: declares the image modality but its {split} split "
-                                 "has no images")  # fmt: skip
-            if "text" in client.modalities and not all(data.texts):
-                raise ValueError(f"{name}: has the text modality but empty {split} texts (a "
-                                 "site record's 'text' must be non-empty)")  # fmt: skip
-            bad = task.kind == "single" and (
-                (data.labels < 0).any() or (data.labels >= len(task.answers)).any()
-            )
-            if bad:
-                raise ValueError(f"{name}: {split} labels outside 0..{len(task.answers) - 1} "
-                                 "(e.g. an unknown answer of a loaded site) cannot be written "
-                                 "as answers")  # fmt: skip
-
-
-def write_sites(benchmark: Benchmark, out: Path) -> list[Path]:
-    """Write every client of ``benchmark`` as a site directory under ``out`` (see the module doc).
-
-    Client k goes to ``out/<k:02d>-<slug of client_id>/``; ``schema.json`` is written into every
-    site directory and at ``out/schema.json``.  ``out`` must be empty, missing, or a previous
-    split (it has ``schema.json``): then its site directories are removed first.
-    """
-    out = Path(out)
-    schema = schema_of(benchmark)
-    _check_writable(benchmark, schema)  # before anything is written or removed
-    if check_split_dir(out):
-        for old in out.iterdir():
-            if old.is_dir() and ((old / SITE_FILE).is_file() or (old / SCHEMA_FILE).is_file()):
-                shutil.rmtree(old)
-    sites = []
-    for k, client in enumerate(benchmark.clients):
-        task_name = client.task or benchmark.name
-        task = schema.tasks[task_name]
-        site = out / f"{k:02d}-{slug(client.client_id)}"
-        info = {"name": client.client_id, "index": k, "task": task_name,
-                "modalities": list(client.modalities), "description": client.description}  # fmt: skip
-        for split, data in (("train", client.train), ("test", client.test)):
-            _write_records(site, split, data, task, client.modalities)
-        atomic_write(site / SITE_FILE, (json.dumps(info, indent=1) + "\n").encode("utf-8"))
-        write_schema(schema, site / SCHEMA_FILE)
-        sites.append(site)
-    write_schema(schema, out / SCHEMA_FILE)
-    return sites

@@ -2,7 +2,7 @@
 
 This is what runs at N hospitals, folded onto loopback so it can be tried (and tested) on one
 machine.  Each piece is a separate process started with Flower's own CLIs, exactly as on real
-machines (README, "Deploy across machines"):
+machines (docs/deployment.md, "Step by step across machines"):
 
     flower-superlink  --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key
                       --enable-supernode-auth --port P

@@ -65,13 +65,16 @@ from flwr.clientapp import ClientApp
 from fedmm import logs
 from fedmm.config import ConfigError, FedmmConfig, run_name
 from fedmm.data import sites as site_data
+from fedmm.data.schema import SCHEMA_FILE, read_schema
 from fedmm.federation import audit, consent, dp, messages, sitedp
 from fedmm.federation.messages import RefusedMessage
 from fedmm.federation.privacy import EvaluationLimit, PrivacyBudgetExceeded
 from fedmm.federation.site import SiteSettings
 from fedmm.files import atomic_torch_save, remove_stale_temps
 from fedmm.methods import ClientContext, get_method
-from fedmm.methods.base import ClientInfo, Method, State, to_numpy, to_torch
+from fedmm.methods.aggregation import ClientInfo
+from fedmm.methods.base import Method
+from fedmm.methods.state import State, to_numpy, to_torch
 from fedmm.runtime import SITES, Runtime, get_runtime
 
 log = logging.getLogger(__name__)
@@ -265,7 +268,7 @@ class Site:
             if not self.settings.cache_dir:  # derived data stays in the site's own directory
                 cache = consent.default_cache_dir(self.settings)
                 self.cfg = self.cfg.with_overrides({"cache_dir": str(cache)})
-            schema = site_data.read_schema(Path(self.settings.data_dir) / site_data.SCHEMA_FILE)
+            schema = read_schema(Path(self.settings.data_dir) / SCHEMA_FILE)
             if meta is not None:  # before any record is read
                 self.index = self.check(meta, schema.sha256(), check_index)
         self.runtime: Runtime = get_runtime(self.cfg)

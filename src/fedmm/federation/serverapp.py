@@ -49,12 +49,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmm import logs, results
 from fedmm.config import ConfigError, FedmmConfig
-from fedmm.data import sites
+from fedmm.data.schema import Schema, read_schema
 from fedmm.federation import checkpoint, messages, validation
 from fedmm.files import remove_stale_temps
 from fedmm.methods import Reply, get_method
-from fedmm.methods.base import ClientInfo
-from fedmm.results import RoundRecord
+from fedmm.methods.aggregation import ClientInfo
+from fedmm.results.record import RoundRecord
 from fedmm.runtime import server_model
 from fedmm.validate import validate_config
 
@@ -175,13 +175,13 @@ def ask_clients(grid: Grid, cfg: FedmmConfig, schema_sha: str, patience: float =
             time.sleep(5.0)
 
 
-def load_schema(cfg: FedmmConfig) -> sites.Schema:
+def load_schema(cfg: FedmmConfig) -> Schema:
     if not cfg.data.schema:
         raise ConfigError(
             "the server needs the task schema: set data.schema=PATH to the schema.json every "
             "site holds (fedmm split writes one; fedmm run and fedmm deploy set it themselves)"
         )
-    return sites.read_schema(cfg.data.schema)
+    return read_schema(cfg.data.schema)
 
 
 def round_line(entry: dict, rounds: int, excluded=()) -> str:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import importlib
 
 from fedmm.config import ConfigError, FedmmConfig
-from fedmm.methods.base import METHODS, ClientContext, ClientUpdate, Method, Reply, register
+from fedmm.methods.aggregation import Reply
+from fedmm.methods.base import METHODS, ClientUpdate, Method, register
+from fedmm.methods.context import ClientContext
 
 MODULES = (
     "local",

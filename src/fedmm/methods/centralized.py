@@ -18,9 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
 
-from fedmm.methods.base import SHARED, Arrays, ClientContext, Reply, State, register
+from fedmm.methods.aggregation import Reply
+from fedmm.methods.base import SHARED, register
+from fedmm.methods.context import ClientContext
 from fedmm.methods.local import Local
-from fedmm.results import RoundRecord
+from fedmm.methods.state import Arrays, State
+from fedmm.results.record import RoundRecord
 from fedmm.runtime import get_runtime
 
 

@@ -26,22 +26,11 @@ import torch
 
 from fedmm.backbones import FusionVLModel
 from fedmm.config import option
-from fedmm.methods.base import (
-    PERSONAL,
-    SHARED,
-    ClientContext,
-    ClientUpdate,
-    State,
-    from_namespace,
-    get_parts,
-    load_parts,
-    model_groups,
-    namespaced,
-    proximal_term,
-    register,
-    supervised_update,
-)  # fmt: skip
+from fedmm.methods.base import PERSONAL, SHARED, ClientUpdate, register
+from fedmm.methods.context import ClientContext, model_groups, supervised_update
 from fedmm.methods.fedavg import PARTS, FedAvg
+from fedmm.methods.losses import proximal_term  # fmt: skip
+from fedmm.methods.state import State, from_namespace, get_parts, load_parts, namespaced
 
 PERSONAL_PARTS = ("adapter.personal_adapter", "proj", "head")
 RENAME_TO_PERSONAL = {"adapter.global_adapter": "adapter.personal_adapter"}

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedmm.config import option
-from fedmm.methods.base import Arrays, Reply, register, weighted_average
+from fedmm.methods.aggregation import Reply, weighted_average
+from fedmm.methods.base import register
 from fedmm.methods.fedavg import FedAvg
+from fedmm.methods.state import Arrays
 
 
 @dataclass

@@ -21,27 +21,20 @@ from types import MappingProxyType
 import torch
 
 from fedmm.backbones import FusionVLModel
-from fedmm.methods.base import (
-    PERSONAL,
-    SHARED,
-    SHARED_HEAD,
+from fedmm.methods.aggregation import Reply, weighted_average  # fmt: skip
+from fedmm.methods.base import PERSONAL, SHARED, SHARED_HEAD, ClientUpdate, Method, register
+from fedmm.methods.context import ClientContext, supervised_update
+from fedmm.methods.state import (
     Arrays,
-    ClientContext,
-    ClientUpdate,
-    Method,
-    Reply,
     State,
     from_namespace,
     get_parts,
     load_parts,
     model_keys,
     namespaced,
-    register,
     select,
-    supervised_update,
     to_numpy,
-    weighted_average,
-)  # fmt: skip
+)
 
 PARTS = ("adapter.global_adapter", "proj", "head")
 

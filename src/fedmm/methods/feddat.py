@@ -62,25 +62,11 @@ from torch import nn
 
 from fedmm.backbones import FusionVLModel
 from fedmm.config import ConfigError, option
-from fedmm.methods.base import (
-    PERSONAL,
-    SHARED,
-    SHARED_HEAD,
-    Arrays,
-    ClientContext,
-    ClientUpdate,
-    Method,
-    Reply,
-    State,
-    distill_kl,
-    get_parts,
-    load_parts,
-    register,
-    select,
-    task_loss,
-    to_numpy,
-    weighted_average,
-)  # fmt: skip
+from fedmm.methods.aggregation import Reply, weighted_average
+from fedmm.methods.base import PERSONAL, SHARED, SHARED_HEAD, ClientUpdate, Method, register
+from fedmm.methods.context import ClientContext
+from fedmm.methods.losses import distill_kl, task_loss  # fmt: skip
+from fedmm.methods.state import Arrays, State, get_parts, load_parts, select, to_numpy
 from fedmm.peft import PEFT_TYPES, AdapterBank
 
 GLOBAL, FROZEN, CLIENT = "global_adapter", "frozen_global", "client_adapter"

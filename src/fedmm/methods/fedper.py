@@ -17,18 +17,10 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from fedmm.backbones import FusionVLModel
-from fedmm.methods.base import (
-    SHARED_HEAD,
-    Arrays,
-    ClientContext,
-    ClientUpdate,
-    State,
-    get_parts,
-    register,
-    supervised_update,
-    to_numpy,
-)  # fmt: skip
+from fedmm.methods.base import SHARED_HEAD, ClientUpdate, register
+from fedmm.methods.context import ClientContext, supervised_update  # fmt: skip
 from fedmm.methods.fedavg import FedAvg
+from fedmm.methods.state import Arrays, State, get_parts, to_numpy
 
 BODY = ("adapter.global_adapter", "proj")
 

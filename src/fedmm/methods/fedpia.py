@@ -50,16 +50,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from fedmm.config import ConfigError, option
-from fedmm.methods.base import (
-    Arrays,
-    ClientContext,
-    Reply,
-    State,
-    register,
-    to_numpy,
-    weighted_average,
-)  # fmt: skip
+from fedmm.methods.aggregation import Reply, weighted_average
+from fedmm.methods.base import register  # fmt: skip
+from fedmm.methods.context import ClientContext
 from fedmm.methods.fedavg import FedAvg
+from fedmm.methods.state import Arrays, State, to_numpy
 from fedmm.peft import PEFT_TYPES
 
 ADAPTER = "adapter.global_adapter"

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from fedmm.config import option
-from fedmm.methods.base import ClientContext, model_groups, proximal_term, register
+from fedmm.methods.base import register
+from fedmm.methods.context import ClientContext, model_groups
 from fedmm.methods.fedavg import FedAvg
+from fedmm.methods.losses import proximal_term
 
 
 @dataclass

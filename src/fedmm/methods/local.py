@@ -12,18 +12,10 @@ from collections.abc import Sequence
 from types import MappingProxyType
 
 from fedmm.backbones import FusionVLModel
-from fedmm.methods.base import (
-    PERSONAL,
-    Arrays,
-    ClientContext,
-    ClientUpdate,
-    Method,
-    Reply,
-    State,
-    get_parts,
-    register,
-    supervised_update,
-)  # fmt: skip
+from fedmm.methods.aggregation import Reply  # fmt: skip
+from fedmm.methods.base import PERSONAL, ClientUpdate, Method, register
+from fedmm.methods.context import ClientContext, supervised_update
+from fedmm.methods.state import Arrays, State, get_parts
 
 
 @register("local")

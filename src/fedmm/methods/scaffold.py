@@ -61,23 +61,20 @@ import torch
 
 from fedmm.backbones import FusionVLModel
 from fedmm.config import ConfigError, option
-from fedmm.methods.base import (
+from fedmm.methods.aggregation import Reply, weighted_average
+from fedmm.methods.base import ClientUpdate, register
+from fedmm.methods.context import ClientContext, model_groups
+from fedmm.methods.fedavg import PARTS, FedAvg
+from fedmm.methods.losses import task_loss  # fmt: skip
+from fedmm.methods.state import (
     Arrays,
-    ClientContext,
-    ClientUpdate,
-    Reply,
     State,
     get_parts,
     is_model_key,
-    model_groups,
     namespaced,
     part_module,
     part_shapes,
-    register,
-    task_loss,
-    weighted_average,
-)  # fmt: skip
-from fedmm.methods.fedavg import PARTS, FedAvg
+)
 
 SERVER_C, CLIENT_C, DELTA_C = "c", "c_i", "dc"  # key prefixes: c/<key>, c_i/<key>, dc/<key>
 

@@ -80,25 +80,19 @@ import torch
 from fedmm.backbones import VLModel
 from fedmm.config import ConfigError, option
 from fedmm.data import MODALITIES
-from fedmm.methods.base import (
-    PERSONAL,
-    SHARED,
+from fedmm.methods.aggregation import ClientInfo, Reply
+from fedmm.methods.base import PERSONAL, SHARED, ClientUpdate, Method, register
+from fedmm.methods.context import ClientContext
+from fedmm.methods.losses import distill_kl, task_loss  # fmt: skip
+from fedmm.methods.state import (
     Arrays,
-    ClientContext,
-    ClientInfo,
-    ClientUpdate,
-    Method,
-    Reply,
     State,
-    distill_kl,
     from_namespace,
     get_parts,
     load_parts,
     namespaced,
-    register,
-    task_loss,
     to_numpy,
-)  # fmt: skip
+)
 from fedmm.peft import PEFT_TYPES
 from fedmm.runtime import Encoded
 

@@ -1,0 +1,37 @@
+"""``<out>/results.json`` on disk: read (upgrading old runs) and insert-or-replace one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedmm import __version__
+from fedmm.files import atomic_write
+from fedmm.results.curves import write_curves
+from fedmm.results.tables import write_summary
+from fedmm.results.views import run_key, upgrade
+
+
+def load(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        return {"fedmm_version": __version__, "runs": []}
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{path} is not valid JSON ({exc}); move it away or pick another --out"
+        ) from exc
+    data["runs"] = [upgrade(r) for r in data.get("runs", [])]
+    return data
+
+
+def save_run(out_dir: str | Path, run: dict) -> None:
+    """Insert or replace ``run`` in ``<out>/results.json`` and refresh summary.md/curves.png."""
+    data = load(out_dir)
+    data["runs"] = [r for r in data["runs"] if run_key(r) != run_key(run)]
+    data["runs"].append(run)
+    data["fedmm_version"] = __version__
+    atomic_write(Path(out_dir) / "results.json", json.dumps(data, indent=1).encode())
+    write_summary(out_dir, data)
+    write_curves(out_dir, data)
