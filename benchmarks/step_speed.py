@@ -26,10 +26,7 @@ examples/s, the ratio to ``fp32-today``'s step and FedDAT's step / FedAvg's of t
 are printed, with the machine (``lscpu`` bf16 flags, load average at start and end, threads).
 
     .venv/bin/python benchmarks/step_speed.py [--repeat 10] [--threads 1] [--bf16 auto]
-        [--methods fedavg,feddat] [--compile] [--set key=value ...]
-
-``--compile``: adds ``fp32-fast+compile`` (``torch.compile`` of the frozen text transformer)
-and prints its compile time (the first call) separately.
+        [--methods fedavg,feddat] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -71,9 +68,9 @@ def flags_line() -> str:
     return f"lscpu bf16 flags: {' '.join(found) if found else 'none (no amx_bf16, no avx512_bf16)'}"
 
 
-def build(name: str, base: dict, compiled: bool = False):
+def build(name: str, base: dict):
     """``{method: step function}`` of one variant, on its own model."""
-    sets, today = VARIANTS[name.removesuffix("+compile")]
+    sets, today = VARIANTS[name]
     cfg = FedmmConfig().with_overrides({"method": "feddat", "progress": False, **base, **sets})
     rt = Runtime(cfg)
     model = rt.model
@@ -92,8 +89,6 @@ def build(name: str, base: dict, compiled: bool = False):
         for set_name in (GLOBAL, CLIENT):
             for p in model.peft.parameters_of(set_name):
                 p.add_(0.01 * torch.randn_like(p))
-    if compiled:
-        model.text.compile()
     model.train()
     idx = torch.arange(cfg.train.batch_size)
     opt_avg = ctx.optimizer(model_groups(model, GLOBAL))
@@ -132,7 +127,6 @@ def main() -> None:
     parser.add_argument("--methods", default="fedavg,feddat")
     parser.add_argument("--bf16", choices=("auto", "always", "never"), default="auto",
                         help="bf16 variants: where the CPU has native bf16 (auto), always, never")  # fmt: skip
-    parser.add_argument("--compile", action="store_true", help="add fp32-fast+compile")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,19 +139,12 @@ def main() -> None:
         names += ["bf16-autocast", "bf16", "bf16-fast"]
     else:
         print("bf16 variants left out: this CPU has no native bf16 (emulated bf16 is slower)")
-    if args.compile:
-        names.append("fp32-fast+compile")
     methods = args.methods.split(",")
     steps: dict[tuple[str, str], Callable[[], None]] = {}
     cfg = None
     for name in names:
-        fns, cfg = build(name, base, compiled=name.endswith("+compile"))
+        fns, cfg = build(name, base)
         for method in methods:
-            if name.endswith("+compile"):
-                t0 = time.perf_counter()
-                fns[method]()
-                print(f"torch.compile: first {method} step (compile) "
-                      f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
             steps[(name, method)] = fns[method]
     keys = list(steps)
     wall: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
