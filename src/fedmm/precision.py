@@ -1,12 +1,12 @@
 """``train.precision``: fp32, bf16, or ``auto`` (bf16 where the device computes it natively).
 
-``auto`` resolves per device: bf16 on a CUDA device with bf16 (``torch.cuda.is_bf16_supported``)
-or on a CPU whose ``/proc/cpuinfo`` flags include ``amx_bf16`` or ``avx512_bf16``; fp32
-elsewhere, where bf16 is emulated and slower than fp32 (measured 2.6x slower on an AVX512 Xeon
-without them, README's step profile).  A bf16 run stores the frozen backbone's matmul weights in
-bf16 once (``FusionVLModel.store_frozen_in``, done by ``fedmm.runtime``) and runs the forward
-under ``torch.autocast``; the trainable PEFT sets, projection and head stay fp32 master weights,
-and everything sent stays fp32.  Measured speed: docs/performance.md.
+``auto`` resolves per device: bf16 on a CUDA device with bf16 (``torch.cuda.is_bf16_supported``) or
+on a CPU whose ``/proc/cpuinfo`` flags include ``amx_bf16`` or ``avx512_bf16``; fp32 elsewhere,
+where bf16 is emulated and slower than fp32 (measured 2.6x slower on an AVX512 Xeon without them,
+docs/benchmarks.md's step profile). A bf16 run stores the frozen backbone's matmul weights in bf16
+once (``FusionVLModel.store_frozen_in``, done by ``fedmm.runtime``) and runs the forward under
+``torch.autocast``; the trainable PEFT sets, projection and head stay fp32 master weights, and
+everything sent stays fp32. Measured speed: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def native_bf16(device: torch.device) -> bool:
     (``torch.cuda.is_bf16_supported``), or a CPU whose flags (``cpu_flags``) have ``amx_bf16`` or
     ``avx512_bf16`` (where ``/proc/cpuinfo`` cannot be read: torch's own AMX / AVX512-BF16
     probes).  Elsewhere bf16 is emulated -- measured 2.6× *slower* than fp32 on an AVX512 Xeon
-    without them (README, step profile) -- so ``auto`` keeps fp32 there."""
+    without them (docs/benchmarks.md, step profile) -- so ``auto`` keeps fp32 there."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":

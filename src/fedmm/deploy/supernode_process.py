@@ -24,15 +24,15 @@ site's own fedmm ClientApp, or refuses).  Sources (Flower 1.41):
   never on disk: another local process that reaches 127.0.0.1 cannot acquire the site's tasks.
 
 **A warm worker per run** (Flower's ``flwr-clientapp`` handles exactly one message,
-``flwr/supernode/runtime/run_clientapp.py``, so every message paid imports, model building and
-data loading again -- about 8.5 s, README "What a deployed round costs"): the executor keeps one
-long-lived ``trusted_clientapp --worker`` process for the run whose tasks it is serving and hands
-it each task's token; the worker checks every task's app as a one-task process does and keeps the
-imports, the model and the encoded site data across the run's messages.  A task of another run
-ends the worker and starts a fresh one (nothing of one run's process serves another, whatever
-its config); a task that arrives while the worker is busy runs in a one-task process, as before;
-an idle worker ends after ``--worker-idle`` seconds (its memory is one model and one site's
-data).  ``--no-warm-worker``: one process per task, as before.
+``flwr/supernode/runtime/run_clientapp.py``, so every message paid imports, model building and data
+loading again -- about 8.5 s, docs/benchmarks.md "What a deployed round costs"): the executor keeps
+one long-lived ``trusted_clientapp --worker`` process for the run whose tasks it is serving and
+hands it each task's token; the worker checks every task's app as a one-task process does and keeps
+the imports, the model and the encoded site data across the run's messages. A task of another run
+ends the worker and starts a fresh one (nothing of one run's process serves another, whatever its
+config); a task that arrives while the worker is busy runs in a one-task process, as before; an
+idle worker ends after ``--worker-idle`` seconds (its memory is one model and one site's data).
+``--no-warm-worker``: one process per task, as before.
 
 The SuperNode's output passes through unchanged on stdout (the runner reads "SuperNode ID:" and
 the refusal lines in it); this process's own lines start with ``fedmm site executor:``.  When the
