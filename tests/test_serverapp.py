@@ -85,3 +85,4 @@ def test_global_state_is_kept_when_too_few_clients_reply(tiny_cfg):
     grid = InProcessGrid(3, failing={100})
     record = run_federation(grid, cfg)
     assert record["history"][0]["failures"] == 1 and len(record["history"][0]["train"]) == 2
+    assert record["history"][0]["skipped"] == "2 valid replies < fed.min_clients=3"

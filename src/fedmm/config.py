@@ -100,6 +100,14 @@ class FedConfig:
     eval_every: int = 1  # evaluate every N rounds and always after the last; 1 = every round
     eval_fraction: float = 1.0  # fraction of clients evaluated (seeded sample; last round: all)
     compression: str = "none"  # none | fp16 | int8: encoding of the uploaded update
+    # secure aggregation (federation/secagg.py, docs/secure-aggregation.md): off | secagg+ (Bell
+    # et al. 2020): the server learns only the sum of the sampled sites' uploads
+    secure_aggregation: str = "off"
+    secagg_threshold: int = 0  # t of the t-of-n Shamir shares; 0 = a strict majority of n
+    secagg_neighbours: int = 0  # k other sites each site masks with (even); 0 = every sampled site
+    secagg_clip: float = 1.0  # clipping range c: each uploaded Δ value is clipped to [-c, c]
+    secagg_quantization_bits: int = 24  # Δ ∈ [-c, c] quantized to integers in [0, 2^bits]
+    secagg_modulus_bits: int = 64  # masked sums are taken mod 2^bits (sent as uint32 if ≤ 32)
 
 
 @dataclass

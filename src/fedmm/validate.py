@@ -78,6 +78,11 @@ RANGES: list[tuple[str, float, float, bool, bool]] = [
     ("data.alpha", 0, INF, True, True),
     ("validate.max_examples", 1, INF, False, True),
     ("validate.max_upload_mb", 0, INF, False, True),
+    ("fed.secagg_threshold", 0, INF, False, True),
+    ("fed.secagg_neighbours", 0, INF, False, True),
+    ("fed.secagg_clip", 0, INF, True, True),
+    ("fed.secagg_quantization_bits", 1, 30, False, False),
+    ("fed.secagg_modulus_bits", 2, 64, False, False),
     ("dp.clip_norm", 0, INF, False, True),
     ("dp.noise_multiplier", 0, INF, False, True),
 ]
@@ -86,6 +91,7 @@ RANGES: list[tuple[str, float, float, bool, bool]] = [
 def choices() -> list[tuple[str, tuple[str, ...]]]:
     """(key, valid values) of every option with a fixed set of values."""
     from fedmm.federation.messages import COMPRESSIONS
+    from fedmm.federation.secagg import SECURE_AGGREGATIONS
     from fedmm.methods.precision import PRECISIONS
     from fedmm.peft import PEFT_TYPES
 
@@ -95,6 +101,7 @@ def choices() -> list[tuple[str, tuple[str, ...]]]:
         ("train.precision", PRECISIONS),
         ("fed.weighting", WEIGHTINGS),
         ("fed.compression", COMPRESSIONS),
+        ("fed.secure_aggregation", SECURE_AGGREGATIONS),
         ("data.test_split", TEST_SPLITS),
         ("data.dirichlet_by", DIRICHLET_BY),
         ("data.clients_by", CLIENTS_BY),
@@ -139,6 +146,12 @@ def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
     _check_cross(cfg)
     for m in methods:  # method x PEFT x options (e.g. fedpia with prompt tuning)
         METHODS[m](cfg.with_overrides({"method": m}))
+        if cfg.fed.secure_aggregation != "off" and METHODS[m].secagg_refusal:
+            raise ConfigError(
+                f"method {m!r} cannot run under fed.secure_aggregation="
+                f"{cfg.fed.secure_aggregation}: {METHODS[m].secagg_refusal}; set "
+                "fed.secure_aggregation=off or choose a method that declares it can"
+            )
     _check_model(cfg)
 
 
@@ -196,6 +209,10 @@ def _check_cross(cfg: FedmmConfig) -> None:
             f"model.backbone_dropout={bd:g}: must be -1 (the backbone's own dropout rates) or a "
             "probability in [0, 1) (0 = no dropout in the frozen backbone)"
         )
+    if cfg.fed.secure_aggregation != "off":
+        from fedmm.federation.secagg import check_options
+
+        check_options(cfg)
     if cfg.peft.type == "lora" and not [t for t in cfg.peft.lora_targets.split(",") if t.strip()]:
         raise ConfigError("peft.lora_targets is empty; name at least one linear layer")
 

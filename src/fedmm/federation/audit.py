@@ -18,8 +18,9 @@ Entries (``kind``):
 * ``received``: ``time`` (UTC, ISO 8601), ``message`` (query | train | evaluate), ``run`` (the
   run id in the message), ``flower-run`` (Flower's run id), ``round``, ``client-index``,
   ``experiment-sha256`` (of the experiment options as canonical JSON), ``app`` (``FEDMM_FAB_ID``
-  / ``FEDMM_FAB_HASH`` of the process: which app handled it);
-* ``sent``: the same ``message``/``run``/``round``, ``reply`` ``ok`` or ``error``; for ``ok``:
+  / ``FEDMM_FAB_HASH`` of the process: which app handled it), ``secagg-stage`` (a secure
+  aggregation stage, ``secagg.STAGES``: setup, share-keys, collect-masked-input, unmask);
+* ``sent``: the same ``message``/``run``/``round``/``secagg-stage``, ``reply`` ``ok`` or ``error``; for ``ok``:
   ``tensors`` (key -> ``[dtype, shape]``), ``payload-sha256`` (of every array's key, dtype,
   shape and bytes, in key order), ``metrics`` (every value), ``records`` (every config record
   field, e.g. the query's site description); for ``error``: ``reason`` (the text that left) and
@@ -155,6 +156,12 @@ def received_entry(msg) -> dict:
                 entry[name] = "sha256:" + hashlib.sha256(entry[name].encode()).hexdigest()  # bulk
     if "experiment" in config:
         entry["experiment-sha256"] = experiment_sha256(config["experiment"])
+    try:  # secure aggregation (secagg.py): which stage of the round's protocol
+        stage = msg.content["secagg"].get("stage")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        stage = None
+    if stage is not None:
+        entry["secagg-stage"] = str(stage)[:MAX_FIELD]
     return entry
 
 
@@ -175,7 +182,8 @@ def sent_entry(received: dict, reply=None, reason: str = "", ref: str = "") -> d
     reason and its reference."""
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-    entry = {k: received[k] for k in ("message", "run", "round", "flower-run") if k in received}
+    entry = {k: received[k] for k in ("message", "run", "round", "flower-run", "secagg-stage")
+             if k in received}  # fmt: skip
     entry |= {"kind": "sent", "time": now()}
     if reply is None:
         return entry | {"reply": "error", "reason": reason, "ref": ref}
@@ -249,7 +257,10 @@ def describe(entry: dict) -> str:
     """One readable line: when, which message of which run and round, what came or left."""
     where = (f"run {entry.get('run') or '-'} (Flower run {entry.get('flower-run', '?')}) "
              f"round {entry.get('round', '?')}")  # fmt: skip
-    what = f"{entry.get('time', '?')}  #{entry.get('seq')}  {entry.get('message', '?'):<8}  {where}"
+    message = str(entry.get("message", "?"))
+    if entry.get("secagg-stage"):  # secure aggregation: which stage of the round
+        message += f" ({entry['secagg-stage']})"
+    what = f"{entry.get('time', '?')}  #{entry.get('seq')}  {message:<8}  {where}"
     if entry.get("kind") == "received":
         app = entry.get("app") or {}
         fab = app.get("fab-id") or "-"

@@ -40,6 +40,12 @@ call them directly) and write no audit entry.  ``as_site`` also configures loggi
 ``flwr-clientapp`` process (``fedmm.logs``), so lines such as "restored client state of round R"
 reach the site's log.
 
+Secure aggregation (``fed.secure_aggregation``, ``secagg.py``): a training round is four
+``train`` messages; setup, share-keys and unmask pass the site's consent checks (its settings and
+the experiment; no data is read), the collect stage is the training message above, and its reply
+is the masked input with the reply's time only (no loss, count or DP diagnostic).  A site refuses
+stages out of order and, with ``require-secure-aggregation``, any run without it.
+
 Differential privacy (``sitedp.py``): with the stricter of the run's request and the site's floor,
 either the whole upload is clipped and noised here (``dp-mode = "update"``, ``dp.py``) or every
 local step is DP-SGD (``"record"``, ``dpsgd.py``, Opacus).  ε is accounted in the site's one
@@ -66,7 +72,7 @@ from fedmm import logs
 from fedmm.config import ConfigError, FedmmConfig, run_name
 from fedmm.data import sites as site_data
 from fedmm.data.schema import SCHEMA_FILE, read_schema
-from fedmm.federation import audit, consent, dp, messages, sitedp
+from fedmm.federation import audit, consent, dp, messages, secagg, sitedp
 from fedmm.federation.messages import RefusedMessage
 from fedmm.federation.privacy import EvaluationLimit, PrivacyBudgetExceeded
 from fedmm.federation.site import SiteSettings
@@ -355,14 +361,49 @@ def check_global(method: Method, site: Site, arrays: dict, index: int) -> None:
                                  f"has {tuple(expected[key].shape)}")  # fmt: skip
 
 
+def secagg_stage(msg: Message, experiment: FedmmConfig, train: bool) -> str | None:
+    """The secure-aggregation stage a message asks for (None: a plain message).  A run with
+    ``fed.secure_aggregation`` gets no plain training reply from this site, and a run without
+    it no stage (``RefusedMessage``): the server cannot switch it off by leaving the record out."""
+    stage = None
+    if secagg.SECAGG in msg.content:
+        stage = str(msg.content[secagg.SECAGG].get("stage", ""))
+    secure = experiment.fed.secure_aggregation != "off"
+    if stage is not None and not (train and secure):
+        raise RefusedMessage(f"a secure aggregation stage ({stage!r}) in a "
+                             f"{'training' if train else 'evaluation'} message of a run with "
+                             f"fed.secure_aggregation={experiment.fed.secure_aggregation}")  # fmt: skip
+    if stage is None and train and secure:
+        raise RefusedMessage("a plain training message in a run with fed.secure_aggregation="
+                             f"{experiment.fed.secure_aggregation}: this site uploads only "
+                             "masked inputs in it")  # fmt: skip
+    return stage
+
+
+def handle_secagg_keys(msg: Message, context: Context, experiment: FedmmConfig, meta: dict,
+                       sites=None) -> Message:  # fmt: skip
+    """Setup, share-keys and unmask (``secagg.client_stage``): the site's consent to the run
+    first (its settings and the experiment only: these stages read no data and build no model)."""
+    settings = site_settings(context, sites)
+    consent.check_run_id(meta["run-id"])
+    consent.check_consent(experiment, settings, None)
+    return Message(secagg.client_stage(msg, context, meta, experiment), reply_to=msg)
+
+
 def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     t0 = time.perf_counter()
     global_arrays, experiment, meta = messages.read_server_message(msg.content)
+    stage = secagg_stage(msg, experiment, train)
+    if stage is not None and stage != secagg.COLLECT:
+        return handle_secagg_keys(msg, context, experiment, meta, sites)
     site = Site(context, experiment, sites, meta, global_arrays)  # consent, schema, index first
     cfg, rnd, index = site.cfg, meta["round"], site.index
     method = get_method(cfg)
     method.bind(site.runtime.schema.task_names(), {index: site.info})
     check_global(method, site, global_arrays, index)
+    params = None
+    if stage == secagg.COLLECT:  # the relayed shares checked before any record is read
+        params = secagg.client_collect(msg, context, meta, cfg)
     consent.check_trainable(method.count_trainable(site.runtime.model), "the built model",
                             site.settings)  # fmt: skip
     dp_cfg = site.settings.effective_dp(cfg.dp)  # the stricter of the run's and the site's
@@ -423,6 +464,26 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     log.info("client %s, round %d: %d steps, loss %.4f, %.1f s (%.1f s loading)%s",
              site.spec.client_id, rnd, n_steps, metrics["loss"], metrics["seconds"],
              load_seconds, private)  # fmt: skip
+    if params is not None:  # secure aggregation: the masked input, nothing per site but time
+        keys = sorted(method.upload_spec(site.runtime.model))
+        missing = sorted(set(keys) - set(arrays))
+        if missing:  # a method bug: the masked vector has one layout for every site
+            raise RuntimeError(f"method {cfg.method!r} returned an upload without declared keys "
+                               f"{missing[:3]}; secure aggregation sums whole uploads")  # fmt: skip
+        weight = len(ctx.train) if cfg.fed.weighting == "samples" else 1
+        masked, clipped = secagg.client_mask(
+            context, int(msg.metadata.dst_node_id), arrays, global_arrays, keys,
+            method.secagg_summed, weight, params,
+        )  # fmt: skip
+        if clipped:  # the site's own log: the server never learns it
+            log.warning("client %s, round %d: %d update values outside fed.secagg_clip=%g were "
+                        "clipped before secure aggregation", site.spec.client_id, rnd, clipped,
+                        params.clip)  # fmt: skip
+        reply = messages.client_reply(None, {
+            "client-index": index, "seconds": time.perf_counter() - t0,
+            "load-seconds": load_seconds})  # fmt: skip
+        reply[secagg.MASKED] = masked
+        return Message(reply, reply_to=msg)
     # with DP: no exact pre-clip norm, loss or stat.* score leaves (they are not noised)
     metrics = sitedp.train_metrics(metrics, release, epsilon, site.settings.dp_delta)
     return Message(messages.client_reply(arrays, metrics, cfg.fed.compression), reply_to=msg)

@@ -244,6 +244,10 @@ def check_consent(
     if pefts and experiment.peft.type not in pefts:
         raise refuse("peft.type", experiment.peft.type, f"this site accepts {', '.join(pefts)} "
                      "(site setting accept-peft)")  # fmt: skip
+    if settings.require_secure_aggregation and experiment.fed.secure_aggregation == "off":
+        raise refuse("fed.secure_aggregation", "off", "this site requires secure aggregation "
+                     "(site setting require-secure-aggregation=true); run with "
+                     "fed.secure_aggregation=secagg+")  # fmt: skip
     check_model(experiment, settings)
     check_caps(experiment, settings)
     if global_arrays:

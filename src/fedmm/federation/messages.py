@@ -17,6 +17,12 @@ Client -> server (``train``):
     "metrics": MetricRecord of scalars (num-examples, client-index, steps, lr, loss, seconds)
 Client -> server (``evaluate``):
     "metrics": MetricRecord {"acc.<view>": float, "client-index", "num-examples", "seconds"}
+Secure aggregation (``fed.secure_aggregation``, ``secagg.py``): four ``train`` messages per round,
+each the usual "global" (empty but in the collect stage) and "config" plus a "secagg"
+ConfigRecord {"stage": setup | share-keys | collect-masked-input | unmask, ...}; replies carry a
+"secagg" ConfigRecord (public keys, encrypted shares, shares) or, in the collect stage, "masked":
+ArrayRecord of uint64/uint32 masked integers under the upload's keys + "secagg/weight", and
+"metrics" {"client-index", "seconds", "load-seconds"} only.
 
 Update compression (``fed.compression``, the upload only; ``from_record`` decodes whatever
 arrived, so the server always sees float32 arrays under the original keys):

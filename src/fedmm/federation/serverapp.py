@@ -50,7 +50,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmm import logs, results
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data.schema import Schema, read_schema
-from fedmm.federation import checkpoint, messages, validation
+from fedmm.federation import checkpoint, messages, secagg, validation
 from fedmm.files import remove_stale_temps
 from fedmm.methods import Reply, get_method
 from fedmm.methods.aggregation import ClientInfo
@@ -271,6 +271,11 @@ class Federation:
         self.trainable = [n for n in nodes if sizes[self.index_of[n]]["num_train"] > 0]
         if not self.trainable:
             raise RuntimeError("no site holds any training record")
+        self.secure = cfg.fed.secure_aggregation != "off"
+        if self.secure:  # the masked sums must not wrap, whichever sites a round samples
+            weights = [sizes[self.index_of[n]]["num_train"] if cfg.fed.weighting == "samples"
+                       else 1 for n in self.trainable]  # fmt: skip
+            secagg.check_capacity(sum(weights), secagg.Params.for_round(cfg, len(nodes)))
         self.n_sample = max(1, min(len(self.trainable),
                                    math.ceil(cfg.fed.fraction * len(self.trainable))))  # fmt: skip
         self.eval_rng = random.Random(cfg.seed + 7919)  # its own stream: training never changes
@@ -353,9 +358,107 @@ class Federation:
             for r in ok:
                 self.last_trained[r.client_index] = rnd
         else:
-            log.warning("round %d: %d replies < fed.min_clients=%d; global state kept",
-                        rnd, len(ok), self.cfg.fed.min_clients)  # fmt: skip
+            record.skipped = f"{len(ok)} valid replies < fed.min_clients={self.cfg.fed.min_clients}"
+            log.warning("round %d: %s; global state kept", rnd, record.skipped)
         record.server_seconds = time.perf_counter() - t_server
+
+    # ------------------------------------------------------------------ secure train
+    def secure_train(self, rnd: int, record: RoundRecord, timeout: float | None) -> None:
+        """``configure_train`` + ``aggregate_train`` under secure aggregation: the same seeded
+        sample, then SecAgg+'s four stages (``secagg.SecureRound``); the method aggregates the
+        survivors' sum (``Method.aggregate_sum``), or the round keeps the global state and
+        records why (``record.skipped``).  Every stage's errors, timeouts and rejected masked
+        inputs are recorded as in a plain round, once per site."""
+        sampled = sorted(self.rng.sample(self.trainable, self.n_sample))
+        record.sampled = len(sampled)
+        cfg, method, spec = self.cfg, self.method, self.spec
+        params = secagg.Params.for_round(cfg, len(sampled))
+        keys = sorted(spec.shapes)
+        out_of_round: set[int] = set()
+
+        def message(node: int, kind: str, arrays) -> Message:
+            if arrays is not None:
+                msg = self.message(rnd, node, kind)
+                record.bytes_down += msg.content[messages.GLOBAL].count_bytes()
+                return msg
+            k = self.index_of[node]
+            content = messages.server_message({}, cfg, rnd, k, self.schema_sha,
+                                              self.last_trained[k], self.record["run_id"])  # fmt: skip
+            return Message(content, node, kind, group_id=str(rnd))
+
+        def on_reply(stage: str, out: list[Message], replies):
+            answered = set()
+            for reply in replies:
+                node = origin(reply, out)
+                answered.add(node)
+                if reply.has_error():
+                    log.warning("round %d: node %s failed in secure aggregation %s: %s", rnd,
+                                node, stage, reply.error.reason)  # fmt: skip
+                    if node not in out_of_round:
+                        out_of_round.add(node)
+                        record.failed.append(self.who(node) | {
+                            "reason": f"secagg {stage}: error: {reply.error.reason}"})  # fmt: skip
+                    continue
+                try:
+                    content = reply.content
+                    if stage == secagg.COLLECT:
+                        m = content[messages.METRICS]
+                        if int(m["client-index"]) != self.index_of.get(node):
+                            raise validation.InvalidReply(
+                                f"client-index {int(m['client-index'])} from node {node}"
+                            )
+                        secagg.check_masked(content[secagg.MASKED], keys,
+                                            [spec.shapes[k] for k in keys],
+                                            params.modulus_bits)  # fmt: skip
+                    elif secagg.SECAGG not in content:
+                        raise validation.InvalidReply(f"no {secagg.SECAGG} record")
+                except (validation.InvalidReply, KeyError, TypeError, ValueError) as exc:
+                    reason = f"secagg {stage}: {exc}"
+                    log.warning("round %d: rejected the reply of node %s: %s", rnd, node, reason)
+                    if node not in out_of_round:
+                        out_of_round.add(node)
+                        record.rejected.append(self.who(node) | {"reason": reason})
+                    continue
+                yield node, reply
+            for msg in out:
+                node = msg.metadata.dst_node_id
+                if node not in answered and node not in out_of_round:
+                    out_of_round.add(node)
+                    log.warning("round %d: no %s reply from node %s", rnd, stage, node)
+                    record.failed.append(
+                        self.who(node)
+                        | {"reason": f"secagg {stage}: no reply within {cfg.fed.round_timeout:g}s"}
+                    )
+
+        secure = secagg.SecureRound(
+            params, keys, [spec.shapes[k] for k in keys], method.secagg_summed,
+            seed=cfg.seed * 1_000_003 + rnd, minimum=cfg.fed.min_clients,
+        )  # fmt: skip
+        t_server = time.perf_counter()
+        try:
+            outcome = secure.run(
+                sampled, lambda msgs: self.grid.send_and_receive(msgs, timeout=timeout),
+                message, on_reply, self.global_state,
+            )  # fmt: skip
+        except secagg.SecAggFailed as exc:
+            record.skipped = f"secure aggregation: {exc}"
+            record.failures = len(sampled)
+            record.secagg = secure.info
+            log.warning("round %d: %s; global state kept", rnd, record.skipped)
+            return
+        total = Reply(-1, outcome.sums, outcome.weight)
+        self.global_state = method.aggregate_sum(self.global_state, total)
+        # the server's own work: stage messages, summing, unmasking, the method's step
+        record.server_seconds = time.perf_counter() - t_server - outcome.info["wait_seconds"]
+        record.failures = len(sampled) - len(outcome.survivors)
+        record.secagg = outcome.info
+        for node in outcome.survivors:
+            k = self.index_of[node]
+            self.last_trained[k] = rnd
+            m = outcome.metrics.get(node, {})
+            record.train[self.client_ids[k]] = {key: float(m[key]) for key in
+                                               ("seconds", "load-seconds") if key in m}  # fmt: skip
+        record.bytes_up = outcome.info.get("bytes_masked", 0)
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(self, rnd: int, record: RoundRecord) -> list[Message]:
@@ -442,8 +545,11 @@ def run_federation(
         t0 = time.perf_counter()
         record = RoundRecord(rnd)
         # 1. train: sampled clients run the method's local update on the global state
-        out = fed.configure_train(rnd, record)
-        fed.aggregate_train(rnd, out, grid.send_and_receive(out, timeout=timeout), record)
+        if fed.secure:  # SecAgg+: four message stages, the server learns only the sum
+            fed.secure_train(rnd, record, timeout)
+        else:
+            out = fed.configure_train(rnd, record)
+            fed.aggregate_train(rnd, out, grid.send_and_receive(out, timeout=timeout), record)
         # 2. evaluate: the new global state (and each client's own models) on test data
         out = fed.configure_evaluate(rnd, record)
         replies = grid.send_and_receive(out, timeout=timeout) if out else []

@@ -70,6 +70,9 @@ state``                              arrays) over every run; auto = 1 with DP on
                                      their own weights), backbone names, hub ids ``org/name``,
                                      ``*`` (any hub id); never a path (local weights: model-dir)
 ``allow-download``       false       may a run fetch weights (``model.hf_download = true``)
+``require-secure-        false       refuse every message of a run without
+aggregation``                        ``fed.secure_aggregation`` (the server would see this
+                                     site's update in the clear; docs/secure-aggregation.md)
 ``max-rounds``           1000        largest ``fed.rounds`` this site joins
 ``max-local-steps``      10000       largest ``train.local_steps`` x ``train.accumulation``
 ``max-batch-size``       512         largest ``train.batch_size`` / ``train.eval_batch_size``
@@ -132,6 +135,7 @@ class SiteSettings:
     accept_peft: str = ""
     accept_models: str = "builtin"
     allow_download: bool = False
+    require_secure_aggregation: bool = False
     max_rounds: int = 1000
     max_local_steps: int = 10_000
     max_batch_size: int = 512

@@ -100,6 +100,10 @@ class Method(ABC):
     # method's local update; "" = it can: the update is ``ctx.steps`` / ``ctx.step`` on one
     # plain loss over one model (data-independent terms passed as ``step(public=...)``)
     dp_sgd_refusal: str = "its local update is not declared to be one plain loss over one model"
+    # why this method cannot run under secure aggregation (fed.secure_aggregation, federation/
+    # secagg.py); "" = it can: its ``aggregate`` reads the replies only through Σ_k w_k·upload_k
+    # and Σ_k w_k (and plain sums of the ``secagg_summed`` keys), so ``aggregate_sum`` serves it
+    secagg_refusal: str = "its server step is not declared to need only the sum of the uploads"
 
     def __init__(self, cfg: FedmmConfig) -> None:
         self.cfg = cfg
@@ -177,6 +181,23 @@ class Method(ABC):
     @abstractmethod
     def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
         """New global state from this round's replies."""
+
+    def secagg_summed(self, key: str) -> bool:
+        """Whether the server needs upload ``key`` summed over the sites, Σ_k x_k, rather than
+        averaged with the weights, Σ_k w_k x_k / Σ_k w_k (default: averaged; SCAFFOLD's Δc)."""
+        return False
+
+    def aggregate_sum(self, global_state: Arrays, total: Reply) -> Arrays:
+        """New global state from what secure aggregation reveals (``federation/secagg.py``):
+        ``total.arrays[key]`` = Σ_k w_k x_k / Σ_k w_k (the weighted mean of the uploads;
+        ``secagg_summed`` keys: Σ_k x_k) and ``total.num_examples`` = Σ_k w_k, never one
+        site's upload (``total.client_index`` = -1).
+
+        Default: ``aggregate`` with that one reply -- exact for a method whose ``aggregate`` is
+        ``weighted_average`` of the replies (the mean of one reply is itself) followed by any
+        step on that average, and plain sums of the summed keys; a method that declares
+        ``secagg_refusal = ""`` vouches for that (its tests compare both paths)."""
+        return self.aggregate(global_state, [total])
 
     def bind(self, tasks: Sequence[str], clients: Mapping[int, ClientInfo]) -> None:
         """The schema's tasks and the clients (server: all, from the query; client: itself), for

@@ -35,6 +35,7 @@ class Centralized(Local):
     view_aliases = MappingProxyType({"global": SHARED})
     adapter_sets = ("central_adapter",)
     federated = False
+    secagg_refusal = "it pools every site's data in one process: there is no aggregation to secure"
 
     def aggregate(self, global_state: Arrays, replies: Sequence[Reply]) -> Arrays:
         raise RuntimeError("centralized training has no server aggregation")

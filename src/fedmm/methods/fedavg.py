@@ -45,6 +45,10 @@ class FedAvg(Method):
     view_aliases = MappingProxyType({"global": SHARED, "personalized": PERSONAL})
     adapter_sets = ("global_adapter",)
     dp_sgd_refusal = ""  # one plain loss over one model: record-level DP-SGD serves it
+    # θ^{t+1} is the weighted mean of the uploads: secure aggregation (the sum) serves it, and
+    # the subclasses whose server step reads only that mean (FedProx, FedAdam, FedYogi, FedAvgM,
+    # FedPer, Ditto); FedPIA, which aligns each upload, sets its own refusal
+    secagg_refusal = ""
 
     def upload_parts(self) -> tuple[str, ...]:
         return PARTS

@@ -182,6 +182,7 @@ class FedDAT(Method):
     views = (SHARED_HEAD, PERSONAL, "client")
     adapter_sets = (GLOBAL, FROZEN, CLIENT)
     dp_sgd_refusal = "its loss distils between two adapters (a sum of losses over several models)"
+    secagg_refusal = ""  # A_s (with proj / head when federated) is the weighted mean: a sum
     view_aliases = MappingProxyType(
         {"global": SHARED_HEAD, "personalized": PERSONAL, "dat": PERSONAL}
     )

@@ -188,6 +188,10 @@ def align(
 class FedPIA(FedAvg):
     options = FedPIAConfig
     dp_sgd_refusal = "it trains and keeps a local model beside the federated one (two models)"
+    secagg_refusal = (
+        "its server aligns (permutes) each site's adapters to an anchor before "
+        "averaging, which needs every site's upload in the clear, not their sum"
+    )
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

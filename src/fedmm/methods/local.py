@@ -24,6 +24,7 @@ class Local(Method):
     view_aliases = MappingProxyType({"personalized": PERSONAL})
     adapter_sets = ("local_adapter",)
     dp_sgd_refusal = ""  # one plain loss over one model: record-level DP-SGD serves it
+    secagg_refusal = "it uploads nothing: there is no sum to protect (run it with it off)"
 
     def trainable_parts(self) -> tuple[str, ...]:
         return (f"adapter.{self.adapter_sets[0]}", "proj", "head")

@@ -115,6 +115,13 @@ class Scaffold(FedAvg):
     options = ScaffoldConfig
     dp_sgd_refusal = ("its control variates (variant I: an exact gradient over the site's data) "
                       "leave the site outside the per-example clipping")  # fmt: skip
+    # secure aggregation serves it: x needs the weighted mean of y_i, c the plain sum of Δc_i
+    # (``secagg_summed``); ``aggregate`` of that one summed reply is the same server step
+    secagg_refusal = ""
+
+    def secagg_summed(self, key: str) -> bool:
+        """Δc_i is summed over the sites (c ← c + (1/N) Σ_i Δc_i), not averaged."""
+        return key.startswith(f"{DELTA_C}/")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -172,6 +172,12 @@ class TAP(Method):
     per_client_messages = True  # each client is sent (and returns) only its own modules
     dp_sgd_refusal = ("it trains two stages and scores a validation split it reports (two "
                       "models, data-dependent selection)")  # fmt: skip
+    # its averages are sums over each module's owners, but the sites upload different module
+    # sets: masked vectors of one layout (zeros + per-module weights) are not built yet
+    secagg_refusal = (
+        "its sites upload different module sets (their task's and modalities'), "
+        "and fedmm's secure aggregation sums vectors of one layout only"
+    )
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

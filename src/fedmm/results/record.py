@@ -79,6 +79,10 @@ class RoundRecord:
     clients: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> view -> score
     train: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> train stats
     eval: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> eval seconds
+    skipped: str = ""  # why the round kept the global state ("" = it aggregated)
+    # secure aggregation (federation/secagg.py): sites per stage, survivors, dropped, the key
+    # exchange's bytes beside the tensors'; {} without it
+    secagg: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         entry = dataclasses.asdict(self)
