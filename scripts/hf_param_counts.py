@@ -21,7 +21,7 @@ import torch
 
 from fedmm.backbones.hf import MODEL_CLASSES
 from fedmm.backbones.hf_families import FAMILIES, TINY
-from fedmm.config import AdapterConfig, ModelConfig, PeftConfig
+from fedmm.sections import AdapterConfig, ModelConfig, PeftConfig
 
 DEFAULT_CONFIGS = {"vilt": "ViltConfig", "clip": "CLIPConfig", "siglip": "SiglipConfig",
                    "blip": "BlipConfig"}  # fmt: skip

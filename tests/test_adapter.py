@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from fedmm.backbones import build_model
-from fedmm.config import AdapterConfig, ModelConfig
 from fedmm.peft import AdapterBank
+from fedmm.sections import AdapterConfig, ModelConfig
 
 
 def tiny_model(**adapter):

@@ -34,6 +34,11 @@ def test_bench_runs_each_missing_cell_once_and_reports_mean_and_std(tiny_cfg, tm
     assert bench.run_bench(cfgs, ["centralized"], [0, 1], out) == {"cells": 2, "ran": 2}
     assert bench.run_bench(cfgs, ["centralized"], [0, 1], out) == {"cells": 2, "ran": 0}
     assert len(counted) == 2  # the second call resumed: nothing reran
+    moved = [
+        tiny_cfg.with_overrides({"fed.rounds": 2, "device": "cpu", "cache_dir": str(tmp_path)})
+    ]
+    assert bench.run_bench(moved, ["centralized"], [0, 1], out)["ran"] == 0  # where, not what
+    assert len(counted) == 2  # a finished cell is not rerun because only the device changed
     changed = [tiny_cfg.with_overrides({"fed.rounds": 2, "train.lr": 5e-4})]
     assert bench.run_bench(changed, ["centralized"], [0], out)["ran"] == 1  # other config: rerun
 

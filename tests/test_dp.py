@@ -11,8 +11,8 @@ from flwr.app import MessageType
 from test_messages import make_context, send
 from test_serverapp import InProcessGrid
 
-from fedmm.config import DPConfig
 from fedmm.federation import dp, messages
+from fedmm.sections import DPConfig
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

@@ -162,7 +162,7 @@ def test_centralized_takes_one_rounds_worth_of_all_clients_steps(tiny_cfg):
 
 
 def test_schedule_never_restarts():
-    from fedmm.config import TrainConfig
+    from fedmm.sections import TrainConfig
 
     cfg = TrainConfig(lr=1.0, warmup_frac=0.1, schedule="cosine")
     lrs = [lr_at(s, 100, cfg) for s in range(100)]

@@ -7,7 +7,8 @@ import torch
 from conftest import bound_method
 
 from fedmm.backbones import build_model
-from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
+from fedmm.config import ConfigError
+from fedmm.sections import AdapterConfig, ModelConfig, PeftConfig
 
 TYPES = ["adapter", "lora", "prompt", "bitfit"]
 

@@ -93,23 +93,23 @@ def test_lora_targets_are_checked_on_hugging_face_families_without_weights():
 
 
 def test_every_numeric_option_has_a_range():
-    import dataclasses
-
-    from fedmm.validate import RANGES
+    """Every number is declared with its interval (``fedmm.spec.option``), core or method, and
+    validation checks it: the smallest value outside is refused, naming the option."""
+    from fedmm.config import declared_fields
+    from fedmm.spec import parse_interval
 
     cfg = FedmmConfig()
     numeric = {k for k, v in cfg.to_flat().items()
                if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
-    declared = {  # a method's options carry their interval beside the method (config.option)
-        f"{name}.{f.name}"
-        for name, section in cfg.methods.items()
-        for f in dataclasses.fields(section)
-        if f.metadata.get("interval")
-    }
-    assert numeric == {key for key, *_ in RANGES} | declared
+    declared = {k for k, f in declared_fields().items() if f.metadata.get("interval")}
+    assert numeric == declared
     from fedmm.methods import METHODS
 
     validate_config(FedmmConfig(), list(METHODS))  # every method's defaults are valid
+    for key in ("train.lr", "fed.fraction", "data.alpha", "feddat.temperature"):
+        lo = parse_interval(declared_fields()[key].metadata["interval"])[0]
+        with pytest.raises(ConfigError, match=key.replace(".", "\\.")):
+            validate_config(cfg.with_overrides({key: lo}), list(METHODS))  # open lower bound
 
 
 # ------------------------------------------------------------------ kind 4: health

@@ -1,6 +1,6 @@
 """The view definitions, pinned for every method: which model each named view evaluates.
 
-Views are named by kind (``methods.base.VIEW_KINDS``): ``shared`` = what the federation shares,
+Views are named by kind (``fedmm.spec.VIEW_KINDS``): ``shared`` = what the federation shares,
 shared head included; ``shared+head`` = the shared body with the client's own head; ``personal``
 = the client's own full model.  Each test trains one client round (what it keeps), then evaluates
 with a *different* global state (the round's new aggregate), and records -- at the moment each
@@ -16,10 +16,10 @@ from conftest import bound_method
 
 from fedmm import results
 from fedmm.methods import METHODS, ClientContext
-from fedmm.methods.base import PERSONAL, SHARED, SHARED_HEAD, VIEW_KINDS
 from fedmm.methods.fedavg import FedAvg
 from fedmm.methods.state import from_namespace, get_parts, model_keys, to_torch
 from fedmm.runtime import get_runtime
+from fedmm.spec import PERSONAL, SHARED, SHARED_HEAD, VIEW_KINDS
 
 # methods that evaluate as FedAvg does (its subclasses that keep its evaluate)
 FEDAVG_FAMILY = sorted(n for n, c in METHODS.items()

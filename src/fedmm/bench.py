@@ -22,77 +22,21 @@ from __future__ import annotations
 import io
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedmm import __version__, results
-from fedmm.config import ConfigError, FedmmConfig
+from fedmm.config import MAY_DIFFER, ConfigError, FedmmConfig
 from fedmm.files import atomic_write
 from fedmm.runkey import RunKey
+from fedmm.spec import KINDS, METHOD_SPECS, VIEW_ORDER, Variant
 
-# config keys that do not change a result (data.schema: where the server's copy of the schema is;
-# its content is the benchmark's)
-VOLATILE = ("out_dir", "cache_dir", "progress", "resume", "data.schema")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A named configuration of ``method``: ``overrides`` (flat config keys) on top of the
-    bench's options; ``isolates``: what comparing it with its method (or a baseline) measures."""
-
-    method: str
-    overrides: dict = field(default_factory=dict)
-    isolates: str = ""
-
-
-VARIANTS: dict[str, Variant] = {
-    "feddat-fedhead": Variant(
-        "feddat", {"feddat.federate_head": True},
-        "FedDAT with a federated head, so it has a `shared` view: A_s + shared head against "
-        "FedAvg's `shared` (the dual-adapter teacher without a personal head)",
-    ),
-    "feddat-nodistill": Variant(
-        "feddat", {"feddat.alpha": 1.0, "feddat.beta": 1.0},
-        "FedDAT without mutual distillation (α = β = 1: A_s and the DAT each on the task loss "
-        "only) against FedDAT",
-    ),
-    "fedpia-identity": Variant(
-        "fedpia", {"fedpia.solver": "identity"},
-        "FedPIA without alignment (units matched by index; the server merge is FedAvg's) "
-        "against FedPIA's optimal-transport alignment",
-    ),
-    "tap-noreplace": Variant(
-        "tap", {"tap.replacement": False},
-        "TAP without adaptive replacement against TAP (TAP without stage 2 is the `personal` "
-        "view of either)",
-    ),
-}  # fmt: skip
-
-
-# Like-with-like comparisons the report makes when both sides are in the grid: (name, view) pairs
-# of the same view kind -- or of the models a claim compares -- and what the difference measures.
-COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str], str], ...] = (
-    (("feddat-fedhead", "shared"), ("fedavg", "shared"),
-     "FedDAT's training (dual adapters + distillation), nothing personal in the shared model"),
-    (("feddat", "shared+head"), ("fedper", "shared+head"),
-     "FedDAT vs FedPer, both A_s/body + own head: what the DAT and distillation add"),
-    (("feddat", "shared+head"), ("fedavg", "shared+head"),
-     "FedDAT vs FedAvg's body with the locally trained head"),
-    (("feddat", "shared+head"), ("feddat-fedhead", "shared"),
-     "FedDAT's own head vs a federated head"),
-    (("feddat", "personal"), ("fedper", "shared+head"), "the DAT vs FedPer"),
-    (("feddat", "personal"), ("fedavg", "personal"), "the DAT vs FedAvg fine-tuned"),
-    (("feddat", "shared+head"), ("feddat-nodistill", "shared+head"),
-     "mutual distillation, A_s + own head"),
-    (("feddat", "personal"), ("feddat-nodistill", "personal"), "mutual distillation, the DAT"),
-    (("fedpia", "shared"), ("fedpia-identity", "shared"), "OT alignment, merged model"),
-    (("fedpia", "personal"), ("fedpia-identity", "personal"), "OT alignment, local model"),
-    (("fedpia-identity", "shared"), ("fedavg", "shared"),
-     "FedPIA's client integration (λ·L + (1 − λ)·G) without alignment vs FedAvg"),
-    (("fedpia", "shared"), ("fedavg", "shared"), "FedPIA vs FedAvg, merged model"),
-    (("tap", "personal"), ("tap-noreplace", "personal"), "adaptive replacement"),
-    (("tap", "distilled"), ("tap", "personal"), "stage 2 (distillation after the last round)"),
-)  # fmt: skip
+# the methods' ablations and the like-with-like comparisons of their claims, as each method
+# declares them (fedmm.spec.MethodSpec.variants / comparisons), in the registry's order
+VARIANTS: dict[str, Variant] = {n: v for s in METHOD_SPECS.values() for n, v in s.variants.items()}
+COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str], str], ...] = tuple(
+    c for s in METHOD_SPECS.values() for c in s.comparisons
+)
 
 
 def compare(a: list[float], b: list[float]) -> dict:
@@ -130,8 +74,9 @@ def _comparison_lines(runs: list[dict], names: list[str]) -> list[str]:
             "|---|---|---|---|---|---|---|---|", *rows]  # fmt: skip
 
 
-# what a variant may not set: they place the cell in the grid (or name it), the bench sets them
-CELL_KEYS = ("method", "variant", "seed", "out_dir", "data.benchmark", "peft.type")
+# what a variant may not set: the run's identity (RunKey) and where it is written -- they place the
+# cell in the grid (or name it), the bench sets them
+CELL_KEYS = (*RunKey.CONFIG_KEYS, "out_dir")
 
 
 def time_to_accuracy(run: dict, view: str, target: float) -> tuple[int, float] | None:
@@ -150,7 +95,7 @@ def _time_to_accuracy_lines(runs: list[dict], names: list[str], target: float | 
     (``target`` %, or by default the lowest final mean among the methods with that kind, which
     every method reaches on average by the last round)."""
     lines = []
-    for kind in results.KINDS:
+    for kind in KINDS:
         rows = {n: [r for r in runs if _name(r) == n and kind in r["final"]] for n in names}
         rows = {n: rs for n, rs in rows.items() if rs}
         if not rows:
@@ -185,15 +130,13 @@ def parse_variant(text: str) -> tuple[str, Variant]:
     theirs), or a key of ``CELL_KEYS`` (a variant changes a method's options, not the cell)."""
     import re
 
-    from fedmm.methods import METHODS
-
     name, eq, rest = (x.strip() for x in text.partition("="))
     method, _, sets = (x.strip() for x in rest.partition(":"))
     if not (eq and name and method):
         raise ConfigError(f"--variant expects NAME=METHOD:KEY=VALUE,..., got {text!r}")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
         raise ConfigError(f"--variant {name!r}: a name is letters, digits and _ . + - only")
-    if name in METHODS or name in VARIANTS:
+    if name in METHOD_SPECS or name in VARIANTS:
         raise ConfigError(f"--variant {name!r}: that name is a method's or a built-in "
                           "variant's; pick another (its runs would pass for theirs)")  # fmt: skip
     overrides = {}
@@ -227,11 +170,13 @@ def cell_config(
 
 
 def _same(run: dict, cfg: FedmmConfig) -> bool:
-    """Whether a stored run was made with ``cfg``.  A key the stored config lacks (an option
-    added to fedmm after the run) counts as its default value, which is what the run used."""
+    """Whether a stored run was made with ``cfg``: the options that affect results are equal
+    (``config.MAY_DIFFER``, where things are and how they are shown -- paths, the device --, may
+    differ).  A key the stored config lacks (an option added to fedmm after the run) counts as its
+    default value, which is what the run used."""
     flat, defaults = cfg.to_flat(), FedmmConfig().to_flat()
     return len(run["history"]) == cfg.fed.rounds and all(
-        run["config"].get(k, defaults[k]) == v for k, v in flat.items() if k not in VOLATILE
+        run["config"].get(k, defaults[k]) == v for k, v in flat.items() if k not in MAY_DIFFER
     )
 
 
@@ -258,6 +203,7 @@ def run_bench(
         bar.set_postfix_str(f"{method} on {benchmark}, seed {seed}")
         if key not in existing or not _same(existing[key], ccfg):
             run_method(ccfg)
+            results.write_reports(out)  # summary.md, curves.png of every run so far
             ran += 1
         bar.update(1)
         write_outputs(out, cells, ccfg.peft.type, extra, target)
@@ -285,7 +231,7 @@ class PlateauRule:
         for bench in sorted({r["benchmark"] for r in runs}):
             for name in names:
                 mruns = [r for r in runs if r["benchmark"] == bench and _name(r) == name]
-                for kind in results.KINDS:
+                for kind in KINDS:
                     curves = [[y for h, y in zip(r["history"], results.view_curve(r, kind))
                                if h["clients"]] for r in mruns]  # evaluated rounds  # fmt: skip
                     curves = [c for c in curves if c and None not in c]
@@ -422,8 +368,13 @@ def report(runs: list[dict], grid: dict) -> str:
         "",
         "Views by kind (docs/methods.md, Views): `shared` = every parameter the federation shares, with "
         "the shared head (what a new client would receive); `shared+head` = the shared body with "
-        "the client's own head; `personal` = the client's own full model; `client` (FedDAT: A_c "
-        "alone) and `distilled` (TAP's stage 2) are method extras. A dash: the method has no "
+        "the client's own head; `personal` = the client's own full model; "
+        + "; ".join(
+            f"`{view}` ({name}: {meaning})"
+            for name, s in METHOD_SPECS.items()
+            for view, meaning in s.extras.items()
+        )  # fmt: skip
+        + " are method extras. A dash: the method has no "
         "such model; n/m: it has one, but these runs predate the view (fedmm < 0.2) and did "
         "not measure it. Seconds per round are wall time on the machine that ran the bench, "
         "including evaluation.",
@@ -447,7 +398,7 @@ def _task_lines(runs: list[dict], methods: list[str]) -> list[str]:
     if not runs:
         return []
     tasks = sorted({t for r in runs for t in r["final_by_task"]})
-    views = [v for v in results.VIEW_ORDER if any(v in r["views"] for r in runs)]
+    views = [v for v in VIEW_ORDER if any(v in r["views"] for r in runs)]
     cols = [(t, v) for t in tasks for v in views]
     head = ["method", *(f"{t} {v}" for t, v in cols)]
     lines = ["", "Per task (accuracy; multi-label tasks: mean AUROC):", "",
@@ -475,7 +426,7 @@ def plot(out: Path, runs: list[dict], grid: dict) -> None:
     import numpy as np
 
     benches = [b for b in grid["benchmarks"] if any(r["benchmark"] == b for r in runs)]
-    kinds = [k for k in results.KINDS if any(k in r["views"] for r in runs)]
+    kinds = [k for k in KINDS if any(k in r["views"] for r in runs)]
     if not benches or not kinds:
         return
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

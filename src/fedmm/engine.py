@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedmm import logs, results
+from fedmm import logs, results, tracking
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data import sites
 from fedmm.data.schema import SCHEMA_FILE, read_schema, write_schema
@@ -123,12 +123,16 @@ def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
                 dict(method.view_aliases),
             )  # fmt: skip
 
-            def save_round(round_record: results.RoundRecord) -> None:
-                entry = results.add_round(record, round_record)
-                results.save_run(cfg.out_dir, record)
-                on_round(entry)
+            with tracking.track(cfg, record) as tracker:
 
-            run_centralized(cfg, save_round)
+                def save_round(round_record: results.RoundRecord) -> None:
+                    entry = results.add_round(record, round_record)
+                    results.save_run(cfg.out_dir, record)
+                    tracker.log_round(entry)
+                    on_round(entry)
+
+                run_centralized(cfg, save_round)
+                results.write_reports(cfg.out_dir)  # before the tracker takes them as artifacts
     finally:
         bar.close()
     log.info("%s finished in %.0fs", label, time.perf_counter() - t0)
@@ -142,7 +146,22 @@ def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
 
 
 def _simulate(cfg: FedmmConfig, on_round, site_settings: dict[int, dict]) -> None:
-    from flwr.simulation import run_simulation
+    """Run the ServerApp and ClientApp on Flower's Simulation Engine (Ray backend), in this
+    process.
+
+    Flower (1.41, 1.42) deprecates the Python entry ``flwr.simulation.run_simulation`` in favour of
+    ``flwr run`` against a managed local SuperLink.  That route loads the apps from a built FAB,
+    and its virtual SuperNodes get no node config but ``partition-id`` / ``num-partitions``
+    (``flwr.server.superlink.fleet.vce.vce_api._register_node_info_stores``), so it cannot give
+    each rehearsed site its own settings (data, state directory, DP floor: ``rehearsal_sites``)
+    nor report rounds to this process.  fedmm therefore calls the Simulation Engine entry that
+    ``flwr run``'s simulation process itself calls (``flwr.simulation.app.run_simulation_process``
+    -> ``_run_simulation``), with the in-process apps: the same engine, without the deprecated
+    wrapper.  It is a private Flower function: ``tests/test_flower_entry.py`` pins its parameters
+    and fails if a run logs a Flower deprecation notice.  A deployment goes through ``flwr run``
+    (``fedmm deploy``, docs/deployment.md)."""
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
 
     from fedmm.federation.clientapp import make_client_app
     from fedmm.federation.serverapp import make_server_app
@@ -155,9 +174,11 @@ def _simulate(cfg: FedmmConfig, on_round, site_settings: dict[int, dict]) -> Non
         "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False},
     }
     with logs.workers_log_like_me():  # a worker's INFO lines only where this process shows them
-        run_simulation(
-            server_app=make_server_app(replace(cfg), on_round),
-            client_app=make_client_app(site_settings),
+        _run_simulation(
             num_supernodes=cfg.fed.clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=make_client_app(site_settings),
+            server_app=make_server_app(replace(cfg), on_round),
+            backend_name="ray",
             backend_config=backend_config,
         )

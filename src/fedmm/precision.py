@@ -18,8 +18,8 @@ import warnings
 import torch
 
 from fedmm.config import ConfigError
+from fedmm.spec import PRECISIONS  # train.precision's choices, declared once
 
-PRECISIONS = ("fp32", "bf16", "auto")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmm.config import SITES
+
 
 @dataclass(frozen=True, order=True)
 class RunKey:
@@ -31,6 +33,9 @@ class RunKey:
     peft: str
     benchmark: str
     seed: int
+
+    # the flat config keys the fields come from (``of_config``), in field order
+    CONFIG_KEYS = ("method", "variant", "peft.type", "data.benchmark", "seed")
 
     @classmethod
     def of_run(cls, run: dict[str, Any]) -> RunKey:
@@ -61,8 +66,6 @@ def recorded_benchmark(cfg) -> str:
     """The benchmark a run of ``cfg`` records: for site directories (``data.benchmark =
     "sites"``) the name in their task schema (``data.schema``, else ``<data.data_dir>/
     schema.json``), otherwise ``data.benchmark``."""
-    from fedmm.config import SITES
-
     if cfg.data.benchmark != SITES:
         return cfg.data.benchmark
     from fedmm.data.schema import SCHEMA_FILE, read_schema

@@ -13,17 +13,13 @@ Ranges are written as intervals: ``(0, inf)`` excludes 0, ``[0, 1)`` includes 0 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
 
-from fedmm.config import ConfigError, FedmmConfig
-
-SCHEDULES = ("cosine", "linear", "constant")
-WEIGHTINGS = ("samples", "uniform")
-TEST_SPLITS = ("standard", "image-disjoint")
-DIRICHLET_BY = ("answer", "organ")
-CLIENTS_BY = ("column", "iid", "dirichlet")
+from fedmm.config import ConfigError, FedmmConfig, declared_fields
+from fedmm.spec import METHOD_SPECS, parse_interval
 
 
 def _number(key: str, value: float, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
@@ -41,87 +37,20 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"unknown {key} {value!r}; choices: {', '.join(choices)}")
 
 
-# (key, lo, hi, lo open, hi open): every numeric option and its valid range
-INF = math.inf
-RANGES: list[tuple[str, float, float, bool, bool]] = [
-    ("seed", 0, INF, False, True),
-    ("model.image_size", 8, INF, False, True),
-    ("model.grid", 1, INF, False, True),
-    ("model.max_text_len", 3, INF, False, True),  # [CLS], at least one token, [SEP]
-    ("model.head_hidden", 1, INF, False, True),
-    ("model.dropout", 0, 1, False, True),
-    ("adapter.reduction_factor", 1, INF, False, True),
-    ("adapter.bottleneck", 0, INF, False, True),
-    ("adapter.init_std", 0, INF, False, True),
-    ("peft.lora_r", 0, INF, False, True),
-    ("peft.lora_alpha", 0, INF, True, True),
-    ("peft.prompt_length", 1, INF, False, True),
-    ("train.lr", 0, INF, True, True),
-    ("train.weight_decay", 0, INF, False, True),
-    ("train.batch_size", 1, INF, False, True),
-    ("train.local_steps", 1, INF, False, True),
-    ("train.warmup_frac", 0, 1, False, True),
-    ("train.grad_clip", 0, INF, False, True),
-    ("train.eval_batch_size", 1, INF, False, True),
-    ("train.threads", 0, INF, False, True),
-    ("train.accumulation", 1, INF, False, True),
-    ("fed.rounds", 1, INF, False, True),
-    ("fed.clients", 1, INF, False, True),
-    ("fed.fraction", 0, 1, True, False),
-    ("fed.min_clients", 1, INF, False, True),
-    ("fed.round_timeout", 0, INF, False, True),
-    ("fed.eval_every", 1, INF, False, True),
-    ("fed.eval_fraction", 0, 1, True, False),
-    ("data.train_per_client", 1, INF, False, True),
-    ("data.test_per_client", 1, INF, False, True),
-    ("data.split_seed", 0, INF, False, True),
-    ("data.alpha", 0, INF, True, True),
-    ("validate.max_examples", 1, INF, False, True),
-    ("validate.max_upload_mb", 0, INF, False, True),
-    ("fed.secagg_threshold", 0, INF, False, True),
-    ("fed.secagg_neighbours", 0, INF, False, True),
-    ("fed.secagg_clip", 0, INF, True, True),
-    ("fed.secagg_quantization_bits", 1, 30, False, False),
-    ("fed.secagg_modulus_bits", 2, 64, False, False),
-    ("dp.clip_norm", 0, INF, False, True),
-    ("dp.noise_multiplier", 0, INF, False, True),
-]
-
-
-def choices() -> list[tuple[str, tuple[str, ...]]]:
-    """(key, valid values) of every option with a fixed set of values."""
-    from fedmm.federation.messages import COMPRESSIONS
-    from fedmm.federation.secagg import SECURE_AGGREGATIONS
-    from fedmm.methods.precision import PRECISIONS
-    from fedmm.peft import PEFT_TYPES
-
-    return [
-        ("peft.type", tuple(PEFT_TYPES)),
-        ("train.schedule", SCHEDULES),
-        ("train.precision", PRECISIONS),
-        ("fed.weighting", WEIGHTINGS),
-        ("fed.compression", COMPRESSIONS),
-        ("fed.secure_aggregation", SECURE_AGGREGATIONS),
-        ("data.test_split", TEST_SPLITS),
-        ("data.dirichlet_by", DIRICHLET_BY),
-        ("data.clients_by", CLIENTS_BY),
-    ]
-
-
 def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
     """Every check of ``cfg`` (and of each method in ``methods``, default ``[cfg.method]``)
     that needs no data: names, ranges, choices, cross-option and model-dependent limits.
     Raises ``ConfigError`` naming the option and its valid range at the first violation."""
-    from fedmm.backbones import backbone_names
     from fedmm.data import BENCHMARKS
     from fedmm.methods import METHODS
+    from fedmm.tracking import check as check_tracker
 
     methods = [cfg.method] if methods is None else methods
     if not methods:
-        raise ConfigError(f"--method is empty; choices: {', '.join(METHODS)}")
+        raise ConfigError(f"--method is empty; choices: {', '.join(METHOD_SPECS)}")
     for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"unknown method {m!r}; choices: {', '.join(METHODS)}")
+        if m not in METHOD_SPECS:
+            raise ConfigError(f"unknown method {m!r}; choices: {', '.join(METHOD_SPECS)}")
     if cfg.variant and not re.fullmatch(r"[A-Za-z0-9_.+-]+", cfg.variant):
         raise ConfigError(
             f"variant={cfg.variant!r}: a variant name is letters, digits and _ . + - only "
@@ -131,18 +60,18 @@ def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
         raise ConfigError(
             f"unknown benchmark {cfg.data.benchmark!r}; choices: {', '.join(sorted(BENCHMARKS))}"
         )
-    if cfg.model.backbone not in backbone_names():
-        raise ConfigError(
-            f"unknown backbone {cfg.model.backbone!r}; choices: {', '.join(backbone_names())}"
-        )
-    flat = cfg.to_flat()
-    for key, values in choices():
-        _choice(key, flat[key], values)
-    for key, lo, hi, lo_open, hi_open in RANGES:
-        _number(key, flat[key], lo, hi, lo_open, hi_open)
-    for name, section in cfg.methods.items():  # every method's options, declared beside it
+    flat, declared = cfg.to_flat(), declared_fields()
+    core = [k for k in declared if k.partition(".")[0] not in cfg.methods]
+    for key in core:  # the choices and intervals every option declares (fedmm.spec.option)
+        if declared[key].metadata.get("choices"):
+            _choice(key, flat[key], declared[key].metadata["choices"])
+    for key in core:
+        if declared[key].metadata.get("interval"):
+            _number(key, flat[key], *parse_interval(declared[key].metadata["interval"]))
+    for name, section in cfg.methods.items():  # every method's options
         check_section(name, section)
     _check_device(cfg.device)
+    check_tracker(cfg.track)
     _check_cross(cfg)
     for m in methods:  # method x PEFT x options (e.g. fedpia with prompt tuning)
         METHODS[m](cfg.with_overrides({"method": m}))
@@ -156,13 +85,9 @@ def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
 
 
 def check_section(name: str, section) -> None:
-    """The options of one section declared with ``config.option``: each number in its
+    """The options of one section declared with ``fedmm.spec.option``: each number in its
     ``interval``, each string among its ``choices``.  ``Method.__init__`` runs it for the
     method's own section; ``validate_config`` for all of them."""
-    import dataclasses
-
-    from fedmm.config import parse_interval
-
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if f.metadata.get("interval"):
@@ -270,16 +195,11 @@ def text_skeleton(cfg: FedmmConfig):
 
 def lora_targets(cfg: FedmmConfig) -> list[str]:
     """The LoRA target entries the model will use (HF families: their default unless set)."""
-    from fedmm.backbones import MODEL_BUILDERS
-    from fedmm.config import PeftConfig
+    from fedmm.backbones.hf_families import FAMILIES
+    from fedmm.peft.build import lora_target_list
 
-    spec = cfg.peft.lora_targets
-    if cfg.model.backbone in MODEL_BUILDERS and spec == PeftConfig().lora_targets:
-        from fedmm.backbones.hf_families import FAMILIES
-
-        family = FAMILIES.get(cfg.model.backbone)
-        spec = family.lora_targets if family else spec
-    return [t.strip() for t in spec.split(",") if t.strip()]
+    family = FAMILIES.get(cfg.model.backbone)
+    return lora_target_list(cfg.peft.lora_targets, family.lora_targets if family else "")
 
 
 def _check_model(cfg: FedmmConfig) -> None:
@@ -320,4 +240,4 @@ def _check_model(cfg: FedmmConfig) -> None:
         )
 
 
-__all__ = ["RANGES", "check_section", "lora_targets", "text_skeleton", "validate_config"]
+__all__ = ["check_section", "lora_targets", "text_skeleton", "validate_config"]

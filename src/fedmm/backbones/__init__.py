@@ -21,7 +21,9 @@ from torch import nn
 
 from fedmm.backbones.checkpointing import enable_checkpointing
 from fedmm.backbones.fusion import Backbone, FusionVLModel, VLModel
-from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
+from fedmm.config import ConfigError
+from fedmm.sections import AdapterConfig, ModelConfig, PeftConfig
+from fedmm.spec import BACKBONE_NAMES
 
 BackboneBuilder = Callable[[], Backbone]
 BACKBONES: dict[str, BackboneBuilder] = {}
@@ -183,6 +185,10 @@ def tiny() -> Backbone:
 
 
 from fedmm.backbones import hf  # noqa: E402,F401  (registers vilt, clip, siglip, blip)
+
+if tuple(backbone_names()) != BACKBONE_NAMES:  # one backbone: registered here, named in fedmm.spec
+    raise ImportError(f"fedmm.backbones registers {backbone_names()}, fedmm.spec declares "
+                      f"{BACKBONE_NAMES} (model.backbone's choices): add the name to both")  # fmt: skip
 
 __all__ = [
     "BACKBONES",

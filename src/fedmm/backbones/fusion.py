@@ -36,9 +36,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
-from fedmm.peft import PEFT_TYPES, AdapterBank, BitFitBank, LoraBank, PeftBank, PromptBank
-from fedmm.peft.lora import lora_rank_for_budget
+from fedmm.peft import PeftBank
+from fedmm.peft.build import PeftTarget, build_bank
+from fedmm.sections import AdapterConfig, ModelConfig, PeftConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,26 +62,6 @@ class Backbone:
     text: nn.Module
     tokenizer: Tokenizer
     adapter_points: list[nn.Module]
-
-
-def build_peft(
-    text: nn.Module, points: list[nn.Module], cfg: PeftConfig, adapter_cfg: AdapterConfig
-) -> PeftBank:
-    """The configured PEFT type's bank on a frozen text transformer (see ``fedmm.peft``)."""
-    if cfg.type not in PEFT_TYPES:
-        raise ConfigError(f"unknown peft.type {cfg.type!r}; choices: {', '.join(PEFT_TYPES)}")
-    d = text.config.hidden_size
-    r = adapter_cfg.bottleneck or max(1, d // adapter_cfg.reduction_factor)
-    if cfg.type == "adapter":
-        return AdapterBank(points, d, r, adapter_cfg.init_std, adapter_cfg.zero_init_up)
-    if cfg.type == "lora":
-        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-        adapter_size = len(points) * (2 * d * r + r + d)
-        rank = cfg.lora_r or lora_rank_for_budget(text, targets, adapter_size)
-        return LoraBank(text, targets, rank, cfg.lora_alpha)
-    if cfg.type == "prompt":
-        return PromptBank(text.embeddings.word_embeddings, cfg.prompt_length)
-    return BitFitBank(text)
 
 
 def make_head(in_dim: int, model_cfg: ModelConfig, num_outputs: int) -> nn.Sequential:
@@ -220,9 +200,11 @@ class FusionVLModel(VLModel):
             p.requires_grad_(False)
         d = self.text.config.hidden_size
         self.hidden_size = d
-        self.peft = build_peft(
-            self.text, backbone.adapter_points, peft_cfg or PeftConfig(), adapter_cfg
-        )
+        points = backbone.adapter_points
+        self.peft = build_bank(peft_cfg or PeftConfig(), adapter_cfg, PeftTarget(
+            self.text, points, [d] * len(points), self.text.embeddings.word_embeddings,
+            name=backbone.name,
+        ))  # fmt: skip
         self.visual_proj = nn.Linear(backbone.vision_dim, d)
         self._init_heads(4 * d, model_cfg, num_answers)
         self._token_shape: tuple[int, int] | None = None

@@ -30,7 +30,7 @@ A record without an image has the image masked out (ViLT: its visual tokens; BLI
 cross-attention keys are zeroed; CLIP/SigLIP: e_i = 0): no image is made up.
 
 This module holds the models; the families (torch-free) are ``hf_families``'s, loading and the
-PEFT sets ``hf_loading``'s.
+the PEFT sets ``fedmm.peft.build``'s.
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ from torch.nn import functional as F
 from fedmm.backbones.checkpointing import enable_checkpointing
 from fedmm.backbones.fusion import VLModel, masked_mean
 from fedmm.backbones.hf_families import FAMILIES, Family
-from fedmm.backbones.hf_loading import build_hf_peft, load_family
-from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
+from fedmm.backbones.hf_loading import load_family
+from fedmm.config import ConfigError
 from fedmm.peft import PromptBank
+from fedmm.peft.build import PeftTarget, build_bank
+from fedmm.sections import AdapterConfig, ModelConfig, PeftConfig
 
 
 # ---------------------------------------------------------------------- the models
@@ -90,10 +92,10 @@ class HFVLModel(VLModel):
                 f"{self.native_size})"
             )
         points, dims = self.adapter_points()
-        self.peft = build_hf_peft(
-            self.hf, points, dims, peft_cfg or PeftConfig(), adapter_cfg, self.family,
-            self.word_embeddings(), self.bitfit_scope(),
-        )  # fmt: skip
+        self.peft = build_bank(peft_cfg or PeftConfig(), adapter_cfg, PeftTarget(
+            self.hf, points, dims, self.word_embeddings(), self.bitfit_scope(),
+            self.family.lora_targets, self.family.no_prompt, self.family.name,
+        ))  # fmt: skip
         in_dim, self.hidden_size = self.fused_dims()
         self.visual_proj = nn.Linear(in_dim, self.hidden_size)
         self._init_heads(self.hidden_size, model_cfg, num_answers)

@@ -1,6 +1,5 @@
 """Loading a Hugging Face family's model, tokenizer and image processor (local cache, a directory,
-or ``tiny-random``), the fail-fast check of where the weights come from (``check_source``) and
-the PEFT sets a family's model gets (``build_hf_peft``)."""
+or ``tiny-random``) and the fail-fast check of where the weights come from (``check_source``)."""
 
 from __future__ import annotations
 
@@ -14,9 +13,8 @@ import torch
 from torch import nn
 
 from fedmm.backbones.hf_families import FAMILIES, TINY, Family
-from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
-from fedmm.peft import PEFT_TYPES, AdapterBank, BitFitBank, LoraBank, PeftBank, PromptBank
-from fedmm.peft.lora import lora_rank_for_budget
+from fedmm.config import ConfigError
+from fedmm.sections import ModelConfig
 
 Tokenize = Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -151,36 +149,3 @@ def load_family(family: Family, model_cfg: ModelConfig) -> Loaded:
     std = tuple(getattr(proc, "image_std", None) or family.image_std)
     rescale = float(getattr(proc, "rescale_factor", None) or 1 / 255)
     return Loaded(model, hf_tokenizer(tok), mean, std, rescale, tok.pad_token_id or 0)
-
-
-def build_hf_peft(
-    model: nn.Module,
-    points: list[nn.Module],
-    dims: list[int],
-    cfg: PeftConfig,
-    adapter_cfg: AdapterConfig,
-    family: Family,
-    word_embeddings: nn.Embedding | None,
-    bitfit_scope: nn.Module | None = None,
-) -> PeftBank:
-    """The configured PEFT type's bank on a frozen HF model (adapters: one width per point)."""
-    if cfg.type not in PEFT_TYPES:
-        raise ConfigError(f"unknown peft.type {cfg.type!r}; choices: {', '.join(PEFT_TYPES)}")
-    ranks = [adapter_cfg.bottleneck or max(1, d // adapter_cfg.reduction_factor) for d in dims]
-    if cfg.type == "adapter":
-        return AdapterBank(points, dims, ranks, adapter_cfg.init_std, adapter_cfg.zero_init_up)
-    if cfg.type == "lora":
-        spec = (
-            family.lora_targets
-            if cfg.lora_targets == PeftConfig().lora_targets
-            else (cfg.lora_targets)
-        )
-        targets = [t.strip() for t in spec.split(",") if t.strip()]
-        budget = sum(2 * d * r + r + d for d, r in zip(dims, ranks))
-        rank = cfg.lora_r or lora_rank_for_budget(model, targets, budget)
-        return LoraBank(model, targets, rank, cfg.lora_alpha)
-    if cfg.type == "prompt":
-        if word_embeddings is None or family.no_prompt:
-            raise ConfigError(f"peft.type 'prompt' on {family.name}: {family.no_prompt}")
-        return PromptBank(word_embeddings, cfg.prompt_length)
-    return BitFitBank(bitfit_scope or model)

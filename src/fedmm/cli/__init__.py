@@ -53,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.setLevel(level)  # Flower's logger is DEBUG and propagates: filter at the handler
     if not getattr(args, "verbose", False):
-        # run_simulation's deprecation notice and Ray's set-up chatter are not the user's business;
-        # Flower sets its logger's level when imported, so import it before overriding that
+        # Flower's INFO lines and Ray's set-up chatter are not the user's business, Flower's
+        # warnings (a deprecation notice among them) are; Flower sets its logger's level when
+        # imported, so import it before overriding that
         import flwr.common.logger  # noqa: F401
 
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        logging.getLogger("flwr").setLevel(logging.WARNING)
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")

@@ -4,24 +4,29 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
+from fedmm import results
+from fedmm.bench import VARIANTS, cell_config, cell_key, parse_variant, run_bench
 from fedmm.cli.options import check_data, resolve_config, site_options
-from fedmm.config import ConfigError, FedmmConfig, parse_set
+from fedmm.config import (
+    MAY_DIFFER,
+    OPERATIONAL,
+    ConfigError,
+    FedmmConfig,
+    declared_fields,
+    parse_set,
+)
 from fedmm.runkey import RunKey
+from fedmm.spec import BACKBONE_NAMES, EXPERIMENT, METHOD_SPECS, PEFT_TYPE_NAMES, VIEW_KINDS
 
 
 def cmd_list() -> None:
-    from fedmm.backbones import backbone_names
-    from fedmm.bench import VARIANTS
+    """Print what fedmm offers, from the declarations alone (``fedmm.spec``): loads no torch."""
     from fedmm.data import BENCHMARKS
-    from fedmm.methods import METHODS
-    from fedmm.methods.base import VIEW_KINDS
-    from fedmm.peft import PEFT_TYPES
 
-    print("methods:   ", ", ".join(METHODS))
+    print("methods:   ", ", ".join(METHOD_SPECS))
     print("bench variants (fedmm bench --method NAME):")
     for name, v in VARIANTS.items():
         sets = ", ".join(f"{k}={val}" for k, val in v.overrides.items())
@@ -29,32 +34,25 @@ def cmd_list() -> None:
     print("views (by kind, the same for every method):")
     for kind, meaning in VIEW_KINDS.items():
         print(f"  {kind:<12} {meaning}")
-    print("  + method extras: FedDAT client (A_c alone), TAP distilled (stage 2)")
+    extras = [f"{name} {view} ({meaning})" for name, spec in METHOD_SPECS.items()
+              for view, meaning in spec.extras.items()]  # fmt: skip
+    print("  + method extras:", ", ".join(extras))
     print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
-    print("backbones: ", ", ".join(backbone_names()))
-    print("peft types:", ", ".join(PEFT_TYPES))
+    print("backbones: ", ", ".join(BACKBONE_NAMES))
+    print("peft types:", ", ".join(PEFT_TYPE_NAMES))
     print("config keys (--set key=value):")
-    cfg = FedmmConfig()
-    helps = {  # a method's options carry their valid values and help beside the method
-        f"{name}.{f.name}": " ".join(
-            x
-            for x in (
-                f.metadata.get("interval", ""),
-                "|".join(f.metadata.get("choices", ())),
-                f.metadata.get("help", ""),
-            )
-            if x
-        )  # fmt: skip
-        for name, section in cfg.methods.items()
-        for f in dataclasses.fields(section)
-    }
-    for key, value in cfg.to_flat().items():
-        note = f"  # {helps[key]}" if helps.get(key) else ""
-        print(f"  {key} = {value!r}{note}")
+    declared = declared_fields()  # every option's range or choices, help and scope
+    for key, value in FedmmConfig().to_flat().items():
+        meta = declared[key].metadata
+        scope = meta.get("scope", EXPERIMENT)
+        note = " ".join(x for x in (
+            meta.get("interval", ""), "|".join(meta.get("choices", ())), meta.get("help", ""),
+            "" if scope == EXPERIMENT else f"[{scope}]",
+        ) if x)  # fmt: skip
+        print(f"  {key} = {value!r}" + (f"  # {note}" if note else ""))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedmm import results
     from fedmm.backbones.hf_loading import check_source
     from fedmm.engine import run_method
 
@@ -85,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               "per client as train.<client>.bf16)", flush=True)  # fmt: skip
     for method in methods:
         run_method(cfg.with_overrides({"method": method}), site)
-    data = results.load(out)
+    data = results.write_reports(out)
     keys = {RunKey.of_config(cfg.with_overrides({"method": m})) for m in methods}
     data["runs"] = [r for r in data["runs"] if results.run_key(r) in keys]
     print()
@@ -98,8 +96,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def print_notes(benchmark) -> None:
     """What the loader did to the data (read, normalised, dropped, unseen), before the run."""
-    from fedmm import results
-
     if benchmark is None:  # site directories: each site reports its own (results.json)
         return
     lines = results.loader_notes_lines(benchmark.notes)
@@ -121,8 +117,6 @@ EXIT_FAILED = 4
 def health_exit(runs: list[dict], allow_partial: bool) -> int:
     """0 when every run trained and evaluated (partial runs too, with ``allow_partial``); else
     say why on stderr and return ``EXIT_UNHEALTHY``."""
-    from fedmm import results
-
     problems = [p for r in runs if (p := results.unhealthy(r, allow_partial))]
     if not runs:
         problems = ["no run was recorded"]
@@ -136,7 +130,7 @@ def resumable(out: Path, engine: str, overrides: dict) -> list[FedmmConfig]:
     with its own options; ``overrides`` may change only locations and operational options."""
     from fedmm.federation import checkpoint
 
-    allowed = checkpoint.MAY_DIFFER | checkpoint.OPERATIONAL
+    allowed = MAY_DIFFER | OPERATIONAL
     refused = sorted(k for k in overrides if k.replace("-", "_") not in allowed)
     if refused:
         raise ConfigError(
@@ -162,7 +156,6 @@ def resumable(out: Path, engine: str, overrides: dict) -> list[FedmmConfig]:
 def cmd_resume(args: argparse.Namespace) -> int:
     """Continue every run checkpointed under ``--resume DIR`` with the options it was made with
     (``--set`` may change only locations and operational options, see checkpoint.py)."""
-    from fedmm import results
     from fedmm.engine import run_method
 
     out = Path(args.resume)
@@ -172,7 +165,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         print(f"fedmm: resuming {cfg.method} on {cfg.data.benchmark} (seed {cfg.seed}) in {out}/",
               flush=True)  # fmt: skip
         run_method(cfg, site)
-    data = results.load(out)
+    data = results.write_reports(out)
     print()
     print(results.summary_table(data))
     keys = {RunKey.of_config(c) for c in cfgs}
@@ -203,7 +196,6 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fedmm.bench import VARIANTS, cell_config, cell_key, parse_variant, run_bench
     from fedmm.data import load_benchmark
 
     extra = dict(parse_variant(text) for text in args.variant)
@@ -257,8 +249,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print((out / "report.md").read_text())
     print(f"bench: {out / 'bench.json'}  report: {out / 'report.md'}  plots: "
           f"{out / 'bench_curves.png'}, {out / 'bench_bytes.png'}")  # fmt: skip
-    from fedmm import results
-
     keys = {cell_key(m, cfg.peft.type, cfg.data.benchmark, s, extra) for cfg in cfgs
             for m in methods for s in seeds}  # fmt: skip
     runs = [r for r in results.load(out)["runs"] if results.run_key(r) in keys]

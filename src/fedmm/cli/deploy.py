@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedmm import results
 from fedmm.cli.commands import health_exit, resumable
 from fedmm.cli.options import check_data, resolve_config
 from fedmm.config import ConfigError, FedmmConfig, parse_set
@@ -15,7 +16,6 @@ from fedmm.config import ConfigError, FedmmConfig, parse_set
 def cmd_deploy_resume(args: argparse.Namespace) -> int:
     """``fedmm deploy --resume DIR``: every deployed run checkpointed under DIR, on the same
     deployment (its work directory: certificates, the SuperLink's database, each site's state)."""
-    from fedmm import results
     from fedmm.deploy import launch
 
     out, runs = Path(args.resume), []
@@ -24,7 +24,7 @@ def cmd_deploy_resume(args: argparse.Namespace) -> int:
         print(f"fedmm deploy: resuming {cfg.method} (seed {cfg.seed}) in {out}/ on the deployment "
               f"in {workdir}/", flush=True)  # fmt: skip
         runs.append(launch.deploy_and_run(cfg, workdir, timeout=args.timeout))
-    print(results.summary_table(results.load(out)))
+    print(results.summary_table(results.write_reports(out)))
     return health_exit(runs, getattr(args, "allow_partial", False))
 
 
@@ -70,7 +70,6 @@ def cmd_drill(cfg: FedmmConfig, workdir: Path, timeout: float) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     if args.resume:
         return cmd_deploy_resume(args)
-    from fedmm import results
     from fedmm.deploy import launch
 
     cfgs, methods = resolve_config(args)
@@ -97,7 +96,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.drill:
         return cmd_drill(cfg, workdir, args.timeout)
     run = launch.deploy_and_run(cfg, workdir, args.kill_node, args.kill_after_round, args.timeout)
-    print(results.summary_table(results.load(cfg.out_dir)))
+    print(results.summary_table(results.write_reports(cfg.out_dir)))
     return health_exit([run], getattr(args, "allow_partial", False))
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedmm.cli.parser import FLAG_KEYS
-from fedmm.config import SITES, ConfigError, FedmmConfig, load_toml, parse_set
+from fedmm.config import FLAG_KEYS, SITES, ConfigError, FedmmConfig, load_toml, parse_set
+from fedmm.spec import METHOD_SPECS
+from fedmm.validate import validate_config
 
 
 def resolve_config(
@@ -45,12 +46,10 @@ def resolve_config(
                 {"fed.clients": FIXED_CLIENTS[bench]}
             )  # part of its definition
         if variants is not None:
-            from fedmm.methods import METHODS
-
-            unknown = [m for m in methods if m not in METHODS and m not in variants]
+            unknown = [m for m in methods if m not in METHOD_SPECS and m not in variants]
             if unknown:
                 raise ConfigError(f"unknown method or variant {unknown[0]!r}; methods: "
-                                  f"{', '.join(METHODS)}; variants: {', '.join(variants)}")  # fmt: skip
+                                  f"{', '.join(METHOD_SPECS)}; variants: {', '.join(variants)}")  # fmt: skip
         plain = [m for m in methods if m not in (variants or {})]
         if plain or not methods:
             validate(cfg, plain)
@@ -70,8 +69,6 @@ def resolve_config(
 
 def validate(cfg: FedmmConfig, methods: list[str]) -> None:
     """Every option checked before anything starts (``fedmm.validate.validate_config``)."""
-    from fedmm.validate import validate_config
-
     validate_config(cfg, methods)
 
 

@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-FLAG_KEYS = {"benchmark": "data.benchmark", "peft": "peft.type", "rounds": "fed.rounds",
-             "clients": "fed.clients", "seed": "seed", "out": "out_dir"}  # fmt: skip
+from fedmm.config import FLAG_KEYS, declared_fields
 
 
-# ``fedmm run``'s options, in --help's order: (flags, add_argument keywords, dest); ``bench`` and
+def flag_options() -> tuple[tuple[tuple[str, ...], dict], ...]:
+    """The flags that set one option each (``FLAG_KEYS``: declared with ``flag=`` beside the
+    option, fedmm.spec), with the option's help, choices and default."""
+    declared = declared_fields()
+    out = []
+    for flag, key in FLAG_KEYS.items():
+        meta, default = declared[key].metadata, declared[key].default
+        choices = f": {', '.join(meta['choices'])}" if meta.get("choices") else ""
+        kwargs = {"help": f"{meta['help']}{choices} (default: {default})"}
+        if type(default) is int:
+            kwargs["type"] = int
+        out.append(((f"--{flag}",), kwargs))
+    return tuple(out)
+
+
+# ``fedmm run``'s options, in --help's order: (flags, add_argument keywords); ``bench`` and
 # ``deploy`` take the same ones less those they do not use
 RUN_OPTIONS: tuple[tuple[tuple[str, ...], dict], ...] = (
-    (("--benchmark",), dict(help="benchmark name (default: fmnist-domain)")),
     (("--method",), dict(default=None, help="method name(s), comma-separated (default: fedavg)")),
-    (("--peft",), dict(help="PEFT type: adapter, lora, prompt, bitfit (default: adapter)")),
-    (("--rounds",), dict(type=int, help="federated rounds (default: 5)")),
-    (("--clients",), dict(type=int, help="number of clients (default: 5)")),
-    (("--seed",), dict(type=int, help="run seed (default: 0)")),
-    (("--out",), dict(help="output directory (default: runs/latest)")),
+    *flag_options(),
     (("--config",), dict(help="TOML file with options (tables = sections)")),
     (("--set",), dict(action="append", default=[], metavar="KEY=VALUE",
                       help="override any option, e.g. --set train.lr=5e-4 (repeatable)")),

@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedmm import results
+from fedmm.config import SITE_KEYS, FedmmConfig
 from fedmm.deploy import certs
 from fedmm.deploy.site import descendants, exit_reason
 from fedmm.runkey import RunKey
@@ -416,8 +418,6 @@ def start(
 def run_config_of(cfg) -> dict:
     """The experiment and server options of ``cfg`` that differ from the defaults, for
     ``flwr run --run-config``: never a site's path, device or threads (``config.SITE_KEYS``)."""
-    from fedmm.config import SITE_KEYS, FedmmConfig
-
     default = FedmmConfig().to_flat()
     return {
         k: v for k, v in cfg.resolved().to_flat().items() if v != default[k] and k not in SITE_KEYS
@@ -425,8 +425,6 @@ def run_config_of(cfg) -> dict:
 
 
 def _rounds_done(out_dir: Path, cfg) -> int:
-    from fedmm import results
-
     try:
         runs = results.load(out_dir)["runs"]
     except ValueError:  # being replaced right now
@@ -466,8 +464,6 @@ def _watch(proc: subprocess.Popen, timeout: float, on_tick=None) -> None:
 
 
 def _finished_run(cfg, workdir: Path) -> dict:
-    from fedmm import results
-
     for run in results.load(cfg.out_dir)["runs"]:
         if RunKey.of_run(run) == RunKey.of_config(cfg):
             if len(run["history"]) != cfg.fed.rounds:

@@ -28,25 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmm.config import ConfigError, FedmmConfig, run_name
+# what may differ between the interrupted and the resuming process (where things are, how they
+# are shown) and what a resumed run may change (operational options): derived from the
+# options' declarations (fedmm.spec.option)
+from fedmm.config import MAY_DIFFER, OPERATIONAL, ConfigError, FedmmConfig, run_name
 from fedmm.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
-
-# Options that may differ between the interrupted and the resuming process: where things are and
-# how they are shown, not what is computed.
-MAY_DIFFER = {
-    "resume",
-    "progress",
-    "out_dir",
-    "cache_dir",
-    "device",
-    "data.data_dir",
-    "data.schema",
-}
-# Operational options a resumed run may change: how long to wait, how few replies suffice, how
-# evaluation is sampled -- not what a client computes.
-OPERATIONAL = {"fed.round_timeout", "fed.min_clients", "fed.eval_every", "fed.eval_fraction"}
 
 
 @dataclass

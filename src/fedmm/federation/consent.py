@@ -34,6 +34,8 @@ from typing import Any
 
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.federation.messages import RefusedMessage
+from fedmm.sections import PeftConfig
+from fedmm.spec import BACKBONE_NAMES, METHOD_SPECS, PEFT_TYPE_NAMES
 
 BUILTIN = "builtin"  # accept-models: fedmm's registered backbones with their own weights
 ANY_HUB_ID = "*"  # accept-models: any well-formed hub id
@@ -92,18 +94,14 @@ CAPS = {  # site setting field -> (what it bounds, for messages)
 def check_settings(settings: Any) -> None:
     """The consent settings of a ``SiteSettings`` are usable; ``ConfigError`` naming the setting
     otherwise (called by ``SiteSettings.__post_init__``)."""
-    from fedmm.backbones import backbone_names
-    from fedmm.methods import METHODS
-    from fedmm.peft import PEFT_TYPES
-
     for field_name in CAPS:
         value = getattr(settings, field_name)
         if value < 1:
             key = field_name.replace("_", "-")
             raise ConfigError(f"site setting {key} must be >= 1, got {value}")
     for key, value, valid in (
-        ("accept-methods", settings.accept_methods, list(METHODS)),
-        ("accept-peft", settings.accept_peft, list(PEFT_TYPES)),
+        ("accept-methods", settings.accept_methods, list(METHOD_SPECS)),
+        ("accept-peft", settings.accept_peft, list(PEFT_TYPE_NAMES)),
     ):
         unknown = [x for x in csv(value) if x not in valid]
         if unknown:
@@ -115,7 +113,7 @@ def check_settings(settings: Any) -> None:
             f'site setting accept-models is empty; give "{BUILTIN}" (fedmm\'s backbones), '
             f'backbone names, hub ids, or "{ANY_HUB_ID}" (any hub id)'
         )
-    names = set(backbone_names())
+    names = set(BACKBONE_NAMES)
     for entry in models:
         if entry not in (BUILTIN, ANY_HUB_ID) and entry not in names and not is_hub_id(entry):
             raise ConfigError(
@@ -203,7 +201,6 @@ def check_lora_targets(cfg: FedmmConfig) -> None:
     (``(.|.)*Z`` backtracks exponentially: hours per name), at most ``MAX_QUANTIFIERS``
     ``*`` / ``+`` / ``?`` each (polynomial in the name's length, a few million steps at most),
     200 characters and ``MAX_LORA_TARGETS`` entries."""
-    from fedmm.config import PeftConfig
 
     spec = cfg.peft.lora_targets
     if cfg.peft.type != "lora" or spec == PeftConfig().lora_targets:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmm.config import DPConfig
+from fedmm.sections import DPConfig
 
 
 def l2_norm(arrays: dict[str, np.ndarray]) -> float:

@@ -42,9 +42,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedmm.config import ConfigError, FedmmConfig, experiment_keys, experiment_of
+from fedmm.spec import COMPRESSIONS
 
 GLOBAL, CONFIG, UPDATE, METRICS, SITE = "global", "config", "update", "metrics", "site"
-COMPRESSIONS = ("none", "fp16", "int8")
+# fed.compression's choices, declared with the option (fedmm.spec)
 INT8_SUFFIX = "@int8"
 
 

@@ -79,10 +79,10 @@ from flwr.supercore.primitives.asymmetric import (
 
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.federation.messages import RefusedMessage
+from fedmm.spec import SECURE_AGGREGATIONS  # fed.secure_aggregation's choices
 
 log = logging.getLogger(__name__)
 
-SECURE_AGGREGATIONS = ("off", "secagg+")
 SETUP, SHARE_KEYS, COLLECT, UNMASK = "setup", "share-keys", "collect-masked-input", "unmask"
 STAGES = (SETUP, SHARE_KEYS, COLLECT, UNMASK)
 SECAGG = "secagg"  # the ConfigRecord of a stage message and of its reply

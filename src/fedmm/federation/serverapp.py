@@ -47,7 +47,7 @@ from collections.abc import Callable
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from fedmm import logs, results
+from fedmm import logs, results, tracking
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data.schema import Schema, read_schema
 from fedmm.federation import checkpoint, messages, secagg, validation
@@ -538,25 +538,30 @@ def run_federation(
     saved = checkpoint.load(cfg) if cfg.resume else None
     if saved is not None and saved.round >= cfg.fed.rounds:  # killed after its last checkpoint,
         results.save_run(cfg.out_dir, saved.record)  # maybe before results: write them
+        results.write_reports(cfg.out_dir)
         return saved.record
     fed = Federation(grid, cfg, engine, saved)
     timeout = cfg.fed.round_timeout or None
-    for rnd in range(fed.first, cfg.fed.rounds + 1):
-        t0 = time.perf_counter()
-        record = RoundRecord(rnd)
-        # 1. train: sampled clients run the method's local update on the global state
-        if fed.secure:  # SecAgg+: four message stages, the server learns only the sum
-            fed.secure_train(rnd, record, timeout)
-        else:
-            out = fed.configure_train(rnd, record)
-            fed.aggregate_train(rnd, out, grid.send_and_receive(out, timeout=timeout), record)
-        # 2. evaluate: the new global state (and each client's own models) on test data
-        out = fed.configure_evaluate(rnd, record)
-        replies = grid.send_and_receive(out, timeout=timeout) if out else []
-        fed.aggregate_evaluate(rnd, out, replies, record)
-        # 3. record: checkpoint, results.json, one log line
-        record.seconds = time.perf_counter() - t0
-        entry = fed.save_round(rnd, record)
-        if on_round:
-            on_round(entry)
+    with tracking.track(cfg, fed.record) as tracker:  # cfg.track: TensorBoard, MLflow or none
+        for rnd in range(fed.first, cfg.fed.rounds + 1):
+            t0 = time.perf_counter()
+            record = RoundRecord(rnd)
+            # 1. train: sampled clients run the method's local update on the global state
+            if fed.secure:  # SecAgg+: four message stages, the server learns only the sum
+                fed.secure_train(rnd, record, timeout)
+            else:
+                out = fed.configure_train(rnd, record)
+                fed.aggregate_train(rnd, out, grid.send_and_receive(out, timeout=timeout), record)
+            # 2. evaluate: the new global state (and each client's own models) on test data
+            out = fed.configure_evaluate(rnd, record)
+            replies = grid.send_and_receive(out, timeout=timeout) if out else []
+            fed.aggregate_evaluate(rnd, out, replies, record)
+            # 3. record: checkpoint, results.json, one log line
+            record.seconds = time.perf_counter() - t0
+            entry = fed.save_round(rnd, record)
+            tracker.log_round(entry)
+            if on_round:
+                on_round(entry)
+        results.write_reports(cfg.out_dir)  # summary.md and curves.png once, before the tracker
+        # takes them as artifacts
     return fed.record

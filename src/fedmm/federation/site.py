@@ -106,7 +106,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fedmm.config import ConfigError, DPConfig, FedmmConfig
+from fedmm.config import ConfigError, FedmmConfig
+from fedmm.sections import DPConfig
 
 FLOWER_KEYS = {"num-partitions"}  # set by Flower's simulation; fedmm does not need it
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from fedmm.config import DPConfig, FedmmConfig
+from fedmm.config import FedmmConfig
 from fedmm.federation import consent, dpsgd
 from fedmm.federation.messages import RefusedMessage
 from fedmm.federation.privacy import (
@@ -40,6 +40,7 @@ from fedmm.federation.privacy import (
     state_digest,
 )
 from fedmm.runtime import SITES
+from fedmm.sections import DPConfig
 
 DP_MODES = ("update", "record")  # the value of the reply's dp-mode is the index here
 WITHHELD = ("dp-norm", "dp-scale", "loss")  # and every stat.*: computed from the data, not noised

@@ -1,6 +1,7 @@
-"""The method registry: name -> class.  Each method is one module holding both protocol halves
-and its options; it registers itself with ``@register("name")`` when imported.  Adding a method
-is one line here (docs/adding-a-method.md)."""
+"""The method registry: name -> class.  Each method is one module holding both protocol halves;
+it registers itself with ``@register("name")`` when imported.  Its declarations (options, views)
+and its line in the registry are on the ground floor, ``fedmm.spec.METHOD_SPECS``
+(docs/adding-a-method.md); this package imports ``fedmm.methods.<name>`` for each."""
 
 from __future__ import annotations
 
@@ -10,22 +11,9 @@ from fedmm.config import ConfigError, FedmmConfig
 from fedmm.methods.aggregation import Reply
 from fedmm.methods.base import METHODS, ClientUpdate, Method, register
 from fedmm.methods.context import ClientContext
+from fedmm.spec import METHOD_SPECS
 
-MODULES = (
-    "local",
-    "centralized",
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "ditto",
-    "fedper",
-    "feddat",
-    "fedpia",
-    "tap",
-    "fedavgm",
-    "fedyogi",
-    "scaffold",
-)
+MODULES = tuple(METHOD_SPECS)  # one module per declared method, named as it
 for _module in MODULES:
     importlib.import_module(f"fedmm.methods.{_module}")
 

@@ -36,34 +36,19 @@ no update from stale moments).
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from fedmm.backbones import FusionVLModel, check_backbone_peft
-from fedmm.config import ConfigError, FedmmConfig, register_section
+from fedmm.config import ConfigError, FedmmConfig
 from fedmm.methods.aggregation import ClientInfo, Reply
 from fedmm.methods.context import ClientContext
 from fedmm.methods.precision import PRECISIONS
 from fedmm.methods.state import Arrays, State, load_parts, model_keys, num_params, part_shapes
 from fedmm.peft import PEFT_TYPES
-from fedmm.results.views import KINDS
-
-# ---------------------------------------------------------------------- views by kind
-SHARED, SHARED_HEAD, PERSONAL = KINDS
-VIEW_KINDS = {
-    SHARED: "every parameter the federation shares, with the shared head: the model a new client "
-    "would receive",
-    SHARED_HEAD: "the shared body (PEFT set, projection) with the client's own head: the head it "
-    "trained locally in its last round and kept",
-    PERSONAL: "the client's own full model (FedAvg's locally trained copy, Ditto's v_k, FedDAT's "
-    "DAT, FedPIA's local model, TAP's stage-1 model, local training's)",
-}
-"""The view kinds every method names the same way (docs/methods.md, "Views").  A method that has no
-such model has no such view -- its table cell is "—", never another model under the name.
-Method-specific extras: FedDAT ``client`` (A_c alone), TAP ``distilled`` (stage 2)."""
+from fedmm.spec import METHOD_SPECS, SHARED, MethodSpec
 
 
 # ---------------------------------------------------------------------- the interface
@@ -85,6 +70,8 @@ class Method(ABC):
     (``cfg.<name>``), defined in their module."""
 
     name: str = ""  # set by ``register``
+    # declared on the ground floor (``fedmm.spec.METHOD_SPECS[name]``) and set by ``register``:
+    spec: MethodSpec = MethodSpec()
     options: type | None = None  # the method's options dataclass (config section ``name``)
     # what ``evaluate`` scores: kinds of VIEW_KINDS first, then the method's extras (an instance
     # may narrow it by its options: FedDAT with a federated head has no ``shared+head``)
@@ -126,13 +113,13 @@ class Method(ABC):
     def aliases_for(cls, flat_config: Mapping[str, object]) -> Mapping[str, str]:
         """The ``view_aliases`` of this method run with ``flat_config`` (a results.json run's
         ``config``), for renaming the views of runs stored before fedmm 0.2."""
-        return cls.view_aliases
+        return cls.spec.aliases_for(flat_config)
 
     @classmethod
     def views_for(cls, flat_config: Mapping[str, object]) -> tuple[str, ...]:
         """The views this method scores when run with ``flat_config`` (reports mark a view the
         method has but an older run lacks)."""
-        return cls.views
+        return cls.spec.views_for(flat_config)
 
     @property
     def opts(self):
@@ -253,17 +240,28 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: method ``name`` (``--method name``), with its ``options`` dataclass as
-    config section ``name`` (``cfg.<name>``, ``--set <name>.<option>=...``)."""
+    """Class decorator: method ``name`` (``--method name``), implementing the declarations of
+    ``fedmm.spec.METHOD_SPECS[name]`` (its ``options`` dataclass is config section ``name``:
+    ``cfg.<name>``, ``--set <name>.<option>=...``; its views and old view names).
+
+    Raises ``ValueError`` for a name registered twice or not declared in ``METHOD_SPECS``, and
+    ``TypeError`` for a class that declares ``options`` or ``views`` itself (they are declared
+    once, on the ground floor)."""
 
     def decorate(cls: type[Method]) -> type[Method]:
         if name in METHODS and METHODS[name] is not cls:
             raise ValueError(f"method {name!r} is registered twice")
-        cls.name = name
-        if "options" in cls.__dict__ and cls.options is not None:
-            if not dataclasses.is_dataclass(cls.options):
-                raise TypeError(f"{cls.__qualname__}.options must be a dataclass")
-            register_section(name, cls.options)
+        if name not in METHOD_SPECS:
+            raise ValueError(f"method {name!r} is not declared in fedmm.spec.METHOD_SPECS")
+        own = sorted({"options", "views", "view_aliases"} & set(cls.__dict__))
+        if own:
+            raise TypeError(f"{cls.__qualname__} sets {', '.join(own)}: declare them in "
+                            f"fedmm.spec.METHOD_SPECS[{name!r}]")  # fmt: skip
+        spec = METHOD_SPECS[name]
+        cls.name, cls.spec = name, spec
+        cls.views, cls.view_aliases = spec.views, spec.view_aliases
+        if spec.options is not None:
+            cls.options = spec.options
         METHODS[name] = cls
         return cls
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from types import MappingProxyType
 
 from fedmm.methods.aggregation import Reply
-from fedmm.methods.base import SHARED, register
+from fedmm.methods.base import register
 from fedmm.methods.context import ClientContext
 from fedmm.methods.local import Local
 from fedmm.methods.state import Arrays, State
@@ -31,8 +30,6 @@ from fedmm.runtime import get_runtime
 class Centralized(Local):
     """``Local`` training of one model whose "client" holds everyone's data."""
 
-    views = (SHARED,)
-    view_aliases = MappingProxyType({"global": SHARED})
     adapter_sets = ("central_adapter",)
     federated = False
     secagg_refusal = "it pools every site's data in one process: there is no aggregation to secure"

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from fedmm.backbones import FusionVLModel
-from fedmm.config import ConfigError, FedmmConfig, TrainConfig
+from fedmm.config import ConfigError, FedmmConfig
 from fedmm.methods.losses import multilabel_scores, task_loss
 from fedmm.methods.precision import autocast_for, resolve_precision
 from fedmm.runtime import Encoded
+from fedmm.sections import TrainConfig
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:

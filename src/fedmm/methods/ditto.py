@@ -20,35 +20,22 @@ v_k's, trained on v_k's body, not on θ's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from fedmm.backbones import FusionVLModel
-from fedmm.config import option
-from fedmm.methods.base import PERSONAL, SHARED, ClientUpdate, register
+from fedmm.methods.base import ClientUpdate, register
 from fedmm.methods.context import ClientContext, model_groups, supervised_update
 from fedmm.methods.fedavg import PARTS, FedAvg
 from fedmm.methods.losses import proximal_term  # fmt: skip
 from fedmm.methods.state import State, from_namespace, get_parts, load_parts, namespaced
+from fedmm.spec import PERSONAL, SHARED
 
 PERSONAL_PARTS = ("adapter.personal_adapter", "proj", "head")
 RENAME_TO_PERSONAL = {"adapter.global_adapter": "adapter.personal_adapter"}
 
 
-@dataclass
-class DittoConfig:
-    """Ditto (Li et al. 2021): personal models pulled towards the global one."""
-
-    lam: float = option(
-        0.1, "[0, inf)", help="λ of the proximal pull ‖v_k − θ‖²; 0 = independent personal models"
-    )
-
-
 @register("ditto")
 class Ditto(FedAvg):
-    options = DittoConfig
-    views = (SHARED, PERSONAL)
     adapter_sets = ("global_adapter", "personal_adapter")
     dp_sgd_refusal = "it trains two models per round (the global and the personal v_k)"
 

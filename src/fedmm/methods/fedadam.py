@@ -17,31 +17,17 @@ this object across rounds (and in server checkpoints: ``server_state``).  Views 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from fedmm.config import option
 from fedmm.methods.aggregation import Reply, weighted_average
 from fedmm.methods.base import register
 from fedmm.methods.fedavg import FedAvg
 from fedmm.methods.state import Arrays
 
 
-@dataclass
-class FedAdamConfig:
-    """FedAdam (Reddi et al. 2021): Adam on the server over the averaged client update."""
-
-    server_lr: float = option(0.01, "(0, inf)", help="η, the server learning rate")
-    beta1: float = option(0.9, "[0, 1)", help="β₁, decay of the first moment")
-    beta2: float = option(0.99, "[0, 1)", help="β₂, decay of the second moment")
-    tau: float = option(1e-3, "(0, inf)", help="τ, adaptivity / stability constant")
-
-
 @register("fedadam")
 class FedAdam(FedAvg):
-    options = FedAdamConfig
-
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.m: Arrays = {}

@@ -7,7 +7,7 @@ Federated parameters θ = {adapter ``global_adapter``, visual projection, head}.
   the client (``personal``) for the personalised view.
 * Server: θ^{t+1} = Σ_k w_k θ_k with w_k ∝ n_k (``fed.weighting = "samples"``) or 1/K (``uniform``).
 
-Views (``methods.base.VIEW_KINDS``), on the client's test set: ``shared`` = θ^{t+1};
+Views (``fedmm.spec.VIEW_KINDS``), on the client's test set: ``shared`` = θ^{t+1};
 ``shared+head`` = θ^{t+1}'s body (adapter, projection) with the head of the client's last locally
 trained θ_k; ``personal`` = that θ_k (FedAvg + local finetuning).  A client that has not trained
 yet has no θ_k: it reports ``shared`` only (never θ^{t+1} under a personal name).
@@ -16,13 +16,12 @@ yet has no θ_k: it reports ``shared`` only (never θ^{t+1} under a personal nam
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from types import MappingProxyType
 
 import torch
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.aggregation import Reply, weighted_average  # fmt: skip
-from fedmm.methods.base import PERSONAL, SHARED, SHARED_HEAD, ClientUpdate, Method, register
+from fedmm.methods.base import ClientUpdate, Method, register
 from fedmm.methods.context import ClientContext, supervised_update
 from fedmm.methods.state import (
     Arrays,
@@ -35,14 +34,13 @@ from fedmm.methods.state import (
     select,
     to_numpy,
 )
+from fedmm.spec import PERSONAL, SHARED, SHARED_HEAD
 
 PARTS = ("adapter.global_adapter", "proj", "head")
 
 
 @register("fedavg")
 class FedAvg(Method):
-    views = (SHARED, SHARED_HEAD, PERSONAL)
-    view_aliases = MappingProxyType({"global": SHARED, "personalized": PERSONAL})
     adapter_sets = ("global_adapter",)
     dp_sgd_refusal = ""  # one plain loss over one model: record-level DP-SGD serves it
     # θ^{t+1} is the weighted mean of the uploads: secure aggregation (the sum) serves it, and

@@ -17,29 +17,17 @@ this object across rounds and in server checkpoints (``server_state``).  Views a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from fedmm.config import option
 from fedmm.methods.aggregation import Reply, weighted_average
 from fedmm.methods.base import register
 from fedmm.methods.fedavg import FedAvg
 from fedmm.methods.state import Arrays
 
 
-@dataclass
-class FedAvgMConfig:
-    """FedAvgM (Hsu et al. 2019): server momentum over the averaged client update."""
-
-    server_lr: float = option(1.0, "(0, inf)", help="η, the server learning rate")
-    momentum: float = option(0.9, "[0, 1)", help="β, the server momentum; 0 = FedAvg (η = 1)")
-
-
 @register("fedavgm")
 class FedAvgM(FedAvg):
-    options = FedAvgMConfig
-
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.velocity: Arrays = {}

@@ -38,7 +38,7 @@ Server: A^{t+1}_s = Σ_k w_k A_{s,k}, w_k ∝ n_k (``fed.weighting = "uniform"``
 reference's uniform mean).
 
 Views (``evaluate``, with the freshly aggregated A_s also used as Â_s; kinds as
-``methods.base.VIEW_KINDS``): ``shared+head`` = A_s with the client's own head (plain-adapter
+``fedmm.spec.VIEW_KINDS``): ``shared+head`` = A_s with the client's own head (plain-adapter
 inference cost), ``personal`` = the DAT, ``client`` = A_c alone.  With ``feddat.federate_head``
 the head is shared too: ``shared`` = A_s with the shared head replaces ``shared+head``.  Without
 it there is no shared head (the server never has a trained one), so no ``shared`` view: FedDAT's
@@ -54,35 +54,22 @@ batch; gradients reset to None; the bottleneck size is a real option; client sam
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from types import MappingProxyType
 
 import torch
 from torch import nn
 
 from fedmm.backbones import FusionVLModel
-from fedmm.config import ConfigError, option
+from fedmm.config import ConfigError
 from fedmm.methods.aggregation import Reply, weighted_average
-from fedmm.methods.base import PERSONAL, SHARED, SHARED_HEAD, ClientUpdate, Method, register
+from fedmm.methods.base import ClientUpdate, Method, register
 from fedmm.methods.context import ClientContext
 from fedmm.methods.losses import distill_kl, task_loss  # fmt: skip
 from fedmm.methods.state import Arrays, State, get_parts, load_parts, select, to_numpy
 from fedmm.peft import PEFT_TYPES, AdapterBank
+from fedmm.spec import PERSONAL, SHARED, FedDATConfig
 
 GLOBAL, FROZEN, CLIENT = "global_adapter", "frozen_global", "client_adapter"
 LAYOUTS = ("batched-prefix", "batched", "two-forward")
-
-
-@dataclass
-class FedDATConfig:
-    """FedDAT hyper-parameters (Chen et al. 2024); defaults are the reference's."""
-
-    temperature: float = option(3.0, "(0, inf)", help="T of the mutual distillation")
-    alpha: float = option(0.5, "[0, inf)", help="weight of the task loss in L_s (global adapter)")
-    beta: float = option(0.5, "[0, inf)", help="weight of the task loss in L_DAT (client adapter)")
-    dat_combine: str = option("average", choices=("average", "sum"),
-                              help="how A_c and frozen A_s combine in the DAT")  # fmt: skip
-    federate_head: bool = option(False, help="open choice: the reference keeps the head personal")
 
 
 def feddat_losses(
@@ -98,12 +85,6 @@ def feddat_losses(
         z_dat, z_s.detach(), t, multilabel
     )
     return loss_s, loss_dat
-
-
-def _federated_head(flat_config) -> bool:
-    """``feddat.federate_head`` of a flat config (a results.json run's; a string too)."""
-    value = flat_config.get("feddat.federate_head", False)
-    return value is True or str(value).strip().lower() in ("true", "1", "yes")
 
 
 def prefix_block(model: FusionVLModel) -> nn.Module | None:
@@ -178,14 +159,9 @@ def reference_step(
 
 @register("feddat")
 class FedDAT(Method):
-    options = FedDATConfig
-    views = (SHARED_HEAD, PERSONAL, "client")
     adapter_sets = (GLOBAL, FROZEN, CLIENT)
     dp_sgd_refusal = "its loss distils between two adapters (a sum of losses over several models)"
     secagg_refusal = ""  # A_s (with proj / head when federated) is the weighted mean: a sum
-    view_aliases = MappingProxyType(
-        {"global": SHARED_HEAD, "personalized": PERSONAL, "dat": PERSONAL}
-    )
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -198,18 +174,6 @@ class FedDAT(Method):
         if cfg.feddat.federate_head:  # A_s has the shared head: no client head of its own
             self.views = self.views_for({"feddat.federate_head": True})
             self.view_aliases = self.aliases_for({"feddat.federate_head": True})
-
-    @classmethod
-    def views_for(cls, flat_config) -> tuple[str, ...]:
-        if _federated_head(flat_config):
-            return (SHARED, PERSONAL, "client")
-        return cls.views
-
-    @classmethod
-    def aliases_for(cls, flat_config) -> MappingProxyType:
-        if _federated_head(flat_config):
-            return MappingProxyType({"global": SHARED, "personalized": PERSONAL, "dat": PERSONAL})
-        return cls.view_aliases
 
     def upload_parts(self) -> tuple[str, ...]:
         parts = (f"adapter.{GLOBAL}", "proj")

@@ -14,22 +14,18 @@ client that has not trained yet has no head: it scores nothing.
 
 from __future__ import annotations
 
-from types import MappingProxyType
-
 from fedmm.backbones import FusionVLModel
-from fedmm.methods.base import SHARED_HEAD, ClientUpdate, register
+from fedmm.methods.base import ClientUpdate, register
 from fedmm.methods.context import ClientContext, supervised_update  # fmt: skip
 from fedmm.methods.fedavg import FedAvg
 from fedmm.methods.state import Arrays, State, get_parts, to_numpy
+from fedmm.spec import SHARED_HEAD
 
 BODY = ("adapter.global_adapter", "proj")
 
 
 @register("fedper")
 class FedPer(FedAvg):
-    views = (SHARED_HEAD,)
-    view_aliases = MappingProxyType({"personalized": SHARED_HEAD})
-
     def upload_parts(self) -> tuple[str, ...]:
         return BODY
 

@@ -43,56 +43,21 @@ model's head; ``personal`` = the client's local model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedmm.config import ConfigError, option
+from fedmm.config import ConfigError
 from fedmm.methods.aggregation import Reply, weighted_average
 from fedmm.methods.base import register  # fmt: skip
 from fedmm.methods.context import ClientContext
 from fedmm.methods.fedavg import FedAvg
 from fedmm.methods.state import Arrays, State, to_numpy
 from fedmm.peft import PEFT_TYPES
+from fedmm.spec import FedPIAConfig
 
 ADAPTER = "adapter.global_adapter"
-ANCHORS = ("global", "fedavg", "largest")
-COSTS = ("sqeuclidean", "cosine")
-SOLVERS = ("exact", "emd", "sinkhorn", "identity")
-
-
-@dataclass
-class FedPIAConfig:
-    """FedPIA (Saha et al. 2025) -- a reconstruction: the paper has no public code."""
-
-    anchor: str = option(
-        "global",
-        choices=ANCHORS,
-        help="global (previous global adapter) | "
-        "fedavg (plain average) | largest (the largest client's upload)",
-    )
-    lam: float = option(
-        0.5, "[0, 1]", help="client integration: L <- lam * L + (1 - lam) * aligned global"
-    )
-    iterations: int = option(
-        1, "[1, inf)", help="server alignment passes; > 1 re-anchors on the merged result"
-    )
-    cost: str = option(
-        "sqeuclidean",
-        choices=COSTS,
-        help="unit matching cost: sqeuclidean | cosine (1 - cosine similarity)",
-    )
-    solver: str = option(
-        "exact",
-        choices=SOLVERS,
-        help="exact (scipy assignment) | emd (POT ot.emd) | sinkhorn (POT, soft plan) | "
-        "identity (no alignment: the ablation)",
-    )
-    reg: float = option(
-        0.05, "(0, inf)", help="Sinkhorn entropic regularisation, relative to the mean cost"
-    )
 
 
 NO_UNITS = {
@@ -186,7 +151,6 @@ def align(
 # ---------------------------------------------------------------------- the method
 @register("fedpia")
 class FedPIA(FedAvg):
-    options = FedPIAConfig
     dp_sgd_refusal = "it trains and keeps a local model beside the federated one (two models)"
     secagg_refusal = (
         "its server aligns (permutes) each site's adapters to an anchor before "

@@ -17,28 +17,17 @@ Views as FedAvg: ``shared``, ``shared+head`` and ``personal`` (the client's last
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from fedmm.config import option
 from fedmm.methods.base import register
 from fedmm.methods.context import ClientContext, model_groups
 from fedmm.methods.fedavg import FedAvg
 from fedmm.methods.losses import proximal_term
 
 
-@dataclass
-class FedProxConfig:
-    """FedProx (Li et al. 2020)."""
-
-    mu: float = option(0.01, "[0, inf)", help="proximal weight μ; 0 reduces FedProx to FedAvg")
-
-
 @register("fedprox")
 class FedProx(FedAvg):
-    options = FedProxConfig
-
     def regulariser(self, ctx: ClientContext) -> Callable[[], torch.Tensor] | None:
         """(μ/2)·‖θ − θ^t‖², with θ^t the global model just loaded."""
         params = [p for group in model_groups(ctx.model, "global_adapter") for p in group]

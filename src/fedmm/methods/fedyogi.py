@@ -17,24 +17,14 @@ checkpointed as FedAdam's.  Views as FedAvg.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from fedmm.methods.base import register
-from fedmm.methods.fedadam import FedAdam, FedAdamConfig
-
-
-@dataclass
-class FedYogiConfig(FedAdamConfig):
-    """FedYogi (Reddi et al. 2021): Yogi on the server over the averaged client update; the same
-    options as FedAdam's (η, β₁, β₂, τ), its own section ``fedyogi``."""
+from fedmm.methods.fedadam import FedAdam
 
 
 @register("fedyogi")
 class FedYogi(FedAdam):
-    options = FedYogiConfig
-
     def second_moment(self, v: np.ndarray | float, delta: np.ndarray) -> np.ndarray:
         """Yogi's ``v_t = v_{t−1} − (1 − β₂) Δ_t² sign(v_{t−1} − Δ_t²)``."""
         square = delta**2

@@ -9,19 +9,16 @@ Nothing is uploaded; the server state stays empty.  View: ``personal``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import MappingProxyType
 
 from fedmm.backbones import FusionVLModel
 from fedmm.methods.aggregation import Reply  # fmt: skip
-from fedmm.methods.base import PERSONAL, ClientUpdate, Method, register
+from fedmm.methods.base import ClientUpdate, Method, register
 from fedmm.methods.context import ClientContext, supervised_update
 from fedmm.methods.state import Arrays, State, get_parts
 
 
 @register("local")
 class Local(Method):
-    views = (PERSONAL,)
-    view_aliases = MappingProxyType({"personalized": PERSONAL})
     adapter_sets = ("local_adapter",)
     dp_sgd_refusal = ""  # one plain loss over one model: record-level DP-SGD serves it
     secagg_refusal = "it uploads nothing: there is no sum to protect (run it with it off)"

@@ -54,13 +54,12 @@ gradients), option I's the gradient at x.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedmm.backbones import FusionVLModel
-from fedmm.config import ConfigError, option
+from fedmm.config import ConfigError
 from fedmm.methods.aggregation import Reply, weighted_average
 from fedmm.methods.base import ClientUpdate, register
 from fedmm.methods.context import ClientContext, model_groups
@@ -75,34 +74,9 @@ from fedmm.methods.state import (
     part_module,
     part_shapes,
 )
+from fedmm.spec import ScaffoldConfig
 
 SERVER_C, CLIENT_C, DELTA_C = "c", "c_i", "dc"  # key prefixes: c/<key>, c_i/<key>, dc/<key>
-
-
-@dataclass
-class ScaffoldConfig:
-    """SCAFFOLD (Karimireddy et al. 2020): control variates against client drift."""
-
-    variant: str = option(
-        "II",
-        choices=("I", "II"),
-        help="control-variate update: I = "
-        "gradient at the server model, II = from the local steps (cheaper)",
-    )
-    optimizer: str = option(
-        "sgd",
-        choices=("sgd", "adamw"),
-        help="the local optimiser: sgd (the paper's) or adamw (needs variant I)",
-    )
-    local_lr: float = option(
-        0.5,
-        "(0, inf)",
-        help="η_l, the peak local learning rate of sgd "
-        "(on the run's schedule); adamw uses train.lr",
-    )
-    server_lr: float = option(
-        1.0, "(0, inf)", help="η_g, the server learning rate; 1 = FedAvg's average"
-    )
 
 
 def prefixed(state: dict, prefix: str) -> dict:
@@ -112,7 +86,6 @@ def prefixed(state: dict, prefix: str) -> dict:
 
 @register("scaffold")
 class Scaffold(FedAvg):
-    options = ScaffoldConfig
     dp_sgd_refusal = ("its control variates (variant I: an exact gradient over the site's data) "
                       "leave the site outside the per-example clipping")  # fmt: skip
     # secure aggregation serves it: x needs the weighted mean of y_i, c the plain sum of Δc_i

@@ -46,7 +46,7 @@ locally for ``tap.teacher_steps`` steps, is the teacher; the personalised model 
                                                               Bernoulli KL per label for
                                                               multi-label tasks)
 
-on logits.  Views (kinds as ``methods.base.VIEW_KINDS``): ``shared`` (θ[K_k], with the head its
+on logits.  Views (kinds as ``fedmm.spec.VIEW_KINDS``): ``shared`` (θ[K_k], with the head its
 task's clients share), ``personal`` (the personalised model: stage 1 alone -- TAP without stage 2)
 and, in the last round, ``distilled`` (stage 1 + stage 2).  No ``shared+head``: the client's own
 head is the personalised model's, trained on its modules.  A client that has not trained yet has
@@ -71,17 +71,16 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
-from types import MappingProxyType
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from fedmm.backbones import VLModel
-from fedmm.config import ConfigError, option
+from fedmm.config import ConfigError
 from fedmm.data import MODALITIES
 from fedmm.methods.aggregation import ClientInfo, Reply
-from fedmm.methods.base import PERSONAL, SHARED, ClientUpdate, Method, register
+from fedmm.methods.base import ClientUpdate, Method, register
 from fedmm.methods.context import ClientContext
 from fedmm.methods.losses import distill_kl, task_loss  # fmt: skip
 from fedmm.methods.state import (
@@ -95,6 +94,7 @@ from fedmm.methods.state import (
 )
 from fedmm.peft import PEFT_TYPES
 from fedmm.runtime import Encoded
+from fedmm.spec import PERSONAL, SHARED
 
 
 def slug(task: str) -> str:
@@ -135,40 +135,8 @@ def loaded(model: VLModel, state: State) -> Iterator[None]:
         load_parts(model, saved, partial=True)
 
 
-@dataclass
-class TAPConfig:
-    """TAP (Lee et al. 2025): modality-task-pair modules, adaptive replacement, distillation."""
-
-    val_frac: float = option(
-        0.15, "(0, 1)", help="held-out share of each client's training data for replacement"
-    )
-    margin: float = option(
-        0.01, "[0, inf)", help="replace when global score > personal score * (1 + margin)"
-    )
-    replacement: bool = option(
-        True, help="adaptive replacement; false: the ablation that never replaces"
-    )
-    combine: str = option(
-        "sum", choices=("sum", "average"), help="how a client's modality/task modules combine"
-    )
-    teacher_steps: int = option(
-        15, "[0, inf)", help="stage 2: local finetuning steps of the global model (teacher)"
-    )
-    distill_steps: int = option(
-        15, "[0, inf)", help="stage 2: distillation steps into the personalised model"
-    )
-    distill_lr: float = option(
-        2e-4, "(0, inf)", help="stage 2 learning rate (cosine over its own steps)"
-    )
-    temperature: float = option(2.0, "(0, inf)", help="T of the stage-2 distillation")
-    lam: float = option(1.0, "[0, inf)", help="λ: task loss + λ·T²·KL(teacher ‖ student)")
-
-
 @register("tap")
 class TAP(Method):
-    options = TAPConfig
-    views = (SHARED, PERSONAL, "distilled")
-    view_aliases = MappingProxyType({"global": SHARED, "personalized": PERSONAL})
     per_client_messages = True  # each client is sent (and returns) only its own modules
     dp_sgd_refusal = ("it trains two stages and scores a validation split it reports (two "
                       "models, data-dependent selection)")  # fmt: skip

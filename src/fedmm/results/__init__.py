@@ -37,7 +37,7 @@ by (method, variant, peft, benchmark, seed); writing it again replaces it, so a 
 a comparison across several ``fedmm run`` calls.  ``variant``: the name of a configuration of the
 method (``variant`` option; ``fedmm bench``'s ablations), "" for its defaults.
 
-Views are named by kind (``methods.base.VIEW_KINDS``: ``shared``, ``shared+head``, ``personal``,
+Views are named by kind (``fedmm.spec.VIEW_KINDS``: ``shared``, ``shared+head``, ``personal``,
 plus a method's extras).  Before fedmm 0.2 they were ``global`` / ``personalized`` / ``dat``,
 whose meaning differed between methods (FedDAT's ``global`` had the client's own head): ``load``
 renames the views of such an old run by its method's ``view_aliases``, and ``final`` keeps the old
@@ -55,7 +55,7 @@ from __future__ import annotations
 from fedmm.results.curves import write_curves
 from fedmm.results.health import health, health_line, missing_line, sites_scored, unhealthy
 from fedmm.results.record import RoundRecord, add_round, attach_notes, new_run
-from fedmm.results.store import load, save_run
+from fedmm.results.store import load, save_run, write_reports
 from fedmm.results.tables import (
     NOTE_LABELS,
     engine_overhead,
@@ -66,8 +66,6 @@ from fedmm.results.tables import (
     write_summary,
 )
 from fedmm.results.views import (
-    KINDS,
-    VIEW_ORDER,
     declared_views,
     label,
     mean_views,
@@ -84,10 +82,8 @@ from fedmm.results.views import (
 
 __all__ = [
     "report_views",
-    "KINDS",
     "NOTE_LABELS",
     "RoundRecord",
-    "VIEW_ORDER",
     "add_round",
     "attach_notes",
     "declared_views",
@@ -115,5 +111,6 @@ __all__ = [
     "with_aliases",
     "withheld_scores",
     "write_curves",
+    "write_reports",
     "write_summary",
 ]

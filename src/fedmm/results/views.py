@@ -8,12 +8,9 @@ import math
 from collections.abc import Iterable
 
 from fedmm.runkey import RunKey
+from fedmm.spec import METHOD_SPECS, VIEW_ORDER
 
 log = logging.getLogger(__name__)
-
-
-KINDS = ("shared", "shared+head", "personal")  # the view kinds (methods.base.VIEW_KINDS)
-VIEW_ORDER = (*KINDS, "client", "distilled")
 
 
 def with_aliases(means: dict[str, float], aliases: dict[str, str]) -> dict[str, float]:
@@ -36,16 +33,14 @@ def upgrade(run: dict) -> dict:
     warning says so)."""
     if "view_aliases" in run:
         return run
-    from fedmm.methods import METHODS
-
-    cls = METHODS.get(run["method"])
-    if cls is None:
+    spec = METHOD_SPECS.get(run["method"])
+    if spec is None:
         aliases = {"personalized": "personal", "dat": "personal"}
         if "global" in run.get("views", ()):
             log.warning("results: method %r is unknown to this fedmm; its view 'global' keeps "
                         "its old name (shared or shared+head cannot be told)", run["method"])  # fmt: skip
     else:
-        aliases = dict(cls.aliases_for(run.get("config", {})))
+        aliases = dict(spec.aliases_for(run.get("config", {})))
 
     def rename(metrics: dict) -> dict:
         out = {}
@@ -69,10 +64,8 @@ def upgrade(run: dict) -> dict:
 def declared_views(run: dict) -> tuple[str, ...]:
     """The views the run's method scores today with the run's options (a report marks ``n/m``
     where an older run did not measure one of them)."""
-    from fedmm.methods import METHODS
-
-    cls = METHODS.get(run["method"])
-    return cls.views_for(run.get("config", {})) if cls else tuple(run.get("views", ()))
+    spec = METHOD_SPECS.get(run["method"])
+    return spec.views_for(run.get("config", {})) if spec else tuple(run.get("views", ()))
 
 
 def missing_cell(run: dict, view: str) -> str:
