@@ -105,8 +105,14 @@ def test_deployment_with_tls_and_auth_matches_simulation_and_survives_a_killed_n
     assert "2-blurred" not in last["train"] and len(last["train"]) >= 2
     assert last["failures"] == last["sampled"] - len(last["train"])
     assert {"0-original", "1-inverted"} <= set(last["clients"])
+    # the warm worker (deploy/supernode_process.py): a site that served every round built its
+    # model once for the run's 6+ messages, in one long-lived ClientApp process
+    for k in (0, 1):
+        site_log = (tmp_path / "deployment" / f"supernode-{k}.log").read_text()
+        assert site_log.count("warm worker for run") == 1, site_log[-3000:]
+        assert site_log.count("fedmm.runtime: built model") == 1, site_log[-3000:]
+        assert site_log.count("-> trusted ClientApp, warm worker") >= 6
     # the TLS + auth material the deployment used
     certs = tmp_path / "deployment" / "certs"
     assert (certs / "ca.crt").is_file() and (certs / "supernode-2.pub").is_file()
     assert (certs / "supernode-0").stat().st_mode & 0o077 == 0  # private keys are 0600
-

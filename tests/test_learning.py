@@ -133,6 +133,21 @@ def test_method_learns_beyond_chance_in_every_view(bar_task, tmp_path, method):
     assert_learned(method, final_accuracies(learning_cfg(bar_task, tmp_path, method)))
 
 
+@pytest.mark.parametrize("method", ["fedavg", "feddat"])
+def test_bf16_and_the_fast_fp32_path_learn_beyond_chance(bar_task, tmp_path, method):
+    """``train.precision=bf16`` (frozen backbone stored in bf16, fp32 PEFT master weights,
+    autocast; runs on any CPU, natively where it has AMX / AVX512-BF16) and the fast fp32 path
+    (``model.backbone_dropout=0``) learn the same task to the same bar."""
+    for extra in ({"train.precision": "bf16"}, {"model.backbone_dropout": 0.0}):
+        cfg = learning_cfg(bar_task, tmp_path, method).with_overrides(extra)
+        model = get_runtime(cfg).model
+        bf16 = extra.get("train.precision") == "bf16"
+        assert model.text.encoder.layer[0].intermediate.dense.weight.dtype == (
+            torch.bfloat16 if bf16 else torch.float32
+        )
+        assert_learned(f"{method} {extra}", final_accuracies(cfg))
+
+
 # ---------------------------------------------------------------------- sabotage: the check fails
 def test_check_fails_when_the_server_keeps_the_old_global_state(bar_task, tmp_path, monkeypatch):
     """A FedAvg server that ignores its clients (aggregation returns θ^t): the shared view stays

@@ -253,20 +253,30 @@ def test_a_set_starts_the_same_whatever_other_sets_the_model_holds(tiny_cfg):
 
 
 def test_auto_precision_is_bf16_only_where_the_device_has_native_bf16(tiny_cfg, monkeypatch):
-    """``train.precision=auto``: bf16 on a CPU with AMX or AVX512-BF16, fp32 on one without
-    (emulated bf16 is slower there), recorded in the round's train stats (``bf16``)."""
+    """``train.precision=auto``: bf16 on a CPU whose /proc/cpuinfo flags have amx_bf16 or
+    avx512_bf16, fp32 on one without (emulated bf16 is slower there), recorded in the round's
+    train stats (``bf16``); the flag reader is mocked, so this holds on any machine."""
+    from fedmm import precision
     from fedmm.methods.precision import resolve_precision
 
     cpu = torch.device("cpu")
-    for amx, avx in ((False, False), (True, False), (False, True)):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v,
-                            raising=False)  # fmt: skip
-        assert resolve_precision("auto", cpu) == ("bf16" if amx or avx else "fp32")
+    for flags in ({"avx512f", "fma"}, {"avx512f", "amx_bf16", "amx_tile"}, {"avx512_bf16"}):
+        monkeypatch.setattr(precision, "cpu_flags", lambda f=flags: frozenset(f))
+        native = bool(flags & {"amx_bf16", "avx512_bf16"})
+        assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
         assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
         cfg = tiny_cfg.with_overrides({"method": "fedavg", "train.precision": "auto"})
         ctx = client_ctx(cfg, {}, 1)
         bound_method(cfg).client_train(ctx, to_torch(bound_method(cfg).init_global(ctx.model)))
-        assert ctx.stats["bf16"] == float(amx or avx)
+        assert ctx.stats["bf16"] == float(native)
+        # a bf16 run's frozen backbone is stored in bf16, its trainable sets stay fp32
+        weight = ctx.model.text.encoder.layer[0].intermediate.dense.weight
+        assert weight.dtype == (torch.bfloat16 if native else torch.float32)
+        assert all(p.dtype == torch.float32 for p in ctx.model.peft.parameters_of("global_adapter"))
+    monkeypatch.setattr(precision, "cpu_flags", lambda: None)  # no /proc/cpuinfo: torch's probes
+    for amx in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+        assert resolve_precision("auto", cpu) == ("bf16" if amx else "fp32")
     with pytest.raises(Exception, match="train.precision"):
         resolve_precision("fp16", cpu)

@@ -37,6 +37,8 @@ def test_real_weights_load_and_fuse(real_cfg):
     assert model.vision[0][0].weight.abs().mean() > 0.05
     train = rt.client_split(0, "train")
     assert train.feats.shape == (16, 9, 1280)  # 96 px -> 3x3 grid of 1280-d MobileNetV2 features
+    assert train.feats.dtype == torch.float32  # converted once when loaded, not per batch
+    assert model.text.config._attn_implementation == "sdpa"  # fused attention
     model.peft.ensure_sets(["a"])
     model.eval()
     batch = train.batch(torch.arange(4), torch.device("cpu"))
@@ -44,6 +46,24 @@ def test_real_weights_load_and_fuse(real_cfg):
     with model.active("a"):
         assert torch.equal(model(*batch[:3]), base)  # zero-initialised adapters: identity
     assert base.shape == (4, len(rt.benchmark.answers))
+
+
+def test_backbone_dropout_sets_every_frozen_dropout_and_leaves_the_heads(real_cfg):
+    """``model.backbone_dropout``: -1 keeps MiniLM's own 0.1; 0 turns off every dropout of the
+    frozen transformer (hidden and attention: BERT's attention reads its rate from its module),
+    so a train-mode forward is deterministic; the head keeps ``model.dropout``."""
+    from fedmm.runtime import get_runtime
+
+    own = get_runtime(real_cfg).model
+    assert {m.p for m in own.text.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    model = get_runtime(real_cfg.with_overrides({"model.backbone_dropout": 0.0})).model
+    assert {m.p for m in model.text.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+    assert model.head[3].p == real_cfg.model.dropout
+    model.head[3].p = 0.0  # only the backbone is under test here
+    model.train()
+    rt = get_runtime(real_cfg.with_overrides({"model.backbone_dropout": 0.0}))
+    batch = rt.client_split(0, "train").batch(torch.arange(4), torch.device("cpu"))
+    assert torch.equal(model(*batch[:3]), model(*batch[:3]))
 
 
 def test_real_backbone_feddat_round_moves_only_trainable_parts(real_cfg):

@@ -82,7 +82,7 @@ class FedmmConfig:
         choices=("", "tensorboard", "mlflow"),
         scope=DISPLAY,
         affects_results=False,
-        help='log every round to TensorBoard (<out>/tensorboard/) or MLflow (<out>/mlflow.db, '
+        help="log every round to TensorBoard (<out>/tensorboard/) or MLflow (<out>/mlflow.db, "
         'or MLFLOW_TRACKING_URI); "" = no tracking',
         flag="track",
     )

@@ -34,6 +34,7 @@ from fedmm.data import Benchmark, RawSplit, load_benchmark
 from fedmm.data import sites as site_data
 from fedmm.data.schema import SCHEMA_FILE, Schema, read_schema, schema_of
 from fedmm.files import atomic_torch_save
+from fedmm.precision import stores_bf16
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 class Encoded:
     """Model inputs of one split: frozen visual features, token ids, labels (all on CPU)."""
 
-    feats: torch.Tensor  # (N, T_img, C) float16
+    feats: torch.Tensor  # (N, T_img, C) float32, bfloat16 (bf16 runs) or float16 (too large)
     input_ids: torch.Tensor  # (N, L)
     attention_mask: torch.Tensor  # (N, L)
     labels: torch.Tensor  # (N,) long, or (N, K) float 0/1 for a multi-label task
@@ -80,8 +81,9 @@ class Encoded:
         if self.image_present is not None:
             present = self.image_present[idx].to(mask.dtype)
             mask = torch.cat([mask, present[:, None].expand(-1, self.feats.shape[1])], 1)
+        feats = self.feats[idx].to(device)
         return (
-            self.feats[idx].to(device, torch.float32),
+            feats.float() if feats.dtype == torch.float16 else feats,  # fp32 / bf16 as stored
             self.input_ids[idx, :width].to(device),
             mask.to(device),
             labels.to(device),
@@ -140,6 +142,15 @@ class Runtime:
         self.model: FusionVLModel = build_model(
             cfg.model, cfg.adapter, self.benchmark.head_sizes(), cfg.peft
         ).to(self.device)
+        # train.precision = bf16 (or auto on a CPU/GPU with native bf16): the frozen text
+        # transformer's matmul weights stored in bf16 once, not cast at every forward
+        self.bf16 = stores_bf16(cfg.train.precision, self.device)
+        if self.bf16 and isinstance(self.model, FusionVLModel):
+            n = self.model.store_frozen_in(torch.bfloat16)
+            log.info("train.precision=%s: %d frozen backbone weights stored in bf16",
+                     cfg.train.precision, n)  # fmt: skip
+        log.info("built model %s (precision %s) for data %s",
+                 cfg.model.backbone, "bf16" if self.bf16 else "fp32", cfg.data.benchmark)  # fmt: skip
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         self._encoded: dict[str, Encoded] = {}
 
@@ -193,10 +204,11 @@ class Runtime:
         )
         present = None
         if raw.images is None:  # no image modality: a zero placeholder that the mask hides
-            feats = torch.zeros(len(raw), *self.model.visual_token_shape(), dtype=torch.float16)
+            feats = torch.zeros(len(raw), *self.model.visual_token_shape(),
+                                dtype=self.memory_features(torch.zeros(0)).dtype)  # fmt: skip
             present = torch.zeros(len(raw), dtype=torch.bool)
         else:
-            feats = self._visual_features(name, raw)
+            feats = self.memory_features(self._visual_features(name, raw))
         enc = Encoded(feats, ids, mask, labels, groups, present, task, kind)
         self._encoded[name] = enc
         return enc
@@ -222,6 +234,18 @@ class Runtime:
             max_target_tokens=self.cfg.train.max_target_tokens, name=name, task=task,
             present=present,
         )  # fmt: skip
+
+    def memory_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """Cached features (float16 on disk) in the dtype a step consumes, converted once here
+        rather than per batch: bf16 in a bf16 run (autocast would cast them to bf16 anyway, so
+        this changes no value), else float32 while the split's float32 copy is at most
+        ``FP32_FEATURES_MAX_BYTES`` (twice float16's memory: 46 KB per record of the default
+        3x3 grid of 1280 channels), float16 beyond that (``Encoded.batch`` converts per batch)."""
+        if self.bf16:
+            return feats.to(torch.bfloat16)
+        if feats.numel() * 4 <= FP32_FEATURES_MAX_BYTES:
+            return feats.float()
+        return feats
 
     def _visual_features(self, name: str, raw: RawSplit) -> torch.Tensor:
         """Frozen visual features of ``raw``'s images, cached on disk under a content key: the
@@ -252,6 +276,7 @@ class Runtime:
 
 
 _RUNTIMES: dict[str, Runtime] = {}
+FP32_FEATURES_MAX_BYTES = 1 << 30  # per split: above this cached features stay float16 in memory
 
 
 def get_runtime(cfg: FedmmConfig) -> Runtime:
@@ -266,6 +291,7 @@ def get_runtime(cfg: FedmmConfig) -> Runtime:
                 cfg.fed.clients,
                 cfg.device,
                 cfg.cache_dir,
+                stores_bf16(cfg.train.precision, resolve_device(cfg.device)),  # weights' dtype
             ),
         )
     )

@@ -40,6 +40,13 @@ class ModelConfig:
     max_text_len: int = option(24, "[3, inf)", help="text tokens, [CLS] and [SEP] included")
     head_hidden: int = option(256, "[1, inf)", help="hidden width of the task head MLP")
     dropout: float = option(0.1, "[0, 1)", help="dropout in the head")
+    backbone_dropout: float = option(
+        -1.0,
+        "[-1, 1)",
+        help="dropout inside the frozen backbone's transformer while training (hidden and "
+        "attention): -1 = the backbone's own rates (MiniLM: 0.1), 0 = off (faster; accuracy "
+        "effect not yet measured); docs/performance.md",
+    )
     # Hugging Face families (vilt | clip | siglip | blip, see docs/backbones.md): where to load from
     hf_path: str = option(
         "", help='hub name, local dir or "tiny-random"; "" = the family\'s default'
@@ -108,12 +115,17 @@ class TrainConfig:
         scope=SITE,
         help="torch intra-op threads in each client process; 0 = all cores",
     )
-    # fp32 | bf16 (torch.autocast) | auto (bf16 where the device has native bf16 -- CUDA, or a CPU
-    # with AMX / AVX512-BF16 -- else fp32; each site resolves it, results record it per client)
+    # fp32 | bf16 | auto (bf16 where the device has native bf16 -- CUDA, or a CPU with AMX /
+    # AVX512-BF16 -- else fp32; each site resolves it, results record it per client).  bf16: the
+    # frozen backbone's matmul weights stored once in bf16, autocast, the trainable PEFT sets,
+    # projection and head kept in fp32 (docs/performance.md).  Default fp32 until the parity
+    # runs (fp32 vs bf16, 3 seeds, two benchmarks) are done on an idle machine.
     precision: str = option(
         "fp32",
         choices=PRECISIONS,
-        help="fp32 | bf16 (autocast) | auto (bf16 where the device has native bf16)",
+        help="fp32 | bf16 (frozen backbone stored in bf16, autocast, fp32 trainable sets) | auto "
+        "(bf16 where the CPU has amx_bf16/avx512_bf16 or the GPU bf16); default fp32 until "
+        "parity runs are done (docs/performance.md)",
     )
     accumulation: int = option(
         1, "[1, inf)", help="micro-batches per optimiser step: effective batch = batch_size x this"

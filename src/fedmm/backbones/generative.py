@@ -358,6 +358,16 @@ class GenerativeVLModel(VLModel):
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vision, self.lm]
 
+    def set_backbone_dropout(self, p: float) -> None:
+        """The frozen LM always runs in eval mode here (``frozen_modules``): it has no dropout
+        to set, so ``model.backbone_dropout`` other than -1 is refused (``ConfigError``) rather
+        than ignored."""
+        if p != -1:
+            raise ConfigError(
+                f"model.backbone_dropout={p} has no effect on the generative backbone "
+                f"{self.backbone_name!r}: its frozen LM runs in eval mode (no dropout); leave it -1"
+            )
+
     @property
     def image_tokens(self) -> int:
         return self.visual_token_shape()[0]

@@ -135,6 +135,9 @@ class HFVLModel(VLModel):
     def frozen_modules(self) -> list[nn.Module]:
         return []  # the families' towers have no batch norm; their dropout is 0 by default
 
+    def backbone_tower(self) -> nn.Module:
+        return self.hf
+
     @torch.no_grad()
     def encode_images(self, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
         """uint8 ``(N, H, W)`` or ``(N, H, W, 3)`` -> normalised patches ``(N, P, 3·p·p)``."""

@@ -85,6 +85,7 @@ class Deployment:
     superlink: subprocess.Popen | None = None
     supernodes: dict[int, subprocess.Popen] = field(default_factory=dict)
     paths: dict = field(default_factory=dict)
+    warm_worker: bool = True  # site.toml warm-worker: one ClientApp process per run, not per task
 
     # ------------------------------------------------------------------ start
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -238,7 +239,8 @@ class Deployment:
             f'superlink = "127.0.0.1:{self.port}"\n'
             f'root-certificates = {_toml(str(self.paths["ca_cert"]))}\n'
             f'auth-key = {_toml(str(self.paths["supernode_keys"][k][0]))}\n'
-            f'flwr-home = {_toml(str(node_home / "flwr-home"))}\nport = {free_port()}\n\n'
+            f'flwr-home = {_toml(str(node_home / "flwr-home"))}\nport = {free_port()}\n'
+            f"warm-worker = {'true' if self.warm_worker else 'false'}\n\n"
             "[settings]\n" + "".join(f"{key} = {_toml(v)}\n" for key, v in self.node_configs[k].items())
         )  # fmt: skip
         self.supernodes[k] = self._spawn(
@@ -364,10 +366,12 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float 
         proc.wait(timeout=grace)
 
 
-def start(workdir: str | Path, node_configs: list[dict], timeout: float = 120.0) -> Deployment:
+def start(
+    workdir: str | Path, node_configs: list[dict], timeout: float = 120.0, warm_worker: bool = True
+) -> Deployment:
     """Certificates + keys (made once under ``workdir/certs``), a TLS SuperLink with SuperNode
     authentication, every key registered, one SuperNode per entry of ``node_configs`` (its site
-    settings, ``--node-config`` keys) online."""
+    settings, ``--node-config`` keys) online; ``warm_worker``: the sites' ``warm-worker``."""
     num_supernodes = len(node_configs)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -396,7 +400,8 @@ def start(workdir: str | Path, node_configs: list[dict], timeout: float = 120.0)
     # the apps must import the fedmm this process runs (a checkout, not some installed copy)
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    dep = Deployment(workdir, port, num_supernodes, env, list(node_configs), paths=paths)
+    dep = Deployment(workdir, port, num_supernodes, env, list(node_configs), paths=paths,
+                     warm_worker=warm_worker)  # fmt: skip
     try:
         dep.start_superlink(timeout)
         for k in range(num_supernodes):
@@ -472,7 +477,7 @@ def _finished_run(cfg, workdir: Path) -> dict:
 
 def deploy_and_run(
     cfg, workdir: str | Path, kill_node: int | None = None, kill_after_round: int = 1,
-    timeout: float = 900.0, app: Path | None = None,
+    timeout: float = 900.0, app: Path | None = None, warm_worker: bool = True,
 ) -> dict:  # fmt: skip
     """Start a deployment, one SuperNode per site, run ``cfg`` with ``flwr run``, stop.
 
@@ -484,14 +489,15 @@ def deploy_and_run(
     run continues from its checkpoint.
 
     ``kill_node=K`` SIGKILLs SuperNode K as soon as round ``kill_after_round`` is in results.json
-    (i.e. while the next round's messages are out): a site crashing mid-run.  Returns the run
+    (i.e. while the next round's messages are out): a site crashing mid-run.  ``warm_worker``:
+    the sites' ``warm-worker`` setting (False: a ClientApp process per message).  Returns the run
     record from ``<out_dir>/results.json``.
     """
     from fedmm.engine import prepare
 
     cfg = prepare(cfg)
     workdir = Path(workdir)
-    dep = start(workdir, site_nodes(cfg))
+    dep = start(workdir, site_nodes(cfg), warm_worker=warm_worker)
     if cfg.resume:  # the run that died is still "running" in the SuperLink's database
         try:
             dep.stop_dead_runs(emit=lambda m: log.warning("%s", m))

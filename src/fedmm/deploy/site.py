@@ -9,6 +9,8 @@ A site operator writes one TOML file::
     # flwr-home = "/var/lib/fedmm/flwr"           # the SuperNode's FLWR_HOME (optional)
     # port = 9094                                 # the SuperNode's Runtime API port, on 127.0.0.1
     # trusted-apps = ["<app hash>"]               # only these fedmm apps (`fedmm app-hash DIR`)
+    # warm-worker = true                          # keep one ClientApp process per run (false:
+    #                                             # a fresh process per message, 8.5 s each)
 
     [settings]                                    # the site settings (federation/site.py)
     data-dir = "/srv/fedmm/site"
@@ -80,7 +82,7 @@ RETRY_EVERY = 3.0  # once the window is over: short retries
 ALIVE_EVERY = 2.0  # how often the marker's "last seen alive" is refreshed
 MARKER = ".fedmm-supernode-was-online"
 KEYS = {"superlink", "root-certificates", "insecure", "auth-key", "flwr-home", "port", "settings",
-        "trusted-apps"}  # fmt: skip
+        "trusted-apps", "warm-worker"}  # fmt: skip
 
 
 @dataclass
@@ -95,6 +97,8 @@ class SiteConfig:
     port: int = 0
     settings: dict = field(default_factory=dict)
     trusted_apps: tuple[str, ...] = ()  # app hashes (deploy/trust.py); empty: any fedmm app
+    # one long-lived ClientApp process per run (deploy/supernode_process.py); False: one per task
+    warm_worker: bool = True
 
     @classmethod
     def load(cls, path: str | Path) -> SiteConfig:
@@ -118,6 +122,10 @@ class SiteConfig:
                               "insecure = true")  # fmt: skip
         SiteSettings.from_node_config(cfg.settings)  # a bad site setting stops here
         cfg.trusted_apps = _trusted_apps(path, raw.get("trusted-apps", []))
+        warm = raw.get("warm-worker", True)
+        if not isinstance(warm, bool):
+            raise ConfigError(f"{path}: warm-worker = true or false, got {warm!r}")
+        cfg.warm_worker = warm
         return cfg
 
     def command(self, executable_dir: Path | None = None) -> list[str]:
@@ -131,6 +139,8 @@ class SiteConfig:
                    "--runtime-port", str(self.port or DEFAULT_RUNTIME_PORT)]  # fmt: skip
         for digest in self.trusted_apps:
             wrapper += ["--trusted-app", digest]
+        if not self.warm_worker:
+            wrapper.append("--no-warm-worker")
         return [*wrapper, "--", *self.supernode_command(executable_dir)]
 
     def supernode_command(self, executable_dir: Path | None = None) -> list[str]:

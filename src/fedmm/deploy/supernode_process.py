@@ -23,6 +23,17 @@ site's own fedmm ClientApp, or refuses).  Sources (Flower 1.41):
   made per start and handed to the SuperNode through an inherited pipe (``/dev/fd/N``), so it is
   never on disk: another local process that reaches 127.0.0.1 cannot acquire the site's tasks.
 
+**A warm worker per run** (Flower's ``flwr-clientapp`` handles exactly one message,
+``flwr/supernode/runtime/run_clientapp.py``, so every message paid imports, model building and data
+loading again -- about 8.5 s, docs/benchmarks.md "What a deployed round costs"): the executor keeps
+one long-lived ``trusted_clientapp --worker`` process for the run whose tasks it is serving and
+hands it each task's token; the worker checks every task's app as a one-task process does and keeps
+the imports, the model and the encoded site data across the run's messages. A task of another run
+ends the worker and starts a fresh one (nothing of one run's process serves another, whatever its
+config); a task that arrives while the worker is busy runs in a one-task process, as before; an
+idle worker ends after ``--worker-idle`` seconds (its memory is one model and one site's data).
+``--no-warm-worker``: one process per task, as before.
+
 The SuperNode's output passes through unchanged on stdout (the runner reads "SuperNode ID:" and
 the refusal lines in it); this process's own lines start with ``fedmm site executor:``.  When the
 SuperNode exits, the executor ends its running tasks and this process exits with the SuperNode's
@@ -46,6 +57,80 @@ log = logging.getLogger("fedmm.site")
 POLL_SECONDS = 0.5  # between AcquireTask calls (Flower's SuperExec: 1 s)
 DEFAULT_RUNTIME_PORT = 9094  # Flower's SUPERNODE_UVICORN_DEFAULT_PORT
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
+BUSY_WAIT_SECONDS = 2.0  # a task waits this long for the busy worker before a one-task process
+WORKER_IDLE_SECONDS = 600.0  # a warm worker idle this long ends (frees its model and data)
+
+
+class WarmWorker:
+    """One long-lived ``trusted_clientapp --worker`` process serving the tasks of run ``run_id``:
+    tokens go to its stdin, each task's exit code comes back as a line on a pipe."""
+
+    def __init__(self, cmd: list[str], run_id: int) -> None:
+        self.run_id = run_id
+        read_fd, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen([*cmd, "--worker", "--status-fd", str(write_fd)],
+                                         stdin=subprocess.PIPE, text=True, pass_fds=(write_fd,))  # fmt: skip
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        self._status = read_fd
+        self.pending = 0  # tasks handed over and not yet finished
+        self.tasks_done = 0
+        self.idle_since = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def poll(self) -> None:
+        """Read the exit codes of the tasks finished since the last call."""
+        try:
+            data = os.read(self._status, 4096)
+        except BlockingIOError:
+            return
+        done = data.count(b"\n")
+        if done:
+            self.pending -= done
+            self.tasks_done += done
+            if self.pending == 0:
+                self.idle_since = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        return self.pending > 0
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the worker's tasks to finish; whether they did (the
+        next message of a run often arrives just as the reply to the previous one left)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            if not self.busy or not self.alive or time.monotonic() >= deadline:
+                return not self.busy
+            time.sleep(0.05)
+
+    def submit(self, token: str) -> None:
+        self.proc.stdin.write(token + "\n")
+        self.proc.stdin.flush()
+        self.pending += 1
+
+    def close(self, grace: float = 5.0) -> None:
+        """End of stdin (the worker finishes its task and exits), then SIGTERM, then SIGKILL."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None and self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace)
+                break
+        with contextlib.suppress(OSError):
+            os.close(self._status)
 
 
 def supernode_command(base: list[str], runtime_port: int, secret_fd: int) -> list[str]:
@@ -61,7 +146,10 @@ def supernode_command(base: list[str], runtime_port: int, secret_fd: int) -> lis
 class SiteExecutor:
     """Acquires the SuperNode's ClientApp tasks and starts one trusted ClientApp per task."""
 
-    def __init__(self, runtime_port: int, secret: bytes, trusted_apps: list[str]) -> None:
+    def __init__(
+        self, runtime_port: int, secret: bytes, trusted_apps: list[str], warm: bool = True,
+        worker_idle: float = WORKER_IDLE_SECONDS,
+    ) -> None:  # fmt: skip
         from flwr.supercore.interceptors import (
             RuntimeVersionHttpInterceptor,
             SuperExecAuthHttpInterceptor,
@@ -79,7 +167,64 @@ class SiteExecutor:
                                                        protected_methods={ACQUIRE_METHOD})],
         )  # fmt: skip
         self.tasks: list[subprocess.Popen] = []
+        self.warm, self.worker_idle = warm, worker_idle
+        self.worker: WarmWorker | None = None
+        self.workers_started = 0
         self._last_problem = ""
+
+    def task_command(self) -> list[str]:
+        """The trusted ClientApp's command (without the per-task or worker arguments)."""
+        # -P: the task imports fedmm from the site's installation, never from its working dir
+        cmd = [sys.executable, "-P", "-m", "fedmm.deploy.trusted_clientapp",
+               "--runtime-api-address", self.address, "--parent-pid", str(os.getpid())]  # fmt: skip
+        for digest in self.trusted_apps:
+            cmd += ["--trusted-app", digest]
+        return cmd
+
+    def _check_worker(self) -> None:
+        """Forget a worker that died; end one idle for longer than ``worker_idle``."""
+        worker = self.worker
+        if worker is None:
+            return
+        worker.poll()
+        if not worker.alive:
+            if worker.pending:
+                log.warning("fedmm site executor: the warm worker of run %d ended (exit %s) "
+                            "with %d task(s) unfinished", worker.run_id, worker.proc.returncode,
+                            worker.pending)  # fmt: skip
+            self.worker = None
+        elif not worker.busy and time.monotonic() - worker.idle_since > self.worker_idle:
+            log.info("fedmm site executor: warm worker of run %d idle for %.0f s: ended",
+                     worker.run_id, self.worker_idle)  # fmt: skip
+            worker.close()
+            self.worker = None
+
+    def dispatch(self, run_id: int, token: str) -> subprocess.Popen | None:
+        """Hand a task to the run's warm worker (started or replaced as needed); a one-task
+        process when warm workers are off or the worker is busy.  Returns that one-task
+        process, or None when the worker took the task."""
+        self._check_worker()
+        worker = self.worker
+        if worker is not None and worker.run_id == run_id:
+            worker.wait_idle(BUSY_WAIT_SECONDS)
+        if self.warm and not (worker is not None and worker.busy):
+            if worker is not None and worker.run_id != run_id:
+                log.info("fedmm site executor: run %d's task: the warm worker of run %d ends",
+                         run_id, worker.run_id)  # fmt: skip
+                worker.close()
+                worker = self.worker = None
+            if worker is None:
+                worker = self.worker = WarmWorker(self.task_command(), run_id)
+                self.workers_started += 1
+                log.info("fedmm site executor: warm worker for run %d started (pid %d)",
+                         run_id, worker.proc.pid)  # fmt: skip
+            worker.submit(token)
+            return None
+        from fedmm.deploy.trusted_clientapp import TOKEN_ENV
+
+        proc = subprocess.Popen(self.task_command(), env=dict(os.environ, **{TOKEN_ENV: token}))
+        self.tasks.append(proc)
+        return proc
 
     def poll_once(self) -> subprocess.Popen | None:
         """One ``AcquireTask``; the started task process, or None when there was none."""
@@ -88,6 +233,7 @@ class SiteExecutor:
         from flwr.supercore.constant import TaskType
 
         self.tasks = [t for t in self.tasks if t.poll() is None]
+        self._check_worker()
         try:
             res = self.client.AcquireTask(
                 AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
@@ -101,21 +247,22 @@ class SiteExecutor:
         self._last_problem = ""
         if not (res.HasField("task") and res.token):
             return None
-        # -P: the task imports fedmm from the site's installation, never from its working dir
-        cmd = [sys.executable, "-P", "-m", "fedmm.deploy.trusted_clientapp",
-               "--runtime-api-address", self.address, "--parent-pid", str(os.getpid())]  # fmt: skip
-        for digest in self.trusted_apps:
-            cmd += ["--trusted-app", digest]
-        from fedmm.deploy.trusted_clientapp import TOKEN_ENV
-
-        proc = subprocess.Popen(cmd, env=dict(os.environ, **{TOKEN_ENV: res.token}))
-        log.info("fedmm site executor: task %d of run %d -> trusted ClientApp (pid %d)",
-                 res.task.task_id, res.task.run_id, proc.pid)  # fmt: skip
-        self.tasks.append(proc)
+        proc = self.dispatch(res.task.run_id, res.token)
+        where = (
+            f"one-task process (pid {proc.pid})"
+            if proc
+            else f"warm worker (pid {self.worker.proc.pid})"
+        )
+        log.info("fedmm site executor: task %d of run %d -> trusted ClientApp, %s",
+                 res.task.task_id, res.task.run_id, where)  # fmt: skip
         return proc
 
     def close(self, grace: float = 5.0) -> None:
-        """End the running tasks (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+        """End the warm worker and the running tasks (SIGTERM, then SIGKILL after ``grace``
+        seconds)."""
+        if self.worker is not None:
+            self.worker.close(grace)
+            self.worker = None
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for task in self.tasks:
                 if task.poll() is None:
@@ -127,7 +274,8 @@ class SiteExecutor:
         self.client.close()
 
 
-def run(base: list[str], runtime_port: int, trusted_apps: list[str]) -> int:
+def run(base: list[str], runtime_port: int, trusted_apps: list[str], warm: bool = True,
+        worker_idle: float = WORKER_IDLE_SECONDS) -> int:  # fmt: skip
     """Start the SuperNode ``base`` + the site executor; the SuperNode's exit code."""
     secret = secrets.token_bytes(32)
     read_fd, write_fd = os.pipe()
@@ -156,7 +304,7 @@ def run(base: list[str], runtime_port: int, trusted_apps: list[str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
-    executor = SiteExecutor(runtime_port, secret, trusted_apps)
+    executor = SiteExecutor(runtime_port, secret, trusted_apps, warm, worker_idle)
     try:
         while supernode.poll() is None:
             executor.poll_once()
@@ -184,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the SuperNode's Runtime API port on 127.0.0.1")  # fmt: skip
     parser.add_argument("--trusted-app", action="append", default=[], metavar="HASH",
                         help="an app hash the site trusts (site.toml trusted-apps)")  # fmt: skip
+    parser.add_argument(
+        "--no-warm-worker",
+        action="store_true",
+        help="one process per task (imports and model built for every message)",
+    )
+    parser.add_argument("--worker-idle", type=float, default=WORKER_IDLE_SECONDS,
+                        help="seconds an idle warm worker is kept (default %(default)s)")  # fmt: skip
     parser.add_argument("supernode", nargs=argparse.REMAINDER,
                         help="-- then the flower-supernode command")  # fmt: skip
     args = parser.parse_args(argv)
@@ -194,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per Runtime API call
     try:
-        rc = run(base, args.runtime_port, args.trusted_app)
+        rc = run(base, args.runtime_port, args.trusted_app, not args.no_warm_worker,
+                 args.worker_idle)  # fmt: skip
     except (OSError, ValueError) as exc:
         print(f"fedmm site executor: cannot start the SuperNode: {exc}", flush=True)
         return 2

@@ -23,6 +23,15 @@ the SuperNode's Runtime API, with a task heartbeat.  Where Flower then calls
 
 Exit codes: 0 the ClientApp replied, 3 the app was refused, 1 anything else (the reply then is
 Flower's ``CLIENT_APP_RAISED_EXCEPTION`` error with the exception's class and text).
+
+**Warm worker** (``--worker --status-fd N``): the same, for one task after another, in one
+long-lived process per site and run (started by the site executor, which keys it by the run):
+each line on stdin is a task's token; after each task the exit code above is written as a line
+to file descriptor N.  Every task is checked exactly as a one-task process checks it (the FAB
+inspected, the run's FAB hash compared, the refusal audited); what the process keeps between
+tasks is what a Flower simulation worker keeps between messages: the imports and
+``fedmm.runtime``'s one ``Runtime`` (model and encoded site data, keyed by model, data and
+precision config).  It ends at the end of stdin.
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ def run_task(runtime_api_address: str, token: str, trusted_apps: list[str]) -> i
 
     from fedmm.deploy.trust import inspect_fab
 
+    for name in ("FEDMM_FAB_HASH", "FEDMM_FAB_ID", "FEDMM_APP_HASH"):  # set per accepted task
+        os.environ.pop(name, None)
     retry = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=True, root_certificates=None,
@@ -132,6 +143,19 @@ def audit_refusal(message, context, fab_id: str, verdict, details: str) -> None:
         log.exception("the refusal could not be written to the site's audit log")
 
 
+def serve(runtime_api_address: str, trusted_apps: list[str], status_fd: int) -> int:
+    """The warm worker's loop (module docstring): a task per token line on stdin, its exit code
+    as a line on ``status_fd``; returns 0 at the end of stdin."""
+    with os.fdopen(status_fd, "w", buffering=1) as status:
+        for line in sys.stdin:
+            token = line.strip()
+            if not token:
+                continue
+            code = run_task(runtime_api_address, token, trusted_apps)
+            status.write(f"{code}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's HOST:PORT")
@@ -139,7 +163,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="an app hash this site trusts (site.toml trusted-apps)")  # fmt: skip
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="end this task when that process (the site executor) ends")  # fmt: skip
+    parser.add_argument(
+        "--worker",
+        action="store_true",
+        help="warm worker: a task per token line on stdin (module docstring)",
+    )
+    parser.add_argument("--status-fd", type=int, default=None,
+                        help="--worker: where each task's exit code is written")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.worker:
+        if args.status_fd is None:
+            parser.error("--worker needs --status-fd")
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        if args.parent_pid is not None:
+            from flwr.supercore.app_utils import start_parent_process_monitor
+
+            start_parent_process_monitor(args.parent_pid)
+        return serve(args.runtime_api_address, args.trusted_app, args.status_fd)
     token = os.environ.pop(TOKEN_ENV, "")
     if not token:
         print(f"trusted_clientapp: {TOKEN_ENV} is not set; this process is started by the site "

@@ -69,6 +69,10 @@ class ClientContext:
     last_predictions: list[dict] = field(default_factory=list)
     _micro: tuple[int, int] = field(default=(0, 1), init=False, repr=False)  # (micro-batch, k)
     _rows: int = field(default=0, init=False, repr=False)  # rows of the batch last yielded
+    # Σ loss over the steps so far, kept as a tensor on the device: reading it per step
+    # (``float(loss)``) would wait for the device at every step; ``steps`` adds it to
+    # ``stats["loss_sum"]`` once, when its loop ends
+    _loss_sum: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.kept = MappingProxyType(dict(self.kept))  # read-only: a method returns its new state
@@ -142,16 +146,12 @@ class ClientContext:
         schedule = self.cfg.train if schedule is None else schedule
         first = (self.round - 1) * self.steps_per_round if first_step is None else first_step
         total = self.total_steps if total is None else total
-        rows, bs = len(data), self.cfg.train.batch_size
-        if rows == 0:  # nothing to learn from: no step (a batch of 0 rows has a NaN loss)
+        if len(data) == 0:  # nothing to learn from: no step (a batch of 0 rows has a NaN loss)
             return
-        k = max(1, self.cfg.train.accumulation)
         rnd = self.round if seed_round is None else seed_round
         seed = self.cfg.seed * 1_000_003 + self.client_index * 9_176 + rnd
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout: the same masks whichever process runs this client
-        order = torch.randperm(rows, generator=gen)
-        pos = 0
         # the precision this site trains in (``auto`` resolves per device): results' train stats
         self.stats["bf16"] = float(
             resolve_precision(self.cfg.train.precision, self.device) == "bf16"
@@ -159,6 +159,25 @@ class ClientContext:
         self.model.train()
         if getattr(data, "truncated", 0):  # generative targets cut to train.max_target_tokens
             self.stats["targets_truncated"] = float(data.truncated)
+        try:
+            yield from self._batches(data, n, optimizer, schedule, first, total, gen, stat)
+        finally:  # one host read of the summed loss per call, not one per step
+            self.flush_loss()
+
+    def flush_loss(self) -> None:
+        """Add the loss summed on the device since the last flush to ``stats["loss_sum"]``."""
+        if self._loss_sum is not None:
+            self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(self._loss_sum)
+            self._loss_sum = None
+
+    def _batches(
+        self, data: Encoded, n: int, optimizer: torch.optim.Optimizer, schedule: TrainConfig,
+        first: int, total: int, gen: torch.Generator, stat: str,
+    ) -> Iterator[tuple[torch.Tensor, ...]]:  # fmt: skip
+        rows, bs = len(data), self.cfg.train.batch_size
+        k = max(1, self.cfg.train.accumulation)
+        order = torch.randperm(rows, generator=gen)
+        pos = 0
         poisson = self.dp_sgd.batches(n) if self.dp_sgd is not None else None
         for i in range(n):
             lr = lr_at(first + i, total, schedule)
@@ -210,7 +229,8 @@ class ClientContext:
             optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=False):  # backward outside autocast
             (loss / k if k > 1 else loss).backward()
-        self.stats["loss_sum"] = self.stats.get("loss_sum", 0.0) + float(loss.detach()) / k
+        part = loss.detach().double() / k  # fp64, as the Python float sum it replaces
+        self._loss_sum = part if self._loss_sum is None else self._loss_sum + part
         if micro < k - 1:
             return
         if self.cfg.train.grad_clip > 0:

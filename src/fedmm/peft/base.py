@@ -67,7 +67,9 @@ class PeftBank(nn.Module):
     def add_set(self, name: str) -> None:
         if name in self.sets:
             raise ValueError(f"{self.kind} set {name!r} exists already")
-        self.sets[name] = self._new_set(name)
+        # fp32 master weights whatever the backbone's storage dtype (peft's LoRA injection casts
+        # a new set to its base layer's dtype: bf16 under train.precision = bf16)
+        self.sets[name] = self._new_set(name).float()
         self.reset_set(name)
 
     def ensure_sets(self, names: Sequence[str]) -> None:
