@@ -196,8 +196,8 @@ def test_baseline_runs_two_rounds_and_sends_only_peft_sets_and_projector(gen_cfg
     model = get_runtime(cfg).model
     proj = {f"proj/{k}": tuple(v.shape) for k, v in model.visual_proj.state_dict().items()}
     if method == "centralized":
-        from fedmm.generation import predictions_section
         from fedmm.methods.centralized import run_centralized
+        from fedmm.results.predictions import predictions_section
 
         history = run_centralized(cfg)
         assert len(history) == 2 and all(h.clients for h in history)

@@ -25,7 +25,7 @@ def test_every_option_is_declared_with_a_scope_and_the_derived_sets_follow():
         "validate.max_upload_mb",
     }  # fmt: skip
     assert config.MAY_DIFFER == {"resume", "progress", "track", "out_dir", "cache_dir", "device",
-                                 "data.data_dir", "data.schema"}  # fmt: skip
+                                 "data.data_dir", "data.schema", "eval.predictions"}  # fmt: skip
     assert config.OPERATIONAL == {"fed.round_timeout", "fed.min_clients", "fed.eval_every",
                                   "fed.eval_fraction"}  # fmt: skip
     assert config.experiment_keys() == set(declared) - config.SITE_KEYS - config.SERVER_KEYS

@@ -248,36 +248,3 @@ def save_predictions(path: Path, client_id: str, rnd: int, predictions: dict[str
             for row in rows:
                 fh.write(json.dumps({"client": client_id, "round": rnd, "view": view, **row})
                          + "\n")  # fmt: skip
-
-
-PREDICTIONS_FILE = "predictions.jsonl"
-
-
-def predictions_section(out_dir: str | Path) -> str:
-    """Markdown of the prediction samples the rehearsed sites of ``out_dir`` wrote
-    (``<out>/client_state/<site>/<client>/<run>/predictions.jsonl``): per run, the last evaluated
-    round's question / reference / generated, per client and view; "" when there are none."""
-    files = sorted(Path(out_dir).glob(f"client_state/*/*/*/{PREDICTIONS_FILE}"))
-    runs: dict[str, list[dict]] = {}
-    for path in files:
-        run = path.parent.name
-        with open(path, encoding="utf-8") as fh:
-            runs.setdefault(run, []).extend(json.loads(line) for line in fh if line.strip())
-    lines: list[str] = []
-    for run, rows in sorted(runs.items()):
-        lines += predictions_markdown(rows, run)
-    return "\n".join(["## Generated answers (a sample per client)", "", *lines]) if lines else ""
-
-
-def predictions_markdown(rows: list[dict], title: str) -> list[str]:
-    """A markdown table of the last round's predictions per client and view."""
-    if not rows:
-        return []
-    last = max(r["round"] for r in rows)
-    lines = [f"### {title} (round {last})", "",
-             "| client | view | question | reference | generated |", "|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        if r["round"] == last:
-            cells = [r["client"], r["view"], r["question"], r["reference"], r["generated"]]
-            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    return lines + [""]

@@ -11,7 +11,6 @@ from fedmm.spec import (
     CLIENTS_BY,
     COMPRESSIONS,
     DIRICHLET_BY,
-    DISPLAY,
     PEFT_TYPE_NAMES,
     PRECISIONS,
     SCHEDULES,
@@ -261,7 +260,7 @@ class EvalConfig:
         16, "[1, inf)", help="generated tokens per answer at most (decoding stops at end-of-turn)"
     )
     predictions: int = option(
-        5, "[0, inf)", scope=DISPLAY, affects_results=False,
+        5, "[0, inf)", affects_results=False,  # experiment scope: the sites must receive it
         help="predictions per client and view kept at the site for summary.md (0 = none)",
     )  # fmt: skip
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedmm.files import atomic_write
 from fedmm.results.health import health_line, missing_line, sites_scored
+from fedmm.results.predictions import predictions_section  # generative runs: what the model said
 from fedmm.results.views import (
     declared_views,
     label,
@@ -150,8 +151,6 @@ def task_table(runs: list[dict]) -> list[str]:
 
 
 def write_summary(out_dir: str | Path, data: dict) -> None:
-    from fedmm.generation import predictions_section  # generative runs: what the model said
-
     text = summary_table(data) + "\n"
     predictions = predictions_section(out_dir)
     atomic_write(Path(out_dir) / "summary.md", (text + (f"\n{predictions}\n" if predictions
