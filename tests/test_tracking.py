@@ -160,7 +160,9 @@ def test_a_missing_tracker_library_is_a_clear_error(tiny_cfg, monkeypatch):
                         lambda name, *a: None if name == "mlflow" else real(name, *a))  # fmt: skip
     with pytest.raises(ConfigError, match=r"mlflow package is not installed; pip install"):
         validate_config(tiny_cfg.with_overrides({"track": "mlflow"}))
-    with pytest.raises(ConfigError, match=r"unknown track 'wandb'; choices: \"\" \(none\), tensorboard, mlflow"):
+    with pytest.raises(
+        ConfigError, match=r"unknown track 'wandb'; choices: \"\" \(none\), tensorboard, mlflow"
+    ):
         validate_config(tiny_cfg.with_overrides({"track": "wandb"}))
     validate_config(tiny_cfg.with_overrides({"track": "tensorboard"}))  # installed: no error
 
