@@ -179,7 +179,41 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-class FusionVLModel(VLModel):
+class GridVision:
+    """The frozen vision tower's grid features, shared by the fusion and the generative models:
+    ``self.vision`` (a CNN giving ``(N, C, h, w)``), ``self.visual_proj`` (trainable, on the
+    model's device), ``self.model_cfg`` (``image_size``, ``grid``) and ``self._token_shape``."""
+
+    def visual_token_shape(self) -> tuple[int, int]:
+        """``(visual tokens, channels)`` of ``encode_images``' output for one image."""
+        if self._token_shape is None:
+            size = self.model_cfg.image_size
+            probe = self.encode_images(np.zeros((1, size, size, 3), dtype=np.uint8))
+            self._token_shape = (probe.shape[1], probe.shape[2])
+        return self._token_shape
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
+        """uint8 images ``(N, H, W)`` or ``(N, H, W, 3)`` -> visual grid features ``(N, g², C)``.
+
+        This is the frozen, PEFT-free part of the image path, so callers cache its output.
+        """
+        self.vision.eval()
+        device = next(self.visual_proj.parameters()).device  # the model's device
+        out = []
+        for start in range(0, len(images), batch_size):
+            pixels = preprocess_images(
+                images[start : start + batch_size], self.model_cfg.image_size
+            )
+            grid = self.vision(pixels.to(device))
+            g = self.model_cfg.grid
+            if g > 0 and (grid.shape[-1] > g or grid.shape[-2] > g):
+                grid = F.adaptive_avg_pool2d(grid, (min(g, grid.shape[-2]), min(g, grid.shape[-1])))
+            out.append(grid.flatten(2).transpose(1, 2).float().cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+
+class FusionVLModel(GridVision, VLModel):
     """Frozen backbone + named PEFT sets + trainable visual projection + task head(s)."""
 
     def __init__(
@@ -236,34 +270,6 @@ class FusionVLModel(VLModel):
             weight.data = weight.data.to(dtype)  # same Parameter: any reference stays valid
             n += 1
         return n
-
-    def visual_token_shape(self) -> tuple[int, int]:
-        """``(visual tokens, channels)`` of ``encode_images``' output for one image."""
-        if self._token_shape is None:
-            size = self.model_cfg.image_size
-            probe = self.encode_images(np.zeros((1, size, size, 3), dtype=np.uint8))
-            self._token_shape = (probe.shape[1], probe.shape[2])
-        return self._token_shape
-
-    @torch.no_grad()
-    def encode_images(self, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
-        """uint8 images ``(N, H, W)`` or ``(N, H, W, 3)`` -> visual grid features ``(N, g², C)``.
-
-        This is the frozen, PEFT-free part of the image path, so callers cache its output.
-        """
-        self.vision.eval()
-        device = next(self.visual_proj.parameters()).device
-        out = []
-        for start in range(0, len(images), batch_size):
-            pixels = preprocess_images(
-                images[start : start + batch_size], self.model_cfg.image_size
-            )
-            grid = self.vision(pixels.to(device))
-            g = self.model_cfg.grid
-            if g > 0 and (grid.shape[-1] > g or grid.shape[-2] > g):
-                grid = F.adaptive_avg_pool2d(grid, (min(g, grid.shape[-2]), min(g, grid.shape[-1])))
-            out.append(grid.flatten(2).transpose(1, 2).float().cpu())
-        return torch.cat(out) if out else torch.empty(0)
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokenizer(texts, self.model_cfg.max_text_len)

@@ -43,12 +43,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedmm.backbones.checkpointing import enable_checkpointing
-from fedmm.backbones.fusion import VLModel, preprocess_images
+from fedmm.backbones.fusion import GridVision, VLModel
 from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
 from fedmm.peft import PEFT_TYPES, AdapterBank, LoraBank, PeftBank, PromptBank
 from fedmm.peft.lora import lora_rank_for_budget
@@ -300,7 +299,7 @@ def build_lm_peft(lm: nn.Module, cfg: PeftConfig, adapter_cfg: AdapterConfig) ->
     return PromptBank(lm.model.embed_tokens, cfg.prompt_length)
 
 
-class GenerativeVLModel(VLModel):
+class GenerativeVLModel(GridVision, VLModel):
     """Frozen vision tower + trainable projector + frozen causal LM with named PEFT sets.
 
     ``feats`` ``(B, g², C)`` are the cached grid features; ``input_ids`` hold ``image_tokens``
@@ -371,31 +370,6 @@ class GenerativeVLModel(VLModel):
     @property
     def image_tokens(self) -> int:
         return self.visual_token_shape()[0]
-
-    def visual_token_shape(self) -> tuple[int, int]:
-        if self._token_shape is None:
-            size = self.model_cfg.image_size
-            probe = self.encode_images(np.zeros((1, size, size, 3), dtype=np.uint8))
-            self._token_shape = (probe.shape[1], probe.shape[2])
-        return self._token_shape
-
-    @torch.no_grad()
-    def encode_images(self, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
-        """uint8 images ``(N, H, W[, 3])`` -> grid features ``(N, g², C)`` (as ``FusionVLModel``)."""
-        from torch.nn import functional as F
-
-        self.vision.eval()
-        out = []
-        for start in range(0, len(images), batch_size):
-            pixels = preprocess_images(
-                images[start : start + batch_size], self.model_cfg.image_size
-            )
-            grid = self.vision(pixels.to(self.device))
-            g = self.model_cfg.grid
-            if g > 0 and (grid.shape[-1] > g or grid.shape[-2] > g):
-                grid = F.adaptive_avg_pool2d(grid, (min(g, grid.shape[-2]), min(g, grid.shape[-1])))
-            out.append(grid.flatten(2).transpose(1, 2).float().cpu())
-        return torch.cat(out) if out else torch.empty(0)
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         raise ConfigError(

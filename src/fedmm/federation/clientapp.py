@@ -426,7 +426,8 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
         sitedp.gate_evaluation(site, guarded, meta, global_arrays)
         views = method.client_evaluate(ctx, global_state)
         if ctx.predictions:  # generative: a sample of what it said, kept at the site only
-            from fedmm.generation import PREDICTIONS_FILE, save_predictions
+            from fedmm.generation import save_predictions
+            from fedmm.results.predictions import PREDICTIONS_FILE
 
             save_predictions(state_file.parent / PREDICTIONS_FILE, site.spec.client_id, rnd,
                              ctx.predictions)  # fmt: skip

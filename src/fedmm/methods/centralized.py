@@ -71,7 +71,8 @@ def run_centralized(
             clients[spec.client_id] = method.client_evaluate(ectx, {})
             if ectx.predictions:  # generative: as a rehearsed site keeps them (summary.md)
                 from fedmm.config import run_name
-                from fedmm.generation import PREDICTIONS_FILE, save_predictions
+                from fedmm.generation import save_predictions
+                from fedmm.results.predictions import PREDICTIONS_FILE
 
                 where = Path(cfg.out_dir) / "client_state" / "centralized" / spec.client_id
                 save_predictions(where / run_name(cfg) / PREDICTIONS_FILE, spec.client_id, rnd,
