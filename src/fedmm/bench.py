@@ -15,6 +15,9 @@ Outputs in ``--out``: ``bench.json`` (the grid and every cell's run with every r
 mean accuracy -- with closed/open accuracy where the benchmark tags questions --, trainable
 parameters, KB per client per round, seconds per round), ``bench_curves.png`` (accuracy per round,
 mean with a ±std band) and ``bench_bytes.png`` (final accuracy vs total bytes communicated).
+
+Size (~480 lines): the grid, its resume rule and its report read one cell identity (``RunKey``) and
+are kept together; the two plots are the part that could move out.
 """
 
 from __future__ import annotations

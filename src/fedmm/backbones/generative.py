@@ -28,6 +28,9 @@ returns next-token logits ``(B, L, V)`` for every position of ``input_ids``; the
 generative split are ``(B, L)`` next-token ids with -100 wherever no loss is taken (prompt, image,
 padding), so ``task_loss`` is the token-level cross-entropy over answer tokens.  ``generate`` does
 batched greedy decoding (``fedmm.generation``).
+
+Size (~540 lines): the model class (173 lines) with its tokenizer wrapper, PEFT wiring and the GGUF
+weight cache; the cache is the part that could move out.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ TLS material and auth keys come from ``certs.py``.  ``flwr`` reads the connectio
 (address + CA) from ``$FLWR_HOME/config.toml``, which is written into the work directory, so
 nothing touches ``~/.flwr``.  Every process runs in its own process group and ``stop`` ends the
 groups (SIGTERM, then SIGKILL): Flower's SuperExec and app processes go with their parent.
+
+Size (~590 lines): one ``Deployment`` (processes, certificates, node keys, readiness) and its fault
+drill; the drill is the part that could move out.
 """
 
 from __future__ import annotations

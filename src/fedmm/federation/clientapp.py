@@ -53,6 +53,9 @@ ledger per training data set (``privacy.py``: over every run, locked, spent befo
 a site refuses to train once its ``dp-max-epsilon`` would be exceeded.  With DP on, no exact loss,
 pre-clip norm or ``stat.*`` score leaves, and evaluation scores are withheld unless the site says
 ``dp-evaluation = "exact"``; evaluations are counted against the site's limits.
+
+Size (~560 lines): the site's half of every message (train, evaluate, query, the secure-aggregation
+stages) in one place, so that each check a site applies before reading data is visible in one file.
 """
 
 from __future__ import annotations

@@ -42,6 +42,9 @@ stochastic rounding moves each value by less than one step 2c/Q, and is unbiased
 mean of such values is off by less than 2c/Q per coordinate (a convex combination of errors each
 below 2c/Q), the sum of S values by less than S·2c/Q; plus float32 rounding of the result.
 A value outside [−c, c] is clipped first (not bounded by this; the site logs how many).
+
+Size (~670 lines): both halves of one protocol (the sites' stages and the server's), as each method
+keeps both halves of its protocol in one module.
 """
 
 from __future__ import annotations

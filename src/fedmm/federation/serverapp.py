@@ -34,6 +34,9 @@ sum is what the engine (Flower, Ray, serialisation, this loop) costs.
 With the defaults (``eval_every = 1``, ``eval_fraction = 1``) every node evaluates every round, so
 a round costs O(K) evaluations; with many clients, ``eval_every`` and ``eval_fraction`` make a
 round's cost grow with the sampled clients only.
+
+Size (~570 lines): the round loop and ``Federation`` (its phases named after Flower's strategy
+hooks); the method-specific parts live in the methods.
 """
 
 from __future__ import annotations
