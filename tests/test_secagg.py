@@ -450,3 +450,40 @@ def test_site_dp_composes_and_no_dp_diagnostic_leaves(tiny_cfg):
         assert len(ledgers) == 1
         releases = json.loads(ledgers[0].read_text())["releases"]
         assert len(releases) == 1 and releases[0]["noise_multiplier"] == 0.5
+
+
+def test_each_stage_is_answered_once_even_by_concurrent_processes(tmp_path):
+    """The on-disk claim (``secagg.claim``): a second unmask or collect of the same round -- two
+    messages handled at once, each with its own copy of the Flower Context -- is refused, so a
+    server never gets both shares of one peer nor two masked inputs under the same masks."""
+    stages = (secagg.SETUP, secagg.SHARE_KEYS, secagg.COLLECT, secagg.UNMASK)
+    for stage in stages:
+        secagg.claim(tmp_path, 100, META, stage)
+        if stage != secagg.SETUP:
+            with pytest.raises(RefusedMessage, match="already answered it"):
+                secagg.claim(tmp_path, 100, META, stage)
+    with pytest.raises(RefusedMessage, match="has not answered 'setup'"):
+        secagg.claim(tmp_path, 100, META | {"round": 2}, secagg.SHARE_KEYS)
+    secagg.claim(tmp_path, 101, META, secagg.SETUP)  # another site: its own claim file
+    secagg.claim(tmp_path, 100, META, secagg.SETUP)  # a resumed round restarts at setup
+    secagg.claim(tmp_path, 100, META, secagg.SHARE_KEYS)
+
+
+def test_share_keys_must_list_exactly_the_setups_sites():
+    """A server that offers a setup for 3 sampled sites (t = 2) and then sends 4 sites' keys
+    would spread 2-of-4 shares: refused."""
+    cfg = secure_cfg(secagg_threshold=0, clients=4)
+    global_state, uploads, weights = random_uploads(4, seed=5)
+    sites = Sites(cfg, uploads, weights, global_state)
+    ctx = sites.contexts[100]
+
+    def stage(name, **values):
+        msg = sites.message(100, MessageType.TRAIN, None)
+        msg.content[secagg.SECAGG] = ConfigRecord({"stage": name, **values})
+        return secagg.client_stage(msg, ctx, META, cfg)
+
+    keys = stage(secagg.SETUP, **secagg.Params.for_round(cfg, 3).to_record())[secagg.SECAGG]
+    others = {str(n): stage_keys for n, stage_keys in
+              ((n, [b"k1-%d" % n, b"k2-%d" % n]) for n in (101, 102, 103))}  # fmt: skip
+    with pytest.raises(RefusedMessage, match="4 sites with keys, not the 3 of the setup"):
+        stage(secagg.SHARE_KEYS, **{"100": [keys["pk1"], keys["pk2"]]}, **others)

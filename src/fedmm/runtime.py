@@ -292,6 +292,7 @@ def get_runtime(cfg: FedmmConfig) -> Runtime:
                 cfg.device,
                 cfg.cache_dir,
                 stores_bf16(cfg.train.precision, resolve_device(cfg.device)),  # weights' dtype
+                cfg.train.max_target_tokens,  # the encoded generative targets are cut to it
             ),
         )
     )

@@ -257,7 +257,10 @@ class EvalConfig:
     """Evaluation of generative tasks (fedmm.generation): greedy decoding and what is shown."""
 
     max_new_tokens: int = option(
-        16, "[1, inf)", help="generated tokens per answer at most (decoding stops at end-of-turn)"
+        16,
+        "[1, 512]",
+        help="generated tokens per answer at most (decoding stops at end-of-turn); the prompt "
+        "plus these must fit the model's context",
     )
     predictions: int = option(
         5, "[0, inf)", affects_results=False,  # experiment scope: the sites must receive it

@@ -449,6 +449,12 @@ class GenerativeVLModel(GridVision, VLModel):
 
         b = len(prompts)
         width = max(len(p) for p in prompts)
+        if self.context and width + max_new_tokens > self.context:  # the KV cache stays bounded
+            raise ConfigError(
+                f"eval.max_new_tokens={max_new_tokens} with prompts of {width} tokens exceeds the "
+                f"model's context of {self.context} tokens; lower eval.max_new_tokens or "
+                "model.max_text_len"
+            )
         ids = torch.full((b, width), self.chat.pad_id, dtype=torch.long)
         mask = torch.zeros(b, width, dtype=torch.long)
         for i, p in enumerate(prompts):

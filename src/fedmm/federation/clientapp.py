@@ -390,7 +390,8 @@ def handle_secagg_keys(msg: Message, context: Context, experiment: FedmmConfig, 
     settings = site_settings(context, sites)
     consent.check_run_id(meta["run-id"])
     consent.check_consent(experiment, settings, None)
-    return Message(secagg.client_stage(msg, context, meta, experiment), reply_to=msg)
+    claims = consent.site_root(settings) / "secagg"  # each stage answered once (secagg.claim)
+    return Message(secagg.client_stage(msg, context, meta, experiment, claims), reply_to=msg)
 
 
 def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
@@ -406,7 +407,8 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     check_global(method, site, global_arrays, index)
     params = None
     if stage == secagg.COLLECT:  # the relayed shares checked before any record is read
-        params = secagg.client_collect(msg, context, meta, cfg)
+        params = secagg.client_collect(msg, context, meta, cfg,
+                                       consent.site_root(site.settings) / "secagg")  # fmt: skip
     consent.check_trainable(method.count_trainable(site.runtime.model), "the built model",
                             site.settings)  # fmt: skip
     dp_cfg = site.settings.effective_dp(cfg.dp)  # the stricter of the run's and the site's
@@ -481,7 +483,7 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
                                f"{missing[:3]}; secure aggregation sums whole uploads")  # fmt: skip
         weight = len(ctx.train) if cfg.fed.weighting == "samples" else 1
         masked, clipped = secagg.client_mask(
-            context, int(msg.metadata.dst_node_id), arrays, global_arrays, keys,
+            context, int(context.node_id), arrays, global_arrays, keys,
             method.secagg_summed, weight, params,
         )  # fmt: skip
         if clipped:  # the site's own log: the server never learns it

@@ -50,12 +50,14 @@ keeps both halves of its protocol in one module.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -82,6 +84,7 @@ from flwr.supercore.primitives.asymmetric import (
 
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.federation.messages import RefusedMessage
+from fedmm.files import atomic_write
 from fedmm.spec import SECURE_AGGREGATIONS  # fed.secure_aggregation's choices
 
 log = logging.getLogger(__name__)
@@ -179,7 +182,8 @@ class Params:
     def from_offer(cls, cfg: FedmmConfig, record: ConfigRecord) -> Params:
         """A site's check of the server's setup: the parameters its own run config gives for
         the offered number of sampled sites, exactly (``RefusedMessage`` otherwise: a server
-        cannot lower the threshold or change the quantization)."""
+        cannot lower the threshold below what its claimed count gives, nor change the
+        quantization; share-keys must then list exactly that many sites)."""
         try:
             sampled = int(record["sampled"])
         except (KeyError, TypeError, ValueError):
@@ -322,14 +326,50 @@ def _save(context, state: dict) -> None:
     context.state[STATE_KEY] = ConfigRecord(state)
 
 
-def client_stage(msg: Message, context, meta: dict, cfg: FedmmConfig) -> RecordDict:
+def claim(claims: Path | None, node: int, meta: dict, stage: str) -> None:
+    """Claim ``stage`` of this run and round for site ``node`` once, on disk, under an exclusive
+    ``flock`` (``<claims>/<node>.json``): two messages of one stage handled at the same time (a
+    busy warm worker gives the second its own process, each with a copy of the Flower Context)
+    must not both be answered -- two unmask replies with different survivor lists would hand the
+    server both shares of one peer, two masked inputs under the same masks the difference of two
+    updates.  ``setup`` always claims (a resumed round restarts there, with fresh keys); any other
+    stage only right after the stage before it.  ``claims=None``: no on-disk claim (the
+    protocol's unit tests, one process).  Raises ``RefusedMessage``."""
+    if claims is None:
+        return
+    from fedmm.federation.privacy import locked
+
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / f"{int(node)}.json"
+    with locked(path):
+        last = json.loads(path.read_text()) if path.is_file() else {}
+        if stage != SETUP:
+            before = STAGES[STAGES.index(stage) - 1]
+            if last != {"run": meta["run-id"], "round": meta["round"], "stage": before}:
+                raise RefusedMessage(
+                    f"secure aggregation stage {stage!r} of round {meta['round']}: this site "
+                    f"already answered it or has not answered {before!r} (last: "
+                    f"{last.get('stage', 'none')!r} of round {last.get('round', '-')})"
+                )
+        claim_record = {"run": meta["run-id"], "round": meta["round"], "stage": stage}
+        atomic_write(path, json.dumps(claim_record).encode())
+
+
+def client_stage(
+    msg: Message, context, meta: dict, cfg: FedmmConfig, claims: Path | None = None
+) -> RecordDict:
     """Setup, share-keys or unmask on this site (collect: ``client_collect`` +
     ``client_mask``), checking the stage order of this round (``RefusedMessage`` otherwise:
-    a site never answers a stage twice with the same keys, nor out of order)."""
+    a site never answers a stage twice with the same keys, nor out of order; ``claim``).
+    The site's identity is the SuperNode's (``context.node_id``), never the message's."""
     record = msg.content[SECAGG]
     stage = str(record.get("stage", ""))
-    me = int(msg.metadata.dst_node_id)
+    me = int(context.node_id)
     state = _state(context)
+    if stage in STAGES:
+        if stage != SETUP:
+            _expect(state, stage, meta)
+        claim(claims, me, meta, stage)
     if stage == SETUP:
         Params.from_offer(cfg, record)
         sk1, pk1 = generate_key_pairs()
@@ -343,15 +383,16 @@ def client_stage(msg: Message, context, meta: dict, cfg: FedmmConfig) -> RecordD
         }  # fmt: skip
         _save(context, state)
         return RecordDict({SECAGG: ConfigRecord({"pk1": state["pk1"], "pk2": state["pk2"]})})
-    _expect(state, stage, meta)
     if stage == SHARE_KEYS:
         keys = {int(k): v for k, v in record.items() if k != "stage"}
         if keys.get(me) != [state["pk1"], state["pk2"]]:
             raise RefusedMessage("secure aggregation share-keys: this site's own public keys "
                                  "are missing or altered in the server's list")  # fmt: skip
-        if len(keys) < state["threshold"]:
+        if len(keys) != state["share-num"]:  # exactly the setup's count: the threshold t was
+            # set for it, and more keys would spread t-of-n shares over sites the setup did not
+            # count (and cost a key agreement each)
             raise RefusedMessage(f"secure aggregation share-keys: {len(keys)} sites with keys, "
-                                 f"fewer than the threshold {state['threshold']}")  # fmt: skip
+                                 f"not the {state['share-num']} of the setup")  # fmt: skip
         flat = [k for pair in keys.values() for k in pair]
         if len(set(flat)) != len(flat):
             raise RefusedMessage("secure aggregation share-keys: two sites show the same key")
@@ -411,13 +452,16 @@ def _expect(state: dict, stage: str, meta: dict) -> None:
         )
 
 
-def client_collect(msg: Message, context, meta: dict, cfg: FedmmConfig) -> Params:
+def client_collect(
+    msg: Message, context, meta: dict, cfg: FedmmConfig, claims: Path | None = None
+) -> Params:
     """Before training: the ciphertexts relayed to this site, decrypted and checked; the share
     of each sender kept (``RefusedMessage`` for too few, foreign or misaddressed ones)."""
     record = msg.content[SECAGG]
     state = _state(context)
     _expect(state, COLLECT, meta)
-    me = int(msg.metadata.dst_node_id)
+    me = int(context.node_id)
+    claim(claims, me, meta, COLLECT)
     srcs = [int(x) for x in record.get("srcs", [])]
     ctxts = list(record.get("ctxts", []))
     if len(srcs) != len(ctxts) or len(set(srcs)) != len(srcs):
