@@ -200,6 +200,13 @@ def test_too_few_survivors_stop_the_round_with_the_reason():
         sites.run()
 
 
+def site_stage(sites: Sites, cfg: FedmmConfig, name: str, **values) -> RecordDict:
+    """Site 100 answering one stage message ``name`` with ``values`` in its secagg record."""
+    msg = sites.message(100, MessageType.TRAIN, None)
+    msg.content[secagg.SECAGG] = ConfigRecord({"stage": name, **values})
+    return secagg.client_stage(msg, sites.contexts[100], META, cfg)
+
+
 def test_a_site_refuses_what_would_reveal_its_input():
     cfg = secure_cfg(secagg_threshold=3)
     global_state, uploads, weights = random_uploads(3, seed=4)
@@ -207,9 +214,7 @@ def test_a_site_refuses_what_would_reveal_its_input():
     ctx = sites.contexts[100]
 
     def stage(name, **values):
-        msg = sites.message(100, MessageType.TRAIN, None)
-        msg.content[secagg.SECAGG] = ConfigRecord({"stage": name, **values})
-        return secagg.client_stage(msg, ctx, META, cfg)
+        return site_stage(sites, cfg, name, **values)
 
     offer = secagg.Params.for_round(cfg, 3).to_record()
     with pytest.raises(RefusedMessage, match="differs from the run's fed.secagg options"):
@@ -475,12 +480,9 @@ def test_share_keys_must_list_exactly_the_setups_sites():
     cfg = secure_cfg(secagg_threshold=0, clients=4)
     global_state, uploads, weights = random_uploads(4, seed=5)
     sites = Sites(cfg, uploads, weights, global_state)
-    ctx = sites.contexts[100]
 
     def stage(name, **values):
-        msg = sites.message(100, MessageType.TRAIN, None)
-        msg.content[secagg.SECAGG] = ConfigRecord({"stage": name, **values})
-        return secagg.client_stage(msg, ctx, META, cfg)
+        return site_stage(sites, cfg, name, **values)
 
     keys = stage(secagg.SETUP, **secagg.Params.for_round(cfg, 3).to_record())[secagg.SECAGG]
     others = {str(n): stage_keys for n, stage_keys in
