@@ -205,8 +205,7 @@ def run_bench(
         key = RunKey(ccfg.method, ccfg.variant, ccfg.peft.type, benchmark, seed)
         bar.set_postfix_str(f"{method} on {benchmark}, seed {seed}")
         if key not in existing or not _same(existing[key], ccfg):
-            run_method(ccfg)
-            results.write_reports(out)  # summary.md, curves.png of every run so far
+            run_method(ccfg)  # renders summary.md, curves.png of every run so far when it ends
             ran += 1
         bar.update(1)
         write_outputs(out, cells, ccfg.peft.type, extra, target)
