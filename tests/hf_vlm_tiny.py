@@ -105,8 +105,9 @@ def build_llava(root: Path) -> None:
         text_config=_text(_vocab(tok), model_type="llama"),
         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
     )  # fmt: skip
-    image_proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32,
-                                                                           "width": 32})
+    image_proc = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
     proc = LlavaProcessor(image_proc, tok, patch_size=8, vision_feature_select_strategy="default",
                           chat_template=TEMPLATE, num_additional_image_tokens=1)  # fmt: skip
     _save(root, LlavaForConditionalGeneration, config, proc)

@@ -14,8 +14,10 @@ import torch
 from conftest import run_federation
 from hf_vlm_tiny import BUILDERS
 from test_generative import RecordingGrid
+from test_serverapp import InProcessGrid
 
 from fedmm.config import ConfigError, FedmmConfig
+from fedmm.engine import rehearsal_sites
 from fedmm.generation import IGNORE, token_loss
 from fedmm.runtime import get_runtime
 
@@ -48,6 +50,7 @@ def test_prompts_labels_and_text_only_records(tiny_cfg, tiny_dirs, family):
     model, split = runtime.model, runtime.client_split(0, "train")
     chat = model.chat
     assert model.image_tokens > 0 and split.feats.shape[1:] == model.visual_token_shape()
+    assert len(split.feats) == len(split) == 8
     for i in range(len(split)):
         ids = split.input_ids[i, : int(split.prompt_lens[i])]
         assert int((ids == model.image_token_id).sum()) > 0  # the image, expanded
@@ -125,25 +128,32 @@ def test_lora_and_connector_learn_the_answers(tiny_cfg, tiny_dirs, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fedavg_two_rounds_sends_only_the_peft_set_and_connector(tiny_cfg, tiny_dirs, family):
-    cfg = family_cfg(tiny_cfg, tiny_dirs, family, method="fedavg", **{"fed.clients": 2,
-                                                                      "fed.rounds": 2})
+    cfg = family_cfg(
+        tiny_cfg, tiny_dirs, family, method="fedavg", **{"fed.clients": 2, "fed.rounds": 2}
+    )
     model = get_runtime(cfg).model
     proj = {f"proj/{k}": tuple(v.shape) for k, v in model.visual_proj.state_dict().items()}
     grid = RecordingGrid(2, cfg.out_dir)
+    # each site loads its own copy of the weights (model-dir), as `fedmm run` sets it up
+    InProcessGrid.__init__(grid, 2, sites={
+        k: {"state-dir": f"{cfg.out_dir}/client_state/site-{k}", "model-dir": site["model-dir"]}
+        for k, site in rehearsal_sites(cfg).items()
+    })  # fmt: skip
     record = run_federation(grid, cfg)
     assert [h["round"] for h in record["history"]] == [1, 2]
     assert record["final"] and all(0.0 <= v <= 1.0 for v in record["final"].values())
     summary = (Path(cfg.out_dir) / "summary.md").read_text()
     assert "Generated answers" in summary
     assert len(grid.uploads) == 4  # 2 clients x 2 rounds
-    lm = model.family.lm_path.removeprefix("model.")
     for upload in grid.uploads:
         assert {k.split("/", 1)[0] for k in upload} == {"proj", "adapter.global_adapter"}
         assert {k: tuple(v.shape) for k, v in upload.items() if k.startswith("proj/")} == proj
         lora = [k for k in upload if k.startswith("adapter.")]
-        assert lora and all((".lora_A." in k or ".lora_B." in k) and f"{lm}.layers." in k
-                            for k in lora)  # fmt: skip
-        assert not any("vision" in k or "visual." in k for k in lora)
+        assert len(lora) == 2 * 2 * 7 and all(".lora_A." in k or ".lora_B." in k for k in lora)
+    # on the 7 projections of the 2 decoder layers of the language model, nowhere else
+    assert model.peft.paths == sorted(f"layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))  # fmt: skip
 
 
 def test_prompt_and_bitfit_are_refused_and_a_wrong_family_is_named(tiny_cfg, tiny_dirs):

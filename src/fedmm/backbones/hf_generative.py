@@ -55,7 +55,8 @@ from fedmm.sections import AdapterConfig, ModelConfig, PeftConfig
 
 log = logging.getLogger(__name__)
 
-DECODER = r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+# LoRA's default targets, full-matched against module paths inside the language model
+DECODER = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 NO_PROMPT = (
     "the family's own forward places the image features at its image tokens of input_ids; "
     "prompt embeddings prepended to the sequence would bypass it -- use lora or adapter"
@@ -77,10 +78,7 @@ class GenerativeFamily:
     connector: str  # the trainable image-to-LM connector (part ``proj``)
     end_of_turn: tuple[str, ...] = ()  # the answer's end token, first found (else eos_token)
     licence: str = ""
-
-    @property
-    def lora_targets(self) -> str:
-        return r"model\." + self.lm_path.removeprefix("model.") + DECODER
+    lora_targets: str = DECODER  # regexes over module paths of the language model (lm_path)
 
 
 FAMILIES: dict[str, GenerativeFamily] = {
@@ -204,8 +202,10 @@ class HFGenerativeVLModel(VLModel):
         )  # fmt: skip
         lm = _submodule(self.hf, family.lm_path)
         layers = list(lm.layers)
+        # PEFT searches the language model only: the vision tower and the connector are outside
+        # it (and PEFT's injection freezes the rest of the module it is given, not the connector)
         self.peft = build_bank(peft_cfg or PeftConfig(), adapter_cfg, PeftTarget(
-            self.hf, layers, [self.hidden_size] * len(layers), None, None,
+            lm, layers, [self.hidden_size] * len(layers), None, None,
             family.lora_targets, NO_PROMPT, family.name,
         ))  # fmt: skip
         self.visual_proj = _submodule(self.hf, family.connector)  # trained in full
@@ -216,11 +216,9 @@ class HFGenerativeVLModel(VLModel):
         self.active_task = ""
         self.num_answers = 0
         self._square = model_cfg.image_size if family.name == "qwen2-vl" else 0
-        probe = self.processor.image_processor(
-            images=[_rgb(np.zeros((model_cfg.image_size,) * 2, np.uint8), self._square)],
-            return_tensors="pt",
-        )  # the per-record pixel shape (pixels of a blank image: counted, never fed)
-        self._pixel_shape = tuple(self._per_record(probe)[0].shape)
+        # the per-record pixel shape (of a blank image's pixels: measured, never fed)
+        blank = np.zeros((model_cfg.image_size,) * 2, np.uint8)
+        self._pixel_shape = tuple(self.encode_images(blank[None]).shape[1:])
         with_image, text_only = self.prompt_ids("", np.zeros((8, 8), np.uint8)), self.prompt_ids(
             "", None)  # fmt: skip
         self.image_tokens = len(with_image[0]) - len(text_only[0])
@@ -291,9 +289,12 @@ class HFGenerativeVLModel(VLModel):
         out = []
         for start in range(0, len(images), batch_size):
             batch = [_rgb(img, self._square) for img in images[start : start + batch_size]]
-            out.append(self._per_record(self.processor.image_processor(images=batch,
-                                                                       return_tensors="pt")))
-        return torch.cat(out) if out else torch.empty(0, *self._pixel_shape)
+            if self.family.name == "smolvlm":  # a flat list would be one record's images
+                batch = [[img] for img in batch]
+            out.append(
+                self._per_record(self.processor.image_processor(images=batch, return_tensors="pt"))
+            )
+        return torch.cat(out)
 
     def prompt_ids(self, question: str, image: np.ndarray | None) -> tuple[list[int], int]:
         """``(ids, text tokens)``: the record's prompt ending where the answer starts, its image
