@@ -29,21 +29,31 @@ def byte_tokenizer(specials: list[str], eos: str, pad: str = "<pad>", bos: str =
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, bos_token=bos,
-                                  eos_token=eos)  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, bos_token=bos, eos_token=eos)
     tok.add_special_tokens({"additional_special_tokens": specials})
     return tok
 
 
 def _text(vocab: int, **extra) -> dict:
-    return dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)  # fmt: skip
+    return dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
 
 
 def _vision(**extra) -> dict:
-    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, **extra)  # fmt: skip
+    return dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, **extra
+    )
 
 
 def _vocab(tok) -> int:
@@ -51,79 +61,142 @@ def _vocab(tok) -> int:
 
 
 def build_smolvlm(root: Path) -> None:
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration,
-                              Idefics3ImageProcessor, Idefics3Processor)  # fmt: skip
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
 
-    tok = byte_tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>",
-                          "<global-img>", "<|user|>", "<|end|>", "<|assistant|>"],
-                         eos="<end_of_utterance>")  # fmt: skip
+    tok = byte_tokenizer(
+        [
+            "<fake_token_around_image>",
+            "<image>",
+            "<end_of_utterance>",
+            "<global-img>",
+            "<|user|>",
+            "<|end|>",
+            "<|assistant|>",
+        ],
+        eos="<end_of_utterance>",
+    )
     image_proc = Idefics3ImageProcessor(
         size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, do_image_splitting=False
     )
     config = Idefics3Config(
-        vision_config=_vision(image_size=32, patch_size=8), scale_factor=2,
+        vision_config=_vision(image_size=32, patch_size=8),
+        scale_factor=2,
         text_config=_text(_vocab(tok), model_type="llama"),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
-    )  # fmt: skip
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+    )
     proc = Idefics3Processor(image_proc, tok, image_seq_len=4, chat_template=TEMPLATE)
     _save(root, Idefics3ForConditionalGeneration, config, proc)
 
 
 def build_qwen2_vl(root: Path) -> None:
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor)  # fmt: skip
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    tok = byte_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                          "<|video_pad|>", "<|im_end|>", "<|user|>", "<|end|>", "<|assistant|>"],
-                         eos="<|endoftext|>")  # fmt: skip
+    tok = byte_tokenizer(
+        [
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+            "<|im_end|>",
+            "<|user|>",
+            "<|end|>",
+            "<|assistant|>",
+        ],
+        eos="<|endoftext|>",
+    )
     ids = tok.convert_tokens_to_ids
-    pix = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8,
-               max_pixels=32 * 32)  # fmt: skip
+    pix = dict(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=32 * 32
+    )
     config = Qwen2VLConfig(
-        text_config=_text(_vocab(tok), rope_parameters={"rope_type": "default",
-                                                        "mrope_section": [2, 1, 1]}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
-                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-    )  # fmt: skip
+        text_config=_text(
+            _vocab(tok), rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1]}
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
     template = TEMPLATE.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
-    proc = Qwen2VLProcessor(Qwen2VLImageProcessor(**pix), tok, Qwen2VLVideoProcessor(**pix),
-                            chat_template=template)  # fmt: skip
+    proc = Qwen2VLProcessor(
+        Qwen2VLImageProcessor(**pix), tok, Qwen2VLVideoProcessor(**pix), chat_template=template
+    )
     _save(root, Qwen2VLForConditionalGeneration, config, proc)
 
 
 def build_llava(root: Path) -> None:
-    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)  # fmt: skip
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tok = byte_tokenizer(["<image>", "<|user|>", "<|end|>", "<|assistant|>"], eos="</s>")
     config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", **_vision(image_size=32, patch_size=8,
-                           projection_dim=32)),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            **_vision(image_size=32, patch_size=8, projection_dim=32),
+        ),
         text_config=_text(_vocab(tok), model_type="llama"),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-    )  # fmt: skip
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+    )
     image_proc = CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     )
-    proc = LlavaProcessor(image_proc, tok, patch_size=8, vision_feature_select_strategy="default",
-                          chat_template=TEMPLATE, num_additional_image_tokens=1)  # fmt: skip
+    proc = LlavaProcessor(
+        image_proc,
+        tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=TEMPLATE,
+        num_additional_image_tokens=1,
+    )
     _save(root, LlavaForConditionalGeneration, config, proc)
 
 
 def build_paligemma(root: Path) -> None:
-    from transformers import (PaliGemmaConfig, PaliGemmaForConditionalGeneration,
-                              PaliGemmaProcessor, SiglipImageProcessor)  # fmt: skip
+    from transformers import (
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+    )
 
     tok = byte_tokenizer(["<image>"], eos="<eos>", bos="<bos>")
     config = PaliGemmaConfig(
-        vision_config=dict(model_type="siglip_vision_model", **_vision(image_size=32,
-                           patch_size=8), projection_dim=32),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            **_vision(image_size=32, patch_size=8),
+            projection_dim=32,
+        ),
         text_config=dict(model_type="gemma", head_dim=8, **_text(_vocab(tok))),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), projection_dim=32,
-    )  # fmt: skip
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        projection_dim=32,
+    )
     config.text_config.num_image_tokens = 16
     image_proc = SiglipImageProcessor(size={"height": 32, "width": 32}, image_seq_length=16)
     proc = PaliGemmaProcessor(image_proc, tok)
