@@ -327,18 +327,24 @@ class HFGenerativeVLModel(VLModel):
         kwargs: dict = {}
         if self.family.name == "qwen2-vl":
             kwargs["mm_token_type_ids"] = (ids == self.image_token_id).int()
+        if self.family.name == "paligemma":
+            # every position causal (type 1): without token types PaliGemma's forward attends
+            # bidirectionally over an unpadded row but causally over a padded one (transformers
+            # 5.23); PaliGemma's own prefix-LM mask would need the prompt's end, which forward
+            # does not see
+            kwargs["token_type_ids"] = torch.ones_like(ids)
         if not bool(present.any()):
             return kwargs
         pixels = feats[present].to(self.device)
         if self.family.name == "smolvlm":
-            return {"pixel_values": pixels[:, None]}
+            return {**kwargs, "pixel_values": pixels[:, None]}
         if self.family.name == "qwen2-vl":
             g = int(round(pixels.shape[1] ** 0.5))
             if g * g != pixels.shape[1]:
                 raise RuntimeError(f"qwen2-vl: {pixels.shape[1]} patches are not a square grid")
             grid = torch.tensor([[1, g, g]] * len(pixels), device=self.device)
             return {**kwargs, "pixel_values": pixels.flatten(0, 1), "image_grid_thw": grid}
-        return {"pixel_values": pixels}
+        return {**kwargs, "pixel_values": pixels}
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
