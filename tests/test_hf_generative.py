@@ -97,11 +97,11 @@ def test_cached_left_padded_decoding_equals_full_recomputation(tiny_cfg, tiny_di
             assert cached[row] == expect, (row, cached[row], expect)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_lora_and_connector_learn_the_answers(tiny_cfg, tiny_dirs, family):
+@pytest.mark.parametrize("family,peft", [(f, "lora") for f in FAMILIES] + [("qwen2-vl", "adapter")])
+def test_peft_and_connector_learn_the_answers(tiny_cfg, tiny_dirs, family, peft):
     """A few Adam steps on the PEFT set and the connector lower the answer loss of a batch
     (gradients reach both; the frozen model does not move)."""
-    runtime = get_runtime(family_cfg(tiny_cfg, tiny_dirs, family))
+    runtime = get_runtime(family_cfg(tiny_cfg, tiny_dirs, family, **{"peft.type": peft}))
     model, split = runtime.model, runtime.client_split(0, "train")
     feats, ids, mask, labels = split.batch(torch.arange(4), torch.device("cpu"))
     model.peft.ensure_sets(["s"])
