@@ -19,6 +19,7 @@ from test_serverapp import InProcessGrid
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.engine import rehearsal_sites
 from fedmm.generation import IGNORE, token_loss
+from fedmm.methods.losses import supervised_loss
 from fedmm.runtime import get_runtime
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -113,6 +114,12 @@ def test_peft_and_connector_learn_the_answers(tiny_cfg, tiny_dirs, family, peft)
     opt = torch.optim.Adam(params, lr=1e-2)
     with model.active("s"):
         first = float(token_loss(model(feats, ids, mask), labels))
+        keep = labels[:, : ids.shape[1]] != IGNORE  # the output layer at the answers only
+        with torch.no_grad():
+            assert torch.allclose(model(feats, ids, mask, keep=keep), model(feats, ids, mask)[keep],
+                                  atol=1e-5)  # fmt: skip
+            assert torch.isclose(supervised_loss(model, feats, ids, mask, labels),
+                                 torch.tensor(first), atol=1e-5)  # fmt: skip
         for _ in range(8):
             opt.zero_grad()
             token_loss(model(feats, ids, mask), labels).backward()

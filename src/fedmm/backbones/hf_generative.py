@@ -348,12 +348,22 @@ class HFGenerativeVLModel(VLModel):
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
-        self, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Next-token logits ``(B, L, V)`` at every position of ``input_ids``."""
+        self, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Next-token logits ``(B, L, V)`` at every position of ``input_ids``; with ``keep``
+        (bool ``(B, L)``) only at the kept positions, ``(N, V)`` in row-major order (the output
+        layer then runs at the answer positions only: ``methods.losses.supervised_loss``)."""
         mask = attention_mask[:, : input_ids.shape[1]]  # a presence column block, if any, dropped
         extra = self._vision_inputs(feats, input_ids)
-        return self.hf(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra).logits
+        hidden = self.hf.model(
+            input_ids=input_ids, attention_mask=mask, use_cache=False, **extra
+        ).last_hidden_state
+        logits = self.hf.lm_head(hidden if keep is None else hidden[keep])
+        cap = getattr(self.hf.config.get_text_config(), "final_logit_softcapping", None)
+        if cap is not None:  # PaliGemma 2 (Gemma 2), as its own forward does
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @torch.no_grad()
     def generate(
