@@ -80,8 +80,8 @@ def build_smolvlm(root: Path) -> None:
         ],
         eos="<end_of_utterance>",
     )
-    image_proc = Idefics3ImageProcessor(
-        size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, do_image_splitting=False
+    image_proc = Idefics3ImageProcessor(  # splitting on, as SmolVLM's own: fedmm turns it off
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
     )
     config = Idefics3Config(
         vision_config=_vision(image_size=32, patch_size=8),

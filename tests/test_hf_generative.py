@@ -52,6 +52,8 @@ def test_prompts_labels_and_text_only_records(tiny_cfg, tiny_dirs, family):
     chat = model.chat
     assert model.image_tokens > 0 and split.feats.shape[1:] == model.visual_token_shape()
     assert len(split.feats) == len(split) == 8
+    if family == "smolvlm":  # one global image of max_image_size, no crops: 4 tokens + 3 marks
+        assert model.visual_token_shape() == (3, 32, 32) and model.image_tokens == 4 + 3
     for i in range(len(split)):
         ids = split.input_ids[i, : int(split.prompt_lens[i])]
         assert int((ids == model.image_token_id).sum()) > 0  # the image, expanded
