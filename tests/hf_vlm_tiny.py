@@ -94,15 +94,13 @@ def build_smolvlm(root: Path) -> None:
     _save(root, Idefics3ForConditionalGeneration, config, proc)
 
 
-def build_qwen2_vl(root: Path) -> None:
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-    )
+def build_qwen2_vl(root: Path, v25: bool = False) -> None:
+    """Qwen2-VL, or with ``v25`` Qwen2.5-VL (windowed vision attention, SwiGLU vision MLP)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+    name = "Qwen2_5_VL" if v25 else "Qwen2VL"
     tok = byte_tokenizer(
         [
             "<|vision_start|>",
@@ -120,30 +118,28 @@ def build_qwen2_vl(root: Path) -> None:
     pix = dict(
         patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=32 * 32
     )
-    config = Qwen2VLConfig(
+    vision = dict(depth=2, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2)  # fmt: skip
+    if v25:
+        vision |= dict(intermediate_size=64, out_hidden_size=32, window_size=16,
+                       fullatt_block_indexes=[1])  # fmt: skip
+    else:
+        vision |= dict(embed_dim=32, mlp_ratio=2)
+    config = getattr(transformers, f"{name}Config")(
         text_config=_text(
             _vocab(tok), rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1]}
         ),
-        vision_config=dict(
-            depth=2,
-            embed_dim=32,
-            hidden_size=32,
-            num_heads=2,
-            mlp_ratio=2,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
+        vision_config=vision,
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
     template = TEMPLATE.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
-    proc = Qwen2VLProcessor(
+    proc = getattr(transformers, f"{name}Processor")(
         Qwen2VLImageProcessor(**pix), tok, Qwen2VLVideoProcessor(**pix), chat_template=template
     )
-    _save(root, Qwen2VLForConditionalGeneration, config, proc)
+    _save(root, getattr(transformers, f"{name}ForConditionalGeneration"), config, proc)
 
 
 def build_llava(root: Path) -> None:
@@ -212,5 +208,6 @@ def _save(root: Path, cls, config, proc) -> None:
     proc.save_pretrained(root)
 
 
-BUILDERS = {"smolvlm": build_smolvlm, "qwen2-vl": build_qwen2_vl, "llava": build_llava,
+BUILDERS = {"smolvlm": build_smolvlm, "qwen2-vl": build_qwen2_vl,
+    "qwen2.5-vl": lambda root: build_qwen2_vl(root, v25=True), "llava": build_llava,
             "paligemma": build_paligemma}  # fmt: skip

@@ -23,7 +23,8 @@ from fedmm.methods.losses import supervised_loss
 from fedmm.runtime import get_runtime
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
-FAMILIES = list(BUILDERS)
+FAMILIES = list(BUILDERS)  # the tiny models; qwen2.5-vl is loaded by backbone qwen2-vl
+BACKBONE = {"qwen2.5-vl": "qwen2-vl"}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 def family_cfg(tiny_cfg, tiny_dirs, family: str, **extra) -> FedmmConfig:
     return tiny_cfg.with_overrides({
-        "model.backbone": family, "model.hf_path": str(tiny_dirs[family]),
+        "model.backbone": BACKBONE.get(family, family), "model.hf_path": str(tiny_dirs[family]),
         "model.image_size": 32, "data.task_kind": "generate", "peft.type": "lora",
         "model.max_text_len": 96, "data.train_per_client": 8, "data.test_per_client": 4,
         "train.local_steps": 2, "train.batch_size": 4, "eval.max_new_tokens": 4, **extra,
