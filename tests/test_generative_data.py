@@ -103,7 +103,8 @@ def test_caption_scores_are_the_libraries_own_values():
 def test_a_perfect_caption_scores_full_and_an_empty_one_zero():
     perfect = caption_scores([r[0] for r in REFS], REFS)
     assert perfect[".bleu"] == pytest.approx(1.0) and perfect[".rougeL"] == pytest.approx(1.0)
-    assert perfect[".cider"] > 3  # CIDEr-D is x10: a perfect caption of a distinct image scores high
+    # CIDEr-D is x10: a perfect caption of a distinct image scores high
+    assert perfect[".cider"] > 3
     empty = caption_scores(["", "", ""], REFS)
     assert empty == {"": 0.0, ".cider": 0.0, ".bleu": 0.0, ".rougeL": 0.0}
     with pytest.raises(ValueError, match="at least one reference"):
@@ -184,7 +185,9 @@ def test_fedmm_run_simulates_a_jsonl_caption_task(caption_cfg, tmp_path):
     assert main([*args, "--set", "progress=false"]) == 0
     (run,) = json.loads((out / "results.json").read_text())["runs"]
     assert [h["round"] for h in run["history"]] == [1, 2]
-    assert {"shared.bleu", "shared.rougeL", "shared.cider"} <= set(run["history"][-1]["clients"]["0"])
+    assert {"shared.bleu", "shared.rougeL", "shared.cider"} <= set(
+        run["history"][-1]["clients"]["0"]
+    )
 
 
 # ---------------------------------------------------------------------- site directories
@@ -275,6 +278,40 @@ def test_a_site_with_an_empty_target_is_an_error_naming_the_record(caption_cfg, 
         load_site(sites[1], caption_cfg)
 
 
+# ---------------------------------------------------------------------- fmnist-caption
+def test_fmnist_caption_references_are_templated_from_the_class_and_it_trains(tiny_cfg):
+    """The built-in caption benchmark: fmnist-domain's images with three references templated
+    from the class; 2 FedAvg rounds report BLEU / ROUGE-L / CIDEr-D; a classification backbone
+    is refused before anything runs."""
+    from fedmm.data import load_benchmark
+    from fedmm.data.fmnist import ITEMS, captions
+    from fedmm.validate import validate_config
+
+    cfg = tiny_cfg.with_overrides({
+        "data.benchmark": "fmnist-caption", "model.backbone": "tiny-gen", "peft.type": "lora",
+        "fed.clients": 2, "data.train_per_client": 12, "data.test_per_client": 6,
+        "model.max_text_len": 64, "train.max_target_tokens": 40, "train.local_steps": 2,
+        "train.batch_size": 4, "eval.max_new_tokens": 8,
+    })  # fmt: skip
+    validate_config(cfg)
+    with pytest.raises(ConfigError, match="'fmnist-caption' is generative"):
+        validate_config(cfg.with_overrides({"model.backbone": "tiny"}))
+    assert captions(7) == ["a sneaker, a kind of footwear",
+                           "a sneaker: for everyday wear, worn on the feet",
+                           "a picture of a sneaker"]  # fmt: skip
+    assert captions(9)[0] == "an ankle boot, a kind of footwear"
+    bench = load_benchmark(cfg)
+    domain = load_benchmark(cfg.with_overrides({"data.benchmark": "fmnist-domain",
+                                                "model.backbone": "tiny"}))  # fmt: skip
+    for c, d in zip(bench.clients, domain.clients):  # the same images, client for client
+        assert np.array_equal(c.train.images, d.train.images) and c.client_id == d.client_id
+    for refs in bench.clients[0].test.references:  # one class's templates, nothing else
+        assert refs in [captions(y) for y in range(len(ITEMS))]
+    record = run_federation(InProcessGrid(2), cfg)
+    scores = record["history"][-1]["clients"]["0-original"]
+    assert {"shared", "shared.bleu", "shared.rougeL", "shared.cider"} <= set(scores)
+
+
 # ---------------------------------------------------------------------- VQA-RAD as generation
 def _vqa_rad_or_skip() -> None:
     from fedmm.data.vqa_rad import find_vqa_rad
@@ -292,7 +329,7 @@ def test_vqa_rad_as_generation_keeps_unseen_answers_and_scores_them(tiny_cfg):
 
     cfg = tiny_cfg.with_overrides({
         "data.benchmark": "vqa-rad-organ", "data.task_kind": "generate", "fed.clients": 3,
-        "model.backbone": "tiny-gen", "peft.type": "lora", "model.max_text_len": 160,
+        "model.backbone": "tiny-gen", "peft.type": "lora", "model.max_text_len": 200,
         "train.local_steps": 1, "train.batch_size": 4, "eval.max_new_tokens": 4,
         "train.eval_batch_size": 64,
     })  # fmt: skip

@@ -103,6 +103,23 @@ def caption_text(text: str) -> str:
     return " ".join(str(text).lower().translate(PUNCT).split())
 
 
+def caption_libraries():
+    """``(sacrebleu, rouge_score.rouge_scorer, pycocoevalcap's Cider)``; ``ImportError`` saying
+    what to install when one is missing (checked when a caption task is encoded, before any
+    training)."""
+    try:
+        import sacrebleu
+        from pycocoevalcap.cider.cider import Cider
+        from rouge_score import rouge_scorer
+    except ImportError as exc:
+        raise ImportError(
+            f"caption scores need sacrebleu, rouge-score and pycocoevalcap ({exc.name} is "
+            "missing): pip install sacrebleu==2.6.0 rouge-score==0.1.2 pycocoevalcap==1.2 "
+            "(or pip install 'fedmm[caption]')"
+        ) from exc
+    return sacrebleu, rouge_scorer, Cider
+
+
 def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
     """``{"": CIDEr-D, ".cider": CIDEr-D, ".bleu": BLEU-4 / 100, ".rougeL": ROUGE-L F}`` of
     ``predictions`` (one per record) against ``references`` (a non-empty list per record), after
@@ -110,10 +127,7 @@ def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[
     ``rouge_score.rouge_scorer.RougeScorer(["rougeL"]).score_multi`` (averaged over records) and
     ``pycocoevalcap.cider.cider.Cider`` (corpus mean).  CIDEr-D's document frequencies are taken
     over the scored records, so a split of one record scores 0 (log 1)."""
-    import sacrebleu
-    from pycocoevalcap.cider.cider import Cider
-    from rouge_score import rouge_scorer
-
+    sacrebleu, rouge_scorer, Cider = caption_libraries()  # noqa: N806  (a class)
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} records")
     hyps = [caption_text(p) for p in predictions]
@@ -179,6 +193,8 @@ def encode_generative(
         raise ConfigError(f"{name}: a generative task needs text targets (RawSplit.targets)")
     if score not in SCORES:
         raise ConfigError(f"{name}: task score {score!r}; choices: {', '.join(SCORES)}")
+    if score == "caption":
+        caption_libraries()  # missing libraries: an error now, not after training
     chat, n_vis = model.chat, model.image_tokens
     rows, prompt_lens, truncated = [], [], 0
     for i, (question, answer) in enumerate(zip(raw.texts, raw.targets)):

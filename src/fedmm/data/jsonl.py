@@ -124,8 +124,10 @@ def read_jsonl(path: Path, generate: bool = False) -> list[dict]:
                                  "them, the target text(s) of the generate task ('labels' is "
                                  "for classification)")  # fmt: skip
             answers = obj["answers"] if "answers" in obj else [obj["answer"]]
-            if not isinstance(answers, list) or not answers or not all(
-                isinstance(a, str) for a in answers
+            if (
+                not isinstance(answers, list)
+                or not answers
+                or not all(isinstance(a, str) for a in answers)
             ):
                 raise ValueError(f"{where}: field 'answers' must be a non-empty list of strings "
                                  "(field 'answer': a string)")  # fmt: skip

@@ -45,8 +45,7 @@ SCHEMA_FILE = "schema.json"
 SCHEMA_VERSION = 1
 
 
-TASK_FIELDS = ("name", "kind", "labels", "groups", "description", "image_window", "prompt",
-               "score")
+TASK_FIELDS = ("name", "kind", "labels", "groups", "description", "image_window", "prompt", "score")
 
 
 @dataclass
@@ -230,7 +229,9 @@ def schema_of(benchmark: Benchmark) -> Schema:
                 groups.setdefault(task, set()).update(split.groups)
     return Schema(
         benchmark.name,
-        {name: Task(t.kind, list(t.answers), t.description, t.prompt, t.score)
-         for name, t in tasks.items()},  # fmt: skip
+        {
+            name: Task(t.kind, list(t.answers), t.description, t.prompt, t.score)
+            for name, t in tasks.items()
+        },  # fmt: skip
         {task: sorted(g) for task, g in groups.items() if g},
     )

@@ -180,8 +180,10 @@ def read_site_records(path: Path, kind: str, modalities: tuple[str, ...]) -> lis
         record = {"image": image, "text": text, "where": where}
         if kind == "generate":  # the target text(s) (fedmm.generation)
             answers = obj["answers"] if "answers" in obj else [obj.get("answer")]
-            if ("answer" in obj) == ("answers" in obj) or not answers or not all(
-                isinstance(a, str) for a in answers
+            if (
+                ("answer" in obj) == ("answers" in obj)
+                or not answers
+                or not all(isinstance(a, str) for a in answers)
             ):
                 raise ValueError(f"{where}: field 'answer' must be a string, or 'answers' a "
                                  "non-empty list of strings (the target text(s) of the site's "
