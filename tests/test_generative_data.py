@@ -111,6 +111,29 @@ def test_a_perfect_caption_scores_full_and_an_empty_one_zero():
         caption_scores(["a"], [[]])
 
 
+def test_a_caption_view_scores_what_the_model_generated(caption_cfg, monkeypatch):
+    """The view's scores are the caption scores of the generated text against every reference:
+    the references themselves score BLEU 1 and ROUGE-L 1; one wrong caption lowers all three."""
+    from fedmm.methods.base import ClientContext
+    from fedmm.runtime import get_runtime
+
+    runtime = get_runtime(caption_cfg)
+    test = runtime.client_split(0, "test")
+    ctx = ClientContext(caption_cfg, runtime.model, test, test, {}, 1, 0, 1, 1)
+    said = [refs[-1] for refs in test.reference_sets]  # the last reference, not the target
+    monkeypatch.setattr("fedmm.generation.generate_split", lambda ctx, split: list(said))
+    perfect = dict(ctx.view("shared"))
+    assert perfect["shared.bleu"] == pytest.approx(1.0)
+    assert perfect["shared.rougeL"] == pytest.approx(1.0)
+    assert perfect["shared"] == perfect["shared.cider"] > 1
+    assert perfect == {
+        "shared" + k: v for k, v in caption_scores(said, test.reference_sets).items()
+    }
+    said[0] = "nothing to see"
+    worse = ctx.view("shared")
+    assert all(worse[k] < perfect[k] for k in ("shared.bleu", "shared.rougeL", "shared.cider"))
+
+
 # ---------------------------------------------------------------------- the schema's score field
 def test_schema_score_field_is_validated_and_written_only_when_set(tmp_path):
     from fedmm.data.schema import parse_schema
