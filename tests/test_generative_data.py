@@ -260,6 +260,18 @@ def test_a_classification_backbone_refuses_a_jsonl_generate_task(caption_cfg):
         get_runtime(caption_cfg.with_overrides({"model.backbone": "tiny"}))
 
 
+def test_a_generative_backbone_refuses_a_jsonl_classification_task(caption_cfg, tmp_path):
+    from fedmm.runtime import get_runtime
+
+    root = write_caption_data(tmp_path / "labels", several=False)
+    (root / "schema.json").unlink()  # no schema: one single-label task over the answers
+    cfg = caption_cfg.with_overrides({"data.data_dir": str(root)})
+    with pytest.raises(ConfigError, match="'tiny-gen' is generative.*data.task_kind=generate"):
+        get_runtime(cfg)
+    test = get_runtime(cfg.with_overrides({"data.task_kind": "generate"})).client_split(0, "test")
+    assert test.references[0] == CAPTIONS["top"][0]  # the answer's text (normalised: lower case)
+
+
 def test_jsonl_generate_errors_name_the_file_and_line(caption_cfg, tmp_path):
     from fedmm.data import load_benchmark
 
