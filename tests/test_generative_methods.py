@@ -23,6 +23,7 @@ from fedmm.methods.feddat import (
     LAYOUTS,
     feddat_logits,
     feddat_losses,
+    feddat_step_losses,
     reference_step,
 )
 from fedmm.methods.losses import distill_kl, task_loss
@@ -113,8 +114,7 @@ def test_feddat_gradients_split_between_the_two_losses_on_a_causal_lm(gen_cfg, p
         p.requires_grad_(True)
 
     def losses():
-        return feddat_losses(*feddat_logits(model, feats, ids, mask, "average", "two-forward"),
-                             labels, cfg.feddat)  # fmt: skip
+        return feddat_step_losses(model, (feats, ids, mask, labels), cfg.feddat, "two-forward")
 
     l_s, l_dat = losses()
     fused = torch.autograd.grad(l_s + l_dat, a_s + a_c)
@@ -127,32 +127,34 @@ def test_feddat_gradients_split_between_the_two_losses_on_a_causal_lm(gen_cfg, p
 
 
 def test_feddat_batched_layouts_give_the_two_forward_gradients_on_a_causal_lm(gen_cfg):
+    """Every layout, with the logits at the answer positions only (``feddat_step_losses``),
+    gives the losses and gradients of two forwards computing every position's logits."""
     cfg = gen_cfg.with_overrides({"method": "feddat", "peft.type": "adapter"})
     _, model, ctx = loaded_feddat(cfg)
-    feats, ids, mask, labels = ctx.train.batch(torch.arange(4), ctx.device)
+    feats, ids, mask, labels = batch = ctx.train.batch(torch.arange(4), ctx.device)
     params = [*model.peft.parameters_of(GLOBAL), *model.peft.parameters_of(CLIENT),
               *model.visual_proj.parameters()]  # fmt: skip
     for p in params:
         p.requires_grad_(True)
-    results = {}
+    z_s, z_dat = feddat_logits(model, feats, ids, mask, "average", "two-forward")
+    assert z_s.shape[:2] == ids.shape and not torch.allclose(z_s, z_dat)  # two different models
+    ref = feddat_losses(z_s, z_dat, labels, cfg.feddat)
+    ref_grads = torch.autograd.grad(sum(ref), params)
     for layout in LAYOUTS:
-        z_s, z_dat = feddat_logits(model, feats, ids, mask, "average", layout)
-        loss = sum(feddat_losses(z_s, z_dat, labels, cfg.feddat))
-        results[layout] = (z_s, z_dat, torch.autograd.grad(loss, params))
-    ref_s, ref_dat, ref_grads = results["two-forward"]
-    assert not torch.allclose(ref_s, ref_dat)  # two different models
-    for layout in ("batched", "batched-prefix"):
-        z_s, z_dat, grads = results[layout]
-        assert torch.allclose(z_s, ref_s, atol=1e-5) and torch.allclose(z_dat, ref_dat, atol=1e-5)
-        for g, ref in zip(grads, ref_grads):
-            assert torch.allclose(g, ref, atol=1e-5, rtol=1e-4)
+        losses = feddat_step_losses(model, batch, cfg.feddat, layout)
+        grads = torch.autograd.grad(sum(losses), params)
+        for a, b in zip(losses, ref):
+            assert torch.allclose(a, b, atol=1e-5), layout
+        for g, r in zip(grads, ref_grads):
+            assert torch.allclose(g, r, atol=1e-5, rtol=1e-4), layout
 
 
 @pytest.mark.parametrize("peft_type", ["adapter", "lora", "prompt"])
 def test_feddat_fast_path_follows_the_reference_step_on_a_causal_lm(gen_cfg, peft_type):
-    """A_s and A_c after 3 steps of the fast path (one forward of 2B rows for adapters, one
-    backward, one AdamW step) equal those of the reference's three passes and two steps
-    (projector frozen and no clipping, as in tests/test_feddat_fast.py)."""
+    """A_s and A_c after 3 steps of the fast path (``local_update``'s: one forward of 2B rows
+    for adapters, logits at the answer positions only, one backward, one AdamW step) equal those
+    of the reference's three passes over every position and two steps (projector frozen and no
+    clipping, as in tests/test_feddat_fast.py)."""
     cfg = gen_cfg.with_overrides({"method": "feddat", "peft.type": peft_type})
     _, model, ctx = loaded_feddat(cfg)
     for p in model.visual_proj.parameters():
@@ -170,9 +172,8 @@ def test_feddat_fast_path_follows_the_reference_step_on_a_causal_lm(gen_cfg, pef
         for p, s in zip(a_s + a_c, start):
             p.copy_(s)
     opt = torch.optim.AdamW([{"params": a_s}, {"params": a_c}], lr=1e-2)
-    for feats, ids, mask, labels in batches:
-        loss_s, loss_dat = feddat_losses(*feddat_logits(model, feats, ids, mask), labels,
-                                         cfg.feddat)  # fmt: skip
+    for batch in batches:
+        loss_s, loss_dat = feddat_step_losses(model, batch, cfg.feddat)
         opt.zero_grad(set_to_none=True)
         (loss_s + loss_dat).backward()
         opt.step()
@@ -323,7 +324,7 @@ def test_feddat_on_a_causal_lm_learns_the_answers_of_held_out_questions(gen_cfg)
         model.eval()
         feats, ids, mask, labels = test.batch(torch.arange(len(test)), ctx.device)
         with torch.no_grad():
-            z_s, z_dat = feddat_logits(model, feats, ids, mask)
+            z_s, z_dat = feddat_logits(model, feats, ids, mask, "average", "two-forward")
         return float(task_loss(z_s, labels)), float(task_loss(z_dat, labels))
 
     before = held_out_ce({}, received)

@@ -38,8 +38,10 @@ gradient (tested).  A_s, Â_s and A_c are PEFT sets of the decoder (LoRA, bottle
 after each decoder block, or prompt tokens -- the DAT averages the two prompts); the projector is
 federated with A_s; there is no head.  The batched fast path below covers adapters (the decoder
 has no frozen block below the first adapter to share, so ``batched-prefix`` runs as ``batched``);
-LoRA and prompts take two forwards.  Tested on ``tiny-gen``: the fast path follows the
-reference step, the gradient split, and what travels (A_s and the projector, never A_c).
+LoRA and prompts take two forwards; either way the output layer and the softmax run at the
+answer positions only (``feddat_step_losses``: ``GenerativeVLModel.forward``'s ``keep``).  Tested
+on ``tiny-gen``: the fast path follows the reference step (which computes every position's
+logits), the gradient split, and what travels (A_s and the projector, never A_c).
 
  three forward passes and two optimiser steps per batch
 (``reference_step``: 1. z_DAT without gradient; 2. z_s, L_s, step A_s; 3. z_DAT again, L_DAT, step
@@ -87,7 +89,7 @@ from fedmm.config import ConfigError
 from fedmm.methods.aggregation import Reply, weighted_average
 from fedmm.methods.base import ClientUpdate, Method, register
 from fedmm.methods.context import ClientContext
-from fedmm.methods.losses import distill_kl, output_positions, task_loss
+from fedmm.methods.losses import answer_positions, distill_kl, output_positions, task_loss
 from fedmm.methods.state import Arrays, State, get_parts, load_parts, select, to_numpy
 from fedmm.peft import PEFT_TYPES, AdapterBank
 from fedmm.spec import PERSONAL, SHARED, FedDATConfig
@@ -133,24 +135,44 @@ def feddat_logits(
     mask: torch.Tensor,
     combine: str = "average",
     layout: str = "batched-prefix",
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z_s, z_DAT)`` on one batch.  ``layout``: ``batched-prefix`` (adapters: one forward of
     ``2B`` rows, the frozen block below the first adapter once), ``batched`` (one forward of
     ``2B`` rows), ``two-forward`` (two forwards of ``B``; the only layout for LoRA, prompts and
-    BitFit, whose sets act below or inside the first block)."""
+    BitFit, whose sets act below or inside the first block).  ``keep`` (generative models, bool
+    ``(B, L)``): the logits at those positions only, ``(N, V)`` each (``answer_positions``)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    at = {} if keep is None else {"keep": keep}
     if layout == "two-forward" or not isinstance(model.peft, AdapterBank):
         with model.active(CLIENT, FROZEN, combine=combine):
-            z_dat = model(feats, ids, mask)
+            z_dat = model(feats, ids, mask, **at)
         with model.active(GLOBAL):
-            z_s = model(feats, ids, mask)
+            z_s = model(feats, ids, mask, **at)
         return z_s, z_dat
     block = prefix_block(model) if layout == "batched-prefix" else None
-    b = feats.shape[0]
+    rows = feats.shape[0] if keep is None else int(keep.sum())
+    at = {} if keep is None else {"keep": torch.cat([keep, keep])}  # row-major: A_s rows first
     with model.peft.row_blocks([(GLOBAL,), (CLIENT, FROZEN)], combine, prefix_block=block):
-        z = model(*(torch.cat([x, x]) for x in (feats, ids, mask)))
-    return z[:b], z[b:]
+        z = model(*(torch.cat([x, x]) for x in (feats, ids, mask)), **at)
+    return z[:rows], z[rows:]
+
+
+def feddat_step_losses(
+    model: FusionVLModel,
+    batch: Sequence[torch.Tensor],
+    cfg: FedDATConfig,
+    layout: str = "batched-prefix",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_s, L_DAT)`` of one batch ``(feats, ids, mask, labels)`` as ``local_update`` takes
+    them: ``feddat_logits`` + ``feddat_losses``, a generative model's logits computed at the
+    answer positions only (``answer_positions``: the output layer and softmax skip the prompt's
+    positions; the same values as ``feddat_losses`` on every position's logits, tested)."""
+    feats, ids, mask, labels = batch
+    keep, targets = answer_positions(labels, ids.shape[1])
+    z_s, z_dat = feddat_logits(model, feats, ids, mask, cfg.dat_combine, layout, keep)
+    return feddat_losses(z_s, z_dat, targets, cfg)
 
 
 def reference_step(
@@ -245,9 +267,8 @@ class FedDAT(Method):
             list(model.visual_proj.parameters()),
             list(model.head.parameters()),
         ])  # fmt: skip
-        for feats, ids, mask, labels in ctx.steps(opt):
-            z_s, z_dat = feddat_logits(model, feats, ids, mask, cfg.dat_combine)
-            loss_s, loss_dat = feddat_losses(z_s, z_dat, labels, cfg)
+        for batch in ctx.steps(opt):
+            loss_s, loss_dat = feddat_step_losses(model, batch, cfg)
             ctx.step(opt, loss_s + loss_dat)
         return ClientUpdate(
             get_parts(model, self.upload_parts()), keep=get_parts(model, self.personal_parts())

@@ -83,6 +83,24 @@ def output_positions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return logits[taken]
 
 
+def answer_positions(labels: torch.Tensor, width: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(keep, targets)`` for a model that computes logits at kept positions only
+    (``GenerativeVLModel.forward``'s ``keep``): a generative batch (``labels`` ``(B, L')`` long,
+    -100 off the answer) gives ``keep`` bool ``(B, width)`` at its answer positions and
+    ``targets`` ``(N,)`` their labels in the same (row-major) order; any other batch
+    ``(None, labels)``.  The logits at ``keep`` with ``targets`` are exactly
+    ``output_positions``' rows with their labels."""
+    if labels.is_floating_point() or labels.ndim < 2:
+        return None, labels
+    from fedmm.generation import IGNORE
+
+    labels = labels[:, :width]
+    keep = labels != IGNORE
+    if not bool(keep.any()):
+        raise ValueError("a generative batch without any answer token (every label is -100)")
+    return keep, labels[keep]
+
+
 def supervised_loss(
     model: torch.nn.Module, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
     labels: torch.Tensor,
