@@ -6,12 +6,14 @@ distillation, its fast path against the literal reference step, and for every me
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import bound_method, run_federation
 from test_generative import RecordingGrid
+from test_serverapp import InProcessGrid
 
 from fedmm.config import ConfigError
 from fedmm.generation import IGNORE
@@ -300,38 +302,23 @@ def test_fedper_on_a_causal_lm_refuses_what_it_cannot_personalise(gen_cfg):
 
 
 # ---------------------------------------------------------------------- learning
-def test_feddat_on_a_causal_lm_learns_the_answers_of_held_out_questions(gen_cfg):
-    """One round of FedDAT (defaults: α = β = 0.5, T = 3) on fmnist-function's ``object``
-    family lowers the answer-token cross-entropy on the *test* questions of A_s alone and of
-    the DAT to well under that of the untrained model.  (A check by generated exact match, as
-    tests/test_generative.py's FedAvg one, did not fit: 3 rounds of 60 steps took 68 s at load
-    ≈ 10 and, with the distillation's pull towards the frozen Â_s, had not yet passed the
-    most-common answer -- docs/generative.md.)"""
+def test_feddat_learns_a_generative_task_beyond_the_most_common_answer(gen_cfg):
+    """fmnist-function's ``object`` family, as tests/test_generative.py's FedAvg check, with
+    FedDAT's defaults (α = β = 0.5, T = 3): after 5 rounds of 60 steps A_s alone (``shared``)
+    and the DAT (``personal``) generate the right class name more often than always answering
+    the most common test answer.  (3 rounds are not enough: the distillation towards a teacher
+    that starts at the frozen Â_s slows the first rounds -- docs/generative.md.)"""
     cfg = gen_cfg.with_overrides({
         "method": "feddat", "data.benchmark": "fmnist-function", "fed.clients": 1,
-        "fed.rounds": 1, "train.local_steps": 24, "train.batch_size": 12, "train.lr": 5e-3,
-        "train.schedule": "constant", "data.train_per_client": 120, "data.test_per_client": 30,
+        "fed.rounds": 5, "train.local_steps": 60, "train.batch_size": 16, "train.lr": 5e-3,
+        "train.schedule": "constant", "data.train_per_client": 200, "data.test_per_client": 30,
+        "fed.eval_every": 5,
     })  # fmt: skip
-    method = bound_method(cfg)
-    rt = get_runtime(cfg)
-    model, test = rt.model, rt.client_split(0, "test")
-    received = to_torch(method.init_global(model))
-
-    def held_out_ce(kept, state):
-        ctx = ClientContext(cfg, model, test, test, kept, 1, 0, 1, 1)
-        method.prepare(model)
-        method.load(ctx, state)  # Â_s <- A_s of ``state``, as evaluation does
-        model.eval()
-        feats, ids, mask, labels = test.batch(torch.arange(len(test)), ctx.device)
-        with torch.no_grad():
-            z_s, z_dat = feddat_logits(model, feats, ids, mask, "average", "two-forward")
-        return float(task_loss(z_s, labels)), float(task_loss(z_dat, labels))
-
-    before = held_out_ce({}, received)
-    ctx = ClientContext(cfg, model, rt.client_split(0, "train"), test, {}, 1, 0, 24, 24)
-    update = method.client_train(ctx, received)
-    after = held_out_ce(update.keep, {**received, **update.upload})
-    assert after[0] < 0.6 * before[0] and after[1] < 0.6 * before[1], (before, after)
+    test = get_runtime(cfg).client_split(0, "test")
+    majority = Counter(test.references).most_common(1)[0][1] / len(test)
+    record = run_federation(InProcessGrid(1), cfg)
+    last = record["history"][-1]["clients"]["0-object"]
+    assert last[SHARED] > majority + 0.15 and last[PERSONAL] > majority + 0.15, (last, majority)
 
 
 def test_task_loss_and_distillation_read_the_same_positions():
