@@ -67,6 +67,11 @@ PEFT_TYPE_NAMES = ("adapter", "lora", "prompt", "bitfit")  # fedmm.peft.PEFT_TYP
 # fedmm.backbones registers them: the fusion backbones and the Hugging Face families
 BACKBONE_NAMES = ("blip", "clip", "llava", "minilm-mobilenet", "paligemma", "qwen2-vl", "siglip",
                   "smollm2-mobilenet", "smolvlm", "tiny", "tiny-gen", "vilt")  # fmt: skip
+# the generative ones (fedmm.backbones.generative registers them): they answer in text, no head
+# Hugging Face generative VLM families (fedmm.backbones.hf_generative): the baselines train them;
+# methods that reach into the decoder's layers say so (Method.hf_generative_refusal)
+HF_GENERATIVE_BACKBONE_NAMES = ("smolvlm", "qwen2-vl", "llava", "paligemma")
+GENERATIVE_BACKBONE_NAMES = ("smollm2-mobilenet", "tiny-gen", *HF_GENERATIVE_BACKBONE_NAMES)
 PRECISIONS = ("fp32", "bf16", "auto")
 COMPRESSIONS = ("none", "fp16", "int8")  # fedmm.federation.messages encodes them
 SECURE_AGGREGATIONS = ("off", "secagg+")  # fedmm.federation.secagg implements them
@@ -83,7 +88,8 @@ VIEW_KINDS = {
     SHARED: "every parameter the federation shares, with the shared head: the model a new client "
     "would receive",
     SHARED_HEAD: "the shared body (PEFT set, projection) with the client's own head: the head it "
-    "trained locally in its last round and kept",
+    "trained locally in its last round and kept (a generative model has no head: the shared "
+    "model with the client's own personal part, FedPer's personal projector / last decoder layers)",
     PERSONAL: "the client's own full model (FedAvg's locally trained copy, Ditto's v_k, FedDAT's "
     "DAT, FedPIA's local model, TAP's stage-1 model, local training's)",
 }
@@ -142,6 +148,26 @@ class FedDATConfig:
 ANCHORS = ("global", "fedavg", "largest")  # FedPIA's alignment anchor
 COSTS = ("sqeuclidean", "cosine")  # FedPIA's unit matching cost
 SOLVERS = ("exact", "emd", "sinkhorn", "identity")  # FedPIA's assignment solver
+
+
+FEDPER_PERSONAL = ("top", "proj", "top+proj")
+
+
+@dataclass
+class FedPerConfig:
+    """FedPer (Arivazhagan et al. 2019): which layers stay on the client (the personalisation
+    layers); the rest is federated.  ``top`` is the paper's: the layers nearest the output."""
+
+    personal: str = option(
+        "top", choices=FEDPER_PERSONAL,
+        help="what stays on the client: top = the layers nearest the output (a classifier's "
+        "task head; a generative model's PEFT sets in its last fedper.personal_layers decoder "
+        "layers), proj = the visual projector, top+proj = both",
+    )  # fmt: skip
+    personal_layers: int = option(
+        1, "[1, inf)", help="generative backbones, personal = top or top+proj: k, the decoder "
+        "layers (counted from the last) whose PEFT sets are personal",
+    )  # fmt: skip
 
 
 @dataclass
@@ -291,11 +317,12 @@ class MethodSpec:
         return narrowed[1] if narrowed else self.view_aliases
 
 
-def _feddat_head(flat_config: Mapping[str, object]) -> tuple[Views, Aliases] | None:
-    """FedDAT with ``feddat.federate_head`` (a string too, as stored): A_s has the shared head,
-    so ``shared`` instead of ``shared+head``."""
+def _feddat_views(flat_config: Mapping[str, object]) -> tuple[Views, Aliases] | None:
+    """FedDAT with ``feddat.federate_head`` (a string too, as stored) or on a generative backbone
+    (no head at all): A_s is the whole shared model, so ``shared`` instead of ``shared+head``."""
     value = flat_config.get("feddat.federate_head", False)
-    if value is True or str(value).strip().lower() in ("true", "1", "yes"):
+    generative = flat_config.get("model.backbone") in GENERATIVE_BACKBONE_NAMES
+    if generative or value is True or str(value).strip().lower() in ("true", "1", "yes"):
         aliases = {"global": SHARED, "personalized": PERSONAL, "dat": PERSONAL}
         return (SHARED, PERSONAL, "client"), MappingProxyType(aliases)
     return None
@@ -314,11 +341,11 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     "fedprox": MethodSpec(FedProxConfig, **_AVERAGED),
     "fedadam": MethodSpec(FedAdamConfig, **_AVERAGED),
     "ditto": MethodSpec(DittoConfig, (SHARED, PERSONAL), _AVERAGED["view_aliases"]),
-    "fedper": MethodSpec(views=(SHARED_HEAD,), view_aliases=MappingProxyType({"personalized": SHARED_HEAD})),
+    "fedper": MethodSpec(FedPerConfig, (SHARED_HEAD,), view_aliases=MappingProxyType({"personalized": SHARED_HEAD})),
     "feddat": MethodSpec(
         FedDATConfig, (SHARED_HEAD, PERSONAL, "client"),
         MappingProxyType({"global": SHARED_HEAD, "personalized": PERSONAL, "dat": PERSONAL}),
-        _feddat_head, extras=MappingProxyType({"client": "A_c alone"}),
+        _feddat_views, extras=MappingProxyType({"client": "A_c alone"}),
         variants=MappingProxyType({
             "feddat-fedhead": Variant(
                 "feddat", {"feddat.federate_head": True},

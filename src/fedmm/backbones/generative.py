@@ -54,6 +54,7 @@ from fedmm.backbones.fusion import GridVision, VLModel
 from fedmm.config import AdapterConfig, ConfigError, ModelConfig, PeftConfig
 from fedmm.peft import PEFT_TYPES, AdapterBank, LoraBank, PeftBank, PromptBank
 from fedmm.peft.lora import lora_rank_for_budget
+from fedmm.spec import GENERATIVE_BACKBONE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +399,33 @@ class GenerativeVLModel(GridVision, VLModel):
                 torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 self.peft.reset_set(name)
 
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the language model."""
+        return len(self.lm.model.layers)
+
+    def peft_layers(self, set_name: str) -> dict[str, int]:
+        """The decoder layer (0-based) each tensor of PEFT set ``set_name`` acts in, by the set's
+        state key (``"3.down.weight"`` -> 3 for adapters, ``"12.lora_B.weight"`` -> the layer
+        of the 12th target projection for LoRA).  Raises ``ConfigError`` for prompt tuning: its
+        tokens enter below the first layer and belong to none (FedPer's ``fedper.personal``)."""
+        bank = self.peft
+        if isinstance(bank, AdapterBank):
+            modules = list(bank.points)
+        elif isinstance(bank, LoraBank):
+            by_path = dict(self.lm.model.named_modules())
+            modules = [by_path[p] for p in bank.paths]
+        else:
+            raise ConfigError(
+                f"peft.type {bank.kind!r} has no PEFT set per decoder layer (prompt tokens enter "
+                "below the first layer); personalise decoder layers with lora or adapter"
+            )
+        owner = {id(m): j for j, layer in enumerate(self.lm.model.layers) for m in layer.modules()}
+        return {
+            key: owner[id(modules[int(key.split(".", 1)[0])])]
+            for key in bank.set_module(set_name).state_dict()
+        }
+
     # ------------------------------------------------------------------ forward
     def _embed(
         self, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -557,8 +585,7 @@ class _CacheDir:
 
 
 LM_CACHE_DIR = _CacheDir()
-# smolvlm, qwen2-vl, llava, paligemma: Hugging Face generative VLMs (fedmm.backbones.hf_generative)
-GENERATIVE_BACKBONES = ("smollm2-mobilenet", "tiny-gen", "smolvlm", "qwen2-vl", "llava", "paligemma")
+GENERATIVE_BACKBONES = GENERATIVE_BACKBONE_NAMES  # declared on the ground floor (fedmm.spec)
 
 
 def is_generative(backbone: str) -> bool:

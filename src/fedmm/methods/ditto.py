@@ -14,8 +14,14 @@ Round t on client k:
 Each of the two models gets the same step budget and schedule as any other method's model, so a
 Ditto round costs two models' steps (``steps`` counts the global model's, ``personal_steps`` the
 personal model's).  Server: the FedAvg average of θ_k.
-Views: ``shared`` = θ^{t+1}; ``personal`` = v_k (none before the client first trains).  No ``shared+head``: the client's own head is
-v_k's, trained on v_k's body, not on θ's.
+Views: ``shared`` = θ^{t+1}; ``personal`` = v_k (none before the client first trains).  No
+``shared+head``: the client's own head is v_k's, trained on v_k's body, not on θ's.
+
+Generative backbones (docs/generative.md): the same, with CE the next-token cross-entropy on the
+answer tokens.  A generative model has no head, so θ = {PEFT set ``global_adapter``, projector}
+and v_k = {PEFT set ``personal_adapter``, its own projector}: v_k is a full personal copy of
+everything trainable, and neither it nor any part of it is ever uploaded.  Both views are
+scored by greedy generation.
 """
 
 from __future__ import annotations
@@ -37,9 +43,6 @@ RENAME_TO_PERSONAL = {"adapter.global_adapter": "adapter.personal_adapter"}
 @register("ditto")
 class Ditto(FedAvg):
     adapter_sets = ("global_adapter", "personal_adapter")
-    generative_refusal = (
-        "its personal model's evaluation per view is not yet wired for generation (issue 27)"
-    )
     dp_sgd_refusal = "it trains two models per round (the global and the personal v_k)"
 
     def count_trainable(self, model: FusionVLModel) -> int:

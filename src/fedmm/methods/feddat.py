@@ -19,7 +19,31 @@ Local update, per batch (x, y), with temperature T, weights α, β (reference: T
     L_s   = α·CE(z_s, y)   + (1−α)·T²·KL(softmax(sg[z_DAT]/T) ‖ softmax(z_s/T))
     L_DAT = β·CE(z_DAT, y) + (1−β)·T²·KL(softmax(sg[z_s]/T)   ‖ softmax(z_DAT/T))
 
-(sg = stop-gradient).  The reference runs three forward passes and two optimiser steps per batch
+(sg = stop-gradient).  The KL terms are averaged over the output positions that take a loss
+(``losses.output_positions``): one per example for a classifier (``batchmean``).
+
+Generative backbones (``fedmm.backbones.generative``, docs/generative.md): the same two losses
+**per answer token**.  With z_{·,i,t} ∈ R^V the next-token logits of row i at position t and
+𝒯 = {(i, t): y_{i,t} ≠ −100} the answer and end-of-turn positions of the batch (prompt, image
+and padding positions excluded),
+
+    CE_tok(z, y) = (1/|𝒯|) Σ_{(i,t)∈𝒯} −log softmax(z_{i,t})[y_{i,t}]
+    KL_tok(p ‖ q) = (1/|𝒯|) Σ_{(i,t)∈𝒯} KL(softmax(p_{i,t}/T) ‖ softmax(q_{i,t}/T))   (over V)
+    L_s   = α·CE_tok(z_s, y)   + (1−α)·T²·KL_tok(sg[z_DAT] ‖ z_s)
+    L_DAT = β·CE_tok(z_DAT, y) + (1−β)·T²·KL_tok(sg[z_s]   ‖ z_DAT)
+
+i.e. the temperature softens each position's vocabulary distribution and both terms are means
+over answer tokens; the logits at the excluded positions enter neither the value nor the
+gradient (tested).  A_s, Â_s and A_c are PEFT sets of the decoder (LoRA, bottleneck adapters
+after each decoder block, or prompt tokens -- the DAT averages the two prompts); the projector is
+federated with A_s; there is no head.  The batched fast path below covers adapters (the decoder
+has no frozen block below the first adapter to share, so ``batched-prefix`` runs as ``batched``);
+LoRA and prompts take two forwards; either way the output layer and the softmax run at the
+answer positions only (``feddat_step_losses``: ``GenerativeVLModel.forward``'s ``keep``).  Tested
+on ``tiny-gen``: the fast path follows the reference step (which computes every position's
+logits), the gradient split, and what travels (A_s and the projector, never A_c).
+
+ three forward passes and two optimiser steps per batch
 (``reference_step``: 1. z_DAT without gradient; 2. z_s, L_s, step A_s; 3. z_DAT again, L_DAT, step
 A_c).  fedmm's fast path (``feddat_logits`` + ``feddat_losses``) takes one backward of
 ``L_s + L_DAT`` and **one** AdamW step per batch: A_s only appears in z_s and A_c only in z_DAT,
@@ -43,8 +67,10 @@ inference cost), ``personal`` = the DAT, ``client`` = A_c alone.  With ``feddat.
 the head is shared too: ``shared`` = A_s with the shared head replaces ``shared+head``.  Without
 it there is no shared head (the server never has a trained one), so no ``shared`` view: FedDAT's
 A_s + own head compares with FedPer and with FedAvg's ``shared+head``, not with FedAvg's
-``shared``.  A client that has not trained yet has no A_c and no head: it scores ``shared``
-(federated head) or nothing.
+``shared``.  A generative model has no head: A_s with the projector is the whole shared model,
+so its views are ``shared``, ``personal`` and ``client`` whatever ``feddat.federate_head`` says
+(``fedmm.spec``'s ``_feddat_views``).  A client that has not trained yet has no A_c and no head:
+it scores ``shared`` (federated head, or generative) or nothing.
 
 Reference defects avoided: A_c stays in the optimiser every round (explicit parameter groups,
 pinned by a test that A_c changes in every round); one schedule over the whole run, one step per
@@ -63,7 +89,7 @@ from fedmm.config import ConfigError
 from fedmm.methods.aggregation import Reply, weighted_average
 from fedmm.methods.base import ClientUpdate, Method, register
 from fedmm.methods.context import ClientContext
-from fedmm.methods.losses import distill_kl, task_loss  # fmt: skip
+from fedmm.methods.losses import answer_positions, distill_kl, output_positions, task_loss
 from fedmm.methods.state import Arrays, State, get_parts, load_parts, select, to_numpy
 from fedmm.peft import PEFT_TYPES, AdapterBank
 from fedmm.spec import PERSONAL, SHARED, FedDATConfig
@@ -75,14 +101,19 @@ LAYOUTS = ("batched-prefix", "batched", "two-forward")
 def feddat_losses(
     z_s: torch.Tensor, z_dat: torch.Tensor, labels: torch.Tensor, cfg: FedDATConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L_s, L_DAT)`` of the module docstring (each distillation target detached; a
-    multi-label task, float 0/1 ``labels``, distils per-label Bernoulli distributions)."""
+    """``(L_s, L_DAT)`` of the module docstring (each distillation target detached).
+
+    ``z_s``, ``z_dat``: ``(B, C)`` class logits with ``labels`` ``(B,)`` (a multi-label task,
+    float 0/1 ``labels`` ``(B, K)``, distils per-label Bernoulli distributions), or ``(B, L, V)``
+    next-token logits with ``labels`` ``(B, L')`` (-100 off the answer): cross-entropy and KL are
+    then means over the answer tokens (``losses.output_positions``)."""
     t, multilabel = cfg.temperature, labels.is_floating_point()
+    p_s, p_dat = output_positions(z_s, labels), output_positions(z_dat, labels)
     loss_s = cfg.alpha * task_loss(z_s, labels) + (1 - cfg.alpha) * distill_kl(
-        z_s, z_dat.detach(), t, multilabel
+        p_s, p_dat.detach(), t, multilabel
     )
     loss_dat = cfg.beta * task_loss(z_dat, labels) + (1 - cfg.beta) * distill_kl(
-        z_dat, z_s.detach(), t, multilabel
+        p_dat, p_s.detach(), t, multilabel
     )
     return loss_s, loss_dat
 
@@ -104,24 +135,44 @@ def feddat_logits(
     mask: torch.Tensor,
     combine: str = "average",
     layout: str = "batched-prefix",
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z_s, z_DAT)`` on one batch.  ``layout``: ``batched-prefix`` (adapters: one forward of
     ``2B`` rows, the frozen block below the first adapter once), ``batched`` (one forward of
     ``2B`` rows), ``two-forward`` (two forwards of ``B``; the only layout for LoRA, prompts and
-    BitFit, whose sets act below or inside the first block)."""
+    BitFit, whose sets act below or inside the first block).  ``keep`` (generative models, bool
+    ``(B, L)``): the logits at those positions only, ``(N, V)`` each (``answer_positions``)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    at = {} if keep is None else {"keep": keep}
     if layout == "two-forward" or not isinstance(model.peft, AdapterBank):
         with model.active(CLIENT, FROZEN, combine=combine):
-            z_dat = model(feats, ids, mask)
+            z_dat = model(feats, ids, mask, **at)
         with model.active(GLOBAL):
-            z_s = model(feats, ids, mask)
+            z_s = model(feats, ids, mask, **at)
         return z_s, z_dat
     block = prefix_block(model) if layout == "batched-prefix" else None
-    b = feats.shape[0]
+    rows = feats.shape[0] if keep is None else int(keep.sum())
+    at = {} if keep is None else {"keep": torch.cat([keep, keep])}  # row-major: A_s rows first
     with model.peft.row_blocks([(GLOBAL,), (CLIENT, FROZEN)], combine, prefix_block=block):
-        z = model(*(torch.cat([x, x]) for x in (feats, ids, mask)))
-    return z[:b], z[b:]
+        z = model(*(torch.cat([x, x]) for x in (feats, ids, mask)), **at)
+    return z[:rows], z[rows:]
+
+
+def feddat_step_losses(
+    model: FusionVLModel,
+    batch: Sequence[torch.Tensor],
+    cfg: FedDATConfig,
+    layout: str = "batched-prefix",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_s, L_DAT)`` of one batch ``(feats, ids, mask, labels)`` as ``local_update`` takes
+    them: ``feddat_logits`` + ``feddat_losses``, a generative model's logits computed at the
+    answer positions only (``answer_positions``: the output layer and softmax skip the prompt's
+    positions; the same values as ``feddat_losses`` on every position's logits, tested)."""
+    feats, ids, mask, labels = batch
+    keep, targets = answer_positions(labels, ids.shape[1])
+    z_s, z_dat = feddat_logits(model, feats, ids, mask, cfg.dat_combine, layout, keep)
+    return feddat_losses(z_s, z_dat, targets, cfg)
 
 
 def reference_step(
@@ -160,7 +211,6 @@ def reference_step(
 @register("feddat")
 class FedDAT(Method):
     adapter_sets = (GLOBAL, FROZEN, CLIENT)
-    generative_refusal = "its mutual distillation reads class logits of one head; token-level distillation is issue 27"
     dp_sgd_refusal = "its loss distils between two adapters (a sum of losses over several models)"
     secagg_refusal = ""  # A_s (with proj / head when federated) is the weighted mean: a sum
 
@@ -172,9 +222,10 @@ class FedDAT(Method):
                 f"feddat.dat_combine={cfg.feddat.dat_combine!r} is not defined for peft.type "
                 f"{cfg.peft.type!r} (it combines by {', '.join(combines)}); use 'average'"
             )
-        if cfg.feddat.federate_head:  # A_s has the shared head: no client head of its own
-            self.views = self.views_for({"feddat.federate_head": True})
-            self.view_aliases = self.aliases_for({"feddat.federate_head": True})
+        # a federated head (or none: a generative model) makes A_s the whole shared model
+        flat = {"feddat.federate_head": cfg.feddat.federate_head,
+                "model.backbone": cfg.model.backbone}  # fmt: skip
+        self.views, self.view_aliases = self.views_for(flat), self.aliases_for(flat)
 
     def upload_parts(self) -> tuple[str, ...]:
         parts = (f"adapter.{GLOBAL}", "proj")
@@ -216,9 +267,8 @@ class FedDAT(Method):
             list(model.visual_proj.parameters()),
             list(model.head.parameters()),
         ])  # fmt: skip
-        for feats, ids, mask, labels in ctx.steps(opt):
-            z_s, z_dat = feddat_logits(model, feats, ids, mask, cfg.dat_combine)
-            loss_s, loss_dat = feddat_losses(z_s, z_dat, labels, cfg)
+        for batch in ctx.steps(opt):
+            loss_s, loss_dat = feddat_step_losses(model, batch, cfg)
             ctx.step(opt, loss_s + loss_dat)
         return ClientUpdate(
             get_parts(model, self.upload_parts()), keep=get_parts(model, self.personal_parts())
@@ -227,12 +277,12 @@ class FedDAT(Method):
     def evaluate(self, ctx: ClientContext, received: State) -> dict[str, float]:
         model = ctx.model
         if not ctx.kept:  # not trained yet: no A_c, no head of its own
-            if self.cfg.feddat.federate_head:
+            if self.views[0] == SHARED:  # A_s is the whole shared model
                 with model.active(GLOBAL):
                     ctx.view(SHARED)
             return ctx.views
         with model.active(GLOBAL):
-            ctx.view(self.views[0])  # shared (federated head) or shared+head (personal head)
+            ctx.view(self.views[0])  # shared (federated or no head) or shared+head (own head)
         with model.active(CLIENT, FROZEN, combine=self.cfg.feddat.dat_combine):
             ctx.view(PERSONAL)
         with model.active(CLIENT):

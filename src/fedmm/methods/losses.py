@@ -1,5 +1,9 @@
 """The losses and metrics methods share: the task loss (cross-entropy / BCE), the proximal term
-(FedProx, Li et al. 2020, Eq. 2), distillation KL (Hinton et al. 2015) and multi-label scores."""
+(FedProx, Li et al. 2020, Eq. 2), distillation KL (Hinton et al. 2015) and multi-label scores.
+
+A distillation reads the model's output distribution at every *output position that takes a
+loss* (``output_positions``): one per example for a classifier, one per answer token for a
+generative model -- so a KL term reads the same for a class and for a token."""
 
 from __future__ import annotations
 
@@ -57,6 +61,44 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
         return token_loss(logits, labels)
     return F.cross_entropy(logits, labels)
+
+
+def output_positions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The logits of the output positions that take a loss, one row each: ``(N, C)``.
+
+    Classification (``labels`` ``(B,)`` long, or float 0/1 ``(B, K)`` multi-label): ``logits``
+    ``(B, C)`` unchanged, N = B.  Generative (``labels`` ``(B, L')`` long next-token ids with -100
+    off the answer, L' >= L; ``fedmm.generation``): the rows of ``logits`` ``(B, L, V)`` at the
+    positions whose label is not -100 -- the answer tokens and the end-of-turn token -- so prompt,
+    image and padding positions take no part (neither in the value nor in the gradient).
+
+    Raises ``ValueError`` when a generative batch has no position that takes a loss."""
+    if labels.is_floating_point() or labels.ndim < 2:
+        return logits
+    from fedmm.generation import IGNORE
+
+    taken = labels[:, : logits.shape[1]] != IGNORE
+    if not bool(taken.any()):
+        raise ValueError("a generative batch without any answer token (every label is -100)")
+    return logits[taken]
+
+
+def answer_positions(labels: torch.Tensor, width: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(keep, targets)`` for a model that computes logits at kept positions only
+    (``GenerativeVLModel.forward``'s ``keep``): a generative batch (``labels`` ``(B, L')`` long,
+    -100 off the answer) gives ``keep`` bool ``(B, width)`` at its answer positions and
+    ``targets`` ``(N,)`` their labels in the same (row-major) order; any other batch
+    ``(None, labels)``.  The logits at ``keep`` with ``targets`` are exactly
+    ``output_positions``' rows with their labels."""
+    if labels.is_floating_point() or labels.ndim < 2:
+        return None, labels
+    from fedmm.generation import IGNORE
+
+    labels = labels[:, :width]
+    keep = labels != IGNORE
+    if not bool(keep.any()):
+        raise ValueError("a generative batch without any answer token (every label is -100)")
+    return keep, labels[keep]
 
 
 def supervised_loss(
