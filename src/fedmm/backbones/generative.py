@@ -429,14 +429,20 @@ class GenerativeVLModel(GridVision, VLModel):
         return emb, attention_mask, positions
 
     def forward(
-        self, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Next-token logits ``(B, L, V)`` at every position of ``input_ids``."""
+        self, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Next-token logits ``(B, L, V)`` at every position of ``input_ids``; with ``keep``
+        (bool ``(B, L)``) only at the kept positions, ``(N, V)`` in row-major order.
+
+        ``keep`` is how training takes its loss (``fedmm.methods.losses.supervised_loss``): the
+        output layer (576 x 49,152 for SmolLM2, about a fifth of the model's multiply-adds per
+        token) and the softmax then run at the answer positions only, not at the prompt's."""
         emb, mask, positions = self._embed(feats, input_ids, attention_mask)
-        out = self.lm(
+        hidden = self.lm.model(
             inputs_embeds=emb, attention_mask=mask, position_ids=positions, use_cache=False
-        )
-        return out.logits[:, emb.shape[1] - input_ids.shape[1] :]
+        ).last_hidden_state[:, emb.shape[1] - input_ids.shape[1] :]
+        return self.lm.lm_head(hidden if keep is None else hidden[keep])
 
     @torch.no_grad()
     def generate(
@@ -485,8 +491,29 @@ class GenerativeVLModel(GridVision, VLModel):
 
 # ---------------------------------------------------------------------- builders
 def _check_not_classifier(name: str, num_answers) -> None:
-    sizes = num_answers.values() if isinstance(num_answers, dict) else [num_answers]
-    if any(int(n) > 0 for n in sizes):
+    """A generative model answers every task in text and has no head: a task with a label list
+    (``num_answers`` > 0) is refused, named when the schema has several (a generate task beside
+    classification tasks is not supported: ``ConfigError``)."""
+    if isinstance(num_answers, dict):
+        labelled = {t: int(n) for t, n in num_answers.items() if int(n) > 0}
+        if labelled and len(labelled) < len(num_answers):
+            listed = ", ".join(f"{t!r} ({n} labels)" for t, n in labelled.items())
+            raise ConfigError(
+                f"backbone {name!r} is generative (it answers in text, with no task head), and "
+                f"this schema mixes generate tasks with classification task(s) {listed}; a "
+                "generative backbone trains generate tasks only: declare every task "
+                '"kind": "generate" (its answer text as the target), or run the classification '
+                "tasks on a classification backbone (docs/generative.md)"
+            )
+        if labelled:
+            listed = ", ".join(f"{t!r} ({n} labels)" for t, n in labelled.items())
+            raise ConfigError(
+                f"backbone {name!r} is generative: it answers in text, and the tasks {listed} "
+                'are classification tasks (label lists); declare them "kind": "generate" or '
+                "choose a classification backbone"
+            )
+        return
+    if int(num_answers) > 0:
         raise ConfigError(
             f"backbone {name!r} is generative: it answers in text, and this benchmark is a "
             "classification task (a label list). Run it as generation with "
