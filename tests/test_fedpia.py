@@ -1,18 +1,20 @@
 """FedPIA's invariants: permutation symmetry, exact recovery, FedAvg as the identity case --
-for bottleneck adapters (hidden units) and LoRA (rank axis) alike."""
+for bottleneck adapters (hidden units) and LoRA (rank axis) alike, on the classifier and on a
+decoder's PEFT sets (``tiny-gen``, the generative backbone's code path), which FedPIA also
+federates and learns with."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from conftest import bound_method
+from conftest import bound_method, run_federation
 
 from fedmm.config import ConfigError
 from fedmm.methods import Reply
 from fedmm.methods.aggregation import weighted_average
 from fedmm.methods.fedpia import ADAPTER, FedPIAConfig, align, permute, unit_groups
-from fedmm.methods.state import get_parts, load_parts, to_numpy, to_torch
+from fedmm.methods.state import get_parts, load_parts, part_shapes, to_numpy, to_torch
 from fedmm.runtime import get_runtime
 
 
@@ -163,3 +165,176 @@ def test_fedpia_refuses_peft_types_without_hidden_units(tiny_cfg, peft_type):
 def test_bad_solver_is_rejected(tiny_cfg):
     with pytest.raises(ConfigError, match="solver"):
         bound_method(tiny_cfg.with_overrides({"method": "fedpia", "fedpia.solver": "hungarian"}))
+
+
+# ---------------------------------------------------------------------- a decoder's PEFT sets
+# The generative backbone (tiny-gen: the code path of smollm2-mobilenet) carries LoRA on every
+# decoder layer's q, k, v, o, gate, up and down projections, or a bottleneck adapter after every
+# decoder block: FedPIA aligns each (layer, projection)'s rank components and each adapter's
+# hidden units.  Ranks above the tiny model's equal-budget rank (1) give the permutations room.
+@pytest.fixture(params=["adapter", "lora"])
+def gen_pia(tiny_cfg, request):
+    cfg = tiny_cfg.with_overrides({
+        "model.backbone": "tiny-gen", "data.task_kind": "generate", "method": "fedpia",
+        "peft.type": request.param, "peft.lora_r": 6, "adapter.bottleneck": 8,
+        "adapter.zero_init_up": False, "model.max_text_len": 96, "data.train_per_client": 12,
+        "data.test_per_client": 6, "train.local_steps": 2, "train.batch_size": 4,
+        "eval.max_new_tokens": 12, "fed.clients": 2,
+    })  # fmt: skip
+    method = bound_method(cfg)
+    model = get_runtime(cfg).model
+    state = method.init_global(model)
+    rng = np.random.default_rng(10)  # LoRA's B starts at zero: make every rank component act
+    state = {k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) if "lora_B" in k else v
+             for k, v in state.items()}  # fmt: skip
+    return cfg, method, model, state
+
+
+def test_decoder_sets_align_per_layer_and_per_projection(gen_pia):
+    cfg, _, model, state = gen_pia
+    groups = unit_groups(state, cfg.peft.type)
+    layers = len(model.lm.model.layers)
+    if cfg.peft.type == "lora":  # one group per LoRA-wrapped linear layer, named by its path
+        projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        assert len(groups) == len(model.peft.paths) == layers * len(projections)
+        paths = [model.peft.paths[int(next(iter(g)).split("/")[1].split(".")[0])] for g in groups]
+        assert sorted((p.split(".")[1], p.rsplit(".", 1)[1]) for p in paths) == sorted(
+            (str(i), p) for i in range(layers) for p in projections
+        )
+        assert {state[k].shape[a] for g in groups for k, a in g.items()} == {6}
+    else:  # one group per decoder block
+        assert len(groups) == layers
+        assert {state[k].shape[a] for g in groups for k, a in g.items()} == {8}
+    unit_free = {k for k in state if k.endswith(".up.bias")}
+    assert set().union(*groups) == {k for k in state if k.startswith(ADAPTER)} - unit_free
+
+
+def test_a_permuted_decoder_set_computes_the_same_logits(gen_pia):
+    cfg, _, model, state = gen_pia
+    split = get_runtime(cfg).client_split(0, "train")
+    feats, ids, mask, _ = split.batch(torch.arange(4), torch.device("cpu"))
+    shuffled = random_perms(state, np.random.default_rng(11), cfg.peft.type)
+    assert any(not np.array_equal(shuffled[k], state[k]) for k in state)
+    with torch.no_grad(), model.active("global_adapter"):
+        load_parts(model, to_torch(state))
+        before = model(feats, ids, mask)
+        load_parts(model, to_torch(shuffled))
+        after = model(feats, ids, mask)
+        load_parts(model, to_torch({k: v[::-1].copy() if "lora_A" in k or ".down." in k else v
+                                    for k, v in state.items()}))  # fmt: skip
+        unpaired = model(feats, ids, mask)  # rows permuted without their columns: another model
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not torch.allclose(before, unpaired, atol=1e-3)
+
+
+def test_alignment_recovers_a_decoder_set_permuted_by_a_known_permutation(gen_pia):
+    cfg, method, _, state = gen_pia
+    shuffled = random_perms(state, np.random.default_rng(12), cfg.peft.type)
+    recovered = align(shuffled, state, FedPIAConfig(), cfg.peft.type)
+    assert all(np.array_equal(recovered[k], state[k]) for k in state)
+    # the server: permuted copies of one decoder set merge back into it
+    replies = [Reply(i, random_perms(state, np.random.default_rng(20 + i), cfg.peft.type), 5 + i)
+               for i in range(3)]  # fmt: skip
+    merged = method.aggregate(state, replies)
+    assert all(np.allclose(merged[k], state[k], atol=1e-6) for k in state)
+
+
+def test_decoder_client_integrates_its_local_set_with_the_aligned_global(gen_pia):
+    from fedmm.methods.context import ClientContext
+
+    cfg, _, model, state = gen_pia
+    rt = get_runtime(cfg)
+    local = random_perms({k: v + 0.5 for k, v in state.items()}, np.random.default_rng(13),
+                         cfg.peft.type)  # fmt: skip
+    kept = {f"personal:{k}": torch.from_numpy(v) for k, v in local.items()}
+    for lam in (0.0, 0.5):
+        run = cfg.with_overrides({"fedpia.lam": lam, "train.lr": 0.0, "train.warmup_frac": 0.0})
+        ctx = ClientContext(run, model, rt.client_split(0, "train"), rt.client_split(0, "test"),
+                            kept, 2, 0, 1, 2)  # fmt: skip
+        upload = to_numpy(bound_method(run).client_train(ctx, to_torch(state)).upload)
+        aligned = align(state, local, FedPIAConfig(), cfg.peft.type)  # = local's order
+        target = {k: lam * local[k] + (1 - lam) * aligned[k] for k in local}
+        assert all(np.allclose(upload[k], target[k], atol=1e-6) for k in upload), lam
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_fedpia_federates_a_decoder_for_two_rounds_sending_only_peft_sets_and_projector(gen_pia):
+    from test_generative import RecordingGrid
+
+    cfg, _, model, _ = gen_pia
+    grid = RecordingGrid(2, cfg.out_dir)
+    record = run_federation(grid, cfg)
+    assert [h["round"] for h in record["history"]] == [1, 2]
+    assert {"shared", "personal"} <= set(record["final"])
+    assert len(grid.uploads) == 4  # 2 clients x 2 rounds
+    wire = part_shapes(model, ("adapter.global_adapter", "proj"))
+    for upload in grid.uploads:
+        assert {k: tuple(v.shape) for k, v in upload.items()} == wire
+    peft_keys = [k for k in wire if k.startswith(ADAPTER)]
+    kinds = {"lora": (".lora_A.", ".lora_B."), "adapter": (".down.", ".up.")}[cfg.peft.type]
+    assert peft_keys and all(any(s in k for s in kinds) for k in peft_keys)
+
+
+@pytest.fixture(scope="module")
+def bar_answers(tmp_path_factory):
+    """A ``jsonl`` benchmark of ``test_learning``'s bar images for 2 clients, answered in text
+    ("class 3"): one question for every record and balanced labels, so the most common answer
+    scores 10 % and only the image tells the answer."""
+    import json
+
+    from PIL import Image
+    from test_learning import bar_image
+
+    root = tmp_path_factory.mktemp("bar-answers")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(0)
+    for split, per_client in (("train", 100), ("test", 30)):
+        rows = []
+        for i in range(2 * per_client):
+            label, client = i % 10, i // per_client
+            Image.fromarray(bar_image(label, rng)).save(root / f"img/{split}-{i}.png")
+            rows.append({"image": f"img/{split}-{i}.png", "text": "what is shown?",
+                         "answer": f"class {label}", "client": client})  # fmt: skip
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+@pytest.mark.parametrize("peft_type", ["lora", "adapter"])
+def test_fedpia_on_a_decoder_beats_the_most_common_answer(tiny_cfg, bar_answers, peft_type):
+    """Two clients, 3 rounds of 60 steps: each client's local model (``personal``) generates the
+    right class name more often than the most common test answer (10 %) by 15 points, and its
+    merged model (``shared``) by 10, having improved since round 1.
+
+    Measured (seed 0, 30 test rows per client): LoRA shared 0.30 / 0.23, personal 1.00 / 1.00;
+    adapter shared 0.77 / 0.73, personal 0.80 / 0.77.  LoRA's merged model is the weaker one
+    because of the client integration, not the alignment: ``fedpia.solver=identity`` gives the
+    same 0.30 / 0.23, and ``fedpia.lam=0`` (start from the global set, as FedAvg) gives FedAvg's
+    0.70 / 0.67 exactly."""
+    from collections import Counter
+
+    from test_serverapp import InProcessGrid
+
+    from fedmm.engine import prepare, rehearsal_sites
+
+    cfg = prepare(tiny_cfg.with_overrides({
+        "model.backbone": "tiny-gen", "data.task_kind": "generate", "method": "fedpia",
+        "data.benchmark": "jsonl", "data.data_dir": str(bar_answers), "peft.type": peft_type,
+        "peft.lora_r": 4, "model.max_text_len": 96, "eval.max_new_tokens": 12,
+        "fed.clients": 2, "fed.rounds": 3, "train.local_steps": 60, "train.batch_size": 16,
+        "train.lr": 5e-3, "train.schedule": "constant", "data.train_per_client": 100,
+        "data.test_per_client": 30,
+    }))  # fmt: skip
+    runtime = get_runtime(cfg)
+    majority = max(
+        Counter(runtime.client_split(i, "test").references).most_common(1)[0][1] / 30
+        for i in range(2)
+    )
+    record = run_federation(InProcessGrid(2, sites=rehearsal_sites(cfg)), cfg)
+    final = record["history"][-1]["clients"]
+    scores = {(c, v): round(final[c][v], 3) for c in final for v in ("shared", "personal")}
+    margins = {"personal": 0.15, "shared": 0.10}
+    assert len(final) == 2 and all(s > majority + margins[v] for (_, v), s in scores.items()), (
+        scores, majority)  # fmt: skip
+    first = record["history"][0]["clients"]
+    assert all(final[c]["shared"] > first[c]["shared"] for c in final), (first, final)

@@ -11,6 +11,13 @@ pinned by the backbone, so there is nothing to chain across layers).  LoRA's ``B
 when its r rank components are permuted (rows of A with columns of B): the same algebra aligns the
 rank axis.  Prompt tokens and BitFit biases have no such symmetry, so FedPIA refuses them.
 
+The same holds in a decoder (the generative backbone, docs/generative.md): LoRA on every layer's
+q, k, v, o, gate, up and down projection gives one r×r problem per (layer, projection) -- 30 × 7 =
+210 of rank 8 on SmolLM2-135M -- and a bottleneck adapter after every decoder block one per block
+(30 of 72 units).  The groups come from the set's state keys (``PeftBank.unit_groups``), so the
+classifier's and the decoder's sets go through the same code; the wire holds the PEFT set and the
+projector (a decoder has no head).
+
 Unit i of an adapter layer P is the vector u_i = [W_down[i,:], b_down[i], W_up[:,i]] (LoRA:
 [A[i,:], B[:,i]]).  Aligning P to an anchor Q (``fedpia.cost``: ``sqeuclidean`` ‖u − v‖², or
 ``cosine`` 1 − cos(u, v)) solves, with ``fedpia.solver``:
@@ -104,12 +111,20 @@ def transport(state: Arrays, group: Group, plan: np.ndarray) -> Arrays:
 
 
 def cost_matrix(p: np.ndarray, q: np.ndarray, cost: str) -> np.ndarray:
-    """``C[j, i]`` = cost of giving anchor unit j the unit i of ``p``."""
+    """``C[j, i]`` = cost of giving anchor unit j the unit i of ``p`` (``p``, ``q``: ``(r, D)``;
+    ``C``: ``(r, r)``).
+
+    ``sqeuclidean``: ‖q_j − p_i‖² = ‖q_j‖² + ‖p_i‖² − 2 q_j·p_i, one matrix product in float64
+    rather than an ``(r, r, D)`` difference tensor (a decoder's adapter: 72 × 72 × 1153 per layer,
+    the server step's main cost); float64 keeps the cancellation error (~1e-16 of the entries)
+    below float32's own rounding of a directly summed difference (~1e-7)."""
     if cost == "cosine":
         pn = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
         qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         return 1.0 - qn @ pn.T
-    return ((q[:, None, :] - p[None, :, :]) ** 2).sum(-1)
+    p, q = p.astype(np.float64), q.astype(np.float64)
+    sq = np.einsum("jd,jd->j", q, q)[:, None] + np.einsum("id,id->i", p, p)[None, :]
+    return np.maximum(sq - 2.0 * (q @ p.T), 0.0)
 
 
 def match(cost: np.ndarray, solver: str, reg: float) -> np.ndarray:
@@ -151,9 +166,6 @@ def align(
 # ---------------------------------------------------------------------- the method
 @register("fedpia")
 class FedPIA(FedAvg):
-    generative_refusal = (
-        "its permutation alignment and local model are not yet defined on LM PEFT sets (issue 27)"
-    )
     dp_sgd_refusal = "it trains and keeps a local model beside the federated one (two models)"
     secagg_refusal = (
         "its server aligns (permutes) each site's adapters to an anchor before "
