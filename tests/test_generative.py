@@ -224,7 +224,7 @@ def test_baseline_runs_two_rounds_and_sends_only_peft_sets_and_projector(gen_cfg
         assert (method == "scaffold") == any(k.startswith("dc/") for k in upload)
 
 
-@pytest.mark.parametrize("method", ["feddat", "fedpia", "tap", "ditto", "fedper"])
+@pytest.mark.parametrize("method", ["feddat", "fedpia", "ditto", "fedper"])
 def test_methods_without_generative_support_refuse_before_anything_runs(gen_cfg, method):
     from fedmm.methods import get_method
 
