@@ -265,7 +265,7 @@ def test_tap_learns_a_generative_task_in_every_view(mixed_cfg):
     majority = Counter(test.references).most_common(1)[0][1] / len(test)
     record = run_federation(InProcessGrid(1), cfg)
     curve = [h["clients"]["0-object"] for h in record["history"]]
-    # 30 test rows: one answer is 3.3 points; the untrained model answers none right
+    # 30 test rows: one answer is 3.3 points
     assert curve[0]["shared"] < curve[-1]["shared"], (curve, majority)
     assert all(curve[-1][v] > majority + 0.1 for v in ("shared", "personal", "distilled")), (
         curve, majority)  # fmt: skip
