@@ -77,33 +77,13 @@ def supervised_loss(
 
 
 def distill_kl(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, multilabel: bool = False,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, multilabel: bool = False
+) -> torch.Tensor:
     """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, batch mean; teacher not detached here.
 
     ``multilabel``: each logit is its own Bernoulli, ``T² · mean_j KL(σ(t_j/T) ‖ σ(s_j/T))``.
-
-    ``mask`` (bool ``(B, L)``): ``student`` and ``teacher`` are per-position logits ``(B, L, V)``
-    (a generative model's next-token distributions; the temperature is on the vocabulary), and
-    the KL is the mean over the positions where ``mask`` is True (the answer positions, those
-    whose label is not -100), ``T² · Σ_{(b,t) ∈ mask} KL_bt / |mask|``: prompt, image and padding
-    positions take no part, whatever their logits.  A mask with no True position gives 0 (with
-    the student's graph).  Raises ``ValueError`` when the shapes disagree.
     """
     t = temperature
-    if mask is not None:
-        if student.shape != teacher.shape or student.shape[:2] != mask.shape:
-            raise ValueError(
-                f"token distillation: student {tuple(student.shape)}, teacher "
-                f"{tuple(teacher.shape)} and mask {tuple(mask.shape)} must share (B, L)"
-            )
-        s, q = student[mask].float() / t, teacher[mask].float() / t  # (positions, V)
-        if s.shape[0] == 0:
-            return student.sum() * 0.0
-        kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(q, -1), reduction="batchmean",
-                      log_target=True)  # fmt: skip
-        return (t * t) * kl
     if multilabel:
         s, q = student / t, teacher / t
         p_t = torch.sigmoid(q)

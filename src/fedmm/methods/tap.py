@@ -67,7 +67,8 @@ prompt.  The client keys K_k are its PEFT sets and ``proj`` (image clients) only
 * stage 2 distils token logits: at every answer position (label ≠ -100: the answer tokens and
   the end-of-turn token, both models reading the reference prefix by teacher forcing) the KL of
   the next-token distributions over the vocabulary at temperature T, averaged over the answer
-  positions (``distillation``); prompt, image and padding positions take no part:
+  positions (``distillation``); prompt, image and padding positions take no part (their
+  logits are not even computed, ``batch_loss``):
 
       L = CE_answer(z_p, y) + λ·T²·mean_{(b,t): y_bt ≠ -100} KL(p_T(z_teacher,bt) ‖ p_T(z_p,bt)),
       p_T(z) = softmax(z / T) over the vocabulary
@@ -103,6 +104,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from fedmm.backbones import VLModel
 from fedmm.config import ConfigError
@@ -281,30 +283,62 @@ class TAP(Method):
         opt = ctx.optimizer(self._params(ctx, spec))
         with model.active(*client_sets(spec), combine=c.combine):
             for feats, ids, mask, labels in ctx.steps(opt, data=data, **steps):
-                if teacher is not None:  # before the student's forward: swapping the weights
-                    with loaded(model, teacher), torch.no_grad():  # in place would break autograd
-                        target = model(feats, ids, mask)
-                logits = model(feats, ids, mask)
-                loss = task_loss(logits, labels)
-                if teacher is not None:
-                    loss = loss + c.lam * self.distillation(logits, target, labels, data.kind)
+                loss = self.batch_loss(model, feats, ids, mask, labels, data.kind, teacher)
                 ctx.step(opt, loss)
 
+    def batch_loss(
+        self, model: VLModel, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+        labels: torch.Tensor, kind: str, teacher: State | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """One batch's loss: the task loss, + λ·``distillation`` from ``teacher``'s logits (stage
+        2; the teacher's weights are swapped in for its forward pass, without gradient).
+
+        A generative task (``kind`` ``generate``, ``labels`` ``(B, L')`` next-token ids, -100
+        off the answer) computes both models' logits at the answer positions only (the model's
+        ``keep``, as ``losses.supervised_loss``): the answer tokens' cross-entropy, and the
+        distillation over those positions -- the prompt's, image's and padding's logits are never
+        computed, so they cannot enter the loss."""
+        answer = None
+        if kind == "generate":
+            labels = labels[:, : ids.shape[1]]
+            answer = labels != IGNORE
+
+        def forward() -> torch.Tensor:
+            return model(feats, ids, mask) if answer is None else model(feats, ids, mask,
+                                                                        keep=answer)  # fmt: skip
+
+        if teacher is not None:  # before the student's forward: swapping the weights in place
+            with loaded(model, teacher), torch.no_grad():  # would break autograd
+                target = forward()
+        logits = forward()
+        if answer is None:
+            loss = task_loss(logits, labels)
+        else:
+            loss = F.cross_entropy(logits.float(), labels[answer])
+        if teacher is not None:
+            loss = loss + self.cfg.tap.lam * self.distillation(logits, target, kind)
+        return loss
+
     def distillation(
-        self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, kind: str
-    ) -> torch.Tensor:
+        self, student: torch.Tensor, teacher: torch.Tensor, kind: str,
+        answer: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Stage 2's T²·KL(teacher ‖ student) (``tap.temperature``), without λ.
 
-        Class logits ``(B, K)``: per row over the classes (multi-label: per label, Bernoulli).
-        A generative task's next-token logits ``(B, L, V)``: per answer position -- those whose
-        label (``labels`` ``(B, L' >= L)``) is not -100 -- over the vocabulary, averaged over the
-        answer positions; prompt, image and padding positions take no part.  Both models read the
-        reference answer's prefix (teacher forcing)."""
+        Class logits ``(B, K)``: per row over the classes, batch mean (multi-label: per label,
+        Bernoulli).  A generative task: next-token logits over the vocabulary, one row per answer
+        position ``(N, V)`` (what ``batch_loss`` computes), or every position's ``(B, L, V)``
+        with ``answer`` (bool ``(B, L)``: label ≠ -100) selecting the answer positions; the KL
+        is averaged over the answer positions, and no other position takes part.  Both models
+        read the reference answer's prefix (teacher forcing)."""
         t = self.cfg.tap.temperature
-        if kind == "generate":
-            answer = labels[:, : student.shape[1]] != IGNORE
-            return distill_kl(student, teacher, t, mask=answer)
-        return distill_kl(student, teacher, t, kind == "multilabel")
+        if kind != "generate":
+            return distill_kl(student, teacher, t, kind == "multilabel")
+        if student.ndim == 3:
+            if answer is None:
+                raise ValueError("per-position logits (B, L, V) need the answer positions")
+            student, teacher = student[answer], teacher[answer]
+        return distill_kl(student.float(), teacher.float(), t)
 
     def _score(self, ctx: ClientContext, spec: ClientInfo, split: Encoded) -> float:
         """The task's primary score of the current model on ``split``: accuracy (multi-label:
