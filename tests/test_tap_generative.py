@@ -25,6 +25,7 @@ from fedmm.runtime import get_runtime
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 CAPTION = 6  # fmnist-task-caption's caption client (image only)
+CLASSIFY = 2  # an image-only classification client, answered in text (exact match)
 
 
 @pytest.fixture()
@@ -67,7 +68,9 @@ def test_every_task_keeps_its_name_and_is_answered_in_text(mixed_cfg):
                 assert target == task.answers[int(label)]
     caption = bench.clients[CAPTION]
     assert (caption.client_id, caption.modalities) == ("6-caption", ("image",))
-    assert all(t.startswith("a ") and ": " in t for t in caption.train.targets)
+    assert bench.tasks["caption"].score == "caption"  # scored as captions (CIDEr-D primary)
+    refs = caption.train.references
+    assert all(len(r) == 3 and t == r[0] for t, r in zip(caption.train.targets, refs))
     assert len(set(caption.train.targets)) > 3  # text, not a label list
 
 
@@ -84,11 +87,11 @@ def test_replacement_is_decided_by_the_generated_answers_on_validation_rows(
     """The two models' greedy answers on the held-out rows decide: the one whose answers match
     the references wins, and a global copy that answers worse is not adopted."""
     tap, rt = bound_method(mixed_cfg), get_runtime(mixed_cfg)
-    sent = to_torch(tap.global_for_client(tap.init_global(rt.model), CAPTION))
+    sent = to_torch(tap.global_for_client(tap.init_global(rt.model), CLASSIFY))
     marker = 7.0  # the personalised model's projector bias: tells the two models apart
     kept = {f"personal:{k}": v.clone() for k, v in sent.items()}
     kept["personal:proj/0.bias"] = torch.full_like(sent["proj/0.bias"], marker)
-    ctx = ctx_for(mixed_cfg, CAPTION, rnd=2, state=kept)
+    ctx = ctx_for(mixed_cfg, CLASSIFY, rnd=2, state=kept)
     splits = []
 
     def answers(ctx, split):  # what the model currently loaded "says"
@@ -238,8 +241,9 @@ def test_two_rounds_and_stage_two_on_the_mixed_benchmark_send_only_peft_sets_and
     last = record["history"][-1]
     for c in clients:  # every pair scored by generation, stage 2 included
         views = last["clients"][c.client_id]
-        assert {"shared", "personal", "distilled", "distilled.f1"} <= set(views), c.client_id
-        assert all(0.0 <= v <= 1.0 for v in views.values())
+        extra = "distilled.cider" if c.task == "caption" else "distilled.f1"  # its task's scores
+        assert {"shared", "personal", "distilled", extra} <= set(views), c.client_id
+        assert all(0.0 <= v <= (10.0 if c.task == "caption" else 1.0) for v in views.values())
         train = last["train"][c.client_id]
         assert train["replaced"] in (0.0, 1.0) and 0.0 <= train["val_global"] <= 1.0
     assert set(record["final_by_task"]) == {"vqa", "classify", "attributes", "describe",

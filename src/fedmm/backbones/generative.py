@@ -491,8 +491,29 @@ class GenerativeVLModel(GridVision, VLModel):
 
 # ---------------------------------------------------------------------- builders
 def _check_not_classifier(name: str, num_answers) -> None:
-    sizes = num_answers.values() if isinstance(num_answers, dict) else [num_answers]
-    if any(int(n) > 0 for n in sizes):
+    """A generative model answers every task in text and has no head: a task with a label list
+    (``num_answers`` > 0) is refused, named when the schema has several (a generate task beside
+    classification tasks is not supported: ``ConfigError``)."""
+    if isinstance(num_answers, dict):
+        labelled = {t: int(n) for t, n in num_answers.items() if int(n) > 0}
+        if labelled and len(labelled) < len(num_answers):
+            listed = ", ".join(f"{t!r} ({n} labels)" for t, n in labelled.items())
+            raise ConfigError(
+                f"backbone {name!r} is generative (it answers in text, with no task head), and "
+                f"this schema mixes generate tasks with classification task(s) {listed}; a "
+                "generative backbone trains generate tasks only: declare every task "
+                '"kind": "generate" (its answer text as the target), or run the classification '
+                "tasks on a classification backbone (docs/generative.md)"
+            )
+        if labelled:
+            listed = ", ".join(f"{t!r} ({n} labels)" for t, n in labelled.items())
+            raise ConfigError(
+                f"backbone {name!r} is generative: it answers in text, and the tasks {listed} "
+                'are classification tasks (label lists); declare them "kind": "generate" or '
+                "choose a classification backbone"
+            )
+        return
+    if int(num_answers) > 0:
         raise ConfigError(
             f"backbone {name!r} is generative: it answers in text, and this benchmark is a "
             "classification task (a label list). Run it as generation with "

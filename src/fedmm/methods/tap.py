@@ -62,8 +62,8 @@ LM's output layer answers every task, and a task is told apart by its ``task_<t>
 prompt.  The client keys K_k are its PEFT sets and ``proj`` (image clients) only.  What changes:
 
 * replacement (step 2) scores both models on the validation rows with the task's primary
-  generative score (``ClientContext.score``: exact match of the greedy answers,
-  ``generation.generative_scores``) instead of accuracy;
+  generative score of their greedy answers (``ClientContext.score``,
+  ``generation.generative_scores``: exact match; CIDEr-D for a caption task) instead of accuracy;
 * stage 2 distils token logits: at every answer position (label ≠ -100: the answer tokens and
   the end-of-turn token, both models reading the reference prefix by teacher forcing) the KL of
   the next-token distributions over the vocabulary at temperature T, averaged over the answer
@@ -342,7 +342,8 @@ class TAP(Method):
 
     def _score(self, ctx: ClientContext, spec: ClientInfo, split: Encoded) -> float:
         """The task's primary score of the current model on ``split``: accuracy (multi-label:
-        mean AUROC) or, for a generative task, exact match of its greedy answers."""
+        mean AUROC) or, for a generative task, its greedy answers' primary generative score
+        (exact match; CIDEr-D for a caption task)."""
         with ctx.model.active(*client_sets(spec), combine=self.cfg.tap.combine):
             score = ctx.score(split)[""]
         ctx.last_predictions = []  # validation answers are no test sample (ctx.view's)
