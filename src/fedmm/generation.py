@@ -196,12 +196,21 @@ def encode_generative(
     if score == "caption":
         caption_libraries()  # missing libraries: an error now, not after training
     chat, n_vis = model.chat, model.image_tokens
+    # a model that builds its own prompts (Hugging Face VLMs: the family's processor expands the
+    # image into its image tokens; a record without an image gets none) has ``prompt_ids``
+    own_prompt = getattr(model, "prompt_ids", None)
     rows, prompt_lens, truncated = [], [], 0
     for i, (question, answer) in enumerate(zip(raw.texts, raw.targets)):
-        prefix, suffix = chat.prompt(template.format(question=question))
-        if len(prefix) + len(suffix) > max_text_len:
+        text = template.format(question=question)
+        if own_prompt is not None:
+            has_image = raw.images is not None and (present is None or bool(present[i]))
+            prompt, n_text = own_prompt(text, raw.images[i] if has_image else None)
+        else:
+            prefix, suffix = chat.prompt(text)
+            prompt, n_text = [*prefix, *[chat.pad_id] * n_vis, *suffix], len(prefix) + len(suffix)
+        if n_text > max_text_len:
             raise ConfigError(
-                f"{name}, record {i}: the prompt has {len(prefix) + len(suffix)} tokens (chat "
+                f"{name}, record {i}: the prompt has {n_text} tokens (chat "
                 f"template included), more than model.max_text_len={max_text_len}; raise "
                 f"model.max_text_len or shorten the question ({question[:60]!r})"
             )
@@ -212,7 +221,6 @@ def encode_generative(
                               "answer")  # fmt: skip
         if len(target) > max_target_tokens:
             target, truncated = target[:max_target_tokens], truncated + 1
-        prompt = [*prefix, *[chat.pad_id] * n_vis, *suffix]
         rows.append((prompt, [*target, chat.eos_id]))
         prompt_lens.append(len(prompt))
     # one width for every split (the pooled centralised data concatenates them); batches are

@@ -194,7 +194,7 @@ def tiny() -> Backbone:
 
 
 # the model builders register themselves on import
-from fedmm.backbones import generative, hf  # noqa: E402,F401  (smollm2-mobilenet, vilt, ...)
+from fedmm.backbones import generative, hf, hf_generative  # noqa: E402,F401  (smollm2-mobilenet, vilt, ...)
 
 if tuple(backbone_names()) != BACKBONE_NAMES:  # one backbone: registered here, named in fedmm.spec
     raise ImportError(f"fedmm.backbones registers {backbone_names()}, fedmm.spec declares "

@@ -557,7 +557,8 @@ class _CacheDir:
 
 
 LM_CACHE_DIR = _CacheDir()
-GENERATIVE_BACKBONES = ("smollm2-mobilenet", "tiny-gen")
+# smolvlm, qwen2-vl, llava, paligemma: Hugging Face generative VLMs (fedmm.backbones.hf_generative)
+GENERATIVE_BACKBONES = ("smollm2-mobilenet", "tiny-gen", "smolvlm", "qwen2-vl", "llava", "paligemma")
 
 
 def is_generative(backbone: str) -> bool:
@@ -569,7 +570,7 @@ def _register() -> None:
 
     MODEL_BUILDERS["smollm2-mobilenet"] = build_smollm2
     MODEL_BUILDERS["tiny-gen"] = build_tiny_gen
-    for name in GENERATIVE_BACKBONES:
+    for name in ("smollm2-mobilenet", "tiny-gen"):
         UNSUPPORTED_PEFT[name] = {"bitfit": NO_BIAS}
 
 
