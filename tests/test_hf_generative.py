@@ -166,6 +166,28 @@ def test_fedavg_two_rounds_sends_only_the_peft_set_and_connector(tiny_cfg, tiny_
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))  # fmt: skip
 
 
+@pytest.mark.parametrize("method", ["feddat", "ditto"])
+def test_feddat_and_ditto_run_two_rounds_on_a_family_and_send_only_the_shared_set(
+    tiny_cfg, tiny_dirs, method
+):
+    """FedDAT's client adapter A_c and Ditto's personal copy stay at the site: each upload holds
+    the shared PEFT set and the connector only."""
+    cfg = family_cfg(
+        tiny_cfg, tiny_dirs, "llava", method=method, **{"fed.clients": 2, "fed.rounds": 2}
+    )
+    grid = RecordingGrid(2, cfg.out_dir)
+    InProcessGrid.__init__(grid, 2, sites={
+        k: {"state-dir": f"{cfg.out_dir}/client_state/site-{k}", "model-dir": site["model-dir"]}
+        for k, site in rehearsal_sites(cfg).items()
+    })  # fmt: skip
+    record = run_federation(grid, cfg)
+    assert [h["round"] for h in record["history"]] == [1, 2]
+    assert "personal" in record["final"]
+    assert len(grid.uploads) == 4
+    for upload in grid.uploads:
+        assert {k.split("/", 1)[0] for k in upload} == {"proj", "adapter.global_adapter"}
+
+
 def test_prompt_and_bitfit_are_refused_and_a_wrong_family_is_named(tiny_cfg, tiny_dirs):
     from fedmm.methods import get_method
 

@@ -317,22 +317,26 @@ def generative_scores(ctx, split: GenerativeEncoded) -> dict[str, float]:
 
 # ---------------------------------------------------------------------- benchmarks as generation
 def as_generative(benchmark: Benchmark, template: str = DEFAULT_PROMPT) -> Benchmark:
-    """A single-label benchmark as one generative task: each record's target text is its own
-    answer (``RawSplit.targets`` where the builder kept them -- VQA-RAD and jsonl do, so a test
-    answer outside the training answers keeps its text instead of ``<unk>`` -- else the label's
-    name), the prompt the record's question in ``template``.  A record is ``unseen`` when its
-    normalised answer is in no client's training targets.  The split, images and questions are
-    unchanged, so the two runs of a benchmark are comparable record for record."""
+    """A classification benchmark answered in text, the prompt the record's question in
+    ``template``.  The split, images and questions are unchanged, so the two runs of a benchmark
+    are comparable record for record.
+
+    * A single-label benchmark becomes one generative task named after the benchmark: each
+      record's target text is its own answer (``RawSplit.targets`` where the builder kept them --
+      VQA-RAD and jsonl do, so a test answer outside the training answers keeps its text instead
+      of ``<unk>`` -- else the label's name).  A record is ``unseen`` when its normalised answer
+      is in no client's training targets.
+    * A multi-task benchmark (``fmnist-task``, ``fmnist-task-caption``) keeps its tasks and their
+      names, each now generative: a single-label task's target is the label's name, a
+      multi-label task's the names of its positive labels in the task's label order, joined by
+      ``", "`` (``"none"`` when no label is positive); the prompt is the task's own
+      (``Task.prompt``) or ``template``.  A task that is already generative (a caption task)
+      stays as it is.  (No ``unseen`` marks: every answer is a label name.)
+    """
     from fedmm.data import Benchmark, ClientSpec, Task
 
     if benchmark.tasks:
-        kinds = {t.kind for t in benchmark.tasks.values()}
-        if kinds == {"generate"}:
-            return benchmark
-        raise ConfigError(
-            f"data.task_kind=generate: benchmark {benchmark.name!r} has tasks of kinds "
-            f"{sorted(kinds)}; only a single-label benchmark turns into a generative one"
-        )
+        return _tasks_as_generative(benchmark, template)
 
     def targets(raw) -> list[str]:
         if raw.targets is not None:
@@ -355,6 +359,39 @@ def as_generative(benchmark: Benchmark, template: str = DEFAULT_PROMPT) -> Bench
     notes["test_unseen"] = sum(sum(c.test.unseen) for c in clients)
     return Benchmark(benchmark.name, benchmark.description, [], clients, notes,
                      {benchmark.name: task}, dict(benchmark.excluded))  # fmt: skip
+
+
+def label_text(task, labels) -> list[str]:
+    """The answer texts of a classification ``task``'s ``labels``: a single-label task's label
+    names; a multi-label task's positive label names joined by ``", "`` (``"none"``: none)."""
+    if task.kind == "multilabel":
+        return [", ".join(a for a, on in zip(task.answers, row) if on > 0.5) or "none"
+                for row in labels]  # fmt: skip
+    return [task.answers[int(y)] for y in labels]
+
+
+def _tasks_as_generative(benchmark: Benchmark, template: str) -> Benchmark:
+    from fedmm.data import Task
+
+    tasks = {
+        name: task if task.kind == "generate" else Task(
+            "generate", [], f"{task.description} (answered in text)", task.prompt or template)
+        for name, task in benchmark.tasks.items()
+    }  # fmt: skip
+
+    def split(raw, task):
+        if task.kind == "generate":
+            return raw
+        return replace(raw, targets=label_text(task, raw.labels))
+
+    clients = [
+        replace(c, train=split(c.train, benchmark.tasks[c.task]),
+                test=split(c.test, benchmark.tasks[c.task]))
+        for c in benchmark.clients
+    ]  # fmt: skip
+    prompts = {name: t.prompt for name, t in tasks.items()}
+    notes = dict(benchmark.notes, task_kind=f"generate (prompts {prompts})")
+    return replace(benchmark, clients=clients, notes=notes, tasks=tasks)
 
 
 # ---------------------------------------------------------------------- predictions

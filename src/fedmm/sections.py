@@ -248,7 +248,8 @@ class DataConfig:
     )
     task_kind: str = option(
         "", choices=("", "generate"), help='"" = the benchmark\'s own task kinds; "generate" = a '
-        "single-label benchmark answered in text by a generative backbone (docs/generative.md)",
+        "classification benchmark (one task or several) answered in text by a generative "
+        "backbone (docs/generative.md)",
     )  # fmt: skip
 
 

@@ -33,6 +33,9 @@ and a third, after FedDAT's Task benchmark and TAP's setting:
 * ``fmnist-task`` (Task): six fixed clients that differ in task (VQA, classification,
   multi-label attributes, text classification) and in modality (image+text, image only, text
   only); see ``build_task``.
+* ``fmnist-task-caption``: ``fmnist-task``'s six clients answered in text plus a seventh whose
+  task is fmnist-caption's (text generation scored as captions); a generative backbone only
+  (``data.task_kind=generate``).
 
 Every client holds ``data.train_per_client`` training images drawn from the Fashion-MNIST train
 set and ``data.test_per_client`` test images from its test set, disjoint across clients; the split
@@ -48,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from fedmm.config import FedmmConfig
+from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data import Benchmark, ClientSpec, RawSplit, Task, register
 
 DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -277,6 +280,18 @@ TASK_CLIENTS = (  # (task, modalities, image domain): the fixed clients of fmnis
 )
 
 
+CAPTION_CLIENT = ("caption", ("image",), "original")  # fmnist-task-caption's seventh client
+# prompts of fmnist-task's tasks when they are answered in text (data.task_kind=generate);
+# the classification run reads no prompt.  "{question}": the record's text ("" without text)
+TASK_PROMPTS = {
+    "vqa": "{question} Answer in one or two words.",
+    "classify": "What item of clothing is shown? Answer in one or two words.",
+    "attributes": "Which attributes does this garment have? List them.",
+    "describe": "{question}. Which group of clothing is this? Answer in one word.",
+    "caption": "{question}",  # CAPTION_INSTRUCTION, as fmnist-caption's
+}
+
+
 def describe(label: int, rng: np.random.Generator) -> str:
     """A noisy description of an item of class ``label`` from its attributes (never its name)."""
     attrs = sorted(ITEM_ATTRIBUTES[label])
@@ -286,7 +301,7 @@ def describe(label: int, rng: np.random.Generator) -> str:
     return "a garment: " + ", ".join(phrases)
 
 
-def build_task(cfg: FedmmConfig) -> Benchmark:
+def build_task(cfg: FedmmConfig, with_caption: bool = False) -> Benchmark:
     """``fmnist-task``: six clients that differ in task *and* modality (TAP's setting).
 
     =====  ===========  ===============  ========  ===============================================
@@ -303,12 +318,26 @@ def build_task(cfg: FedmmConfig) -> Benchmark:
     The text-only client gets no images at all (``RawSplit.images = None``); image-only clients
     get empty texts.  The multi-label targets are a fixed function of the class, so AUROC can
     reach 1; the metric is mean AUROC (primary) and macro-F1.
+
+    ``with_caption`` (``fmnist-task-caption``): a seventh client, ``6-caption``, whose task is
+    text generation scored as captions: fmnist-caption's (``CAPTION_INSTRUCTION``, the three
+    references ``captions`` templated from the class, the first one the training target) on
+    original images.  Its task is generative, so the benchmark needs a generative backbone and
+    ``data.task_kind=generate`` (which turns the six classification clients' tasks into text
+    too, ``generation.as_generative``, with the prompts ``TASK_PROMPTS``).
     """
-    if cfg.fed.clients != len(TASK_CLIENTS):
-        raise ValueError(f"fmnist-task has {len(TASK_CLIENTS)} fixed clients: set "
-                         f"fed.clients={len(TASK_CLIENTS)}, got {cfg.fed.clients}")  # fmt: skip
+    name = "fmnist-task-caption" if with_caption else "fmnist-task"
+    roster = (*TASK_CLIENTS, CAPTION_CLIENT) if with_caption else TASK_CLIENTS
+    if with_caption and cfg.data.task_kind != "generate":
+        raise ConfigError(
+            f"{name} has a text-generation task (caption): run it with a generative backbone "
+            "and --set data.task_kind=generate (model.backbone=smollm2-mobilenet or tiny-gen)"
+        )
+    if cfg.fed.clients != len(roster):
+        raise ValueError(f"{name} has {len(roster)} fixed clients: set "
+                         f"fed.clients={len(roster)}, got {cfg.fed.clients}")  # fmt: skip
     raw = load_fashion_mnist(cfg.data.data_dir)
-    k, n_train, n_test = len(TASK_CLIENTS), cfg.data.train_per_client, cfg.data.test_per_client
+    k, n_train, n_test = len(roster), cfg.data.train_per_client, cfg.data.test_per_client
     if n_train < 1 or n_test < 1:
         raise ValueError("data.train_per_client and data.test_per_client must be >= 1")
     if k * n_train > len(raw["train_labels"]) or k * n_test > len(raw["test_labels"]):
@@ -323,6 +352,12 @@ def build_task(cfg: FedmmConfig) -> Benchmark:
         "attributes": Task("multilabel", list(ATTRIBUTES), "garment attributes, image alone"),
         "describe": Task("single", groups, "clothing group from a description, text alone"),
     }
+    if with_caption:
+        tasks["caption"] = Task("generate", [], "a caption of the garment, image alone",
+                                score="caption")  # fmt: skip
+    if cfg.data.task_kind == "generate":  # answered in text: each task's prompt
+        for task_name, task in tasks.items():
+            task.prompt = TASK_PROMPTS[task_name]
 
     def split(task: str, modalities, domain: str, images, labels, idx) -> RawSplit:
         ys = labels[idx]
@@ -336,11 +371,13 @@ def build_task(cfg: FedmmConfig) -> Benchmark:
             return RawSplit(pics, [""] * len(ys), targets)
         if task == "classify":
             return RawSplit(pics, [""] * len(ys), ys.astype(np.int64))
+        if task == "caption":  # fmnist-caption's task on this client's images
+            return _caption_split(images, labels, idx, domain)
         texts = [describe(int(y), rng) for y in ys]
         return RawSplit(None, texts, np.array([groups.index(GROUPS[int(y)]) for y in ys]))
 
     clients = []
-    for i, (task, modalities, domain) in enumerate(TASK_CLIENTS):
+    for i, (task, modalities, domain) in enumerate(roster):
         train_idx = train_perm[i * n_train : (i + 1) * n_train]
         test_idx = test_perm[i * n_test : (i + 1) * n_test]
         clients.append(ClientSpec(
@@ -350,15 +387,19 @@ def build_task(cfg: FedmmConfig) -> Benchmark:
             split(task, modalities, domain, raw["test_images"], raw["test_labels"], test_idx),
             task=task, modalities=modalities,
         ))  # fmt: skip
-    return Benchmark(
-        "fmnist-task", "Fashion-MNIST, Task: clients differ in task and modality", [], clients,
-        tasks=tasks,
-    )  # fmt: skip
+    what = "task and modality" + (", one client generates captions" if with_caption else "")
+    return Benchmark(name, f"Fashion-MNIST, Task: clients differ in {what}", [], clients,
+                     tasks=tasks)  # fmt: skip
 
 
 @register("fmnist-task", clients=len(TASK_CLIENTS))
 def fmnist_task(cfg: FedmmConfig) -> Benchmark:
     return build_task(cfg)
+
+
+@register("fmnist-task-caption", clients=len(TASK_CLIENTS) + 1)
+def fmnist_task_caption(cfg: FedmmConfig) -> Benchmark:
+    return build_task(cfg, with_caption=True)
 
 
 @register("fmnist-domain")

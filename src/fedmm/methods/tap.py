@@ -1,7 +1,8 @@
 """TAP -- Two-stage Adaptive Personalisation (Lee et al., 2025, arXiv 2509.26524).
 
 Setting: clients differ in **task** and **modality** (``fmnist-task``: VQA, classification,
-multi-label attributes, text classification; image+text, image-only, text-only clients).
+multi-label attributes, text classification; image+text, image-only, text-only clients;
+``fmnist-task-caption`` adds a caption-generation client, on a generative backbone).
 
 Modality-task-pair architecture on fedmm's single-stream model.  PEFT sets keyed by modality and
 by task, one head per task::
@@ -52,6 +53,34 @@ and, in the last round, ``distilled`` (stage 1 + stage 2).  No ``shared+head``: 
 head is the personalised model's, trained on its modules.  A client that has not trained yet has
 no personalised model: it scores ``shared`` only, and stage 2 skips it.
 
+Text generation (a generative backbone, ``docs/generative.md``): every task of the federation
+is answered in text -- a classification task by its label's name, a multi-label task by its
+positive labels' names (``data.task_kind=generate``, ``generation.as_generative``), a
+text-generation task (captions, ``fmnist-task-caption``; VQA as generation) by its target text --
+so a pair is still (client modalities, task) with the modules above, less the heads: the frozen
+LM's output layer answers every task, and a task is told apart by its ``task_<t>`` set and its
+prompt.  The client keys K_k are its PEFT sets and ``proj`` (image clients) only.  What changes:
+
+* replacement (step 2) scores both models on the validation rows with the task's primary
+  generative score of their greedy answers (``ClientContext.score``,
+  ``generation.generative_scores``: exact match; CIDEr-D for a caption task) instead of accuracy;
+* stage 2 distils token logits: at every answer position (label ≠ -100: the answer tokens and
+  the end-of-turn token, both models reading the reference prefix by teacher forcing) the KL of
+  the next-token distributions over the vocabulary at temperature T, averaged over the answer
+  positions (``distillation``); prompt, image and padding positions take no part (their
+  logits are not even computed, ``batch_loss``):
+
+      L = CE_answer(z_p, y) + λ·T²·mean_{(b,t): y_bt ≠ -100} KL(p_T(z_teacher,bt) ‖ p_T(z_p,bt)),
+      p_T(z) = softmax(z / T) over the vocabulary
+
+* every view (``shared``, ``personal``, ``distilled``) is scored by decoding autoregressively
+  (greedy, with the KV cache, ``eval.max_new_tokens``), as every generative run is.  The TAP
+  reference (``evaluation/eval_utils.py``) instead scores a text-generation task by the argmax
+  of one forward pass at every output position (non-autoregressive: no predicted token is fed
+  back), with METEOR and BERTScore; it also compares training losses for replacement and
+  distils every position's distribution, padding included (``utils/training.py``:
+  ``kl_div(..., "batchmean")`` over the whole sequence).
+
 Ablations (``fedmm bench`` variants): ``tap.replacement = false`` skips step 2's replacement (the
 personalised model is never replaced; both validation scores are still recorded); TAP without
 stage 2 is the ``personal`` view of any TAP run.
@@ -75,10 +104,12 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from fedmm.backbones import VLModel
 from fedmm.config import ConfigError
 from fedmm.data import MODALITIES
+from fedmm.generation import IGNORE
 from fedmm.methods.aggregation import ClientInfo, Reply
 from fedmm.methods.base import ClientUpdate, Method, register
 from fedmm.methods.context import ClientContext
@@ -137,8 +168,8 @@ def loaded(model: VLModel, state: State) -> Iterator[None]:
 
 @register("tap")
 class TAP(Method):
+    hf_generative_refusal = "its pair models and stage-2 distillation are built and tested on smollm2-mobilenet's decoder only"
     per_client_messages = True  # each client is sent (and returns) only its own modules
-    generative_refusal = "its per-task heads and distilled stage need class logits (issue 27)"
     dp_sgd_refusal = ("it trains two stages and scores a validation split it reports (two "
                       "models, data-dependent selection)")  # fmt: skip
     # its averages are sums over each module's owners, but the sites upload different module
@@ -250,22 +281,74 @@ class TAP(Method):
         """``ctx.steps(**steps)`` AdamW steps of the client's modules on ``data`` with the task
         loss (+ distillation from ``teacher``'s logits when given)."""
         model, c = ctx.model, self.cfg.tap
-        multilabel = ctx.train.kind == "multilabel"
         opt = ctx.optimizer(self._params(ctx, spec))
         with model.active(*client_sets(spec), combine=c.combine):
             for feats, ids, mask, labels in ctx.steps(opt, data=data, **steps):
-                if teacher is not None:  # before the student's forward: swapping the weights
-                    with loaded(model, teacher), torch.no_grad():  # in place would break autograd
-                        target = model(feats, ids, mask)
-                logits = model(feats, ids, mask)
-                loss = task_loss(logits, labels)
-                if teacher is not None:
-                    loss = loss + c.lam * distill_kl(logits, target, c.temperature, multilabel)
+                loss = self.batch_loss(model, feats, ids, mask, labels, data.kind, teacher)
                 ctx.step(opt, loss)
 
+    def batch_loss(
+        self, model: VLModel, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+        labels: torch.Tensor, kind: str, teacher: State | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """One batch's loss: the task loss, + λ·``distillation`` from ``teacher``'s logits (stage
+        2; the teacher's weights are swapped in for its forward pass, without gradient).
+
+        A generative task (``kind`` ``generate``, ``labels`` ``(B, L')`` next-token ids, -100
+        off the answer) computes both models' logits at the answer positions only (the model's
+        ``keep``, as ``losses.supervised_loss``): the answer tokens' cross-entropy, and the
+        distillation over those positions -- the prompt's, image's and padding's logits are never
+        computed, so they cannot enter the loss."""
+        answer = None
+        if kind == "generate":
+            labels = labels[:, : ids.shape[1]]
+            answer = labels != IGNORE
+
+        def forward() -> torch.Tensor:
+            return model(feats, ids, mask) if answer is None else model(feats, ids, mask,
+                                                                        keep=answer)  # fmt: skip
+
+        if teacher is not None:  # before the student's forward: swapping the weights in place
+            with loaded(model, teacher), torch.no_grad():  # would break autograd
+                target = forward()
+        logits = forward()
+        if answer is None:
+            loss = task_loss(logits, labels)
+        else:
+            loss = F.cross_entropy(logits.float(), labels[answer])
+        if teacher is not None:
+            loss = loss + self.cfg.tap.lam * self.distillation(logits, target, kind)
+        return loss
+
+    def distillation(
+        self, student: torch.Tensor, teacher: torch.Tensor, kind: str,
+        answer: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Stage 2's T²·KL(teacher ‖ student) (``tap.temperature``), without λ.
+
+        Class logits ``(B, K)``: per row over the classes, batch mean (multi-label: per label,
+        Bernoulli).  A generative task: next-token logits over the vocabulary, one row per answer
+        position ``(N, V)`` (what ``batch_loss`` computes), or every position's ``(B, L, V)``
+        with ``answer`` (bool ``(B, L)``: label ≠ -100) selecting the answer positions; the KL
+        is averaged over the answer positions, and no other position takes part.  Both models
+        read the reference answer's prefix (teacher forcing)."""
+        t = self.cfg.tap.temperature
+        if kind != "generate":
+            return distill_kl(student, teacher, t, kind == "multilabel")
+        if student.ndim == 3:
+            if answer is None:
+                raise ValueError("per-position logits (B, L, V) need the answer positions")
+            student, teacher = student[answer], teacher[answer]
+        return distill_kl(student.float(), teacher.float(), t)
+
     def _score(self, ctx: ClientContext, spec: ClientInfo, split: Encoded) -> float:
+        """The task's primary score of the current model on ``split``: accuracy (multi-label:
+        mean AUROC) or, for a generative task, its greedy answers' primary generative score
+        (exact match; CIDEr-D for a caption task)."""
         with ctx.model.active(*client_sets(spec), combine=self.cfg.tap.combine):
-            return ctx.score(split)[""]
+            score = ctx.score(split)[""]
+        ctx.last_predictions = []  # validation answers are no test sample (ctx.view's)
+        return score
 
     def _snapshot(self, ctx: ClientContext, spec: ClientInfo) -> State:
         parts = ["head", *(f"adapter.{s}" for s in client_sets(spec))]
