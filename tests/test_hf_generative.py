@@ -46,6 +46,17 @@ def family_cfg(tiny_cfg, tiny_dirs, family: str, **extra) -> FedmmConfig:
     })  # fmt: skip
 
 
+def federate(cfg: FedmmConfig) -> tuple[RecordingGrid, dict]:
+    """A 2-site federation of ``cfg`` in process, recording the uploads; each site loads its own
+    copy of the weights (model-dir), as `fedmm run` sets it up."""
+    grid = RecordingGrid(2, cfg.out_dir)
+    InProcessGrid.__init__(grid, 2, sites={
+        k: {"state-dir": f"{cfg.out_dir}/client_state/site-{k}", "model-dir": site["model-dir"]}
+        for k, site in rehearsal_sites(cfg).items()
+    })  # fmt: skip
+    return grid, run_federation(grid, cfg)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompts_labels_and_text_only_records(tiny_cfg, tiny_dirs, family):
     runtime = get_runtime(family_cfg(tiny_cfg, tiny_dirs, family))
@@ -143,13 +154,7 @@ def test_fedavg_two_rounds_sends_only_the_peft_set_and_connector(tiny_cfg, tiny_
     )
     model = get_runtime(cfg).model
     proj = {f"proj/{k}": tuple(v.shape) for k, v in model.visual_proj.state_dict().items()}
-    grid = RecordingGrid(2, cfg.out_dir)
-    # each site loads its own copy of the weights (model-dir), as `fedmm run` sets it up
-    InProcessGrid.__init__(grid, 2, sites={
-        k: {"state-dir": f"{cfg.out_dir}/client_state/site-{k}", "model-dir": site["model-dir"]}
-        for k, site in rehearsal_sites(cfg).items()
-    })  # fmt: skip
-    record = run_federation(grid, cfg)
+    grid, record = federate(cfg)
     assert [h["round"] for h in record["history"]] == [1, 2]
     assert record["final"] and all(0.0 <= v <= 1.0 for v in record["final"].values())
     summary = (Path(cfg.out_dir) / "summary.md").read_text()
@@ -175,12 +180,7 @@ def test_feddat_and_ditto_run_two_rounds_on_a_family_and_send_only_the_shared_se
     cfg = family_cfg(
         tiny_cfg, tiny_dirs, "llava", method=method, **{"fed.clients": 2, "fed.rounds": 2}
     )
-    grid = RecordingGrid(2, cfg.out_dir)
-    InProcessGrid.__init__(grid, 2, sites={
-        k: {"state-dir": f"{cfg.out_dir}/client_state/site-{k}", "model-dir": site["model-dir"]}
-        for k, site in rehearsal_sites(cfg).items()
-    })  # fmt: skip
-    record = run_federation(grid, cfg)
+    grid, record = federate(cfg)
     assert [h["round"] for h in record["history"]] == [1, 2]
     assert "personal" in record["final"]
     assert len(grid.uploads) == 4

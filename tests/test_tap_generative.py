@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import bound_method, run_federation
 from test_generative import RecordingGrid
+from test_tap import ctx_for
 
 from fedmm.config import ConfigError
 from fedmm.data import load_benchmark
 from fedmm.generation import IGNORE
-from fedmm.methods import ClientContext
 from fedmm.methods.state import load_parts, to_torch
 from fedmm.methods.tap import TAP, client_sets, loaded
 from fedmm.runtime import get_runtime
@@ -37,14 +37,6 @@ def mixed_cfg(tiny_cfg):
         "train.local_steps": 2, "train.batch_size": 4, "eval.max_new_tokens": 6,
         "train.max_target_tokens": 64, "tap.teacher_steps": 2, "tap.distill_steps": 2,
     })  # fmt: skip
-
-
-def ctx_for(cfg, index, rnd=1, state=None):
-    rt = get_runtime(cfg)
-    steps = cfg.train.local_steps
-    return ClientContext(cfg, rt.model, rt.client_split(index, "train"),
-                         rt.client_split(index, "test"), {} if state is None else state, rnd,
-                         index, steps, steps * cfg.fed.rounds)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- the mixed benchmark

@@ -303,7 +303,22 @@ def build_lm_peft(lm: nn.Module, cfg: PeftConfig, adapter_cfg: AdapterConfig) ->
     return PromptBank(lm.model.embed_tokens, cfg.prompt_length)
 
 
-class GenerativeVLModel(GridVision, VLModel):
+class OneLanguageModel:
+    """The VLModel task interface of a generative model: one language model answers every task
+    (the task is in the prompt), so there is one (empty) head and no per-task switch."""
+
+    @property
+    def multitask(self) -> bool:
+        return False
+
+    def set_task(self, task: str) -> None:
+        self.active_task = task
+
+    def task_head(self) -> nn.Module:
+        return self.head
+
+
+class GenerativeVLModel(OneLanguageModel, GridVision, VLModel):
     """Frozen vision tower + trainable projector + frozen causal LM with named PEFT sets.
 
     ``feats`` ``(B, g², C)`` are the cached grid features; ``input_ids`` hold ``image_tokens``
@@ -347,17 +362,6 @@ class GenerativeVLModel(GridVision, VLModel):
             enable_checkpointing(lm, self.peft)
 
     # ------------------------------------------------------------------ VLModel interface
-    @property
-    def multitask(self) -> bool:
-        return False
-
-    def set_task(self, task: str) -> None:
-        """One language model answers every task (the task is in the prompt)."""
-        self.active_task = task
-
-    def task_head(self) -> nn.Module:
-        return self.head
-
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vision, self.lm]
 

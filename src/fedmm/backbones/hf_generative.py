@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from fedmm.backbones.fusion import VLModel
-from fedmm.backbones.generative import ChatTokenizer, _check_not_classifier
+from fedmm.backbones.generative import ChatTokenizer, OneLanguageModel, _check_not_classifier
 from fedmm.config import ConfigError
 from fedmm.peft.build import PeftTarget, build_bank
 from fedmm.sections import AdapterConfig, ModelConfig, PeftConfig
@@ -161,7 +161,7 @@ def _submodule(root: nn.Module, path: str) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- the model
-class HFGenerativeVLModel(VLModel):
+class HFGenerativeVLModel(OneLanguageModel, VLModel):
     """A frozen ``AutoModelForImageTextToText`` with named PEFT sets and a trainable connector.
 
     ``feats`` are the processor's ``pixel_values`` per record; ``input_ids`` carry the family's
@@ -224,16 +224,6 @@ class HFGenerativeVLModel(VLModel):
         self.image_tokens = len(with_image[0]) - len(text_only[0])
 
     # ------------------------------------------------------------------ VLModel interface
-    @property
-    def multitask(self) -> bool:
-        return False
-
-    def set_task(self, task: str) -> None:
-        self.active_task = task
-
-    def task_head(self) -> nn.Module:
-        return self.head
-
     def frozen_modules(self) -> list[nn.Module]:
         return [self.hf]  # eval mode always (its dropout stays off); the connector trains
 
