@@ -5,6 +5,8 @@ case's peak memory is its own): build ``--backbone`` (default ``smollm2-mobilene
 client 0 of ``--benchmark`` as generation, then
 
 * training: ``--steps`` AdamW steps (forward, answer-only loss, backward, clip, step) on batches
+  (a case named ``+full`` computes the output layer's logits at every position, as fedmm did
+  before 0.3.1; the others at the answer positions only, as training does now)
   of ``train.batch_size``; tokens/s = non-padding tokens of the sequence (prompt, image tokens,
   answer) per second of steps, the first step (warm-up) excluded;
 * generation: greedy decoding of ``--gen-rows`` test prompts in one batch, at most
@@ -44,7 +46,7 @@ def one_case(case: str, steps: int, gen_rows: int, overrides: dict) -> dict:
 
     from fedmm.config import FedmmConfig
     from fedmm.methods.context import ClientContext, model_groups
-    from fedmm.methods.losses import task_loss
+    from fedmm.methods.losses import supervised_loss, task_loss
     from fedmm.runtime import get_runtime
 
     precision = "bf16" if case.startswith("bf16") else "fp32"
@@ -64,7 +66,10 @@ def one_case(case: str, steps: int, gen_rows: int, overrides: dict) -> dict:
     with model.active("global_adapter"):
         for i, (feats, ids, mask, labels) in enumerate(ctx.steps(opt)):
             t = time.perf_counter()
-            ctx.step(opt, task_loss(model(feats, ids, mask), labels))
+            if "full" in case:  # the output layer at every position, as before 0.3.1
+                ctx.step(opt, task_loss(model(feats, ids, mask), labels))
+            else:  # at the answer positions only (what training does)
+                ctx.step(opt, supervised_loss(model, feats, ids, mask, labels))
             if i:  # the first step warms up (allocations, one-time kernels)
                 seconds += time.perf_counter() - t
                 tokens += int(mask.sum())

@@ -71,6 +71,30 @@ def test_loss_ignores_prompt_and_image_positions_and_reads_the_answer(gen_cfg):
     assert not torch.isclose(token_loss(logits, changed), base)
 
 
+@pytest.mark.parametrize("peft_type", ["lora", "prompt"])
+def test_training_loss_at_answer_positions_only_equals_the_full_logits_loss(gen_cfg, peft_type):
+    """supervised_loss computes the output layer at the answer positions only: loss and
+    gradients must equal token_loss over the full (B, L, V) logits."""
+    from fedmm.methods.losses import supervised_loss
+
+    cfg = dataclasses.replace(gen_cfg, peft=dataclasses.replace(gen_cfg.peft, type=peft_type))
+    runtime, _, (feats, ids, mask, labels) = first_batch(cfg)
+    model = runtime.model
+    model.peft.ensure_sets(["s"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    with model.active("s"):
+        full = token_loss(model(feats, ids, mask), labels)
+        g_full = torch.autograd.grad(full, params, allow_unused=True)
+        kept = supervised_loss(model, feats, ids, mask, labels)
+        g_kept = torch.autograd.grad(kept, params, allow_unused=True)
+    assert torch.allclose(kept, full, atol=1e-6)
+    assert any(g is not None for g in g_full)
+    for a, b in zip(g_full, g_kept):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_image_features_reach_the_answer_logits(gen_cfg):
     runtime, _, (feats, ids, mask, labels) = first_batch(gen_cfg)
     model = runtime.model

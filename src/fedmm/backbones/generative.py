@@ -429,14 +429,20 @@ class GenerativeVLModel(GridVision, VLModel):
         return emb, attention_mask, positions
 
     def forward(
-        self, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Next-token logits ``(B, L, V)`` at every position of ``input_ids``."""
+        self, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Next-token logits ``(B, L, V)`` at every position of ``input_ids``; with ``keep``
+        (bool ``(B, L)``) only at the kept positions, ``(N, V)`` in row-major order.
+
+        ``keep`` is how training takes its loss (``fedmm.methods.losses.supervised_loss``): the
+        output layer (576 x 49,152 for SmolLM2, about a fifth of the model's multiply-adds per
+        token) and the softmax then run at the answer positions only, not at the prompt's."""
         emb, mask, positions = self._embed(feats, input_ids, attention_mask)
-        out = self.lm(
+        hidden = self.lm.model(
             inputs_embeds=emb, attention_mask=mask, position_ids=positions, use_cache=False
-        )
-        return out.logits[:, emb.shape[1] - input_ids.shape[1] :]
+        ).last_hidden_state[:, emb.shape[1] - input_ids.shape[1] :]
+        return self.lm.lm_head(hidden if keep is None else hidden[keep])
 
     @torch.no_grad()
     def generate(

@@ -19,7 +19,7 @@ from torch import nn
 
 from fedmm.backbones import FusionVLModel
 from fedmm.config import ConfigError, FedmmConfig
-from fedmm.methods.losses import multilabel_scores, task_loss
+from fedmm.methods.losses import multilabel_scores, supervised_loss
 from fedmm.methods.precision import autocast_for, resolve_precision
 from fedmm.runtime import Encoded
 from fedmm.sections import TrainConfig
@@ -325,4 +325,4 @@ def supervised_update(
     opt = ctx.optimizer(model_groups(model, adapter_set))
     with model.active(adapter_set):
         for feats, ids, mask, labels in ctx.steps(opt, stat=stat):
-            ctx.step(opt, task_loss(model(feats, ids, mask), labels), public=regulariser)
+            ctx.step(opt, supervised_loss(model, feats, ids, mask, labels), public=regulariser)

@@ -86,10 +86,15 @@ class FedAvg(Method):
         model = ctx.model
         with model.active("global_adapter"):
             personal = self.personal_model(ctx.kept)
-            ctx.view(SHARED)
+            headless = not any(True for _ in model.head.parameters())
+            if personal and headless:  # a generative model: shared+head *is* the shared model
+                ctx.view(SHARED, SHARED_HEAD)  # one evaluation (decoding), scored under both
+            else:
+                ctx.view(SHARED)
             if not personal:  # not trained yet: no head or model of its own
                 return ctx.views
-            load_parts(model, select(personal, ("head",)))
-            ctx.view(SHARED_HEAD)
+            if not headless:
+                load_parts(model, select(personal, ("head",)))
+                ctx.view(SHARED_HEAD)
             load_parts(model, personal)
             return ctx.view(PERSONAL)

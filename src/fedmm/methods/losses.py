@@ -59,6 +59,23 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
+def supervised_loss(
+    model: torch.nn.Module, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """``task_loss(model(feats, ids, mask), labels)``.  For a generative model (labels ``(B, L')``
+    next-token ids, -100 off the answer) the logits are computed at the answer positions only
+    (``GenerativeVLModel.forward``'s ``keep``): the same mean cross-entropy over answer tokens,
+    without the output layer and softmax at every prompt and image position."""
+    if labels.ndim == 2 and not labels.is_floating_point():
+        from fedmm.generation import IGNORE
+
+        labels = labels[:, : ids.shape[1]]
+        keep = labels != IGNORE
+        return F.cross_entropy(model(feats, ids, mask, keep=keep).float(), labels[keep])
+    return task_loss(model(feats, ids, mask), labels)
+
+
 def distill_kl(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float, multilabel: bool = False
 ) -> torch.Tensor:

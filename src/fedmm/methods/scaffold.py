@@ -64,7 +64,7 @@ from fedmm.methods.aggregation import Reply, weighted_average
 from fedmm.methods.base import ClientUpdate, register
 from fedmm.methods.context import ClientContext, model_groups
 from fedmm.methods.fedavg import PARTS, FedAvg
-from fedmm.methods.losses import task_loss  # fmt: skip
+from fedmm.methods.losses import supervised_loss, task_loss  # fmt: skip
 from fedmm.methods.state import (
     Arrays,
     State,
@@ -169,7 +169,7 @@ class Scaffold(FedAvg):
 
         with model.active("global_adapter"):
             for feats, ids, mask, labels in ctx.steps(opt):
-                ctx.step(opt, task_loss(model(feats, ids, mask), labels), adjust)
+                ctx.step(opt, supervised_loss(model, feats, ids, mask, labels), adjust)
         y = get_parts(model, PARTS)
         if c.variant == "I":
             new_c = gradient
