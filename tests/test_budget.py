@@ -107,3 +107,22 @@ def test_every_method_takes_each_clients_epoch_steps_and_centralized_their_sum(t
         assert {c: t["personal_steps"] for c, t in train.items()} == {"0": 3, "1": 2}
     central = run_method(cfg.with_overrides({"method": "centralized"}))
     assert central["history"][0]["train"]["pooled"]["steps"] == 5
+
+
+def test_a_site_caps_an_epoch_budget_once_it_knows_its_rows():
+    """With ``train.local_epochs`` the step count is the site's own (its rows): ``check_caps``
+    leaves it to ``check_steps``, which refuses more micro-batches than ``max-local-steps``."""
+    from fedmm.federation import consent
+    from fedmm.federation.site import SiteSettings
+
+    settings = SiteSettings.from_node_config({"max-local-steps": 20})
+    cfg = FedmmConfig().with_overrides({"train.local_epochs": 1, "train.accumulation": 2})
+    consent.check_caps(cfg, settings)  # 15 x 2 local steps are not this run's budget
+    consent.check_steps(cfg, 10, settings)  # 10 steps x 2 = 20 micro-batches: the limit
+    with pytest.raises(consent.NotAccepted, match=r"train.local_epochs=1.0: 11 steps x "
+                       r"train.accumulation=2 .* = 22 micro-batches.*max-local-steps=20"):  # fmt: skip
+        consent.check_steps(cfg, 11, settings)
+    with pytest.raises(
+        consent.NotAccepted, match=r"train.local_steps x train.accumulation=30.*max-local-steps=20"
+    ):  # steps: checked before
+        consent.check_caps(FedmmConfig().with_overrides({"train.accumulation": 2}), settings)
