@@ -35,7 +35,7 @@ def test_cli_rejects_unknown_names_with_choices(capsys):
     assert main(["run", "--method", "fedavg,fedmagic"]) == 2
     assert "fedmagic" in capsys.readouterr().err
     assert main(["run", "--benchmark", "nope"]) == 2
-    assert "choices: fmnist-domain" in capsys.readouterr().err
+    assert "choices: fmnist-caption, fmnist-domain" in capsys.readouterr().err
     assert main(["run", "--set", "train.nope=1"]) == 2
     assert "valid keys" in capsys.readouterr().err
     assert main(["run", "--peft", "ia3"]) == 2

@@ -228,11 +228,12 @@ class Runtime:
             present = torch.zeros(len(raw), dtype=torch.bool)
         else:
             feats = self._visual_features(name, raw)
-        template = self.benchmark.tasks[task].prompt or DEFAULT_PROMPT
+        spec = self.benchmark.tasks[task]
         return encode_generative(
-            self.model, raw, feats, template=template, max_text_len=self.cfg.model.max_text_len,
+            self.model, raw, feats, template=spec.prompt or DEFAULT_PROMPT,
+            max_text_len=self.cfg.model.max_text_len,
             max_target_tokens=self.cfg.train.max_target_tokens, name=name, task=task,
-            present=present,
+            present=present, score=spec.score or "vqa",
         )  # fmt: skip
 
     def memory_features(self, feats: torch.Tensor) -> torch.Tensor:

@@ -65,8 +65,8 @@ def parse_interval(text: str) -> tuple[float, float, bool, bool]:
 # ---------------------------------------------------------------------- choices of core options
 PEFT_TYPE_NAMES = ("adapter", "lora", "prompt", "bitfit")  # fedmm.peft.PEFT_TYPES implements them
 # fedmm.backbones registers them: the fusion backbones and the Hugging Face families
-BACKBONE_NAMES = ("blip", "clip", "minilm-mobilenet", "siglip", "smollm2-mobilenet", "tiny", "tiny-gen",
-                  "vilt")  # fmt: skip
+BACKBONE_NAMES = ("blip", "clip", "llava", "minilm-mobilenet", "paligemma", "qwen2-vl", "siglip",
+                  "smollm2-mobilenet", "smolvlm", "tiny", "tiny-gen", "vilt")  # fmt: skip
 PRECISIONS = ("fp32", "bf16", "auto")
 COMPRESSIONS = ("none", "fp16", "int8")  # fedmm.federation.messages encodes them
 SECURE_AGGREGATIONS = ("off", "secagg+")  # fedmm.federation.secagg implements them

@@ -157,6 +157,8 @@ def _check_generative(cfg: FedmmConfig) -> None:
     site directories and jsonl declare their task kinds in their data, checked when built."""
     from fedmm.backbones.generative import GENERATIVE_BACKBONES
 
+    GENERATIVE_BENCHMARKS = ("fmnist-caption",)  # noqa: N806  (their task is generate)
+
     generative = cfg.model.backbone in GENERATIVE_BACKBONES
     if cfg.data.task_kind == "generate" and not generative:
         raise ConfigError(
@@ -164,7 +166,15 @@ def _check_generative(cfg: FedmmConfig) -> None:
             f"{', '.join(GENERATIVE_BACKBONES)}); {cfg.model.backbone!r} classifies over a "
             "label list"
         )
-    if generative and not cfg.data.task_kind and cfg.data.benchmark not in ("sites", "jsonl"):
+    if not generative and cfg.data.benchmark in GENERATIVE_BENCHMARKS:
+        raise ConfigError(
+            f"benchmark {cfg.data.benchmark!r} is generative (its targets are text); "
+            f"model.backbone={cfg.model.backbone!r} classifies over a label list: use one of "
+            f"{', '.join(GENERATIVE_BACKBONES)}"
+        )
+    if generative and not cfg.data.task_kind and cfg.data.benchmark not in (
+        "sites", "jsonl", *GENERATIVE_BENCHMARKS
+    ):  # fmt: skip
         raise ConfigError(
             f"model.backbone={cfg.model.backbone!r} is generative (it answers in text), but "
             f"benchmark {cfg.data.benchmark!r} is a classification task; add "

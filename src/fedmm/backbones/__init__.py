@@ -76,12 +76,14 @@ def build_model(
         check_backbone_peft(model_cfg, peft_cfg or PeftConfig())
         model = MODEL_BUILDERS[model_cfg.backbone](model_cfg, adapter_cfg, num_answers, peft_cfg)
     else:
-        sizes = num_answers.values() if isinstance(num_answers, dict) else [num_answers]
-        if 0 in sizes:  # a generative task (text targets) has no label list
+        sizes = num_answers if isinstance(num_answers, dict) else {"": num_answers}
+        generate = [t for t, n in sizes.items() if n == 0]  # text targets: no label list
+        if generate:
+            which = f"task {generate[0]!r}" if generate[0] else "a task"
             raise ConfigError(
-                f"backbone {model_cfg.backbone!r} classifies over a label list, and a task of "
-                "this benchmark is generative (text targets); use a generative backbone "
-                "(smollm2-mobilenet, docs/generative.md)"
+                f"backbone {model_cfg.backbone!r} classifies over a label list, and {which} of "
+                "this benchmark is generative (kind generate: text targets); use a generative "
+                "backbone (smollm2-mobilenet, tiny-gen; docs/generative.md)"
             )
         backbone = load_backbone(model_cfg.backbone)
         model = FusionVLModel(backbone, num_answers, model_cfg, adapter_cfg, peft_cfg)
@@ -192,7 +194,7 @@ def tiny() -> Backbone:
 
 
 # the model builders register themselves on import
-from fedmm.backbones import generative, hf  # noqa: E402,F401  (smollm2-mobilenet, vilt, ...)
+from fedmm.backbones import generative, hf, hf_generative  # noqa: E402,F401  (smollm2-mobilenet, vilt, ...)
 
 if tuple(backbone_names()) != BACKBONE_NAMES:  # one backbone: registered here, named in fedmm.spec
     raise ImportError(f"fedmm.backbones registers {backbone_names()}, fedmm.spec declares "

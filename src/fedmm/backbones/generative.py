@@ -491,8 +491,29 @@ class GenerativeVLModel(GridVision, VLModel):
 
 # ---------------------------------------------------------------------- builders
 def _check_not_classifier(name: str, num_answers) -> None:
-    sizes = num_answers.values() if isinstance(num_answers, dict) else [num_answers]
-    if any(int(n) > 0 for n in sizes):
+    """A generative model answers every task in text and has no head: a task with a label list
+    (``num_answers`` > 0) is refused, named when the schema has several (a generate task beside
+    classification tasks is not supported: ``ConfigError``)."""
+    if isinstance(num_answers, dict):
+        labelled = {t: int(n) for t, n in num_answers.items() if int(n) > 0}
+        if labelled and len(labelled) < len(num_answers):
+            listed = ", ".join(f"{t!r} ({n} labels)" for t, n in labelled.items())
+            raise ConfigError(
+                f"backbone {name!r} is generative (it answers in text, with no task head), and "
+                f"this schema mixes generate tasks with classification task(s) {listed}; a "
+                "generative backbone trains generate tasks only: declare every task "
+                '"kind": "generate" (its answer text as the target), or run the classification '
+                "tasks on a classification backbone (docs/generative.md)"
+            )
+        if labelled:
+            listed = ", ".join(f"{t!r} ({n} labels)" for t, n in labelled.items())
+            raise ConfigError(
+                f"backbone {name!r} is generative: it answers in text, and the tasks {listed} "
+                'are classification tasks (label lists); declare them "kind": "generate" or '
+                "choose a classification backbone"
+            )
+        return
+    if int(num_answers) > 0:
         raise ConfigError(
             f"backbone {name!r} is generative: it answers in text, and this benchmark is a "
             "classification task (a label list). Run it as generation with "
@@ -536,7 +557,8 @@ class _CacheDir:
 
 
 LM_CACHE_DIR = _CacheDir()
-GENERATIVE_BACKBONES = ("smollm2-mobilenet", "tiny-gen")
+# smolvlm, qwen2-vl, llava, paligemma: Hugging Face generative VLMs (fedmm.backbones.hf_generative)
+GENERATIVE_BACKBONES = ("smollm2-mobilenet", "tiny-gen", "smolvlm", "qwen2-vl", "llava", "paligemma")
 
 
 def is_generative(backbone: str) -> bool:
@@ -548,7 +570,7 @@ def _register() -> None:
 
     MODEL_BUILDERS["smollm2-mobilenet"] = build_smollm2
     MODEL_BUILDERS["tiny-gen"] = build_tiny_gen
-    for name in GENERATIVE_BACKBONES:
+    for name in ("smollm2-mobilenet", "tiny-gen"):
         UNSUPPORTED_PEFT[name] = {"bitfit": NO_BIAS}
 
 

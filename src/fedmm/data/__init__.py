@@ -36,16 +36,26 @@ class RawSplit:
     texts: list[str]
     labels: np.ndarray  # int64 indices into the task's answers, or (N, K) multi-hot
     groups: list[str] | None = None
-    # a generative task's target texts, one per record (fedmm.generation); None otherwise
+    # the records' answer texts, one per record: a generative task's targets (fedmm.generation);
+    # a classification benchmark may keep them too (a test answer outside its label list keeps
+    # its text), which data.task_kind=generate answers; None otherwise
     targets: list[str] | None = None
+    # generative: every reference text of each record (captions: several), ``targets[i]`` among
+    # them; None = each record's target is its only reference
+    references: list[list[str]] | None = None
+    # generative: whether each record's reference answer occurs in no training record of the
+    # benchmark (scored apart as ``.unseen``: only a model that writes text can get it right);
+    # None = not known (a site directory sees its own records only)
+    unseen: list[bool] | None = None
 
     def __post_init__(self) -> None:
         n_images = len(self.texts) if self.images is None else len(self.images)
         sizes = {n_images, len(self.texts), len(self.labels)}
         if self.groups is not None:
             sizes.add(len(self.groups))
-        if self.targets is not None:
-            sizes.add(len(self.targets))
+        for extra in (self.targets, self.references, self.unseen):
+            if extra is not None:
+                sizes.add(len(extra))
         if len(sizes) != 1:
             raise ValueError(
                 f"split sizes differ: {n_images} images, {len(self.texts)} texts, "
@@ -59,6 +69,9 @@ class RawSplit:
 
 MODALITIES = ("image", "text")
 TASK_KINDS = ("single", "multilabel", "generate")  # generate: text targets, fedmm.generation
+# how a generative task is scored (fedmm.generation): "vqa" short answers (exact match, token F1),
+# "caption" descriptions (BLEU-4, ROUGE-L, CIDEr-D)
+TASK_SCORES = ("vqa", "caption")
 
 
 @dataclass
@@ -69,10 +82,14 @@ class Task:
     answers: list[str]
     description: str = ""
     prompt: str = ""  # generate: the prompt template, "{question}" = the record's text
+    score: str = ""  # generate: one of TASK_SCORES; "" = "vqa"
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ValueError(f"task kind must be one of {TASK_KINDS}, got {self.kind!r}")
+        if self.score and (self.kind != "generate" or self.score not in TASK_SCORES):
+            raise ValueError(f"task score {self.score!r}: a generate task's score is one of "
+                             f"{', '.join(TASK_SCORES)} (other kinds have none)")  # fmt: skip
 
 
 @dataclass
@@ -220,6 +237,8 @@ __all__ = [
     "BENCHMARKS",
     "FIXED_CLIENTS",
     "MODALITIES",
+    "TASK_KINDS",
+    "TASK_SCORES",
     "Benchmark",
     "ClientSpec",
     "Task",

@@ -19,6 +19,15 @@ Two heterogeneity settings, after FedDAT's benchmarks:
   (original, inverted, blurred, edge map, rotated 90°) and asks every question family.
 * ``fmnist-function`` (Function): client k asks only family ``FAMILIES[k % 5]``, original images.
 
+A caption variant for generative backbones (``fedmm.generation``; no caption data set needed):
+
+* ``fmnist-caption``: the images of ``fmnist-domain`` (the same clients, domains and records),
+  each with the instruction "Describe the image." and three reference captions **templated from
+  its class** (``captions``: "a sneaker, a kind of footwear", "a sneaker: for everyday wear,
+  worn on the feet", "a picture of a sneaker"); one generate task scored as captions (BLEU-4,
+  ROUGE-L, CIDEr-D).  The references say nothing a class label does not, so its scores measure
+  class recognition in caption form, not description of what else is in an image.
+
 and a third, after FedDAT's Task benchmark and TAP's setting:
 
 * ``fmnist-task`` (Task): six fixed clients that differ in task (VQA, classification,
@@ -163,6 +172,29 @@ def _split(
     return RawSplit(apply_domain(images[idx], domain), texts, np.asarray(answers, dtype=np.int64))
 
 
+CAPTION_INSTRUCTION = "Describe the image."
+CAPTION_TASK = "fmnist-caption"  # the benchmark's one task
+
+
+def captions(label: int) -> list[str]:
+    """The three reference captions of class ``label``, templated from its name, its group and
+    its attributes (``ITEM_ATTRIBUTES``): they carry no more than the label."""
+    item = ITEMS[label]
+    a = "an" if item[0] in "aeiou" else "a"
+    traits = ", ".join(DESCRIPTION_WORDS[t][0] for t in sorted(ITEM_ATTRIBUTES[label]))
+    return [f"{a} {item}, a kind of {GROUPS[label]}", f"{a} {item}: {traits}",
+            f"a picture of {a} {item}"]  # fmt: skip
+
+
+def _caption_split(
+    images: np.ndarray, labels: np.ndarray, idx: np.ndarray, domain: str
+) -> RawSplit:
+    refs = [captions(int(y)) for y in labels[idx]]
+    return RawSplit(apply_domain(images[idx], domain), [CAPTION_INSTRUCTION] * len(idx),
+                    np.zeros(len(idx), dtype=np.int64), targets=[r[0] for r in refs],
+                    references=refs)  # fmt: skip
+
+
 def build(cfg: FedmmConfig, setting: str) -> Benchmark:
     raw = load_fashion_mnist(cfg.data.data_dir)
     k, n_train, n_test = cfg.fed.clients, cfg.data.train_per_client, cfg.data.test_per_client
@@ -178,7 +210,7 @@ def build(cfg: FedmmConfig, setting: str) -> Benchmark:
     test_perm = rng.permutation(len(raw["test_labels"]))
     clients = []
     for i in range(k):
-        if setting == "domain":
+        if setting in ("domain", "caption"):
             domain, families = DOMAINS[i % len(DOMAINS)], FAMILIES
             cid, desc = f"{i}-{domain}", f"{domain} images, all question families"
         else:
@@ -186,9 +218,24 @@ def build(cfg: FedmmConfig, setting: str) -> Benchmark:
             cid, desc = f"{i}-{families[0]}", f"original images, {families[0]} questions"
         train_idx = train_perm[i * n_train : (i + 1) * n_train]
         test_idx = test_perm[i * n_test : (i + 1) * n_test]
+        if setting == "caption":  # fmnist-domain's images, captions templated from the class
+            clients.append(ClientSpec(
+                cid, f"{domain} images, captions templated from the class",
+                _caption_split(raw["train_images"], raw["train_labels"], train_idx, domain),
+                _caption_split(raw["test_images"], raw["test_labels"], test_idx, domain),
+                task=CAPTION_TASK,
+            ))  # fmt: skip
+            continue
         train = _split(raw["train_images"], raw["train_labels"], train_idx, domain, families, rng)
         test = _split(raw["test_images"], raw["test_labels"], test_idx, domain, families, rng)
         clients.append(ClientSpec(cid, desc, train, test))
+    if setting == "caption":
+        task = Task("generate", [], "describe the item (references templated from its class)",
+                    prompt="{question}", score="caption")  # fmt: skip
+        return Benchmark(CAPTION_TASK, "Fashion-MNIST captions templated from the class, "
+                         "Domain (visual domain per client)", [], clients,
+                         {"references": "templated from the class (fmnist.captions)"},
+                         {CAPTION_TASK: task})  # fmt: skip
     title = (
         "Domain (visual domain per client)"
         if setting == "domain"
@@ -317,6 +364,11 @@ def fmnist_task(cfg: FedmmConfig) -> Benchmark:
 @register("fmnist-domain")
 def fmnist_domain(cfg: FedmmConfig) -> Benchmark:
     return build(cfg, "domain")
+
+
+@register("fmnist-caption")
+def fmnist_caption(cfg: FedmmConfig) -> Benchmark:
+    return build(cfg, "caption")
 
 
 @register("fmnist-function")

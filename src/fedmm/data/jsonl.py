@@ -10,7 +10,9 @@ Format (also in docs/data.md): one JSON object per line, blank lines ignored.
 * ``text`` (string, required): the question or caption.
 * ``answer`` (string): the label; or ``labels`` (list of strings) with exactly one element --
   multi-label records (more than one label) are rejected for now, since a RawSplit holds one
-  label per record.
+  label per record.  With a generate task (below): ``answer`` (string) is the target text, or
+  ``answers`` (non-empty list of strings) several references (captions), the first of which is
+  the training target; all are scored against.
 * ``client`` (string or integer, optional): the client that holds the record.
 * ``group`` (string, optional): an evaluation group (e.g. "closed" / "open"), kept as
   ``RawSplit.groups`` when every record has one.
@@ -23,6 +25,15 @@ Clients (``data.clients_by``):
   clients by ``fedmm.data.common.partition`` over their answers (``data.alpha``,
   ``data.split_seed``); each client's train / test set is its records from each file, so a client's
   test labels follow its training skew.
+
+Task (optional ``data.data_dir/schema.json``, ``fedmm.data.schema``'s format): without it the
+data is one single-label task over the training answers.  A schema may declare exactly one task,
+of kind ``generate`` (text targets, ``fedmm.generation``; needs a generative backbone), with its
+optional ``prompt`` and ``score`` (``vqa`` / ``caption``); the targets are the records' answer
+texts, stripped, never normalised (the scores normalise), and an empty one is an error naming
+``file:line``.  A classification schema is refused (its labels come from the training answers;
+site directories, ``fedmm split``, hold a fixed label list).  ``data.task_kind=generate`` without
+a schema answers the single-label task in text (``fedmm.generation.as_generative``).
 
 Answers: with ``data.normalize_answers = true`` (the default) every answer gets the standard VQA
 normalisation (``normalize_answer``: strip, internal whitespace collapsed, lower-case), so "Yes"
@@ -49,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmm.config import ConfigError, FedmmConfig
-from fedmm.data import Benchmark, ClientSpec, RawSplit, register
+from fedmm.data import Benchmark, ClientSpec, RawSplit, Task, register
 from fedmm.data.common import (
     ImageReadError,
     image_problem,
@@ -61,6 +72,7 @@ from fedmm.data.common import (
 )
 
 FILES = ("train.jsonl", "test.jsonl")
+SCHEMA_FILE = "schema.json"  # optional: one generate task (fedmm.data.schema's format)
 
 
 def json_lines(path: Path) -> Iterator[tuple[str, dict]]:
@@ -91,9 +103,10 @@ def json_lines(path: Path) -> Iterator[tuple[str, dict]]:
         yield where, obj
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, generate: bool = False) -> list[dict]:
     """Validated records of one file, each with its ``file:line`` as ``where`` (``json_lines``
-    reads the lines)."""
+    reads the lines).  ``generate``: the records of a generate task (``answer`` or ``answers``:
+    target texts; the record's ``answers`` lists every reference, ``answer`` the first)."""
     records = []
     for where, obj in json_lines(path):
         for key in ("image", "text"):
@@ -104,9 +117,32 @@ def read_jsonl(path: Path) -> list[dict]:
                     "only whitespace" if isinstance(obj[key], str) and obj[key] else repr(obj[key])
                 )
                 raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {got}")
-        if ("answer" in obj) == ("labels" in obj):
+        answers = None
+        if generate:
+            if ("answer" in obj) == ("answers" in obj) or "labels" in obj:
+                raise ValueError(f"{where}: field 'answer' (or 'answers'): give exactly one of "
+                                 "them, the target text(s) of the generate task ('labels' is "
+                                 "for classification)")  # fmt: skip
+            answers = obj["answers"] if "answers" in obj else [obj["answer"]]
+            if (
+                not isinstance(answers, list)
+                or not answers
+                or not all(isinstance(a, str) for a in answers)
+            ):
+                raise ValueError(f"{where}: field 'answers' must be a non-empty list of strings "
+                                 "(field 'answer': a string)")  # fmt: skip
+            answers = [a.strip() for a in answers]
+            if not all(answers):
+                raise ValueError(f"{where}: empty target text in field "
+                                 f"{'answers' if 'answers' in obj else 'answer'!r}; every "
+                                 "reference of a generate task must be non-empty")  # fmt: skip
+            answer = answers[0]
+        elif "answers" in obj:
+            raise ValueError(f"{where}: field 'answers' (several references) is for a generate "
+                             f"task, declared in {SCHEMA_FILE}; give 'answer'")  # fmt: skip
+        elif ("answer" in obj) == ("labels" in obj):
             raise ValueError(f"{where}: field 'answer' (or 'labels'): give exactly one of them")
-        if "labels" in obj:
+        elif "labels" in obj:
             labels = obj["labels"]
             if not isinstance(labels, list) or not all(isinstance(y, str) for y in labels):
                 raise ValueError(f"{where}: field 'labels' must be a list of strings")
@@ -129,8 +165,35 @@ def read_jsonl(path: Path) -> list[dict]:
         records.append({
             "image": obj["image"], "text": obj["text"], "answer": answer, "where": where,
             "client": None if client is None else str(client), "group": group,
+            "answers": answers,
         })  # fmt: skip
     return records
+
+
+def read_task(root: Path) -> tuple[str, Task] | None:
+    """The generate task declared by ``root/schema.json``, or None when there is no schema.
+
+    Raises ``ValueError`` naming the file when the schema is invalid, declares more than one
+    task, or a task of another kind."""
+    from fedmm.data.schema import read_schema
+
+    path = root / SCHEMA_FILE
+    if not path.is_file():
+        return None
+    schema = read_schema(path)
+    if not schema.single:
+        raise ValueError(f"{path}: declares {len(schema.tasks)} tasks ({', '.join(schema.tasks)});"
+                         " the jsonl benchmark holds one task (several tasks: site directories, "
+                         "docs/data.md)")  # fmt: skip
+    name, task = next(iter(schema.tasks.items()))
+    if task.kind != "generate":
+        raise ValueError(
+            f"{path}: task {name!r} has kind {task.kind!r}; a jsonl schema declares a generate "
+            "task only (a classification task's labels are the training answers; a fixed label "
+            "list needs site directories, docs/data.md). Remove the file or declare "
+            '"kind": "generate"'
+        )
+    return name, task
 
 
 def _client_key(cid: str) -> tuple:
@@ -149,10 +212,12 @@ def jsonl_benchmark(cfg: FedmmConfig) -> Benchmark:
             raise FileNotFoundError(
                 f"{root / name} does not exist (the jsonl benchmark reads {FILES})"
             )
-    train, test = (read_jsonl(root / name) for name in FILES)
+    declared = read_task(root)
+    generate = declared is not None
+    train, test = (read_jsonl(root / name, generate) for name in FILES)
     notes: dict = {"records_read": {"train": len(train), "test": len(test)},
                    "normalize_answers": cfg.data.normalize_answers, "answers_normalised": 0}  # fmt: skip
-    if cfg.data.normalize_answers:
+    if cfg.data.normalize_answers and not generate:  # target texts are scored normalised
         for r in train + test:
             norm = normalize_answer(r["answer"])
             notes["answers_normalised"] += norm != r["answer"]
@@ -217,8 +282,10 @@ def jsonl_benchmark(cfg: FedmmConfig) -> Benchmark:
     else:
         raise ConfigError(f"data.clients_by must be column, iid or dirichlet, got {how!r}")
 
-    answers, index = vocabulary([r["answer"] for r in train])
     tagged = all(r["group"] is not None for r in train + test)
+    if generate:
+        return _generative(cfg, root, declared, train, test, ids, descs, tagged, notes)
+    answers, index = vocabulary([r["answer"] for r in train])
 
     def encode(records: list[dict]) -> RawSplit:
         return RawSplit(
@@ -230,6 +297,7 @@ def jsonl_benchmark(cfg: FedmmConfig) -> Benchmark:
             [r["text"] for r in records],
             np.asarray([label_of(index, r["answer"]) for r in records], dtype=np.int64),
             groups=[r["group"] for r in records] if tagged else None,
+            targets=[r["answer"] for r in records],  # data.task_kind=generate answers these
         )
 
     clients = [
@@ -252,3 +320,47 @@ def jsonl_benchmark(cfg: FedmmConfig) -> Benchmark:
         f"{notes['test_unk']} test answers unseen in training -> <unk>)"
     )
     return Benchmark("jsonl", description, answers, clients, notes)
+
+
+def _generative(
+    cfg: FedmmConfig, root: Path, declared: tuple[str, Task], train: list[dict],
+    test: list[dict], ids: list[str], descs: list[str], tagged: bool, notes: dict,
+) -> Benchmark:  # fmt: skip
+    """The records of a generate task (``schema.json``) as one generative ``Benchmark``: each
+    record's first reference is its training target, all of them are scored against; a record
+    is ``unseen`` when its normalised target is in no training record."""
+    from fedmm.generation import normalize_text
+
+    name, task = declared
+    seen = {normalize_text(r["answer"]) for r in train}
+    several = any(len(r["answers"]) > 1 for r in train + test)
+
+    def encode(records: list[dict]) -> RawSplit:
+        return RawSplit(
+            read_images([root / r["image"] for r in records], cfg.model.image_size,
+                        [r["where"] for r in records]),
+            [r["text"] for r in records], np.zeros(len(records), dtype=np.int64),
+            groups=[r["group"] for r in records] if tagged else None,
+            targets=[r["answer"] for r in records],
+            references=[list(r["answers"]) for r in records] if several else None,
+            unseen=[normalize_text(r["answer"]) not in seen for r in records],
+        )  # fmt: skip
+
+    clients = [
+        ClientSpec(ids[k], descs[k], encode([r for r in train if r["owner"] == k]),
+                   encode([r for r in test if r["owner"] == k]), task=name)
+        for k in range(len(ids))
+    ]  # fmt: skip
+    notes |= {
+        "clients_by": cfg.data.clients_by, "train_records": len(train), "test_records": len(test),
+        "task": f"{name} (generate, score {task.score or 'vqa'})",
+        "test_unseen": sum(normalize_text(r["answer"]) not in seen for r in test),
+        "references_per_record": max(len(r["answers"]) for r in train + test),
+    }  # fmt: skip
+    description = (
+        f"JSONL data from {root}, generate task {name!r} ({len(train)} train / {len(test)} test "
+        f"records, clients by {cfg.data.clients_by}, {notes['missing_images_dropped']} records "
+        f"with missing images dropped, {notes['unreadable_images_dropped']} with unreadable "
+        f"images dropped, {notes['test_unseen']} test targets unseen in training)"
+    )
+    return Benchmark("jsonl", description, [], clients, notes, {name: task})

@@ -18,7 +18,9 @@ server agree on the label indices.  Site directories: ``fedmm.data.sites``.
   strings: the evaluation groups its records may carry), ``description`` (string) and
   ``image_window`` (``[center, width]`` or ``"minmax"``: the default window of the task's DICOM
   images that carry none, ``fedmm.data.medical``; written only when set, so schemas without it
-  keep their hash).
+  keep their hash).  A ``generate`` task (text targets, ``fedmm.generation``) has no labels and
+  may carry ``prompt`` (its template) and ``score`` (``vqa``, the default, or ``caption``),
+  each written only when set.
 * Other keys are rejected (a typo would otherwise silently change nothing).
 * ``Schema.sha256()`` hashes the canonical form (``Schema.to_json``: keys sorted, fixed
   separators), so re-indenting the file keeps its hash.
@@ -33,7 +35,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmm.data import TASK_KINDS, Benchmark, Task
+from fedmm.data import TASK_KINDS, TASK_SCORES, Benchmark, Task
 from fedmm.data.medical import parse_window
 from fedmm.files import atomic_write
 
@@ -43,7 +45,7 @@ SCHEMA_FILE = "schema.json"
 SCHEMA_VERSION = 1
 
 
-TASK_FIELDS = ("name", "kind", "labels", "groups", "description", "image_window", "prompt")
+TASK_FIELDS = ("name", "kind", "labels", "groups", "description", "image_window", "prompt", "score")
 
 
 @dataclass
@@ -91,6 +93,8 @@ class Schema:
                 entry["description"] = task.description
             if task.prompt:  # generate: the prompt template (fedmm.generation)
                 entry["prompt"] = task.prompt
+            if task.score:  # generate: how it is scored; written only when set (hash unchanged)
+                entry["score"] = task.score
             if name in self.image_window:
                 window = self.image_window[name]
                 entry["image_window"] = window if isinstance(window, str) else list(window)
@@ -172,7 +176,14 @@ def parse_schema(obj: object, where: str) -> Schema:
         if not isinstance(description, str) or not isinstance(prompt, str):
             raise ValueError(f"{where}: fields '{at}.description' and '{at}.prompt' must be "
                              "strings")  # fmt: skip
-        tasks[task_name] = Task(kind, labels, description, prompt)
+        score = entry.get("score", "")
+        if "score" in entry and (kind != "generate" or score not in TASK_SCORES):
+            raise ValueError(
+                f"{where}: field '{at}.score' must be one of {', '.join(TASK_SCORES)} on a task "
+                f"of kind generate (got {score!r} on kind {kind!r}); classification tasks are "
+                "scored by accuracy (single) or AUROC / macro-F1 (multilabel)"
+            )
+        tasks[task_name] = Task(kind, labels, description, prompt, score)
         if entry.get("groups"):
             groups[task_name] = _str_list(entry["groups"], where, f"{at}.groups")
         elif "groups" in entry:
@@ -218,6 +229,9 @@ def schema_of(benchmark: Benchmark) -> Schema:
                 groups.setdefault(task, set()).update(split.groups)
     return Schema(
         benchmark.name,
-        {name: Task(t.kind, list(t.answers), t.description, t.prompt) for name, t in tasks.items()},
+        {
+            name: Task(t.kind, list(t.answers), t.description, t.prompt, t.score)
+            for name, t in tasks.items()
+        },  # fmt: skip
         {task: sorted(g) for task, g in groups.items() if g},
     )

@@ -51,7 +51,9 @@ def _write_records(
         if "text" in modalities:
             record["text"] = data.texts[row]
         label = data.labels[row]
-        if task.kind == "generate":
+        if task.kind == "generate" and data.references is not None:
+            record["answers"] = list(data.references[row])  # several references (captions)
+        elif task.kind == "generate":
             record["answer"] = data.targets[row]
         elif task.kind == "single":
             record["answer"] = task.answers[int(label)]

@@ -43,7 +43,9 @@ The schema (``schema.json``) is ``fedmm.data.schema``'s; writing sites (``fedmm 
 * ``text`` (non-empty string): required iff the site has the ``text`` modality; otherwise absent
   or ``""``.
 * ``answer`` (string) for a ``single`` task, or ``labels`` (list of strings, possibly empty) for
-  a ``multilabel`` task; the other one is rejected.
+  a ``multilabel`` task; the other one is rejected.  A ``generate`` task: ``answer`` (the
+  non-empty target text) or ``answers`` (several references, e.g. captions: the first is the
+  training target, all are scored against).
 * ``group`` (string, optional): kept as ``RawSplit.groups`` when every record of the site (train
   and test) has one.
 * Other keys are ignored (a site may keep its own ids next to the records).
@@ -176,11 +178,21 @@ def read_site_records(path: Path, kind: str, modalities: tuple[str, ...]) -> lis
             raise ValueError(f"{where}: field 'text' must be absent or \"\": the site has no text "
                              "modality (add \"text\" to site.json 'modalities' to use it)")  # fmt: skip
         record = {"image": image, "text": text, "where": where}
-        if kind == "generate":  # the target text (fedmm.generation); empty is refused there
-            if not isinstance(obj.get("answer"), str):
-                raise ValueError(f"{where}: field 'answer' must be a string (the target text of "
-                                 "the site's generative task)")  # fmt: skip
-            record["answer"] = obj["answer"]
+        if kind == "generate":  # the target text(s) (fedmm.generation)
+            answers = obj["answers"] if "answers" in obj else [obj.get("answer")]
+            if (
+                ("answer" in obj) == ("answers" in obj)
+                or not answers
+                or not all(isinstance(a, str) for a in answers)
+            ):
+                raise ValueError(f"{where}: field 'answer' must be a string, or 'answers' a "
+                                 "non-empty list of strings (the target text(s) of the site's "
+                                 "generative task; give exactly one of them)")  # fmt: skip
+            if not all(a.strip() for a in answers):
+                raise ValueError(f"{where}: empty target text in field "
+                                 f"{'answers' if 'answers' in obj else 'answer'!r}; every "
+                                 "reference of a generate task must be non-empty")  # fmt: skip
+            record["answer"], record["answers"] = answers[0], list(answers)
         elif kind == "single":
             if "labels" in obj or not isinstance(obj.get("answer"), str):
                 raise ValueError(f"{where}: field 'answer' must be a string (the site's task is "
@@ -312,6 +324,8 @@ def load_site(data_dir: Path, cfg: FedmmConfig, schema: Schema | None = None) ->
         )  # fmt: skip
 
     tagged = all(r["group"] is not None for s in SPLITS for r in kept[s])
+    generate = task.kind == "generate"  # several references per record: a caption data set
+    several = generate and any(len(r["answers"]) > 1 for s in SPLITS for r in kept[s])
     options = ImageOptions(schema.image_window.get(task_name))  # DICOM / NIfTI reading
 
     def encode(split: str) -> RawSplit:
@@ -323,7 +337,8 @@ def load_site(data_dir: Path, cfg: FedmmConfig, schema: Schema | None = None) ->
         return RawSplit(
             images, [r["text"] for r in rows], targets[split],
             groups=[r["group"] for r in rows] if tagged else None,
-            targets=[r["answer"] for r in rows] if task.kind == "generate" else None,
+            targets=[r["answer"] for r in rows] if generate else None,
+            references=[r["answers"] for r in rows] if several else None,
         )  # fmt: skip
 
     description = info.description or f"site {info.name}"  # it leaves the site: never a path

@@ -256,6 +256,7 @@ def build(cfg: FedmmConfig, setting: str) -> Benchmark:
             [r["question"] for r in records],
             np.asarray([label_of(index, r["answer"]) for r in records], dtype=np.int64),
             groups=[r["answer_type"].lower() for r in records],
+            targets=[r["answer"] for r in records],  # data.task_kind=generate: unseen keep text
         )
 
     clients = [
