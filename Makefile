@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedmm-stamp
 FMNIST_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_OUT ?= runs/demo
-DEMO_ARGS ?= --method fedavg,feddat --out $(DEMO_OUT)
+DEMO_ARGS ?= --method fedavg,feddat --rounds 5 --set train.local_steps=15 --out $(DEMO_OUT)  # its short budget, stated
 
 .PHONY: demo demo-generative test env data lint clean docs
 

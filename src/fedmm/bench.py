@@ -45,10 +45,10 @@ COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str], str], ...] = tuple(
 def compare(a: list[float], b: list[float]) -> dict:
     """Mean ± sample std (in %) of each side over seeds, their difference, and whether it
     exceeds the spread: |Δ| > std_a + std_b (the two ±1 std intervals do not overlap); None
-    when a side has fewer than 2 seeds (no spread to compare with)."""
+    when a side has fewer than 2 seeds (no spread to compare with; its std is None, not 0)."""
     ma, mb = 100 * statistics.fmean(a), 100 * statistics.fmean(b)
-    sa = 100 * statistics.stdev(a) if len(a) > 1 else 0.0
-    sb = 100 * statistics.stdev(b) if len(b) > 1 else 0.0
+    sa = 100 * statistics.stdev(a) if len(a) > 1 else None  # one seed: no spread
+    sb = 100 * statistics.stdev(b) if len(b) > 1 else None
     exceeds = abs(ma - mb) > sa + sb if min(len(a), len(b)) > 1 else None
     return {"a": (ma, sa, len(a)), "b": (mb, sb, len(b)), "delta": ma - mb, "exceeds": exceeds}
 
@@ -65,8 +65,9 @@ def _comparison_lines(runs: list[dict], names: list[str]) -> list[str]:
         c = compare(a, b)
         verdict = {True: "yes", False: "no", None: "n/a (< 2 seeds)"}[c["exceeds"]]
         kinds = "same" if va == vb else "cross"
-        rows.append(f"| {na} `{va}` | {nb} `{vb}` | {kinds} | {c['a'][0]:.1f} ± {c['a'][1]:.1f} "
-                    f"({c['a'][2]}) | {c['b'][0]:.1f} ± {c['b'][1]:.1f} ({c['b'][2]}) | "
+        side_a, side_b = (_spread(*side) + (f" ({side[2]})" if side[2] > 1 else "")
+                          for side in (c["a"], c["b"]))  # fmt: skip
+        rows.append(f"| {na} `{va}` | {nb} `{vb}` | {kinds} | {side_a} | {side_b} | "
                     f"{c['delta']:+.1f} | {verdict} | {what} |")  # fmt: skip
     if not rows:
         return []
@@ -316,11 +317,16 @@ def write_outputs(
 
 
 def _mean_std(values: list[float]) -> str:
+    """``mean ± std (%)`` over seeds; one seed has no spread: ``mean (n = 1)``, never ``± 0.0``."""
     if not values:
         return "—"
-    mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {std:.1f}"
+    return _spread(100 * statistics.fmean(values),
+                   100 * statistics.stdev(values) if len(values) > 1 else None, len(values))  # fmt: skip
+
+
+def _spread(mean: float, std: float | None, n: int) -> str:
+    """``"61.2 ± 1.3"`` (n > 1: sample std) or ``"61.2 (n = 1)"``: one seed has no spread."""
+    return f"{mean:.1f} ± {std:.1f}" if n > 1 and std is not None else f"{mean:.1f} (n = {n})"
 
 
 def _groups(runs: list[dict]) -> list[str]:
@@ -329,10 +335,13 @@ def _groups(runs: list[dict]) -> list[str]:
 
 
 def report(runs: list[dict], grid: dict) -> str:
-    lines = [f"# fedmm bench: {', '.join(grid['benchmarks'])}", ""]
+    titles = [next((results.dataset_name(r) for r in runs if r["benchmark"] == b), b)
+              for b in grid["benchmarks"]]  # fmt: skip
+    lines = [f"# fedmm bench: {', '.join(titles)}", ""]
     lines.append(
         f"Methods {', '.join(grid['methods'])}; seeds {grid['seeds']}; PEFT {grid['peft']}. "
-        "Accuracy in %: final-round mean over clients, then mean ± std over seeds."
+        "Accuracy in %: final-round mean over clients, then mean ± std over seeds ((n = 1): one "
+        "seed, no spread to show)."
     )
     for bench in grid["benchmarks"]:
         bruns = [r for r in runs if r["benchmark"] == bench]
@@ -344,7 +353,8 @@ def report(runs: list[dict], grid: dict) -> str:
         for g in groups:
             head += [f"{v} ({g})" for v in views]
         head += ["trainable params", "KB up/client/round", "s/round"]
-        lines += ["", f"## {bench}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["", f"## {results.dataset_name(bruns[0])}", "", "| " + " | ".join(head) + " |",
+                  "|" + "---|" * len(head)]  # fmt: skip
         for method in grid["methods"]:
             mruns = [r for r in bruns if _name(r) == method]
             if not mruns:
@@ -461,7 +471,8 @@ def plot(out: Path, runs: list[dict], grid: dict) -> None:
                 ax2.errorbar(np.mean(total), np.mean(final), yerr=yerr, fmt="o", color=color,
                              label=method)  # fmt: skip
             for a, xlabel in ((ax, "round"), (ax2, "total MB communicated (all clients, up+down)")):
-                a.set_title(f"{bench}: {view}")
+                title = results.dataset_name(next(r for r in runs if r["benchmark"] == bench))
+                a.set_title(f"{title}: {view}")  # the data set, never the format ("jsonl")
                 if a is ax:  # rounds are whole numbers
                     a.xaxis.get_major_locator().set_params(integer=True)
                 a.set_xlabel(xlabel)

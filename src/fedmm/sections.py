@@ -4,6 +4,7 @@ interval or choices, help, scope and whether it affects results.  Torch-free."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fedmm.spec import (
@@ -99,7 +100,17 @@ class TrainConfig:
     weight_decay: float = option(0.0, "[0, inf)", help="AdamW weight decay")
     batch_size: int = option(32, "[1, inf)", help="training batch size")
     local_steps: int = option(
-        15, "[1, inf)", help="optimiser steps per client per round, for every method"
+        15,
+        "[1, inf)",
+        help="optimiser steps per client per round, for every method (replaced by "
+        "train.local_epochs when that is > 0)",
+    )
+    local_epochs: float = option(
+        0.0,
+        "[0, inf)",
+        help="the round's budget in passes over each client's training data: client k takes "
+        "ceil(E x n_k / (batch_size x accumulation)) steps per round, every method alike; 0 = "
+        "train.local_steps (the two are exclusive: set one); fedmm run on jsonl/site data: 1",
     )
     schedule: str = option("cosine", choices=SCHEDULES, help="over the whole run (never restarted)")
     warmup_frac: float = option(
@@ -133,6 +144,27 @@ class TrainConfig:
         16, "[1, inf)", help="generative tasks: answers longer than this (tokens) are cut for "
         "training, counted (train stat targets_truncated) and reported (docs/generative.md)",
     )  # fmt: skip
+
+
+def steps_per_round(train: TrainConfig, n_train: int) -> int:
+    """Optimiser steps one client takes per round: ``train.local_steps``, or with
+    ``train.local_epochs = E > 0``, ``ceil(E · n_train / (batch_size · accumulation))`` -- E
+    passes over the client's ``n_train`` training records (at least 1 step; 0 for a client with
+    no records, which trains nothing).
+
+    The equal-budget rule: the budget is per client, not per method.  Client k takes the same
+    ``s_k`` steps in every method (each of Ditto's two updates, FedDAT's joint step, SCAFFOLD's
+    K = s_k in its control-variate update), so methods compare at equal compute; clients of
+    different sizes take different step counts, so each sees E epochs of its own data per round
+    (a small client is not overfit by a large one's budget, a large one not starved); FedAvg's
+    sample weighting is unchanged.  The centralised baseline takes Σ_k s_k steps per round on
+    the pooled data, what the federation's clients take together.  Each client's learning-rate
+    schedule spans its own ``s_k · fed.rounds`` steps."""
+    if train.local_epochs <= 0:
+        return train.local_steps
+    if n_train <= 0:
+        return 0
+    return max(1, math.ceil(train.local_epochs * n_train / (train.batch_size * train.accumulation)))
 
 
 @dataclass

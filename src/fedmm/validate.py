@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 
 from fedmm.config import ConfigError, FedmmConfig, declared_fields
+from fedmm.sections import TrainConfig
 from fedmm.spec import METHOD_SPECS, parse_interval
 
 
@@ -116,6 +117,13 @@ def _check_device(device: str) -> None:
 
 def _check_cross(cfg: FedmmConfig) -> None:
     """Constraints between options."""
+    default_steps = TrainConfig().local_steps
+    if cfg.train.local_epochs > 0 and cfg.train.local_steps != default_steps:
+        raise ConfigError(
+            f"train.local_steps={cfg.train.local_steps} and train.local_epochs="
+            f"{cfg.train.local_epochs:g} are both set: a round's budget is one or the other "
+            "(steps for every client, or epochs over each client's data); remove one"
+        )
     k = cfg.fed.clients
     sampled = max(1, min(k, math.ceil(cfg.fed.fraction * k)))
     if cfg.fed.min_clients > sampled:

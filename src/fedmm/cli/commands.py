@@ -70,8 +70,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         results.load(out)  # an unreadable results.json is reported, never overwritten
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from exc
+    t = cfg.train
+    budget = (f"{t.local_epochs:g} local epoch(s)" if t.local_epochs > 0
+              else f"{t.local_steps} local steps")  # fmt: skip
     print(f"fedmm: {', '.join(methods)} on {cfg.data.benchmark} ({cfg.fed.clients} clients, "
-          f"{cfg.fed.rounds} rounds, backbone {cfg.model.backbone}, seed {cfg.seed}) -> {out}/", flush=True)  # fmt: skip
+          f"{cfg.fed.rounds} rounds of {budget}, backbone {cfg.model.backbone}, seed {cfg.seed}) "
+          f"-> {out}/", flush=True)  # fmt: skip
     print_notes(benchmark)
     if cfg.train.precision == "auto":
         from fedmm.methods.precision import resolve_precision

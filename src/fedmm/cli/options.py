@@ -38,9 +38,15 @@ def resolve_config(
     methods = [m.strip() for m in str(methods_arg).split(",") if m.strip()]
     if len(benchmarks) != 1 and args.command == "run":
         raise ConfigError("fedmm run takes one --benchmark; use fedmm bench for several")
+    if "train.local_steps" in overrides and "train.local_epochs" in overrides:
+        raise ConfigError(
+            "train.local_steps and train.local_epochs are both set: a round's budget is one or "
+            "the other (steps for every client, or epochs over each client's data); remove one"
+        )
     cfgs = []
     for bench in benchmarks:
-        cfg = FedmmConfig().with_overrides({**overrides, "data.benchmark": bench})
+        budget = {} if bench not in USER_DATA else user_data_budget(overrides)
+        cfg = FedmmConfig().with_overrides({**budget, **overrides, "data.benchmark": bench})
         if bench in FIXED_CLIENTS and "fed.clients" not in overrides:
             cfg = cfg.with_overrides(
                 {"fed.clients": FIXED_CLIENTS[bench]}
@@ -65,6 +71,26 @@ def resolve_config(
     if not cfgs:
         raise ConfigError("--benchmark is empty")
     return cfgs, methods
+
+
+# a user's own data (a jsonl directory, site directories): trained long enough to learn unless
+# the command says otherwise (README, "Your own data"; docs/user-guide.md, "Training budget")
+USER_DATA = ("jsonl", SITES)
+USER_DATA_BUDGET = {"train.local_epochs": 1.0, "fed.rounds": 20}
+
+
+def user_data_budget(overrides: dict) -> dict:
+    """The budget ``fedmm run`` / ``bench`` / ``deploy`` give a user's data (``USER_DATA``) where
+    the command sets none: 1 local epoch per round (each client's data once, whatever its size)
+    for 20 rounds.  A budget the command states -- ``train.local_steps`` or
+    ``train.local_epochs``, ``fed.rounds`` -- is kept; the built-in benchmarks keep their
+    declared defaults (15 steps, 5 rounds), so their stored results stay comparable."""
+    budget = {}
+    if "train.local_steps" not in overrides and "train.local_epochs" not in overrides:
+        budget["train.local_epochs"] = USER_DATA_BUDGET["train.local_epochs"]
+    if "fed.rounds" not in overrides:
+        budget["fed.rounds"] = USER_DATA_BUDGET["fed.rounds"]
+    return budget
 
 
 def validate(cfg: FedmmConfig, methods: list[str]) -> None:

@@ -85,6 +85,7 @@ from fedmm.methods.aggregation import ClientInfo
 from fedmm.methods.base import Method
 from fedmm.methods.state import State, to_numpy, to_torch
 from fedmm.runtime import SITES, Runtime, get_runtime
+from fedmm.sections import steps_per_round
 
 log = logging.getLogger(__name__)
 STATE_KEY, STATE_META = "fedmm.client_state", "fedmm.client_state_meta"
@@ -419,7 +420,10 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     load_seconds = time.perf_counter() - t0  # model + this site's data: ~0 once a process has them
     state_file = site.state_file(meta["run-id"])
     state = restore_state(context, state_file, cfg, rnd, meta["last-trained"], train=train)
-    steps = cfg.train.local_steps
+    # train.local_epochs: this site's own step count, from its own rows (sections.steps_per_round)
+    steps = steps_per_round(cfg.train, len(site.split("train")))
+    if train:
+        consent.check_steps(cfg, steps, site.settings)
     ctx = ClientContext(
         cfg, site.runtime.model, site.split("train"), site.split("test"), state, rnd, index,
         steps, steps * cfg.fed.rounds,

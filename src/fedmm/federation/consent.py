@@ -165,13 +165,24 @@ def check_model(cfg: FedmmConfig, settings: Any) -> None:
                      f"({', '.join(accepted)})")  # fmt: skip
 
 
+def check_steps(cfg: FedmmConfig, steps: int, settings: Any) -> None:
+    """A training round's ``steps`` (``sections.steps_per_round`` of this site's rows) times
+    ``train.accumulation`` against ``max-local-steps``: with ``train.local_epochs`` the count
+    is known only once the site has read its data (``check_caps`` checks ``train.local_steps``
+    before)."""
+    micro = steps * cfg.train.accumulation
+    if micro > settings.max_local_steps:
+        raise refuse("train.local_epochs", cfg.train.local_epochs,
+                     f"{steps} steps x train.accumulation={cfg.train.accumulation} on this "
+                     f"site's data = {micro} micro-batches per round; this site's limit is "
+                     f"max-local-steps={settings.max_local_steps}")  # fmt: skip
+
+
 def check_caps(cfg: FedmmConfig, settings: Any) -> None:
     """Every cap of the site against the run's options (no model is built)."""
     t = cfg.train
     checks = [
         ("fed.rounds", cfg.fed.rounds, "max-rounds", settings.max_rounds),
-        ("train.local_steps x train.accumulation", t.local_steps * t.accumulation,
-         "max-local-steps", settings.max_local_steps),
         ("train.batch_size", t.batch_size, "max-batch-size", settings.max_batch_size),
         ("train.eval_batch_size", t.eval_batch_size, "max-batch-size", settings.max_batch_size),
         ("model.image_size", cfg.model.image_size, "max-image-size", settings.max_image_size),
@@ -185,6 +196,9 @@ def check_caps(cfg: FedmmConfig, settings: Any) -> None:
     for name in ("teacher_steps", "distill_steps") if tap is not None else ():
         checks.append((f"tap.{name}", getattr(tap, name), "max-local-steps",
                        settings.max_local_steps))  # fmt: skip
+    if t.local_epochs <= 0:  # a budget in epochs: checked once the site knows its rows
+        checks.append(("train.local_steps x train.accumulation", t.local_steps * t.accumulation,
+                       "max-local-steps", settings.max_local_steps))  # fmt: skip
     for option, value, key, limit in checks:
         if not isinstance(value, int) or value > limit:
             raise refuse(option, value, f"this site's limit is {key}={limit}")

@@ -40,7 +40,7 @@ from fedmm.federation.privacy import (
     state_digest,
 )
 from fedmm.runtime import SITES
-from fedmm.sections import DPConfig
+from fedmm.sections import DPConfig, steps_per_round
 
 DP_MODES = ("update", "record")  # the value of the reply's dp-mode is the index here
 WITHHELD = ("dp-norm", "dp-scale", "loss")  # and every stat.*: computed from the data, not noised
@@ -82,7 +82,7 @@ def release(settings, dp_cfg: DPConfig, cfg: FedmmConfig, rows: int) -> Release:
     """The release one training round makes at a site with ``rows`` training records."""
     if settings.dp_mode == "update":
         return Release("update", dp_cfg.noise_multiplier, dp_cfg.clip_norm)
-    steps = cfg.train.local_steps if rows > 0 else 0
+    steps = steps_per_round(cfg.train, rows) if rows > 0 else 0
     rate = min(1.0, cfg.train.batch_size / rows) if rows > 0 else 1.0
     return Release("record", dp_cfg.noise_multiplier, dp_cfg.clip_norm, rate, steps)
 

@@ -1,7 +1,8 @@
 """Centralised training on the pooled data of all clients: the quality ceiling, no federation.
 
 θ = {adapter ``central_adapter``, visual projection, head} is trained on ∪_k D_k with
-``CE(f(x; θ), y)``.  Equal budget: per "round" it takes ``local_steps × clients`` steps of the
+``CE(f(x; θ), y)``.  Equal budget: per "round" it takes ``local_steps × clients`` steps (with
+``train.local_epochs``: Σ_k s_k, each client's ``sections.steps_per_round``) of the
 same batch size (the samples a whole federated round processes), on the same learning-rate
 schedule stretched over the run, and is evaluated on every client's test set after each round.
 On a multi-task benchmark the data are pooled per task (one head each) and each round trains
@@ -25,6 +26,7 @@ from fedmm.methods.local import Local
 from fedmm.methods.state import Arrays, State
 from fedmm.results.record import RoundRecord
 from fedmm.runtime import get_runtime
+from fedmm.sections import steps_per_round
 
 
 @register("centralized")
@@ -53,7 +55,9 @@ def run_centralized(
         t0 = time.perf_counter()
         stats: dict[str, float] = {}
         for task, data in pooled.items():  # one task after the other, each its clients' budget
-            steps = cfg.train.local_steps * sum(c.task == task for c in specs)
+            # Σ_k s_k over the task's clients: what they take together in a federated round
+            steps = sum(steps_per_round(cfg.train, len(runtime.client_split(i, "train")))
+                        for i, c in enumerate(specs) if c.task == task)  # fmt: skip
             ctx = ClientContext(
                 cfg, runtime.model, data, data, state, rnd, -1, steps, steps * cfg.fed.rounds
             )

@@ -66,6 +66,7 @@ from fedmm.results.tables import (
     write_summary,
 )
 from fedmm.results.views import (
+    dataset_name,
     declared_views,
     label,
     mean_views,
@@ -86,6 +87,7 @@ __all__ = [
     "RoundRecord",
     "add_round",
     "attach_notes",
+    "dataset_name",
     "declared_views",
     "engine_overhead",
     "health",

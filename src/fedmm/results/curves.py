@@ -6,11 +6,12 @@ import io
 from pathlib import Path
 
 from fedmm.files import atomic_write
-from fedmm.results.views import label, view_curve
+from fedmm.results.views import dataset_name, label, view_curve
 
 
 def write_curves(out_dir: str | Path, data: dict) -> None:
-    """Accuracy per round, one line per (method, view); one panel per benchmark."""
+    """Accuracy per round, one line per (method, view); one panel per benchmark, titled with
+    its data set (``results.dataset_name``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +32,7 @@ def write_curves(out_dir: str | Path, data: dict) -> None:
                 ax.plot(xs, ys, linestyle=styles.get(view, (0, (3, 1, 1, 1))), marker="o",
                         color=colors[i % len(colors)],
                         label=f"{label(r)} s{r['seed']} ({view})")  # fmt: skip
-        ax.set_title(bench)
+        ax.set_title(dataset_name(runs[0]))  # the data set, never the format ("jsonl")
         ax.set_xlabel("round")
         ax.set_ylabel("mean client accuracy (%)")
         ax.xaxis.get_major_locator().set_params(integer=True)

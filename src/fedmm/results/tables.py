@@ -9,6 +9,7 @@ from fedmm.files import atomic_write
 from fedmm.results.health import health_line, missing_line, sites_scored
 from fedmm.results.predictions import predictions_section  # generative runs: what the model said
 from fedmm.results.views import (
+    dataset_name,
     declared_views,
     label,
     missing_cell,
@@ -66,7 +67,7 @@ def summary_table(data: dict) -> str:
     for bench in sorted({r["benchmark"] for r in data["runs"]}):
         runs = [r for r in data["runs"] if r["benchmark"] == bench]
         views = report_views(runs)
-        lines += [f"### {bench}", ""]
+        lines += [f"### {dataset_name(runs[0])}", ""]
         head = [
             "method",
             "seed",
@@ -129,7 +130,7 @@ def task_table(runs: list[dict]) -> list[str]:
         views = [v for v in report_views(rs) if "." not in v]
         cols = [(t, v) for t in tasks for v in views if any(v in r["final_by_task"].get(t, {})
                                                            for r in rs)]  # fmt: skip
-        lines += [f"### {bench}, per task", ""]
+        lines += [f"### {dataset_name(rs[0])}, per task", ""]
         head = ["method", "seed", *(f"{t} {v}" for t, v in cols)]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rs:

@@ -134,6 +134,20 @@ def variant_of(run: dict) -> str:
     return run.get("variant", run.get("config", {}).get("variant", ""))
 
 
+def dataset_name(run: dict) -> str:
+    """The data set a run was made on, as a report or plot title names it: the benchmark
+    (``vqa-rad-dirichlet``; for site directories the name in their task schema, which the run
+    records as its benchmark), and for the ``jsonl`` benchmark -- any directory of the user's --
+    the directory's name (``data.data_dir``'s last part), since "jsonl" names a format, not data."""
+    bench = run["benchmark"]
+    if bench == "jsonl":
+        from pathlib import PurePath
+
+        where = PurePath(str(run.get("config", {}).get("data.data_dir", ""))).name
+        return where or "jsonl (data.data_dir not recorded)"
+    return bench
+
+
 def label(run: dict) -> str:
     """The variant's name (``variant``) or ``method``, with ``+peft`` unless the PEFT type is
     the default bottleneck adapter."""

@@ -1,0 +1,206 @@
+"""The comparison at convergence (issue 30, part 3): every method on one budget, run until the curves
+flatten, resumably.
+
+The grid (``GRID``, ``METHODS``):
+
+* benchmarks: ``fmnist-domain``; ``vqa-rad-organ`` (VQA-RAD by organ: HEAD / CHEST / ABD, its 3
+  fixed clients, the official test split); ``vqa-rad-dirichlet`` with the image-disjoint test split
+  (no test image is in any client's training data: ``notes["test_images_seen_in_train"] == 0``)
+  and 8 clients (Dirichlet α = 0.5 over images; every client keeps test questions with
+  ``data.split_seed = 0``);
+* methods: local, centralized, fedavg, fedper, feddat, fedpia, ditto.
+
+Per benchmark (each its own directory ``OUT/<benchmark>/``):
+
+1. **Seed 0, until plateau**: ``fedmm.bench.run_until_plateau`` -- the same budget for every
+   method, ``fed.rounds`` = ``--start-rounds`` doubled while any method's curve (any view kind)
+   still gains ``PlateauRule.tol`` points over its last ``PlateauRule.frac`` of rounds, up to
+   ``--max-rounds``; each budget in ``OUT/<benchmark>/rounds-R/`` (a longer budget is a new run:
+   the learning-rate schedule spans the whole budget).
+2. **Seeds 1-2 for the leaders**, at the final budget R, in the same ``rounds-R`` directory: for
+   each view kind the three best methods by their seed-0 final accuracy in that kind
+   (``leaders``), and centralized, the reference every gap is measured against.
+
+Resumable: every cell is a ``fedmm bench`` cell, skipped when ``results.json`` holds it complete
+with the same configuration (``fedmm.bench.run_bench``); rerunning the command after an
+interruption reruns only the missing cells (a cell cut off mid-run starts again).
+
+Outputs: each ``rounds-R/`` holds ``fedmm bench``'s ``report.md`` (methods x views, closed / open
+columns, comparisons, plots) for every cell of the grid; ``OUT/converged.md`` is the table to read:
+per benchmark and view kind, each method's final accuracy (mean ± std over its seeds, or (n = 1)),
+closed and open questions apart, its gap to centralized's ``shared`` accuracy, and its time to
+accuracy (rounds and seconds to first reach the lowest final mean of that view kind among the
+methods: a target every method reaches on average by the last round) beside it.
+``OUT/converged.json`` holds each benchmark's plateau summary and leaders.
+
+    .venv/bin/python benchmarks/converged_grid.py --out runs/converged [--benchmark NAME,...]
+        [--start-rounds 10] [--max-rounds 80] [--set train.threads=1 ...]
+
+Long: hours on a 2-core CPU (docs/results-converged.md has the measured round times and the
+estimate).  ``--set`` applies to every cell (e.g. ``model.backbone=tiny`` for a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedmm import bench, results
+from fedmm.config import FedmmConfig, parse_set
+from fedmm.data import FIXED_CLIENTS
+from fedmm.files import atomic_write
+from fedmm.spec import KINDS, SHARED
+from fedmm.validate import validate_config
+
+METHODS = ("local", "centralized", "fedavg", "fedper", "feddat", "fedpia", "ditto")
+REFERENCE = "centralized"  # every gap is to its `shared` accuracy
+GRID: dict[str, dict] = {  # benchmark -> its options in this grid
+    "fmnist-domain": {},
+    "vqa-rad-organ": {},
+    "vqa-rad-dirichlet": {"data.test_split": "image-disjoint", "fed.clients": 8},
+}
+MORE_SEEDS = (1, 2)
+LEADERS = 3
+RULE = bench.PlateauRule()  # < 0.5 pt over the last 20 % of rounds
+
+
+def grid_configs(benchmarks: list[str], overrides: dict) -> dict[str, FedmmConfig]:
+    """Each benchmark's configuration: its ``GRID`` options, then ``overrides`` (``--set``),
+    validated for every method (``ConfigError`` naming the option otherwise)."""
+    cfgs = {}
+    for name in benchmarks:
+        if name not in GRID:
+            raise SystemExit(f"--benchmark {name!r} is not in this grid ({', '.join(GRID)})")
+        fixed = {"fed.clients": FIXED_CLIENTS[name]} if name in FIXED_CLIENTS else {}
+        cfg = FedmmConfig().with_overrides(
+            {**fixed, **GRID[name], **overrides, "data.benchmark": name}
+        )
+        validate_config(cfg, list(METHODS))
+        cfgs[name] = cfg
+    return cfgs
+
+
+def leaders(runs: list[dict], methods: list[str], k: int = LEADERS) -> list[str]:
+    """The methods that get more seeds: for each view kind, the ``k`` best by their seed-0 final
+    accuracy in that kind (ties: ``methods`` order), united, plus ``REFERENCE``; in ``methods``
+    order."""
+    seed0 = {bench._name(r): r for r in runs if r["seed"] == 0}
+    chosen = {REFERENCE} & set(methods)
+    for kind in KINDS:
+        scored = [
+            m for m in methods if m != REFERENCE and kind in seed0.get(m, {}).get("final", {})
+        ]
+        scored.sort(key=lambda m: -seed0[m]["final"][kind])  # stable: ties keep methods' order
+        chosen.update(scored[:k])
+    return [m for m in methods if m in chosen]
+
+
+def _time_cell(runs: list[dict], kind: str, goal: float) -> tuple[str, str]:
+    hits = [bench.time_to_accuracy(r, kind, goal) for r in runs]
+    got = [h for h in hits if h]
+    if not got:
+        return f"not reached (0/{len(runs)})", "—"
+    part = f" ({len(got)}/{len(runs)} seeds)" if len(got) < len(runs) else ""
+    return (f"{statistics.fmean(h[0] for h in got):.1f}{part}",
+            f"{statistics.fmean(h[1] for h in got):.0f}")  # fmt: skip
+
+
+def converged_table(runs: list[dict], methods: list[str]) -> list[str]:
+    """Markdown lines for one benchmark's runs: per view kind, method | seeds | final | closed |
+    open | gap to centralized's ``shared`` (points) | rounds / seconds to the kind's target."""
+    if not runs:
+        return []
+    ref = [r["final"][SHARED] for r in runs if bench._name(r) == REFERENCE and SHARED in r["final"]]
+    ref_mean = 100 * statistics.fmean(ref) if ref else None
+    rounds = sorted({len(r["history"]) for r in runs})
+    lines = [f"### {results.dataset_name(runs[0])} ({'/'.join(map(str, rounds))} rounds)", ""]
+    for kind in KINDS:
+        rows = {m: [r for r in runs if bench._name(r) == m and kind in r["final"]] for m in methods}
+        rows = {m: rs for m, rs in rows.items() if rs}
+        if not rows:
+            continue
+        goal = min(statistics.fmean(r["final"][kind] for r in rs) for rs in rows.values())
+        lines += [f"`{kind}` (time to {100 * goal:.1f} %, the lowest final mean of this kind):",
+                  "", "| method | seeds | final | closed | open | Δ vs centralized (pt) | "
+                  "rounds to target | s to target |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for m, rs in rows.items():
+            final = [r["final"][kind] for r in rs]
+            parts = [bench._mean_std([r["final"][f"{kind}.{g}"] for r in rs
+                                      if f"{kind}.{g}" in r["final"]])
+                     for g in ("closed", "open")]  # fmt: skip
+            gap = ("—" if ref_mean is None or (m == REFERENCE and kind == SHARED)
+                   else f"{100 * statistics.fmean(final) - ref_mean:+.1f}")  # fmt: skip
+            lines.append(f"| {m} | {len(rs)} | {bench._mean_std(final)} | {parts[0]} | "
+                         f"{parts[1]} | {gap} | {' | '.join(_time_cell(rs, kind, goal))} |")  # fmt: skip
+        lines.append("")
+    return lines
+
+
+def run_grid(
+    cfgs: dict[str, FedmmConfig], out: Path, methods: Sequence[str] = METHODS,
+    more_seeds: tuple[int, ...] = MORE_SEEDS, start_rounds: int = 10, max_rounds: int = 80,
+    rule: bench.PlateauRule = RULE, k: int = LEADERS,
+) -> dict:  # fmt: skip
+    """The grid (module docstring), resumably; writes ``out/converged.md`` and
+    ``out/converged.json`` and returns the latter's content."""
+    out, methods = Path(out), list(methods)
+    summary, lines = {}, ["# The comparison at convergence", ""]
+    for name, cfg in cfgs.items():
+        where = out / name
+        plateau = bench.run_until_plateau([cfg.with_overrides({"fed.rounds": start_rounds})],
+                                          methods, [0], where, rule=rule,
+                                          max_rounds=max_rounds)  # fmt: skip
+        rounds = plateau["final_rounds"]
+        sub, final_cfg = where / f"rounds-{rounds}", cfg.with_overrides({"fed.rounds": rounds})
+        seed0 = [(name, m, 0) for m in methods]
+        lead = leaders(bench._cell_runs(sub, seed0, cfg.peft.type), methods, k)
+        ran = bench.run_bench([final_cfg], lead, list(more_seeds), sub)["ran"] if more_seeds else 0
+        cells = seed0 + [(name, m, s) for s in more_seeds for m in lead]
+        bench.write_outputs(
+            sub, cells, cfg.peft.type
+        )  # the report of the whole grid, not the leaders'
+        summary[name] = {"plateau": plateau, "rounds": rounds, "leaders": lead,
+                         "ran_more_seeds": ran, "dir": str(sub.relative_to(out))}  # fmt: skip
+        lines += converged_table(bench._cell_runs(sub, cells, cfg.peft.type), methods)
+    lines += [
+        "Accuracy in %: final-round mean over clients, then mean ± std over seeds ((n = 1): one "
+        "seed). Seed 0 for every method; seeds " + ", ".join(map(str, more_seeds)) + " for the "
+        f"{k} leading methods of each view kind (by seed 0) and centralized. Δ: the method's mean "
+        "minus centralized's `shared` mean, in points. Time to target: rounds and seconds of wall "
+        "time until the mean over clients first reaches the target, mean over the seeds that "
+        "reach it. Budget: "
+        + "; ".join(f"{n} {s['rounds']} rounds" for n, s in summary.items())
+        + f" (plateau rule: {rule.describe()})."
+    ]
+    atomic_write(out / "converged.md", ("\n".join(lines) + "\n").encode())
+    atomic_write(out / "converged.json", json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--benchmark", default=",".join(GRID))
+    p.add_argument("--method", default=",".join(METHODS))
+    p.add_argument("--start-rounds", type=int, default=10)
+    p.add_argument("--max-rounds", type=int, default=80)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    cfgs = grid_configs([b.strip() for b in args.benchmark.split(",") if b.strip()],
+                        parse_set(args.set))  # fmt: skip
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    summary = run_grid(cfgs, args.out, methods, start_rounds=args.start_rounds,
+                       max_rounds=args.max_rounds)  # fmt: skip
+    for name, s in summary.items():
+        print(f"{name}: {s['rounds']} rounds, plateaued {s['plateau']['plateaued']}, leaders "
+              f"{', '.join(s['leaders'])} -> {args.out / s['dir']}")  # fmt: skip
+    print(f"table: {args.out / 'converged.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

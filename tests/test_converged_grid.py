@@ -1,0 +1,121 @@
+"""benchmarks/converged_grid.py: the leaders that get more seeds, its table (final accuracy, closed /
+open, gap to centralized, time to accuracy) and the grid itself on the tiny backbone, resumed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from fedmm.data import load_benchmark
+from fedmm.data.vqa_rad import find_vqa_rad
+from fedmm.engine import run_method
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "converged_grid.py"
+spec = importlib.util.spec_from_file_location("converged_grid", SCRIPT)
+grid = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(grid)
+
+
+def _run(method: str, seed: int, final: dict, curve: tuple = (), benchmark: str = "b") -> dict:
+    history = [{"round": i + 1, "seconds": 10.0, "bytes_up": 0, "bytes_down": 0, "sampled": 1,
+                "clients": {"c": {"shared": y}}} for i, y in enumerate(curve or (0.0,))]  # fmt: skip
+    return {"method": method, "variant": "", "peft": "adapter", "benchmark": benchmark,
+            "seed": seed, "views": sorted({k.split(".")[0] for k in final}), "config": {},
+            "final": final, "history": history}  # fmt: skip
+
+
+def test_leaders_are_the_best_three_of_each_view_kind_by_seed_0_plus_centralized():
+    runs = [
+        _run("centralized", 0, {"shared": 0.90}),
+        _run("local", 0, {"personal": 0.80}),
+        _run("fedavg", 0, {"shared": 0.70, "shared+head": 0.60, "personal": 0.75}),
+        _run("fedper", 0, {"shared+head": 0.65}),
+        _run("feddat", 0, {"shared+head": 0.50, "personal": 0.85}),
+        _run("fedpia", 0, {"shared": 0.72, "shared+head": 0.40, "personal": 0.70}),
+        _run("ditto", 0, {"shared": 0.71, "personal": 0.60}),
+        _run("ditto", 1, {"shared": 0.99, "personal": 0.99}),  # not seed 0: not counted
+    ]
+    methods = list(grid.METHODS)
+    # k = 1: fedpia leads shared, fedper shared+head, feddat personal; centralized always
+    assert grid.leaders(runs, methods, k=1) == ["centralized", "fedper", "feddat", "fedpia"]
+    # k = 3: shared fedpia, ditto, fedavg; shared+head fedper, fedavg, feddat; personal feddat,
+    # local, fedavg: every method here
+    assert grid.leaders(runs, methods) == methods
+
+
+def test_the_table_has_final_closed_open_gap_and_time_to_accuracy():
+    runs = [
+        _run("centralized", 0, {"shared": 0.80, "shared.closed": 0.9, "shared.open": 0.6},
+             (0.5, 0.8)),
+        _run("fedavg", 0, {"shared": 0.70, "shared.closed": 0.8, "shared.open": 0.5}, (0.7, 0.7)),
+        _run("fedavg", 1, {"shared": 0.60, "shared.closed": 0.7, "shared.open": 0.4}, (0.4, 0.6)),
+    ]  # fmt: skip
+    text = "\n".join(grid.converged_table(runs, ["centralized", "fedavg"]))
+    assert "`shared` (time to 65.0 %" in text  # the lowest final mean of the kind: fedavg's
+    # centralized: one seed (n = 1), no gap to itself, reaches 65 % in round 2 (20 s)
+    assert "| centralized | 1 | 80.0 (n = 1) | 90.0 (n = 1) | 60.0 (n = 1) | — | 2.0 | 20 |" in text
+    # fedavg: two seeds, 15 points under centralized; seed 0 reaches 65 % in round 1, seed 1 never
+    assert (
+        "| fedavg | 2 | 65.0 ± 7.1 | 75.0 ± 7.1 | 45.0 ± 7.1 | -15.0 | 1.0 (1/2 seeds) | 10 |"
+        in text
+    )
+    assert "± 0.0" not in text
+
+
+@pytest.fixture()
+def counted(monkeypatch):
+    calls = []
+
+    def counting(cfg):
+        calls.append((cfg.method, cfg.seed, cfg.fed.rounds))
+        return run_method(cfg)
+
+    monkeypatch.setattr("fedmm.engine.run_method", counting)
+    return calls
+
+
+def test_the_grid_runs_seed_0_then_more_seeds_for_the_leaders_and_resumes(
+    tiny_cfg, tmp_path, counted
+):
+    cfgs = {"fmnist-domain": tiny_cfg.with_overrides({"fed.rounds": 1})}
+    methods = ["centralized", "local", "fedavg"]
+    out = tmp_path / "grid"
+    summary = grid.run_grid(cfgs, out, methods, more_seeds=(1,), start_rounds=1, max_rounds=1, k=1)
+    s = summary["fmnist-domain"]
+    assert s["rounds"] == 1 and s["dir"] == "fmnist-domain/rounds-1"
+    data = json.loads((out / s["dir"] / "bench.json").read_text())
+    seed0 = [r for r in data["runs"] if r["seed"] == 0]
+    assert sorted(r["method"] for r in seed0) == sorted(methods)
+    assert s["leaders"] == grid.leaders(seed0, methods, k=1)  # from the seed-0 results
+    assert "centralized" in s["leaders"] and "fedavg" in s["leaders"]  # fedavg alone has shared
+    assert sorted(r["method"] for r in data["runs"] if r["seed"] == 1) == sorted(s["leaders"])
+    assert len(counted) == len(methods) + len(s["leaders"])
+    table = (out / "converged.md").read_text()
+    assert "### fmnist-domain (1 rounds)" in table and "Δ vs centralized" in table
+    assert "| centralized | 2 |" in table  # seeds 0 and 1
+    report = (out / s["dir"] / "report.md").read_text()  # the whole grid's, not the leaders' only
+    assert all(f"| {m} |" in report for m in methods)
+
+    before = len(counted)
+    again = grid.run_grid(cfgs, out, methods, more_seeds=(1,), start_rounds=1, max_rounds=1, k=1)
+    assert len(counted) == before  # every cell complete: nothing reruns
+    assert again["fmnist-domain"]["leaders"] == s["leaders"]
+
+
+def test_the_grid_uses_vqa_rads_organ_clients_and_an_image_disjoint_dirichlet_split():
+    cfgs = grid.grid_configs(["vqa-rad-organ", "vqa-rad-dirichlet"], {})
+    assert cfgs["vqa-rad-organ"].fed.clients == 3
+    dirichlet = cfgs["vqa-rad-dirichlet"]
+    assert dirichlet.data.test_split == "image-disjoint" and dirichlet.fed.clients == 8
+
+
+@pytest.mark.skipif(find_vqa_rad() is None, reason="VQA-RAD not available here")
+def test_the_grids_vqa_rad_dirichlet_is_image_disjoint_and_every_client_is_scored():
+    cfg = grid.grid_configs(["vqa-rad-dirichlet"], {"model.image_size": 16})["vqa-rad-dirichlet"]
+    bench = load_benchmark(cfg)
+    assert bench.notes["test_images_seen_in_train"] == 0
+    assert len(bench.clients) == 8 and not bench.excluded
+    assert all(len(c.train.texts) and len(c.test.texts) for c in bench.clients)
