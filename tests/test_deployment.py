@@ -10,7 +10,10 @@ only.  One federation of 3 rounds (tiny backbone) serves two checks, to keep the
 * SuperNode 2 is SIGKILLed as soon as round 2 is recorded (round 3's messages are out): round 3
   must complete with the two others (fed.min_clients = 2), the dead node counted in ``failed``.
 
-A second federation runs FedAvg under SecAgg+ (``fed.secure_aggregation = "secagg+"``, issue
+A generative federation (``tiny-gen``, text targets, issue 26) runs FedAvg for 2 rounds and must
+equal its simulation, with only the LoRA set and the projector in each reply.
+
+A further federation runs FedAvg under SecAgg+ (``fed.secure_aggregation = "secagg+"``, issue
 25) for 2 rounds: every round passes the four stages with 3 survivors and equals the simulation.
 
 Every process is started in its own process group and killed in ``finally``; ports are free
@@ -60,13 +63,14 @@ def test_certs_command_makes_a_ca_signed_server_cert_and_private_node_keys(tmp_p
     assert (out / "server.key").stat().st_mode & 0o077 == 0
 
 
-def split_sites(cfg, tmp_path: Path) -> Path:
-    """``fedmm split`` of fmnist-domain into 3 site directories with ``cfg``'s data sizes."""
+def split_sites(cfg, tmp_path: Path, keys: tuple[str, ...] = ()) -> Path:
+    """``fedmm split`` of fmnist-domain into 3 site directories with ``cfg``'s data sizes (and
+    the options ``keys``)."""
     flat = cfg.to_flat()
     sites = tmp_path / "sites"
     split = ["split", "--benchmark", "fmnist-domain", "--clients", "3", "--out", str(sites)]
     for key in ("model.backbone", "model.image_size", "data.train_per_client",
-                "data.test_per_client"):  # fmt: skip
+                "data.test_per_client", *keys):  # fmt: skip
         split += ["--set", f"{key}={flat[key]}"]
     assert main(split) == 0
     return sites
@@ -182,3 +186,32 @@ def test_secure_aggregation_deployed_with_tls_and_auth_matches_simulation(tiny_c
     assert simulated["final"]["shared"] > 0.2  # it learned (chance: 0.1)
     # 2 rounds x 4 SecAgg+ stages + evaluation, every message in the one warm worker per site
     assert_warm_workers(tmp_path, (0, 1, 2), 8)
+
+
+@needs_flower
+def test_generative_federation_deployed_matches_simulation(tiny_cfg, tmp_path):
+    """A generative model (tiny-gen: projector + LoRA on a causal LM, answers decoded) on the
+    deployment runtime: sites split as generation, 2 FedAvg rounds through the sites' own
+    executor, equal to Flower's simulation of the same site directories."""
+    gen = {"model.backbone": "tiny-gen", "data.task_kind": "generate", "peft.type": "lora",
+           "model.max_text_len": 96, "eval.max_new_tokens": 8}  # fmt: skip
+    cfg = tiny_cfg.with_overrides({
+        **gen, "method": "fedavg", "fed.rounds": 2, "fed.round_timeout": 120.0, "seed": 3,
+        "out_dir": str(tmp_path / "deployed"), "train.threads": 1,
+    })  # fmt: skip
+    sites = split_sites(cfg, tmp_path, ("data.task_kind",))
+    keys = ("peft.type", "model.max_text_len", "eval.max_new_tokens", "fed.round_timeout")
+    deployed = deploy(cfg, sites, tmp_path, ["--timeout", "600"], keys)
+    simulated = simulate(cfg, sites, tmp_path)
+
+    hist_d, hist_s = deployed["history"], simulated["history"]
+    assert [h["round"] for h in hist_d] == [h["round"] for h in hist_s] == [1, 2]
+    for d, s in zip(hist_d, hist_s):
+        assert d["failures"] == 0 and not d["failed"] and not d["rejected"], d
+        assert d["clients"].keys() == s["clients"].keys()
+        for client, views in d["clients"].items():
+            assert views == pytest.approx(s["clients"][client], abs=1e-6)
+            assert "shared.f1" in views  # scored by generation
+        for client, stats in d["train"].items():
+            assert stats["loss"] == pytest.approx(s["train"][client]["loss"], rel=1e-5)
+            assert stats["bytes_up"] == s["train"][client]["bytes_up"]
