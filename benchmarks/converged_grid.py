@@ -36,8 +36,7 @@ methods: a target every method reaches on average by the last round) beside it.
     .venv/bin/python benchmarks/converged_grid.py --out runs/converged [--benchmark NAME,...]
         [--start-rounds 10] [--max-rounds 80] [--set train.threads=1 ...]
 
-Long: hours on a 2-core CPU (docs/results-converged.md has the measured round times and the
-estimate).  ``--set`` applies to every cell (e.g. ``model.backbone=tiny`` for a smoke test).
+Long: hours on a 2-core CPU (not yet measured: docs/results-converged.md).  ``--set`` applies to every cell (e.g. ``model.backbone=tiny`` for a smoke test).
 """
 
 from __future__ import annotations

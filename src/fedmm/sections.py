@@ -171,7 +171,12 @@ def steps_per_round(train: TrainConfig, n_train: int) -> int:
 class FedConfig:
     """The federation: rounds, clients, sampling, server weighting."""
 
-    rounds: int = option(5, "[1, inf)", help="federated rounds", flag="rounds")
+    rounds: int = option(
+        5,
+        "[1, inf)",
+        help="federated rounds (your own data, jsonl or --sites, with no budget stated: 20, with train.local_epochs=1)",
+        flag="rounds",
+    )
     clients: int = option(5, "[1, inf)", help="number of clients", flag="clients")
     fraction: float = option(
         1.0, "(0, 1]", help="fraction of clients sampled for training each round"
