@@ -97,6 +97,14 @@ def test_client_state_persists_in_context_and_on_disk(tiny_cfg, tmp_path):
     assert set(restored) == set(in_context)
     # ... but a new run (round 1) starts clean
     assert clientapp.restore_state(make_context(1), path, cfg, 1) == {}
+    # the run's experiment is pinned once state is kept: a server that switches an option
+    # mid-run (FedDAT's head federated from now on, a learning rate of ~0 -- the kept personal
+    # head would come back as the upload) is refused; more rounds or another timeout are not
+    switched = cfg.with_overrides({"feddat.federate_head": True, "train.lr": 1e-12})
+    with pytest.raises(clientapp.RefusedMessage, match="feddat.federate_head, train.lr"):
+        clientapp.restore_state(make_context(1), path, switched, 2, last_trained=1)
+    extended = cfg.with_overrides({"fed.rounds": cfg.fed.rounds + 5})
+    assert set(clientapp.restore_state(make_context(1), path, extended, 2, last_trained=1))
     # and a client whose state of the last aggregated round is gone is a loud error
     path.unlink()
     with pytest.raises(RuntimeError, match="client state of round 1"):

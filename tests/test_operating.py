@@ -28,6 +28,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from test_serverapp import InProcessGrid
 
 from fedmm import logs, results
+from fedmm.config import FedmmConfig
 from fedmm.federation import checkpoint, clientapp, messages
 from fedmm.federation.messages import RefusedMessage
 from fedmm.files import TMP_PREFIX, atomic_torch_save, atomic_write, remove_stale_temps
@@ -155,7 +156,7 @@ def test_a_client_removes_stale_temps_in_its_state_dir_before_saving(tmp_path):
     path.parent.mkdir(parents=True)
     (path.parent / f"{TMP_PREFIX}abc.tmp").write_bytes(b"")
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    clientapp.save_state(ctx, path, None, 1, {"a": torch.ones(2)})
+    clientapp.save_state(ctx, path, FedmmConfig(), 1, {"a": torch.ones(2)})
     assert temps(path.parent) == [] and torch.load(path, weights_only=True)["round"] == 1
 
 

@@ -143,6 +143,7 @@ REFUSALS = [  # (experiment options, site settings, what the refusal names)
     ({"peft.type": "lora", "peft.lora_targets": "(.|.)*Z"}, {},
      r"peft.lora_targets='\(\.\|\.\)\*Z'.*without groups"),
     ({"peft.type": "lora", "peft.lora_targets": "q.*.*.*.*.*Z"}, {}, r"at most 4 of"),
+    ({"train.max_target_tokens": 10**6}, {}, r"train.max_target_tokens=1000000.*max-text-len"),
 ]  # fmt: skip
 
 
@@ -193,6 +194,16 @@ def test_accepted_hub_ids_and_downloads_are_the_sites_choice(tiny_cfg):
     consent.check_model(cfg.with_overrides({"model.hf_path": "/srv/x"}),
                         SiteSettings(model_dir="/srv/site-weights"))  # fmt: skip
     assert SiteSettings.from_node_config({"allow-download": "false"}).allow_download is False
+
+
+def test_a_hugging_face_vlm_familys_default_checkpoint_needs_the_family_named(tiny_cfg):
+    """A family's hub default (up to LLaVA-1.5-7B from the site's cache) is not fedmm's own
+    weights: builtin does not admit it; naming the family, or the site's model-dir, does."""
+    cfg = tiny_cfg.with_overrides({"model.backbone": "llava", "data.task_kind": "generate"})
+    with pytest.raises(NotAccepted, match="accept-models names the family"):
+        consent.check_model(cfg, SiteSettings())
+    consent.check_model(cfg, SiteSettings(accept_models="builtin,llava"))
+    consent.check_model(cfg, SiteSettings(model_dir="/srv/site-llava"))
 
 
 @pytest.mark.parametrize("settings, match", [

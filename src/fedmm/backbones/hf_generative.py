@@ -114,13 +114,18 @@ def load_generative(family: GenerativeFamily, model_cfg: ModelConfig):
     when it holds another family's model."""
     import transformers
 
+    if model_cfg.hf_path == "tiny-random":  # the classification families' test config
+        raise ConfigError(f"backbone {family.name}: model.hf_path='tiny-random' names no model "
+                          "here; give a local directory or a hub name")  # fmt: skip
     source = model_cfg.hf_path or family.hub_default
     offline = _offline_env() or not model_cfg.hf_download
-    try:
+    try:  # never code from the model's repository: the families are transformers' own classes
         model = transformers.AutoModelForImageTextToText.from_pretrained(
-            source, local_files_only=offline, dtype=torch.float32
+            source, local_files_only=offline, dtype=torch.float32, trust_remote_code=False
         )
-        processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=offline)
+        processor = transformers.AutoProcessor.from_pretrained(
+            source, local_files_only=offline, trust_remote_code=False
+        )
     except (OSError, ValueError) as exc:
         if Path(source).expanduser().is_dir():
             raise RuntimeError(

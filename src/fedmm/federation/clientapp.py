@@ -60,6 +60,7 @@ stages) in one place, so that each check a site applies before reading data is v
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -509,6 +510,32 @@ def prev_path(path: Path) -> Path:
     return path.with_name(path.name + ".prev")
 
 
+def pinned_options(cfg: FedmmConfig) -> str:
+    """The options a run may not change once this site has kept state in it, as canonical JSON:
+    every experiment option that affects results, except ``fed.rounds`` and the operational ones
+    (a resumed run may extend its rounds or change timeouts).  Without the pin a server could
+    switch, say, ``feddat.federate_head`` on mid-run with ``train.lr`` near 0 and receive the
+    client's kept personal head as the "federated" one (hostile-server review, 2026-12-06)."""
+    from fedmm.config import MAY_DIFFER, OPERATIONAL, experiment_of
+
+    free = MAY_DIFFER | OPERATIONAL | {"fed.rounds"}
+    pinned = {k: v for k, v in experiment_of(cfg).items() if k not in free}
+    return json.dumps(pinned, sort_keys=True, default=str)
+
+
+def check_pinned(kept: str | None, cfg: FedmmConfig) -> None:
+    """``RefusedMessage`` naming the options that differ from those the run's kept state was
+    trained under (``kept``, ``pinned_options`` of then); None: state from before the pin."""
+    if kept is None or kept == (now := pinned_options(cfg)):
+        return
+    old, new = json.loads(kept), json.loads(now)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    raise RefusedMessage(
+        f"this run's options changed since this site kept state in it ({', '.join(changed[:6])}"
+        f"{', ...' if len(changed) > 6 else ''}): a run keeps its experiment; start a new run"
+    )
+
+
 def restore_state(
     context: Context, path: Path, cfg: FedmmConfig, rnd: int, last_trained: int = 0,
     train: bool = True,
@@ -520,6 +547,7 @@ def restore_state(
     server never completed, before it was restarted -- is passed over for the one before it.
     ``last_trained`` (from the server): the last round of this client the server aggregated; a
     state older than that, or none at all, is an error -- the site lost what the run depends on.
+    A state kept under other options (``check_pinned``) is a ``RefusedMessage``.
     """
     newest = rnd - 1 if train else rnd
     meta = context.state.get(STATE_META)
@@ -527,6 +555,7 @@ def restore_state(
         meta is not None and str(meta["path"]) == str(path) and STATE_KEY in context.state
         and last_trained <= int(meta.get("round", 0)) <= newest
     ):  # fmt: skip
+        check_pinned(meta.get("pinned"), cfg)
         return to_torch(messages.from_record(context.state[STATE_KEY]))
     found = 0
     for candidate in (path, prev_path(path)):
@@ -534,6 +563,7 @@ def restore_state(
             saved = torch.load(candidate, weights_only=True)
             found = max(found, int(saved.get("round", 0)))
             if 0 < saved.get("round", 0) <= newest and saved["round"] >= last_trained:
+                check_pinned(saved.get("pinned"), cfg)
                 log.info("restored client state of round %d from %s", saved["round"], candidate)
                 return dict(saved["state"])
     if last_trained > 0:
@@ -548,7 +578,8 @@ def restore_state(
 def save_state(context: Context, path: Path, cfg: FedmmConfig, rnd: int, state: State) -> None:
     """Keep ``state`` in the Context and on disk (atomically; the previous round's copy kept)."""
     context.state[STATE_KEY] = messages.to_record(to_numpy(state))
-    context.state[STATE_META] = ConfigRecord({"path": str(path), "round": rnd})
+    pinned = pinned_options(cfg)
+    context.state[STATE_META] = ConfigRecord({"path": str(path), "round": rnd, "pinned": pinned})
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)  # a write of a killed client process
     if path.is_file():
@@ -557,7 +588,9 @@ def save_state(context: Context, path: Path, cfg: FedmmConfig, rnd: int, state: 
                 os.replace(path, prev_path(path))
         except Exception as exc:  # a torn or foreign file is not worth keeping
             log.warning("unreadable state file %s replaced: %s", path, exc)
-    atomic_torch_save({"round": rnd, "state": {k: v.cpu() for k, v in state.items()}}, path)
+    atomic_torch_save(
+        {"round": rnd, "pinned": pinned, "state": {k: v.cpu() for k, v in state.items()}}, path
+    )
 
 
 __all__ = ["Site", "SiteError", "app", "as_site", "dispatch", "handle", "handle_query",

@@ -35,7 +35,7 @@ from typing import Any
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.federation.messages import RefusedMessage
 from fedmm.sections import PeftConfig
-from fedmm.spec import BACKBONE_NAMES, METHOD_SPECS, PEFT_TYPE_NAMES
+from fedmm.spec import BACKBONE_NAMES, HF_GENERATIVE_BACKBONE_NAMES, METHOD_SPECS, PEFT_TYPE_NAMES
 
 BUILTIN = "builtin"  # accept-models: fedmm's registered backbones with their own weights
 ANY_HUB_ID = "*"  # accept-models: any well-formed hub id
@@ -160,6 +160,14 @@ def check_model(cfg: FedmmConfig, settings: Any) -> None:
             raise refuse("model.hf_path", source, "a directory of that name exists where this "
                          "site runs, and would be loaded instead of the hub model")  # fmt: skip
         return
+    if model.backbone in HF_GENERATIVE_BACKBONE_NAMES and not settings.model_dir:
+        # a Hugging Face VLM family's hub default (up to 7 B parameters, from the site's cache)
+        # is not fedmm's own weights: the site names the family, builtin does not admit it
+        if model.backbone not in accepted:
+            raise refuse("model.backbone", model.backbone, "a Hugging Face VLM family's default "
+                         "checkpoint is loaded only where accept-models names the family "
+                         f"(this site: {', '.join(accepted)}), or from the site's model-dir")  # fmt: skip
+        return
     if BUILTIN not in accepted and model.backbone not in accepted:
         raise refuse("model.backbone", model.backbone, "not among this site's accept-models "
                      f"({', '.join(accepted)})")  # fmt: skip
@@ -187,6 +195,8 @@ def check_caps(cfg: FedmmConfig, settings: Any) -> None:
         ("train.eval_batch_size", t.eval_batch_size, "max-batch-size", settings.max_batch_size),
         ("model.image_size", cfg.model.image_size, "max-image-size", settings.max_image_size),
         ("model.max_text_len", cfg.model.max_text_len, "max-text-len", settings.max_text_len),
+        # a generative target's tokens widen every encoded row as the prompt's do
+        ("train.max_target_tokens", t.max_target_tokens, "max-text-len", settings.max_text_len),
     ]  # fmt: skip
     for option in ("model.head_hidden", "peft.lora_r", "adapter.bottleneck", "peft.prompt_length"):
         section, name = option.split(".")
