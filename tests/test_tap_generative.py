@@ -273,13 +273,14 @@ def test_a_text_only_client_trains_both_models_and_sends_no_projector(mixed_cfg)
 # ---------------------------------------------------------------------- learning
 def test_tap_learns_a_generative_task_in_every_view(mixed_cfg):
     """fmnist-function's ``object`` family answered in text (one class name per image,
-    class-dependent bars): after 3 TAP rounds the greedy answers of the shared, personalised and
+    class-dependent bars): after 5 TAP rounds (3 were on the edge: shared 0.33 in one run, 0.20 in
+    another, against a bar of 0.30) the greedy answers of the shared, personalised and
     distilled models match more often than always answering the most common test answer, and
     the shared model's improve over the rounds."""
     from test_serverapp import InProcessGrid
 
     cfg = mixed_cfg.with_overrides({
-        "data.benchmark": "fmnist-function", "fed.clients": 1, "fed.rounds": 3,
+        "data.benchmark": "fmnist-function", "fed.clients": 1, "fed.rounds": 5,
         "train.local_steps": 60, "train.batch_size": 16, "train.lr": 5e-3,
         "train.schedule": "constant", "data.train_per_client": 200, "data.test_per_client": 30,
         "tap.teacher_steps": 10, "tap.distill_steps": 10, "tap.distill_lr": 1e-3,
