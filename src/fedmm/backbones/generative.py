@@ -317,6 +317,26 @@ class OneLanguageModel:
     def task_head(self) -> nn.Module:
         return self.head
 
+    def left_padded(
+        self, prompts: list[list[int]], max_new_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, mask)`` ``(B, W)`` of ``prompts`` left-padded with ``chat.pad_id`` to the
+        longest, on the model's device; ``ConfigError`` when W + ``max_new_tokens`` exceeds the
+        model's context (the KV cache stays bounded)."""
+        b, width = len(prompts), max(len(p) for p in prompts)
+        if self.context and width + max_new_tokens > self.context:
+            raise ConfigError(
+                f"eval.max_new_tokens={max_new_tokens} with prompts of {width} tokens exceeds the "
+                f"model's context of {self.context} tokens; lower eval.max_new_tokens or "
+                "model.max_text_len"
+            )
+        ids = torch.full((b, width), self.chat.pad_id, dtype=torch.long)
+        mask = torch.zeros(b, width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
 
 class GenerativeVLModel(OneLanguageModel, GridVision, VLModel):
     """Frozen vision tower + trainable projector + frozen causal LM with named PEFT sets.
@@ -486,19 +506,7 @@ class GenerativeVLModel(OneLanguageModel, GridVision, VLModel):
         from transformers import DynamicCache
 
         b = len(prompts)
-        width = max(len(p) for p in prompts)
-        if self.context and width + max_new_tokens > self.context:  # the KV cache stays bounded
-            raise ConfigError(
-                f"eval.max_new_tokens={max_new_tokens} with prompts of {width} tokens exceeds the "
-                f"model's context of {self.context} tokens; lower eval.max_new_tokens or "
-                "model.max_text_len"
-            )
-        ids = torch.full((b, width), self.chat.pad_id, dtype=torch.long)
-        mask = torch.zeros(b, width, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = self.left_padded(prompts, max_new_tokens)
         emb, mask, positions = self._embed(feats.to(self.device), ids, mask)
         cache = DynamicCache()
         out_ids: list[list[int]] = [[] for _ in range(b)]

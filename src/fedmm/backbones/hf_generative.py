@@ -367,19 +367,8 @@ class HFGenerativeVLModel(OneLanguageModel, VLModel):
         """Greedy decoding of every prompt, left-padded into one batch (the family's
         ``generate`` with its KV cache); a row stops at ``eos_id`` (not returned) or after
         ``max_new_tokens`` tokens."""
-        b, width = len(prompts), max(len(p) for p in prompts)
-        if self.context and width + max_new_tokens > self.context:
-            raise ConfigError(
-                f"eval.max_new_tokens={max_new_tokens} with prompts of {width} tokens exceeds the "
-                f"model's context of {self.context} tokens; lower eval.max_new_tokens or "
-                "model.max_text_len"
-            )
-        ids = torch.full((b, width), self.chat.pad_id, dtype=torch.long)
-        mask = torch.zeros(b, width, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = self.left_padded(prompts, max_new_tokens)
+        width = ids.shape[1]
         out = self.hf.generate(
             input_ids=ids, attention_mask=mask, **self._vision_inputs(feats, ids),
             max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
