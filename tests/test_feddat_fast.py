@@ -66,6 +66,33 @@ def test_fast_path_gives_the_two_forward_gradients_for_every_trainable_part(tiny
     assert not torch.allclose(ref_s, ref_dat)  # the two paths are really different models
 
 
+def reference_then_fast(model, frozen, batches, feddat_cfg, fast_losses):
+    """``(A_s + A_c, their start, their values after the reference)``: from the same start,
+    ``batches`` through ``reference_step`` (two AdamW optimisers), then -- the parameters left
+    where this fast path takes them -- through ``fast_losses(batch) -> (loss_s, loss_dat)`` with
+    one backward and one AdamW step over both sets; ``frozen`` (projection, head) not trained."""
+    for p in frozen:
+        p.requires_grad_(False)
+    a_s, a_c = model.peft.parameters_of(GLOBAL), model.peft.parameters_of(CLIENT)
+    for p in a_s + a_c:
+        p.requires_grad_(True)
+    start = [p.detach().clone() for p in a_s + a_c]
+    opt_s, opt_c = torch.optim.AdamW(a_s, lr=1e-2), torch.optim.AdamW(a_c, lr=1e-2)
+    for batch in batches:
+        reference_step(model, opt_s, opt_c, batch, feddat_cfg)
+    reference = [p.detach().clone() for p in a_s + a_c]
+    with torch.no_grad():
+        for p, s in zip(a_s + a_c, start):
+            p.copy_(s)
+    opt = torch.optim.AdamW([{"params": a_s}, {"params": a_c}], lr=1e-2)
+    for batch in batches:
+        loss_s, loss_dat = fast_losses(batch)
+        opt.zero_grad(set_to_none=True)
+        (loss_s + loss_dat).backward()
+        opt.step()
+    return a_s + a_c, start, reference
+
+
 @pytest.mark.parametrize("peft_type", ["adapter", "lora"])
 def test_fast_path_follows_the_literal_three_pass_reference_step_for_step(tiny_cfg, peft_type):
     """Compared: A_s and A_c after 3 steps.  Projection and head frozen (the reference steps them
@@ -76,31 +103,17 @@ def test_fast_path_follows_the_literal_three_pass_reference_step_for_step(tiny_c
         {"method": "feddat", "adapter.zero_init_up": False, "peft.type": peft_type}
     )
     model, ctx = loaded(cfg)
-    for p in [*model.visual_proj.parameters(), *model.head.parameters()]:
-        p.requires_grad_(False)
-    a_s, a_c = model.peft.parameters_of(GLOBAL), model.peft.parameters_of(CLIENT)
-    for p in a_s + a_c:
-        p.requires_grad_(True)
-    start = [p.detach().clone() for p in a_s + a_c]
     batches = [ctx.train.batch(torch.arange(8 * i, 8 * i + 8), ctx.device) for i in range(3)]
 
-    opt_s, opt_c = torch.optim.AdamW(a_s, lr=1e-2), torch.optim.AdamW(a_c, lr=1e-2)
-    for batch in batches:
-        reference_step(model, opt_s, opt_c, batch, cfg.feddat)
-    reference = [p.detach().clone() for p in a_s + a_c]
-
-    with torch.no_grad():
-        for p, s in zip(a_s + a_c, start):
-            p.copy_(s)
-    opt = torch.optim.AdamW([{"params": a_s}, {"params": a_c}], lr=1e-2)
-    for feats, ids, mask, labels in batches:
+    def fast_losses(batch):
+        feats, ids, mask, labels = batch
         z_s, z_dat = feddat_logits(model, feats, ids, mask, cfg.feddat.dat_combine)
-        loss_s, loss_dat = feddat_losses(z_s, z_dat, labels, cfg.feddat)
-        opt.zero_grad(set_to_none=True)
-        (loss_s + loss_dat).backward()
-        opt.step()
+        return feddat_losses(z_s, z_dat, labels, cfg.feddat)
+
+    frozen = [*model.visual_proj.parameters(), *model.head.parameters()]
+    params, start, reference = reference_then_fast(model, frozen, batches, cfg.feddat, fast_losses)
     moved = 0
-    for p, ref, s in zip(a_s + a_c, reference, start):
+    for p, ref, s in zip(params, reference, start):
         assert torch.allclose(p.detach(), ref, atol=1e-5, rtol=1e-4)
         moved += not torch.equal(ref, s)
     assert moved >= len(reference) // 2

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import bound_method, run_federation
+from test_feddat_fast import reference_then_fast
 from test_generative import RecordingGrid
 from test_serverapp import InProcessGrid
 
@@ -26,7 +27,6 @@ from fedmm.methods.feddat import (
     feddat_logits,
     feddat_losses,
     feddat_step_losses,
-    reference_step,
 )
 from fedmm.methods.losses import distill_kl, task_loss
 from fedmm.methods.state import to_torch
@@ -159,27 +159,12 @@ def test_feddat_fast_path_follows_the_reference_step_on_a_causal_lm(gen_cfg, pef
     clipping, as in tests/test_feddat_fast.py)."""
     cfg = gen_cfg.with_overrides({"method": "feddat", "peft.type": peft_type})
     _, model, ctx = loaded_feddat(cfg)
-    for p in model.visual_proj.parameters():
-        p.requires_grad_(False)
-    a_s, a_c = model.peft.parameters_of(GLOBAL), model.peft.parameters_of(CLIENT)
-    for p in a_s + a_c:
-        p.requires_grad_(True)
-    start = [p.detach().clone() for p in a_s + a_c]
     batches = [ctx.train.batch(torch.arange(4 * i, 4 * i + 4), ctx.device) for i in range(3)]
-    opt_s, opt_c = torch.optim.AdamW(a_s, lr=1e-2), torch.optim.AdamW(a_c, lr=1e-2)
-    for batch in batches:
-        reference_step(model, opt_s, opt_c, batch, cfg.feddat)
-    reference = [p.detach().clone() for p in a_s + a_c]
-    with torch.no_grad():
-        for p, s in zip(a_s + a_c, start):
-            p.copy_(s)
-    opt = torch.optim.AdamW([{"params": a_s}, {"params": a_c}], lr=1e-2)
-    for batch in batches:
-        loss_s, loss_dat = feddat_step_losses(model, batch, cfg.feddat)
-        opt.zero_grad(set_to_none=True)
-        (loss_s + loss_dat).backward()
-        opt.step()
-    for p, ref, s in zip(a_s + a_c, reference, start):
+    params, start, reference = reference_then_fast(
+        model, list(model.visual_proj.parameters()), batches, cfg.feddat,
+        lambda batch: feddat_step_losses(model, batch, cfg.feddat),
+    )  # fmt: skip
+    for p, ref, s in zip(params, reference, start):
         assert torch.allclose(p.detach(), ref, atol=1e-5, rtol=1e-4)
         assert not torch.equal(ref, s)
 
