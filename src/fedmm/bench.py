@@ -174,12 +174,14 @@ def cell_config(
 
 
 def _same(run: dict, cfg: FedmmConfig) -> bool:
-    """Whether a stored run was made with ``cfg``: the options that affect results are equal
+    """Whether a stored run was made with ``cfg`` and is complete (``fed.rounds`` rounds, or
+    fewer when early stopping ended it): the options that affect results are equal
     (``config.MAY_DIFFER``, where things are and how they are shown -- paths, the device --, may
     differ).  A key the stored config lacks (an option added to fedmm after the run) counts as its
     default value, which is what the run used."""
     flat, defaults = cfg.to_flat(), FedmmConfig().to_flat()
-    return len(run["history"]) == cfg.fed.rounds and all(
+    complete = len(run["history"]) == cfg.fed.rounds or bool(run.get("stopped_early"))
+    return complete and all(
         run["config"].get(k, defaults[k]) == v for k, v in flat.items() if k not in MAY_DIFFER
     )
 

@@ -23,7 +23,7 @@ from fedmm import logs, results, tracking
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data import sites
 from fedmm.data.schema import SCHEMA_FILE, read_schema, write_schema
-from fedmm.federation import consent
+from fedmm.federation import consent, early_stopping
 from fedmm.federation.site import SiteSettings
 from fedmm.files import remove_stale_temps
 from fedmm.methods import get_method
@@ -127,6 +127,7 @@ def run_method(cfg: FedmmConfig, site: dict | None = None) -> dict:
 
                 def save_round(round_record: results.RoundRecord) -> None:
                     entry = results.add_round(record, round_record)
+                    early_stopping.update(record, cfg)  # as the server records it
                     results.save_run(cfg.out_dir, record)
                     tracker.log_round(entry)
                     on_round(entry)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,6 +38,15 @@ from fedmm.files import atomic_torch_save
 from fedmm.precision import stores_bf16
 
 log = logging.getLogger(__name__)
+
+
+def held_out(n: int, frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, held_out)`` row indices of a split of ``n`` rows: a seeded permutation, of which
+    ``max(1, round(frac · n))`` rows are held out -- never every row (at most ``n − 1``) and none
+    of one row.  The same ``(n, frac, seed)`` always gives the same rows."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_out = min(n - 1, max(1, round(frac * n))) if n > 1 and frac > 0 else 0
+    return order[n_out:], order[:n_out]
 
 
 @dataclass
@@ -155,14 +165,31 @@ class Runtime:
         self._encoded: dict[str, Encoded] = {}
 
     def client_split(self, index: int, split: str) -> Encoded:
-        """Encoded ``train`` or ``test`` split of client ``index``."""
+        """Encoded ``train``, ``test`` or ``val`` split of client ``index``.
+
+        With ``data.val_frac`` = f > 0, ``val`` is a held-out share of the client's training
+        records (``held_out``, seeded by ``data.split_seed`` and the client's id, so a site and
+        its rehearsal hold out the same rows) and ``train`` is the rest: nothing of ``val`` is
+        ever trained on.  Raises ``ConfigError`` for ``val`` when f = 0."""
         clients = self.benchmark.clients
         if not 0 <= index < len(clients):
             raise IndexError(
                 f"client index {index} out of range: the benchmark has {len(clients)} clients"
             )
         spec = clients[index]
-        return self._encode(f"{spec.client_id}/{split}", getattr(spec, split), spec.task)
+        frac = self.cfg.data.val_frac
+        if split == "val" and frac <= 0:
+            raise ConfigError("there is no validation split: set data.val_frac (e.g. 0.1)")
+        if split not in ("train", "val") or frac <= 0:
+            return self._encode(f"{spec.client_id}/{split}", getattr(spec, split), spec.task)
+        name = f"{spec.client_id}/{split}-of-train"
+        if name not in self._encoded:
+            whole = self._encode(f"{spec.client_id}/train", spec.train, spec.task)
+            seed = self.cfg.data.split_seed * 7919 + zlib.crc32(spec.client_id.encode())
+            fit, val = held_out(len(whole), frac, seed)
+            self._encoded[f"{spec.client_id}/train-of-train"] = whole.subset(fit)
+            self._encoded[f"{spec.client_id}/val-of-train"] = whole.subset(val)
+        return self._encoded[name]
 
     def tasks(self) -> list[str]:
         """The benchmark's tasks (``[""]`` for a single-task benchmark)."""

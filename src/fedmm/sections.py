@@ -210,6 +210,26 @@ class FedConfig:
         operational=True,
         help="fraction of clients evaluated (seeded sample; last round: all)",
     )
+    # early stopping (federation/early_stopping.py): on the validation split (data.val_frac)
+    early_stopping_patience: int = option(
+        0,
+        "[0, inf)",
+        scope=SERVER,
+        help="stop after this many evaluations without a new best mean validation score "
+        "(needs data.val_frac > 0); 0 = off: every round of fed.rounds runs",
+    )
+    early_stopping_min_delta: float = option(
+        0.0,
+        "[0, inf)",
+        scope=SERVER,
+        help="a new best must beat the previous one by more than this (points of the score, 0-100)",
+    )
+    early_stopping_view: str = option(
+        "",
+        scope=SERVER,
+        help='the view whose mean validation score decides; "" = the method\'s first view '
+        "(fedmm list shows each method's views)",
+    )
     compression: str = option("none", choices=COMPRESSIONS, help="encoding of the uploaded update")
     # secure aggregation (federation/secagg.py, docs/secure-aggregation.md): off | secagg+ (Bell
     # et al. 2020): the server learns only the sum of the sampled sites' uploads
@@ -246,6 +266,12 @@ class DataConfig:
     )
     train_per_client: int = option(400, "[1, inf)", help="training records per client")
     test_per_client: int = option(150, "[1, inf)", help="test records per client")
+    val_frac: float = option(
+        0.0,
+        "[0, 0.9]",
+        help="share of each client's training records held out as its validation split (never "
+        "trained on; seeded by data.split_seed and the client index); 0 = none",
+    )
     split_seed: int = option(
         0, "[0, inf)", help="the data split is fixed by this seed, independent of the run seed"
     )

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 
 from fedmm.config import ConfigError, FedmmConfig, declared_fields
+from fedmm.federation import early_stopping
 from fedmm.sections import TrainConfig
 from fedmm.spec import METHOD_SPECS, parse_interval
 
@@ -83,6 +84,7 @@ def validate_config(cfg: FedmmConfig, methods: list[str] | None = None) -> None:
                 f"{cfg.fed.secure_aggregation}: {METHODS[m].secagg_refusal}; set "
                 "fed.secure_aggregation=off or choose a method that declares it can"
             )
+        early_stopping.check(cfg.with_overrides({"method": m}), METHODS[m].early_stopping_refusal)
     _check_model(cfg)
 
 

@@ -418,6 +418,7 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     if train:  # refuse what this site's DP cannot serve before any record is read
         sitedp.check_mode(site.settings, dp_cfg, method, cfg)
     site.split("train"), site.split("test")  # encoded now, so load-seconds counts the data too
+    val = site.split("val") if cfg.data.val_frac > 0 else None  # held out of "train"
     load_seconds = time.perf_counter() - t0  # model + this site's data: ~0 once a process has them
     state_file = site.state_file(meta["run-id"])
     state = restore_state(context, state_file, cfg, rnd, meta["last-trained"], train=train)
@@ -427,7 +428,7 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
         consent.check_steps(cfg, steps, site.settings)
     ctx = ClientContext(
         cfg, site.runtime.model, site.split("train"), site.split("test"), state, rnd, index,
-        steps, steps * cfg.fed.rounds,
+        steps, steps * cfg.fed.rounds, val=None if train else val,
     )  # fmt: skip
     global_state = to_torch(global_arrays)
     if not train:  # counted against the site's evaluation limits before it runs
@@ -441,7 +442,7 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
 
             save_predictions(state_file.parent / PREDICTIONS_FILE, site.spec.client_id, rnd,
                              ctx.predictions)  # fmt: skip
-        metrics = sitedp.evaluation_metrics(views, site.settings, guarded)
+        metrics = sitedp.evaluation_metrics(views, site.settings, guarded, ctx.val_views)
         metrics.update({"client-index": index, "num-examples": len(ctx.test),
                         "seconds": time.perf_counter() - t0,
                         "load-seconds": load_seconds})  # fmt: skip

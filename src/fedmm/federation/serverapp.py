@@ -53,7 +53,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmm import logs, results, tracking
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.data.schema import Schema, read_schema
-from fedmm.federation import checkpoint, messages, secagg, validation
+from fedmm.federation import checkpoint, early_stopping, messages, secagg, validation
 from fedmm.files import remove_stale_temps
 from fedmm.methods import Reply, get_method
 from fedmm.methods.aggregation import ClientInfo
@@ -495,11 +495,14 @@ class Federation:
             try:
                 m = reply.content[messages.METRICS]
                 index, views = validation.check_eval_metrics(m, self.spec, self.index_of.get(node))
+                _, val = validation.check_eval_metrics(m, self.spec, index, prefix="val.")
             except (validation.InvalidReply, KeyError, TypeError) as exc:
                 log.warning("round %d: rejected the evaluation of node %s: %s", rnd, node, exc)
                 record.eval_failed.append(self.who(node) | {"reason": str(exc)})
                 continue
             record.clients[self.client_ids[index]] = views
+            if val:  # the validation split's scores (early stopping)
+                record.val[self.client_ids[index]] = val
             record.eval[self.client_ids[index]] = {  # scores-withheld: a DP site (sitedp.py)
                 k: float(m[k]) for k in ("seconds", "load-seconds", "scores-withheld") if k in m
             }
@@ -510,6 +513,7 @@ class Federation:
         shows a round that a resumed run would redo (a crash between the two leaves results.json
         a round behind; resuming rewrites it)."""
         entry = results.add_round(self.record, record)
+        early_stopping.update(self.record, self.cfg)  # in the checkpoint: a resume stays stopped
         checkpoint.save(self.cfg, rnd, self.global_state, self.method.server_state(),
                         self.rng.getstate(), self.record)  # fmt: skip
         results.save_run(self.cfg.out_dir, self.record)
@@ -539,8 +543,10 @@ def run_federation(
     for directory in (cfg.out_dir, checkpoint.path(cfg).parent):
         remove_stale_temps(directory)  # left by writes a killed server never finished
     saved = checkpoint.load(cfg) if cfg.resume else None
-    if saved is not None and saved.round >= cfg.fed.rounds:  # killed after its last checkpoint,
-        results.save_run(cfg.out_dir, saved.record)  # maybe before results: write them
+    if saved is not None and (saved.round >= cfg.fed.rounds or saved.record.get("stopped_early")):
+        # killed after its last checkpoint (the last round, or the one it stopped early after),
+        # maybe before results: write them
+        results.save_run(cfg.out_dir, saved.record)
         results.write_reports(cfg.out_dir)
         return saved.record
     fed = Federation(grid, cfg, engine, saved)
@@ -565,6 +571,8 @@ def run_federation(
             tracker.log_round(entry)
             if on_round:
                 on_round(entry)
+            if fed.record.get("stopped_early"):  # early_stopping.py: no better validation score
+                break
         results.write_reports(cfg.out_dir)  # summary.md and curves.png once, before the tracker
         # takes them as artifacts
     return fed.record

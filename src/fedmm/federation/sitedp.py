@@ -141,12 +141,17 @@ def gate_evaluation(site, dp_on: bool, meta: Mapping, global_arrays: Mapping) ->
     log.count(str(meta.get("run-id", "")), state_digest(global_arrays), per_run, per_state)
 
 
-def evaluation_metrics(views: Mapping[str, float], settings, dp_on: bool) -> dict:
-    """``acc.<view>`` per view; with DP on and ``dp-evaluation = "withhold"``: none, and
+def evaluation_metrics(
+    views: Mapping[str, float], settings, dp_on: bool, val: Mapping[str, float] | None = None
+) -> dict:
+    """``acc.<view>`` per view and ``val.<view>`` per validation score (``val``, early
+    stopping); with DP on and ``dp-evaluation = "withhold"``: none of either, and
     ``scores-withheld`` = 1."""
     if dp_on and settings.dp_evaluation == "withhold":
         return {"scores-withheld": 1}
-    return {f"acc.{view}": acc for view, acc in views.items()}
+    return {f"acc.{view}": acc for view, acc in views.items()} | {
+        f"val.{view}": score for view, score in (val or {}).items()
+    }
 
 
 __all__ = ["DP_MODES", "WITHHELD", "check_mode", "dp_sgd_for", "evaluation_limits",

@@ -128,9 +128,11 @@ def check_metrics(
 
 
 def check_eval_metrics(
-    metrics: Mapping[str, float], spec: UploadSpec, expected_index: int | None = None
-) -> tuple[int, dict[str, float]]:
-    """An evaluation reply: ``(client index, {view: accuracy})``, accuracies finite in [0, 1]."""
+    metrics: Mapping[str, float], spec: UploadSpec, expected_index: int | None = None,
+    prefix: str = "acc.",
+) -> tuple[int, dict[str, float]]:  # fmt: skip
+    """An evaluation reply: ``(client index, {view: accuracy})``, accuracies finite in [0, 1];
+    ``prefix="val."``: the validation scores (early stopping) instead of the test scores."""
     index = metrics.get("client-index")
     if (
         not isinstance(index, int | float)
@@ -142,10 +144,10 @@ def check_eval_metrics(
         raise InvalidReply(f"client-index = {int(index)}, but this node is client {expected_index}")
     views = {}
     for key, value in metrics.items():
-        if key.startswith("acc."):
+        if key.startswith(prefix):
             if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 raise InvalidReply(f"metric {key!r} = {value!r} is not an accuracy in [0, 1]")
-            views[key.removeprefix("acc.")] = float(value)
+            views[key.removeprefix(prefix)] = float(value)
     return int(index), views
 
 

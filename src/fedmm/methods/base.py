@@ -95,6 +95,8 @@ class Method(ABC):
     # secagg.py); "" = it can: its ``aggregate`` reads the replies only through Σ_k w_k·upload_k
     # and Σ_k w_k (and plain sums of the ``secagg_summed`` keys), so ``aggregate_sum`` serves it
     secagg_refusal: str = "its server step is not declared to need only the sum of the uploads"
+    # why fed.early_stopping_patience cannot apply ("" = it can: its last round is like any other)
+    early_stopping_refusal: str = ""
 
     def __init__(self, cfg: FedmmConfig) -> None:
         self.cfg = cfg

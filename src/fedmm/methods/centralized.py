@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fedmm.federation import early_stopping
 from fedmm.methods.aggregation import Reply
 from fedmm.methods.base import register
 from fedmm.methods.context import ClientContext
@@ -44,11 +45,14 @@ class Centralized(Local):
 def run_centralized(
     cfg, on_round: Callable[[RoundRecord], None] | None = None
 ) -> list[RoundRecord]:
-    """Train on pooled data for ``fed.rounds`` rounds; returns the per-round history."""
+    """Train on pooled data for ``fed.rounds`` rounds (fewer when early stopping ends it:
+    ``federation.early_stopping``, on each client's validation split); returns the per-round
+    history."""
     runtime = get_runtime(cfg)
     method = Centralized(cfg)
     specs = runtime.benchmark.clients
-    pooled = {task: runtime.pooled_train(task) for task in runtime.tasks()}
+    pooled = {task: runtime.pooled_train(task) for task in runtime.tasks()}  # "train": val held out
+    with_val = cfg.data.val_frac > 0
     state: State = {}
     history = []
     for rnd in range(1, cfg.fed.rounds + 1):
@@ -66,13 +70,16 @@ def run_centralized(
             for key in ("steps", "loss_sum"):
                 stats[key] = stats.get(key, 0.0) + ctx.stats.get(key, 0.0)
             stats["lr_last"] = ctx.stats.get("lr_last", 0.0)
-        clients = {}
+        clients, val = {}, {}
         for i, spec in enumerate(specs):
             ectx = ClientContext(
                 cfg, runtime.model, runtime.client_split(i, "train"),
                 runtime.client_split(i, "test"), state, rnd, i, 1, cfg.fed.rounds,
+                val=runtime.client_split(i, "val") if with_val else None,
             )  # fmt: skip
             clients[spec.client_id] = method.client_evaluate(ectx, {})
+            if ectx.val_views:
+                val[spec.client_id] = ectx.val_views
             if ectx.predictions:  # generative: as a rehearsed site keeps them (summary.md)
                 from fedmm.config import run_name
                 from fedmm.generation import save_predictions
@@ -83,7 +90,7 @@ def run_centralized(
                                  ectx.predictions)  # fmt: skip
         n_steps = stats.get("steps", 0)
         record = RoundRecord(
-            rnd, seconds=time.perf_counter() - t0, evaluated=len(specs), clients=clients,
+            rnd, seconds=time.perf_counter() - t0, evaluated=len(specs), clients=clients, val=val,
             train={"pooled": {
                 "steps": n_steps, "lr-first": stats.get("lr_first", 0.0),
                 "lr-last": stats.get("lr_last", 0.0),
@@ -94,4 +101,6 @@ def run_centralized(
         history.append(record)
         if on_round:
             on_round(record)
+        if early_stopping.decide(cfg, ((r.round, r.val) for r in history)):
+            break  # the run record gets it from early_stopping.update (engine.run_method)
     return history

@@ -124,7 +124,7 @@ from fedmm.methods.state import (
     to_numpy,
 )
 from fedmm.peft import PEFT_TYPES
-from fedmm.runtime import Encoded
+from fedmm.runtime import Encoded, held_out
 from fedmm.spec import PERSONAL, SHARED
 
 
@@ -174,6 +174,10 @@ class TAP(Method):
                       "models, data-dependent selection)")  # fmt: skip
     # its averages are sums over each module's owners, but the sites upload different module
     # sets: masked vectors of one layout (zeros + per-module weights) are not built yet
+    early_stopping_refusal = (
+        "its stage 2 (post-training distillation) runs at the last round of fed.rounds, which "
+        "a run that stops early never reaches"
+    )
     secagg_refusal = (
         "its sites upload different module sets (their task's and modalities'), "
         "and fedmm's secure aggregation sums vectors of one layout only"
@@ -260,11 +264,9 @@ class TAP(Method):
 
     def _split(self, ctx: ClientContext) -> tuple[Encoded, Encoded]:
         """(training part, held-out validation part) of the client's training data."""
-        n = len(ctx.train)
-        gen = torch.Generator().manual_seed(self.cfg.data.split_seed * 7919 + ctx.client_index)
-        order = torch.randperm(n, generator=gen)
-        n_val = max(1, round(self.cfg.tap.val_frac * n)) if n > 1 else 0
-        return ctx.train.subset(order[n_val:]), ctx.train.subset(order[:n_val])
+        seed = self.cfg.data.split_seed * 7919 + ctx.client_index
+        kept, val = held_out(len(ctx.train), self.cfg.tap.val_frac, seed)
+        return ctx.train.subset(kept), ctx.train.subset(val)
 
     def _params(self, ctx: ClientContext, spec: ClientInfo) -> list[list[torch.nn.Parameter]]:
         model = ctx.model

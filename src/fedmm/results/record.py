@@ -77,6 +77,8 @@ class RoundRecord:
     eval_failed: list[dict] = field(default_factory=list)
     evaluated: int = 0  # clients asked to evaluate
     clients: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> view -> score
+    # client -> view -> primary score on its validation split (data.val_frac; early stopping)
+    val: dict[str, dict[str, float]] = field(default_factory=dict)
     train: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> train stats
     eval: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> eval seconds
     skipped: str = ""  # why the round kept the global state ("" = it aggregated)
@@ -86,7 +88,7 @@ class RoundRecord:
 
     def to_dict(self) -> dict:
         entry = dataclasses.asdict(self)
-        for key in ("clients", "train", "eval"):
+        for key in ("clients", "val", "train", "eval"):
             entry[key] = dict(sorted(entry[key].items()))
         return entry
 

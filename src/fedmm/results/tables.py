@@ -101,6 +101,11 @@ def summary_table(data: dict) -> str:
             lines.append(f"- {label(r)} seed {r['seed']}: {health_line(r)}")
             if missing := missing_line(r):
                 lines.append(f"  {missing}")
+            if stop := r.get("stopped_early"):
+                lines.append(f"  stopped early after round {stop['round']} of "
+                             f"{r['config'].get('fed.rounds', '?')}: the mean validation score of "
+                             f"{stop['view']} last improved at round {stop['best_round']} "
+                             f"({stop['best']:.1f}), patience {stop['patience']}")  # fmt: skip
         lines.append("")
     lines += task_table(data["runs"])
     if any(withheld_scores(r) for r in data["runs"]):

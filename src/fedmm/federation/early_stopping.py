@@ -1,0 +1,127 @@
+"""Early stopping on a validation split: a run ends when its validation score stops improving.
+
+What is measured: with ``data.val_frac`` = f > 0 every client holds out ``max(1, round(f · n_k))``
+of its n_k training records (``runtime.held_out``: never trained on) and, at each evaluation,
+scores the model of every view on them beside its test split (``ClientContext.view``); the
+evaluation reply carries ``val.<view>`` next to ``acc.<view>``, under the same release rules
+(a site that withholds its scores withholds these too, ``sitedp.evaluation_metrics``).
+
+The rule (the patience criterion of Prechelt, "Early stopping -- but when?", 1998; the
+``patience`` / ``min_delta`` of Keras' ``EarlyStopping``): after evaluation t,
+
+    v_t  = 100 · mean over the clients that reported it of their validation score of view V
+    best = max_{s ≤ t} v_s,  improved at t  iff  v_t > best_{t-1} + min_delta
+
+and the run stops after the evaluation at which ``patience`` evaluations in a row have not
+improved (V: ``fed.early_stopping_view``, default the method's first view; P:
+``fed.early_stopping_patience``; min_delta: ``fed.early_stopping_min_delta``, in points).
+Rounds without an evaluation, or whose evaluation carried no validation score (every site
+withheld it), count neither way.  ``fed.rounds`` stays the budget's upper bound, and the
+learning-rate schedule still spans it (stopping early leaves the schedule unfinished: the run is
+what it was at the stopping round, not a shorter run's end).  The reported final scores are those
+of the stopping round; ``stopped_early`` in results.json records it with the best round and
+score.
+
+Requires ``fed.eval_fraction = 1`` (the rule compares means over the same clients) and a method
+whose last round does no extra work (TAP distils at its last round: it refuses,
+``Method.early_stopping_refusal``).  Against a hostile party: the scores are the clients' claims
+(bounded to [0, 1] by ``validation``), so a site can steer when a run stops -- as it can steer
+the reported test scores; it cannot make the run train past ``fed.rounds``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+from fedmm.config import ConfigError, FedmmConfig
+from fedmm.spec import METHOD_SPECS
+
+log = logging.getLogger(__name__)
+
+RoundVal = tuple[int, Mapping[str, Mapping[str, float]]]  # (round, {client: {view: score}})
+
+
+def stopping_view(cfg: FedmmConfig) -> str:
+    """The view whose validation score decides: ``fed.early_stopping_view`` or the method's
+    first view (``MethodSpec.views_for`` the run's options)."""
+    views = METHOD_SPECS[cfg.method].views_for(cfg.to_flat())
+    view = cfg.fed.early_stopping_view or views[0]
+    if view not in views:
+        raise ConfigError(f"fed.early_stopping_view={view!r}: method {cfg.method!r} scores the "
+                          f"views {', '.join(views)}")  # fmt: skip
+    return view
+
+
+def check(cfg: FedmmConfig, refusal: str) -> None:
+    """``ConfigError`` when early stopping is on but cannot run: no validation split, a sampled
+    evaluation, a method that refuses it (``refusal``: its reason), an unknown view."""
+    if cfg.fed.early_stopping_patience <= 0:
+        return
+    if cfg.data.val_frac <= 0:
+        raise ConfigError("fed.early_stopping_patience needs a validation split: set "
+                          "data.val_frac (e.g. 0.1), the share of each client's training "
+                          "records held out for it")  # fmt: skip
+    if cfg.fed.eval_fraction < 1:
+        raise ConfigError(f"fed.early_stopping_patience compares the mean validation score of "
+                          f"every client, but fed.eval_fraction={cfg.fed.eval_fraction:g} "
+                          "evaluates a sample: set fed.eval_fraction=1")  # fmt: skip
+    if refusal:
+        raise ConfigError(f"method {cfg.method!r} cannot stop early: {refusal}; set "
+                          "fed.early_stopping_patience=0")  # fmt: skip
+    stopping_view(cfg)
+
+
+def mean_score(val: Mapping[str, Mapping[str, float]], view: str) -> float | None:
+    """100 × the mean of ``view``'s validation score over the clients that reported it; None
+    when none did."""
+    scores = [v[view] for v in val.values() if view in v]
+    return 100 * sum(scores) / len(scores) if scores else None
+
+
+def decide(cfg: FedmmConfig, rounds: Iterable[RoundVal]) -> dict | None:
+    """Apply the rule to the run's rounds so far (oldest first); the ``stopped_early`` record
+    ``{round, best_round, best, view, patience, min_delta}`` when it says stop after the last
+    of them, else None (also when early stopping is off).  Stateless: a resumed server decides
+    from the stored history alone."""
+    patience = cfg.fed.early_stopping_patience
+    if patience <= 0:
+        return None
+    view, delta = stopping_view(cfg), cfg.fed.early_stopping_min_delta
+    best, best_round, since, last = None, 0, 0, 0
+    for rnd, val in rounds:
+        v = mean_score(val, view)
+        if v is None:
+            continue
+        last = rnd
+        if best is None or v > best + delta:
+            best, best_round, since = v, rnd, 0
+        else:
+            since += 1
+    if best is None or since < patience:
+        return None
+    return {"round": last, "best_round": best_round, "best": round(best, 4), "view": view,
+            "patience": patience, "min_delta": delta}  # fmt: skip
+
+
+def update(run: dict, cfg: FedmmConfig) -> dict | None:
+    """After a round was added to ``run`` (a results.json run record): decide, and record the
+    decision as ``run["stopped_early"]``; returns it (None: go on)."""
+    if run.get("stopped_early"):
+        return run["stopped_early"]
+    history = run["history"]
+    if cfg.fed.early_stopping_patience > 0 and history and history[-1].get("clients") \
+            and not history[-1].get("val"):  # fmt: skip
+        log.warning("round %d: no validation score arrived (withheld by the sites?): early "
+                    "stopping cannot judge this round", history[-1]["round"])  # fmt: skip
+    decision = decide(cfg, ((h["round"], h.get("val", {})) for h in history))
+    if decision is not None:
+        run["stopped_early"] = decision
+        log.info("early stopping after round %d: the mean validation score of %s has not "
+                 "beaten %.2f (round %d) by more than %g points in %d evaluations",
+                 decision["round"], decision["view"], decision["best"], decision["best_round"],
+                 decision["min_delta"], decision["patience"])  # fmt: skip
+    return decision
+
+
+__all__ = ["check", "decide", "mean_score", "stopping_view", "update"]
