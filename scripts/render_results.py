@@ -8,7 +8,7 @@ DIR's results.json every run of the SRC directories' results.json (a run of the 
 replaced; an incomplete run is left out, with a message), with ``--variant NAME=SRC`` naming the
 runs of one source as a variant (for runs made with ``fedmm run --set ...`` before the variant
 existed); ``--methods``, ``--benchmarks`` and
-``--seeds`` then set the bench grid.
+``--seeds`` (and ``--peft`` where the runs mix PEFT types) then set the bench grid.
 
     .venv/bin/python scripts/render_results.py docs/results/bench docs/results/fmnist-domain
     .venv/bin/python scripts/render_results.py docs/results/ablations --merge runs/a runs/b \\
@@ -34,7 +34,7 @@ def merge(out: Path, sources: list[Path], variants: dict[str, str]) -> None:
             raise SystemExit(f"--merge {src}: no results.json there")
         for run in results.load(src)["runs"]:
             rounds = run.get("config", {}).get("fed.rounds")
-            if rounds is not None and len(run["history"]) < rounds:
+            if rounds is not None and not results.is_complete(run):
                 print(
                     f"{src}: {results.label(run)} on {run['benchmark']} seed {run['seed']} has "
                     f"{len(run['history'])} of {rounds} rounds: not merged (still running?)"
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--methods", default="")
     parser.add_argument("--benchmarks", default="")
     parser.add_argument("--seeds", default="")
+    parser.add_argument("--peft", default="", help="the grid's PEFT type (default: bench.json's, "
+                        "else the runs' own when they all share one)")
     args = parser.parse_args()
     bad = [v for v in args.variant if "=" not in v]
     if bad:
@@ -81,7 +83,11 @@ def main() -> None:
             cells = [(b, m, s) for b in benches for s in seeds for m in methods]
             extra = {name: bench.Variant(v["method"], v["overrides"], v.get("isolates", ""))
                      for name, v in grid.get("variants", {}).items()}  # fmt: skip
-            bench.write_outputs(out, cells, grid.get("peft", "adapter"), extra)
+            pefts = {r["peft"] for r in data["runs"]}
+            peft = args.peft or grid.get("peft") or (pefts.pop() if len(pefts) == 1 else "")
+            if not peft:
+                parser.error(f"{out}: runs of PEFT types {sorted(pefts)}: say which with --peft")
+            bench.write_outputs(out, cells, peft, extra)
         print(f"{out}: {len(data['runs'])} runs rendered")
 
 

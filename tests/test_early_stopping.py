@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedmm.bench import _same
+from fedmm.bench import _same, write_outputs
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.engine import run_method
-from fedmm.federation import early_stopping, sitedp, validation
+from fedmm.federation import consent, early_stopping, sitedp, validation
 from fedmm.federation.site import SiteSettings
 from fedmm.runtime import get_runtime, held_out
 from fedmm.validate import validate_config
@@ -55,7 +56,7 @@ def rounds(*means: float | None, view: str = "shared") -> list:
 ])  # fmt: skip
 def test_the_patience_rule(means, patience, delta, stop):
     cfg = cfg_with(early_stopping_patience=patience, early_stopping_min_delta=delta)
-    decision = early_stopping.decide(cfg, rounds(*means))
+    decision = early_stopping.decide(cfg, rounds(*means), {"a", "b"})
     if stop is None:
         assert decision is None
     else:
@@ -63,16 +64,33 @@ def test_the_patience_rule(means, patience, delta, stop):
         assert decision["view"] == "shared" and decision["patience"] == patience
 
 
+def test_an_evaluation_counts_only_when_every_client_reported():
+    """A mean over fewer clients (one failed, withheld, or has no personal model yet) would
+    compare other clients: a low-scoring site missing once must not make a false best."""
+    cfg = cfg_with(early_stopping_patience=1)
+    history = [(1, {"a": {"shared": 0.5}, "b": {"shared": 0.1}}),  # mean 30
+               (2, {"a": {"shared": 0.5}}),  # b missing: 50 over a alone is no new best
+               (3, {"a": {"shared": 0.5}, "b": {"shared": 0.2}})]  # 35: better than 30
+    assert early_stopping.decide(cfg, history, {"a", "b"}) is None
+    assert early_stopping.decide(cfg, history[:2], {"a", "b"}) is None
+    stop = early_stopping.decide(cfg, [*history, (4, history[0][1])], {"a", "b"})
+    assert (stop["round"], stop["best_round"], stop["best"]) == (4, 3, 35.0)
+    # an excluded client (no data) is not waited for
+    run = {"clients": {"a": "", "b": "", "c": ""}, "excluded_clients": {"c": "0 test rows"}}
+    assert early_stopping.run_clients(run) == {"a", "b"}
+
+
 def test_off_never_stops_and_the_view_is_the_methods_first_or_the_one_named():
-    assert early_stopping.decide(cfg_with(), rounds(60, 50, 40)) is None
+    cfg = cfg_with().with_overrides({"data.val_frac": 0.0})
+    assert early_stopping.decide(cfg, rounds(60, 50, 40), {"a", "b"}) is None
     ditto = cfg_with(early_stopping_patience=1).with_overrides({"method": "ditto"})
     assert early_stopping.stopping_view(ditto) == "shared"
     personal = ditto.with_overrides({"fed.early_stopping_view": "personal"})
     assert early_stopping.stopping_view(personal) == "personal"
     # the personal view decides: its scores fall while the shared ones rise
     history = [(r, {"a": {"shared": 0.1 * r, "personal": 0.9 - 0.1 * r}}) for r in (1, 2)]
-    assert early_stopping.decide(ditto, history) is None
-    assert early_stopping.decide(personal, history)["round"] == 2
+    assert early_stopping.decide(ditto, history, {"a"}) is None
+    assert early_stopping.decide(personal, history, {"a"})["round"] == 2
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -82,6 +100,7 @@ def test_off_never_stops_and_the_view_is_the_methods_first_or_the_one_named():
     ({"fed.early_stopping_patience": 2, "fed.early_stopping_view": "distilled"},
      "'fedavg' scores the views"),
     ({"data.val_frac": 0.95}, r"data.val_frac must be a finite number in \[0, 0.9\]"),
+    ({"data.val_frac": 0.2}, "for early stopping only: set fed.early_stopping_patience"),
 ])  # fmt: skip
 def test_early_stopping_that_cannot_run_is_refused_before_anything_starts(overrides, match):
     cfg = FedmmConfig().with_overrides({"data.val_frac": 0.2, **overrides})
@@ -89,12 +108,23 @@ def test_early_stopping_that_cannot_run_is_refused_before_anything_starts(overri
         validate_config(cfg)
 
 
-def test_validation_scores_leave_a_site_only_as_its_test_scores_do():
+def test_validation_scores_leave_a_site_only_unguarded_and_only_for_a_large_enough_split():
     views, val = {"shared": 0.5}, {"shared": 0.25}
     sent = sitedp.evaluation_metrics(views, SiteSettings(), False, val)
     assert sent == {"acc.shared": 0.5, "val.shared": 0.25}
     withhold = SiteSettings(dp_evaluation="withhold")
     assert sitedp.evaluation_metrics(views, withhold, True, val) == {"scores-withheld": 1}
+    # "exact" consents to test scores; validation rows are training rows, which ε protects
+    exact = SiteSettings(dp_evaluation="exact")
+    assert sitedp.evaluation_metrics(views, exact, True, val) == {"acc.shared": 0.5}
+    # a server choosing a tiny val_frac would score a handful of records it can single out
+    cfg = cfg_with(early_stopping_patience=1)
+    with pytest.raises(consent.NotAccepted, match="holds out 19 .* min-val-rows=20"):
+        consent.check_val_rows(cfg, 19, SiteSettings())
+    consent.check_val_rows(cfg, 20, SiteSettings())
+    consent.check_val_rows(cfg, 5, SiteSettings(min_val_rows=5))
+    with pytest.raises(ConfigError, match="min-val-rows must be >= 1"):
+        SiteSettings(min_val_rows=0)
 
 
 def test_the_server_checks_validation_scores_like_accuracies():
@@ -107,7 +137,7 @@ def test_the_server_checks_validation_scores_like_accuracies():
 
 
 def test_the_validation_split_is_held_out_of_training(tiny_cfg):
-    cfg = tiny_cfg.with_overrides({"data.val_frac": 0.25})
+    cfg = tiny_cfg.with_overrides({"data.val_frac": 0.25, "fed.early_stopping_patience": 1})
     runtime = get_runtime(cfg)
     whole = get_runtime(tiny_cfg).client_split(0, "train")
     runtime = get_runtime(cfg)  # rebuilt: data.val_frac is part of the runtime's data key
@@ -126,8 +156,8 @@ def test_the_validation_split_is_held_out_of_training(tiny_cfg):
 @pytest.mark.parametrize("method", ["fedavg", "centralized"])
 def test_a_run_that_stops_learning_stops_early_and_a_resume_stays_stopped(tiny_cfg, method):
     # lr ~ 0: the validation score cannot improve after round 1, so patience 1 stops after 2
-    cfg = tiny_cfg.with_overrides({
-        "method": method, "fed.rounds": 6, "train.lr": 1e-12, "data.val_frac": 0.25,
+    cfg = tiny_cfg.with_overrides({  # 20 of 40 rows: a site's default min-val-rows
+        "method": method, "fed.rounds": 6, "train.lr": 1e-12, "data.val_frac": 0.5,
         "fed.early_stopping_patience": 1,
     })  # fmt: skip
     run = run_method(cfg)
@@ -135,10 +165,9 @@ def test_a_run_that_stops_learning_stops_early_and_a_resume_stays_stopped(tiny_c
     assert run["stopped_early"] | {"best": 0} == {"round": 2, "best_round": 1, "best": 0,
                                                 "view": "shared", "patience": 1,
                                                 "min_delta": 0.0}  # fmt: skip
-    for h in run["history"]:  # every client's validation score, every round
-        assert sorted(h["val"]) == sorted(run["clients"]) and all(
-            0 <= v["shared"] <= 1 for v in h["val"].values()
-        )
+    for h in run["history"]:  # every client's validation score of the deciding view only
+        assert sorted(h["val"]) == sorted(run["clients"])
+        assert all(list(v) == ["shared"] and 0 <= v["shared"] <= 1 for v in h["val"].values())
     assert _same(run, cfg.resolved())  # complete for fedmm bench: not rerun
     summary = (Path(cfg.out_dir) / "summary.md").read_text()
     assert "stopped early after round 2 of 6" in summary
@@ -147,10 +176,12 @@ def test_a_run_that_stops_learning_stops_early_and_a_resume_stays_stopped(tiny_c
         assert len(again["history"]) == 2 and again["stopped_early"] == run["stopped_early"]
     stored = json.loads((Path(cfg.out_dir) / "results.json").read_text())["runs"]
     assert [len(r["history"]) for r in stored] == [2]
-
-
-def test_without_patience_the_validation_scores_are_reported_and_every_round_runs(tiny_cfg):
-    run = run_method(tiny_cfg.with_overrides({"data.val_frac": 0.25, "train.lr": 1e-12,
-                                              "fed.rounds": 3}))  # fmt: skip
-    assert len(run["history"]) == 3 and "stopped_early" not in run
-    assert all(h["val"] for h in run["history"])
+    # a bench report over seeds that stopped at different rounds: each curve its own length
+    other = json.loads(json.dumps(stored[0]) ) | {"seed": 1}
+    other["history"] = other["history"][:1]
+    other["stopped_early"] = other["stopped_early"] | {"round": 1}
+    out = Path(cfg.out_dir)
+    (out / "results.json").write_text(json.dumps({"fedmm_version": "x", "runs": [stored[0], other]}))
+    write_outputs(out, [("fmnist-domain", method, 0), ("fmnist-domain", method, 1)], "adapter")
+    assert (out / "bench_curves.png").stat().st_size > 0
+    assert re.search(rf"^\| {method}[^|]* \| 2 \|", (out / "report.md").read_text(), re.M)

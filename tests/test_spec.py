@@ -22,8 +22,7 @@ def test_every_option_is_declared_with_a_scope_and_the_derived_sets_follow():
     assert config.SERVER_KEYS == {
         "out_dir", "progress", "track", "resume", "variant", "data.schema", "fed.round_timeout",
         "fed.min_clients", "fed.eval_every", "fed.eval_fraction", "validate.max_examples",
-        "validate.max_upload_mb", "fed.early_stopping_patience", "fed.early_stopping_min_delta",
-        "fed.early_stopping_view",
+        "validate.max_upload_mb", "fed.early_stopping_min_delta",
     }  # fmt: skip
     assert config.MAY_DIFFER == {"resume", "progress", "track", "out_dir", "cache_dir", "device",
                                  "data.data_dir", "data.schema", "eval.predictions"}  # fmt: skip

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import statistics
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,8 +181,7 @@ def _same(run: dict, cfg: FedmmConfig) -> bool:
     differ).  A key the stored config lacks (an option added to fedmm after the run) counts as its
     default value, which is what the run used."""
     flat, defaults = cfg.to_flat(), FedmmConfig().to_flat()
-    complete = len(run["history"]) == cfg.fed.rounds or bool(run.get("stopped_early"))
-    return complete and all(
+    return results.is_complete(run, cfg.fed.rounds) and all(
         run["config"].get(k, defaults[k]) == v for k, v in flat.items() if k not in MAY_DIFFER
     )
 
@@ -456,16 +456,22 @@ def plot(out: Path, runs: list[dict], grid: dict) -> None:
                          and view in r["views"]]  # fmt: skip
                 if not mruns:
                     continue
-                rounds = min(len(r["history"]) for r in mruns)
-                acc = np.array([[np.nan if y is None else 100 * y
-                                 for y in results.view_curve(r, view)[:rounds]]
-                                for r in mruns])  # fmt: skip
+                # each seed's own rounds (one that stopped early ends there): the mean at
+                # round t is over the seeds that reached it
+                rounds = max(len(r["history"]) for r in mruns)
+                acc = np.full((len(mruns), rounds), np.nan)
+                for k, r in enumerate(mruns):
+                    curve = results.view_curve(r, view)
+                    acc[k, : len(curve)] = [np.nan if y is None else 100 * y for y in curve]
                 xs = np.arange(1, rounds + 1)
                 color = colors[i % len(colors)]
-                ax.plot(xs, acc.mean(0), marker="o", color=color, label=method)
-                std = acc.std(0, ddof=1) if len(acc) > 1 else np.zeros(rounds)  # as the table
-                ax.fill_between(xs, acc.mean(0) - std, acc.mean(0) + std, color=color,
-                                alpha=0.2)  # fmt: skip
+                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # a round no seed reached
+                    mean = np.nanmean(acc, 0)
+                    std = np.nanstd(acc, 0, ddof=1) if len(acc) > 1 else np.zeros(rounds)
+                ax.plot(xs, mean, marker="o", color=color, label=method)
+                std = np.nan_to_num(std)  # as the table: one seed has no spread
+                ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2)
                 total = [sum(h["bytes_up"] + h["bytes_down"] for h in r["history"]) / 2**20
                          for r in mruns]  # fmt: skip
                 final = [100 * r["final"].get(view, np.nan) for r in mruns]

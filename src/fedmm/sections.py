@@ -211,10 +211,10 @@ class FedConfig:
         help="fraction of clients evaluated (seeded sample; last round: all)",
     )
     # early stopping (federation/early_stopping.py): on the validation split (data.val_frac)
+    # run scope: a site scores its validation split only when asked (patience > 0), on one view
     early_stopping_patience: int = option(
         0,
         "[0, inf)",
-        scope=SERVER,
         help="stop after this many evaluations without a new best mean validation score "
         "(needs data.val_frac > 0); 0 = off: every round of fed.rounds runs",
     )
@@ -226,7 +226,6 @@ class FedConfig:
     )
     early_stopping_view: str = option(
         "",
-        scope=SERVER,
         help='the view whose mean validation score decides; "" = the method\'s first view '
         "(fedmm list shows each method's views)",
     )
@@ -269,8 +268,9 @@ class DataConfig:
     val_frac: float = option(
         0.0,
         "[0, 0.9]",
-        help="share of each client's training records held out as its validation split (never "
-        "trained on; seeded by data.split_seed and the client index); 0 = none",
+        help="share of each client's training records held out as its validation split for "
+        "early stopping (never trained on; seeded by data.split_seed and the client's id); 0 = "
+        "none",
     )
     split_seed: int = option(
         0, "[0, inf)", help="the data split is fixed by this seed, independent of the run seed"

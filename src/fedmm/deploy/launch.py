@@ -469,7 +469,7 @@ def _watch(proc: subprocess.Popen, timeout: float, on_tick=None) -> None:
 def _finished_run(cfg, workdir: Path) -> dict:
     for run in results.load(cfg.out_dir)["runs"]:
         if RunKey.of_run(run) == RunKey.of_config(cfg):
-            if len(run["history"]) != cfg.fed.rounds:
+            if not results.is_complete(run, cfg.fed.rounds):  # all rounds, or stopped early
                 break
             return run
     raise RuntimeError(

@@ -76,7 +76,7 @@ from fedmm import logs
 from fedmm.config import ConfigError, FedmmConfig, run_name
 from fedmm.data import sites as site_data
 from fedmm.data.schema import SCHEMA_FILE, read_schema
-from fedmm.federation import audit, consent, dp, messages, secagg, sitedp
+from fedmm.federation import audit, consent, dp, early_stopping, messages, secagg, sitedp
 from fedmm.federation.messages import RefusedMessage
 from fedmm.federation.privacy import EvaluationLimit, PrivacyBudgetExceeded
 from fedmm.federation.site import SiteSettings
@@ -418,7 +418,10 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     if train:  # refuse what this site's DP cannot serve before any record is read
         sitedp.check_mode(site.settings, dp_cfg, method, cfg)
     site.split("train"), site.split("test")  # encoded now, so load-seconds counts the data too
-    val = site.split("val") if cfg.data.val_frac > 0 else None  # held out of "train"
+    val = None
+    if cfg.fed.early_stopping_patience > 0:  # its validation split (held out of "train"): big
+        val = site.split("val")  # enough that its score is no probe of a few records
+        consent.check_val_rows(cfg, len(val), site.settings)
     load_seconds = time.perf_counter() - t0  # model + this site's data: ~0 once a process has them
     state_file = site.state_file(meta["run-id"])
     state = restore_state(context, state_file, cfg, rnd, meta["last-trained"], train=train)
@@ -429,6 +432,7 @@ def handle(msg: Message, context: Context, train: bool, sites=None) -> Message:
     ctx = ClientContext(
         cfg, site.runtime.model, site.split("train"), site.split("test"), state, rnd, index,
         steps, steps * cfg.fed.rounds, val=None if train else val,
+        val_view=early_stopping.stopping_view(cfg) if val is not None else "",
     )  # fmt: skip
     global_state = to_torch(global_arrays)
     if not train:  # counted against the site's evaluation limits before it runs

@@ -186,6 +186,17 @@ def check_steps(cfg: FedmmConfig, steps: int, settings: Any) -> None:
                      f"max-local-steps={settings.max_local_steps}")  # fmt: skip
 
 
+def check_val_rows(cfg: FedmmConfig, rows: int, settings: Any) -> None:
+    """The run's validation split (``data.val_frac`` of this site's training records, early
+    stopping) holds at least ``min-val-rows`` records: the score of a smaller one is a probe of
+    a few records whose share the server chose (a hostile-server review, 2026-12-06)."""
+    if rows < settings.min_val_rows:
+        raise refuse("data.val_frac", cfg.data.val_frac,
+                     f"it holds out {rows} of this site's training records as the validation "
+                     f"split; this site scores none smaller than min-val-rows="
+                     f"{settings.min_val_rows}")  # fmt: skip
+
+
 def check_caps(cfg: FedmmConfig, settings: Any) -> None:
     """Every cap of the site against the run's options (no model is built)."""
     t = cfg.train

@@ -4,19 +4,25 @@ What is measured: with ``data.val_frac`` = f > 0 every client holds out ``max(1,
 of its n_k training records (``runtime.held_out``: never trained on) and, at each evaluation,
 scores the model of every view on them beside its test split (``ClientContext.view``); the
 evaluation reply carries ``val.<view>`` next to ``acc.<view>``, under the same release rules
-(a site that withholds its scores withholds these too, ``sitedp.evaluation_metrics``).
+(a site that withholds its scores withholds these too, and a site under DP never releases them,
+even with ``dp-evaluation = exact``: they are scores of training records,
+``sitedp.evaluation_metrics``; a site refuses a split smaller than its ``min-val-rows``).
 
-The rule (the patience criterion of Prechelt, "Early stopping -- but when?", 1998; the
-``patience`` / ``min_delta`` of Keras' ``EarlyStopping``): after evaluation t,
+The rule (early stopping with patience p: Goodfellow, Bengio & Courville, *Deep Learning*, 2016,
+Algorithm 7.1; with ``min_delta`` as in Keras' ``EarlyStopping``, ``restore_best_weights=False``):
+after evaluation t,
 
-    v_t  = 100 · mean over the clients that reported it of their validation score of view V
+    v_t  = 100 · mean over the run's clients K of their validation score of view V
     best = max_{s ≤ t} v_s,  improved at t  iff  v_t > best_{t-1} + min_delta
 
 and the run stops after the evaluation at which ``patience`` evaluations in a row have not
 improved (V: ``fed.early_stopping_view``, default the method's first view; P:
 ``fed.early_stopping_patience``; min_delta: ``fed.early_stopping_min_delta``, in points).
-Rounds without an evaluation, or whose evaluation carried no validation score (every site
-withheld it), count neither way.  ``fed.rounds`` stays the budget's upper bound, and the
+K is every client of the run except those excluded for lack of data; an evaluation counts only
+when every client of K reported V's validation score -- a mean over fewer (a site failed, was
+rejected, withheld its scores, or has no personal model yet) would compare other clients'
+means and could make a false best -- and rounds without an evaluation count neither way.
+Clients score the validation split only when the run asks for early stopping, and only in V.  ``fed.rounds`` stays the budget's upper bound, and the
 learning-rate schedule still spans it (stopping early leaves the schedule unfinished: the run is
 what it was at the stopping round, not a shorter run's end).  The reported final scores are those
 of the stopping round; ``stopped_early`` in results.json records it with the best round and
@@ -32,7 +38,7 @@ the reported test scores; it cannot make the run train past ``fed.rounds``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from fedmm.config import ConfigError, FedmmConfig
 from fedmm.spec import METHOD_SPECS
@@ -54,9 +60,14 @@ def stopping_view(cfg: FedmmConfig) -> str:
 
 
 def check(cfg: FedmmConfig, refusal: str) -> None:
-    """``ConfigError`` when early stopping is on but cannot run: no validation split, a sampled
-    evaluation, a method that refuses it (``refusal``: its reason), an unknown view."""
+    """``ConfigError`` when early stopping is on but cannot run (no validation split, a sampled
+    evaluation, a method that refuses it -- ``refusal``: its reason --, an unknown view) and when
+    a validation split is asked for without it (rows held out of training that nothing uses)."""
     if cfg.fed.early_stopping_patience <= 0:
+        if cfg.data.val_frac > 0:
+            raise ConfigError(f"data.val_frac={cfg.data.val_frac:g} holds out training records "
+                              "for early stopping only: set fed.early_stopping_patience (e.g. 3) "
+                              "or data.val_frac=0")  # fmt: skip
         return
     if cfg.data.val_frac <= 0:
         raise ConfigError("fed.early_stopping_patience needs a validation split: set "
@@ -72,25 +83,28 @@ def check(cfg: FedmmConfig, refusal: str) -> None:
     stopping_view(cfg)
 
 
-def mean_score(val: Mapping[str, Mapping[str, float]], view: str) -> float | None:
-    """100 × the mean of ``view``'s validation score over the clients that reported it; None
-    when none did."""
-    scores = [v[view] for v in val.values() if view in v]
-    return 100 * sum(scores) / len(scores) if scores else None
+def mean_score(
+    val: Mapping[str, Mapping[str, float]], view: str, clients: Collection[str]
+) -> float | None:
+    """100 × the mean of ``view``'s validation score over ``clients``; None unless every one of
+    them reported it."""
+    if not clients or any(view not in val.get(c, {}) for c in clients):
+        return None
+    return 100 * sum(val[c][view] for c in clients) / len(clients)
 
 
-def decide(cfg: FedmmConfig, rounds: Iterable[RoundVal]) -> dict | None:
-    """Apply the rule to the run's rounds so far (oldest first); the ``stopped_early`` record
-    ``{round, best_round, best, view, patience, min_delta}`` when it says stop after the last
-    of them, else None (also when early stopping is off).  Stateless: a resumed server decides
-    from the stored history alone."""
+def decide(cfg: FedmmConfig, rounds: Iterable[RoundVal], clients: Collection[str]) -> dict | None:
+    """Apply the rule to the run's rounds so far (oldest first; ``clients``: K, the clients
+    whose mean decides); the ``stopped_early`` record ``{round, best_round, best, view,
+    patience, min_delta}`` when it says stop after the last of them, else None (also when early
+    stopping is off).  Stateless: a resumed server decides from the stored history alone."""
     patience = cfg.fed.early_stopping_patience
     if patience <= 0:
         return None
     view, delta = stopping_view(cfg), cfg.fed.early_stopping_min_delta
     best, best_round, since, last = None, 0, 0, 0
     for rnd, val in rounds:
-        v = mean_score(val, view)
+        v = mean_score(val, view, clients)
         if v is None:
             continue
         last = rnd
@@ -104,17 +118,25 @@ def decide(cfg: FedmmConfig, rounds: Iterable[RoundVal]) -> dict | None:
             "patience": patience, "min_delta": delta}  # fmt: skip
 
 
+def run_clients(run: dict) -> set[str]:
+    """K of a run record: its clients less those excluded for lack of data."""
+    return set(run["clients"]) - set(run.get("excluded_clients", {}))
+
+
 def update(run: dict, cfg: FedmmConfig) -> dict | None:
     """After a round was added to ``run`` (a results.json run record): decide, and record the
     decision as ``run["stopped_early"]``; returns it (None: go on)."""
     if run.get("stopped_early"):
         return run["stopped_early"]
-    history = run["history"]
-    if cfg.fed.early_stopping_patience > 0 and history and history[-1].get("clients") \
-            and not history[-1].get("val"):  # fmt: skip
-        log.warning("round %d: no validation score arrived (withheld by the sites?): early "
-                    "stopping cannot judge this round", history[-1]["round"])  # fmt: skip
-    decision = decide(cfg, ((h["round"], h.get("val", {})) for h in history))
+    history, clients = run["history"], run_clients(run)
+    if cfg.fed.early_stopping_patience > 0 and history and history[-1].get("clients"):
+        view, val = stopping_view(cfg), history[-1].get("val", {})
+        missing = sorted(c for c in clients if view not in val.get(c, {}))
+        if missing:
+            log.warning("round %d: no validation score of %s from %s (failed, withheld or not "
+                        "trained yet): early stopping does not count this evaluation",
+                        history[-1]["round"], view, ", ".join(missing))  # fmt: skip
+    decision = decide(cfg, ((h["round"], h.get("val", {})) for h in history), clients)
     if decision is not None:
         run["stopped_early"] = decision
         log.info("early stopping after round %d: the mean validation score of %s has not "
@@ -124,4 +146,4 @@ def update(run: dict, cfg: FedmmConfig) -> dict | None:
     return decision
 
 
-__all__ = ["check", "decide", "mean_score", "stopping_view", "update"]
+__all__ = ["check", "decide", "mean_score", "run_clients", "stopping_view", "update"]

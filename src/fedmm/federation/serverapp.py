@@ -240,6 +240,9 @@ class Federation:
         self.global_state = method.init_global(model)
         self.spec = validation.UploadSpec.from_model(method, model, cfg)
         self.rng = random.Random(cfg.seed)
+        # early stopping: the view whose validation scores are kept ("" = off, none kept)
+        self.stop_view = (early_stopping.stopping_view(cfg)
+                          if cfg.fed.early_stopping_patience > 0 else "")  # fmt: skip
         data = {self.client_ids[k]: {key: v for key, v in s.items() if key != "description"}
                 for k, s in sorted(sizes.items())}  # fmt: skip
         # a site with nothing to learn from or nothing to be scored on is never averaged in (its
@@ -501,8 +504,8 @@ class Federation:
                 record.eval_failed.append(self.who(node) | {"reason": str(exc)})
                 continue
             record.clients[self.client_ids[index]] = views
-            if val:  # the validation split's scores (early stopping)
-                record.val[self.client_ids[index]] = val
+            if val and self.stop_view in val:  # early stopping: the deciding view's only
+                record.val[self.client_ids[index]] = {self.stop_view: val[self.stop_view]}
             record.eval[self.client_ids[index]] = {  # scores-withheld: a DP site (sitedp.py)
                 k: float(m[k]) for k in ("seconds", "load-seconds", "scores-withheld") if k in m
             }

@@ -60,6 +60,11 @@ state``                              arrays) over every run; auto = 1 with DP on
                                      learns each state's score once), no limit without DP (a
                                      rerun or resumed round re-evaluates identical states);
                                      0 = no limit
+``min-val-rows``         20          fewest training records a run may hold out as this site's
+                                     validation split (``data.val_frac``, early stopping); a
+                                     smaller split is refused: its score would tell the server
+                                     about a handful of records it chose the share of.  Above
+                                     the site's row count: no validation scores at all
 ``model-dir``            ""          local Hugging Face weights for the run's model family
                                      (instead of the run's ``model.hf_path``)
 ``partition-id``         (none)      rehearsal only: this node is client K of a central
@@ -129,6 +134,7 @@ class SiteSettings:
     dp_evaluation: str = "withhold"  # withhold | exact: evaluation metrics under DP
     max_evaluations_per_run: int = -1  # -1 = auto: 1000 with DP on, else none; 0 = no limit
     max_evaluations_per_state: int = -1  # -1 = auto: 1 with DP on, else none; 0 = no limit
+    min_val_rows: int = 20  # fewest records of a validation split this site scores (early stop)
     model_dir: str = ""
     partition_id: int = -1  # -1: a site directory, not a rehearsed partition
     # consent (federation/consent.py): what this site runs, checked before anything is read
@@ -154,6 +160,8 @@ class SiteSettings:
             raise ConfigError(f"site setting dp-delta must be in (0, 1), got {self.dp_delta}")
         if self.threads < 0:
             raise ConfigError(f"site setting threads must be >= 0, got {self.threads}")
+        if self.min_val_rows < 1:
+            raise ConfigError(f"site setting min-val-rows must be >= 1, got {self.min_val_rows}")
         if self.dp_noise_multiplier > 0 and self.dp_clip_norm <= 0:
             raise ConfigError(
                 "site setting dp-noise-multiplier needs dp-clip-norm > 0 (noise is scaled by it)"

@@ -146,12 +146,15 @@ def evaluation_metrics(
 ) -> dict:
     """``acc.<view>`` per view and ``val.<view>`` per validation score (``val``, early
     stopping); with DP on and ``dp-evaluation = "withhold"``: none of either, and
-    ``scores-withheld`` = 1."""
+    ``scores-withheld`` = 1.  With DP on (``dp_on``: the site's scores are guarded) validation
+    scores never leave, even under ``dp-evaluation = "exact"``: they score *training* records,
+    the ones ε protects, and "exact" consents to test scores only."""
     if dp_on and settings.dp_evaluation == "withhold":
         return {"scores-withheld": 1}
-    return {f"acc.{view}": acc for view, acc in views.items()} | {
-        f"val.{view}": score for view, score in (val or {}).items()
-    }
+    released = {f"acc.{view}": acc for view, acc in views.items()}
+    if not dp_on:
+        released |= {f"val.{view}": score for view, score in (val or {}).items()}
+    return released
 
 
 __all__ = ["DP_MODES", "WITHHELD", "check_mode", "dp_sgd_for", "evaluation_limits",

@@ -52,7 +52,9 @@ def run_centralized(
     method = Centralized(cfg)
     specs = runtime.benchmark.clients
     pooled = {task: runtime.pooled_train(task) for task in runtime.tasks()}  # "train": val held out
-    with_val = cfg.data.val_frac > 0
+    with_val = cfg.fed.early_stopping_patience > 0
+    view = early_stopping.stopping_view(cfg) if with_val else ""
+    deciding = {c.client_id for c in specs} - set(runtime.benchmark.excluded)  # as the run record
     state: State = {}
     history = []
     for rnd in range(1, cfg.fed.rounds + 1):
@@ -75,7 +77,7 @@ def run_centralized(
             ectx = ClientContext(
                 cfg, runtime.model, runtime.client_split(i, "train"),
                 runtime.client_split(i, "test"), state, rnd, i, 1, cfg.fed.rounds,
-                val=runtime.client_split(i, "val") if with_val else None,
+                val=runtime.client_split(i, "val") if with_val else None, val_view=view,
             )  # fmt: skip
             clients[spec.client_id] = method.client_evaluate(ectx, {})
             if ectx.val_views:
@@ -101,6 +103,6 @@ def run_centralized(
         history.append(record)
         if on_round:
             on_round(record)
-        if early_stopping.decide(cfg, ((r.round, r.val) for r in history)):
+        if early_stopping.decide(cfg, ((r.round, r.val) for r in history), deciding):
             break  # the run record gets it from early_stopping.update (engine.run_method)
     return history

@@ -62,8 +62,10 @@ class ClientContext:
     # record-level DP-SGD (``federation/dpsgd.py``, site setting dp-mode=record): Poisson batches,
     # per-example clipping and noise in ``optimizer`` / ``steps`` / ``step``; None: plain training
     dp_sgd: Any = None
-    # the validation split (``data.val_frac``; early stopping): scored beside the test split
+    # the validation split (``data.val_frac``; early stopping): scored beside the test split in
+    # the view ``val_view`` only (``federation.early_stopping.stopping_view``)
     val: Encoded | None = None
+    val_view: str = ""
     stats: dict[str, float] = field(default_factory=dict)
     views: dict[str, float] = field(default_factory=dict)  # filled by ``view``
     val_views: dict[str, float] = field(default_factory=dict)  # primary score on ``val``, per view
@@ -294,13 +296,14 @@ class ClientContext:
         Records ``views[name]`` = the task's primary metric (accuracy; multi-label: mean AUROC)
         and ``views[f"{name}.{suffix}"]`` for the extras of ``score`` (groups, macro-F1).  Several
         names share one evaluation (FedAvg before a client first trains: every view is θ^{t+1}).
-        With a validation split (``val``): ``val_views[name]`` = the primary metric on it too
-        (scored first, so that a generative test split's predictions are the ones kept).
+        With a validation split (``val``) and ``val_view`` among ``names``: ``val_views[val_view]``
+        = the primary metric on it too (scored first, so that a generative test split's
+        predictions are the ones kept).
         """
-        if self.val is not None:
+        if self.val is not None and self.val_view in names:
             primary = self.score(self.val).get("")  # None: an empty split has no score
             if primary is not None:
-                self.val_views.update(dict.fromkeys(names, primary))
+                self.val_views[self.val_view] = primary
         scores = self.score(self.test)
         for name in names:
             self.views.update({f"{name}{suffix}": v for suffix, v in scores.items()})

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from fedmm.results.curves import write_curves
 from fedmm.results.health import health, health_line, missing_line, sites_scored, unhealthy
-from fedmm.results.record import RoundRecord, add_round, attach_notes, new_run
+from fedmm.results.record import RoundRecord, add_round, attach_notes, is_complete, new_run
 from fedmm.results.store import load, save_run, write_reports
 from fedmm.results.tables import (
     NOTE_LABELS,
@@ -92,6 +92,7 @@ __all__ = [
     "engine_overhead",
     "health",
     "health_line",
+    "is_complete",
     "label",
     "load",
     "loader_notes_lines",

@@ -93,6 +93,13 @@ class RoundRecord:
         return entry
 
 
+def is_complete(run: dict, rounds: int | None = None) -> bool:
+    """Whether a run record has ended: ``rounds`` (default: its config's ``fed.rounds``) rounds
+    in its history, or fewer when early stopping ended it (``stopped_early``)."""
+    rounds = run.get("config", {}).get("fed.rounds") if rounds is None else rounds
+    return bool(run.get("stopped_early")) or (rounds is not None and len(run["history"]) >= rounds)
+
+
 def add_round(run: dict, record: RoundRecord | dict) -> dict:
     """Append one round to ``run["history"]`` and update ``final``, ``health`` and TAP's
     ``replacements``; returns the round as stored."""
