@@ -189,6 +189,7 @@ class Runtime:
             fit, val = held_out(len(whole), frac, seed)
             self._encoded[f"{spec.client_id}/train-of-train"] = whole.subset(fit)
             self._encoded[f"{spec.client_id}/val-of-train"] = whole.subset(val)
+            del self._encoded[f"{spec.client_id}/train"]  # the subsets are copies: keep them only
         return self._encoded[name]
 
     def tasks(self) -> list[str]:
