@@ -177,11 +177,12 @@ def test_a_run_that_stops_learning_stops_early_and_a_resume_stays_stopped(tiny_c
     stored = json.loads((Path(cfg.out_dir) / "results.json").read_text())["runs"]
     assert [len(r["history"]) for r in stored] == [2]
     # a bench report over seeds that stopped at different rounds: each curve its own length
-    other = json.loads(json.dumps(stored[0]) ) | {"seed": 1}
+    other = json.loads(json.dumps(stored[0])) | {"seed": 1}
     other["history"] = other["history"][:1]
     other["stopped_early"] = other["stopped_early"] | {"round": 1}
     out = Path(cfg.out_dir)
-    (out / "results.json").write_text(json.dumps({"fedmm_version": "x", "runs": [stored[0], other]}))
+    both = {"fedmm_version": "x", "runs": [stored[0], other]}
+    (out / "results.json").write_text(json.dumps(both))
     write_outputs(out, [("fmnist-domain", method, 0), ("fmnist-domain", method, 1)], "adapter")
     assert (out / "bench_curves.png").stat().st_size > 0
     assert re.search(rf"^\| {method}[^|]* \| 2 \|", (out / "report.md").read_text(), re.M)

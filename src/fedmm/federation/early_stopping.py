@@ -1,9 +1,10 @@
 """Early stopping on a validation split: a run ends when its validation score stops improving.
 
 What is measured: with ``data.val_frac`` = f > 0 every client holds out ``max(1, round(f · n_k))``
-of its n_k training records (``runtime.held_out``: never trained on) and, at each evaluation,
-scores the model of every view on them beside its test split (``ClientContext.view``); the
-evaluation reply carries ``val.<view>`` next to ``acc.<view>``, under the same release rules
+of its n_k training records (``runtime.held_out``: never trained on) and, at each evaluation of a
+run with early stopping on, scores the deciding view's model (V, below) on them beside its test
+split (``ClientContext.view``); the evaluation reply carries ``val.<V>`` next to ``acc.<view>``,
+under the same release rules
 (a site that withholds its scores withholds these too, and a site under DP never releases them,
 even with ``dp-evaluation = exact``: they are scores of training records,
 ``sitedp.evaluation_metrics``; a site refuses a split smaller than its ``min-val-rows``).
@@ -22,9 +23,9 @@ K is every client of the run except those excluded for lack of data; an evaluati
 when every client of K reported V's validation score -- a mean over fewer (a site failed, was
 rejected, withheld its scores, or has no personal model yet) would compare other clients'
 means and could make a false best -- and rounds without an evaluation count neither way.
-Clients score the validation split only when the run asks for early stopping, and only in V.  ``fed.rounds`` stays the budget's upper bound, and the
-learning-rate schedule still spans it (stopping early leaves the schedule unfinished: the run is
-what it was at the stopping round, not a shorter run's end).  The reported final scores are those
+``fed.rounds`` stays the budget's upper bound, and the learning-rate schedule still spans it
+(stopping early leaves the schedule unfinished: the run is what it was at the stopping round,
+not a shorter run's end).  The reported final scores are those
 of the stopping round; ``stopped_early`` in results.json records it with the best round and
 score.
 
