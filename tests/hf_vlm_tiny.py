@@ -174,6 +174,44 @@ def build_llava(root: Path) -> None:
     _save(root, LlavaForConditionalGeneration, config, proc)
 
 
+def build_llava_next(root: Path) -> None:
+    """LLaVA-NeXT: LLaVA's parts with any-resolution tiling over small grid pinpoints (a 32-px
+    square image is the base image plus one 32x32 tile: 2 crops)."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tok = byte_tokenizer(["<image>", "<|user|>", "<|end|>", "<|assistant|>"], eos="</s>")
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaNextConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            **_vision(image_size=32, patch_size=8, projection_dim=32),
+        ),
+        text_config=_text(_vocab(tok), model_type="llama"),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+    )
+    image_proc = LlavaNextImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=pinpoints,
+    )
+    proc = LlavaNextProcessor(
+        image_proc,
+        tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    _save(root, LlavaNextForConditionalGeneration, config, proc)
+
+
 def build_paligemma(root: Path) -> None:
     from transformers import (
         PaliGemmaConfig,
@@ -210,4 +248,4 @@ def _save(root: Path, cls, config, proc) -> None:
 
 BUILDERS = {"smolvlm": build_smolvlm, "qwen2-vl": build_qwen2_vl,
     "qwen2.5-vl": lambda root: build_qwen2_vl(root, v25=True), "llava": build_llava,
-            "paligemma": build_paligemma}  # fmt: skip
+    "llava-next": build_llava_next, "paligemma": build_paligemma}  # fmt: skip

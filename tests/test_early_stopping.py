@@ -68,9 +68,11 @@ def test_an_evaluation_counts_only_when_every_client_reported():
     """A mean over fewer clients (one failed, withheld, or has no personal model yet) would
     compare other clients: a low-scoring site missing once must not make a false best."""
     cfg = cfg_with(early_stopping_patience=1)
-    history = [(1, {"a": {"shared": 0.5}, "b": {"shared": 0.1}}),  # mean 30
-               (2, {"a": {"shared": 0.5}}),  # b missing: 50 over a alone is no new best
-               (3, {"a": {"shared": 0.5}, "b": {"shared": 0.2}})]  # 35: better than 30
+    history = [
+        (1, {"a": {"shared": 0.5}, "b": {"shared": 0.1}}),  # mean 30
+        (2, {"a": {"shared": 0.5}}),  # b missing: 50 over a alone is no new best
+        (3, {"a": {"shared": 0.5}, "b": {"shared": 0.2}}),  # 35: better than 30
+    ]
     assert early_stopping.decide(cfg, history, {"a", "b"}) is None
     assert early_stopping.decide(cfg, history[:2], {"a", "b"}) is None
     stop = early_stopping.decide(cfg, [*history, (4, history[0][1])], {"a", "b"})

@@ -1,8 +1,8 @@
-"""Hugging Face generative VLMs by name (issue 27): SmolVLM/Idefics3, Qwen2-VL, LLaVA, PaliGemma,
-each as a tiny random model saved to a directory with an offline tokenizer and the family's own
-processor (``hf_vlm_tiny``; no download) -- prompts and image tokens, answer-only labels, cached
-left-padded greedy decoding against full recomputation, learning, and a 2-round FedAvg whose
-uploads hold only the PEFT set and the family's connector."""
+"""Hugging Face generative VLMs by name (issue 27): SmolVLM/Idefics3, Qwen2-VL, LLaVA, LLaVA-NeXT,
+PaliGemma, each as a tiny random model saved to a directory with an offline tokenizer and the
+family's own processor (``hf_vlm_tiny``; no download) -- prompts and image tokens, answer-only
+labels, cached left-padded greedy decoding against full recomputation, learning, and a 2-round
+FedAvg whose uploads hold only the PEFT set and the family's connector."""
 
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ def test_prompts_labels_and_text_only_records(tiny_cfg, tiny_dirs, family):
     assert len(split.feats) == len(split) == 8
     if family == "smolvlm":  # one global image of max_image_size, no crops: 4 tokens + 3 marks
         assert model.visual_token_shape() == (3, 32, 32) and model.image_tokens == 4 + 3
+    if family == "llava-next":  # a 32-px square: the base image and one 32x32 tile, every record
+        assert model.visual_token_shape() == (2, 3, 32, 32)
     for i in range(len(split)):
         ids = split.input_ids[i, : int(split.prompt_lens[i])]
         assert int((ids == model.image_token_id).sum()) > 0  # the image, expanded
@@ -184,6 +186,71 @@ def test_feddat_and_ditto_run_two_rounds_on_a_family_and_send_only_the_shared_se
     assert [h["round"] for h in record["history"]] == [1, 2]
     assert "personal" in record["final"]
     assert len(grid.uploads) == 4
+    for upload in grid.uploads:
+        assert {k.split("/", 1)[0] for k in upload} == {"proj", "adapter.global_adapter"}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_fedper_keeps_the_last_decoder_layers_peft_set_at_the_site(tiny_cfg, tiny_dirs, family):
+    """FedPer on a family (fedper.personal=top, k=1): the LoRA tensors of the last decoder layer
+    never leave the site; the first layer's and the connector are federated."""
+    cfg = family_cfg(tiny_cfg, tiny_dirs, family, method="fedper", **{
+        "fed.clients": 2, "fed.rounds": 2, "fedper.personal": "top", "fedper.personal_layers": 1,
+    })  # fmt: skip
+    from conftest import bound_method
+
+    model = get_runtime(cfg).model
+    shared = bound_method(cfg).init_global(model)  # the server's θ_B: its sets exist from here
+    layers = model.peft_layers("global_adapter")
+    assert model.num_layers == 2 and set(layers.values()) == {0, 1}
+    federated = {f"adapter.global_adapter/{k}" for k, j in layers.items() if j == 0}
+    assert {k for k in shared if k.startswith("adapter.")} == federated
+    grid, record = federate(cfg)
+    assert [h["round"] for h in record["history"]] == [1, 2]
+    assert "shared+head" in record["final"] and "shared" not in record["final"]
+    assert len(grid.uploads) == 4
+    for upload in grid.uploads:
+        assert {k for k in upload if k.startswith("adapter.")} == federated
+        assert any(k.startswith("proj/") for k in upload)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_fedpia_permutation_invariance_and_two_rounds_on_a_family(tiny_cfg, tiny_dirs, family):
+    """FedPIA's symmetry on a family's decoder: permuting the rank components of every LoRA
+    module (B·P, Pᵀ·A) leaves the logits unchanged, a permutation of A alone does not, alignment
+    recovers the permuted set exactly; and a 2-round federation sends the shared set only."""
+    from conftest import bound_method
+    from test_fedpia import random_perms
+
+    from fedmm.methods.fedpia import FedPIAConfig, align
+    from fedmm.methods.state import load_parts, to_torch
+
+    cfg = family_cfg(tiny_cfg, tiny_dirs, family, method="fedpia", **{
+        "fed.clients": 2, "fed.rounds": 2, "peft.lora_r": 4,
+    })  # fmt: skip
+    runtime, method = get_runtime(cfg), bound_method(cfg)
+    model = runtime.model
+    rng = np.random.default_rng(3)  # LoRA's B starts at zero: make every rank component act
+    state = {k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) if "lora_B" in k else v
+             for k, v in method.init_global(model).items()}  # fmt: skip
+    shuffled = random_perms(state, np.random.default_rng(4), "lora")
+    assert any(not np.array_equal(shuffled[k], state[k]) for k in state)
+    feats, ids, mask, _ = runtime.client_split(0, "train").batch(torch.arange(4), model.device)
+    with torch.no_grad(), model.active("global_adapter"):
+        load_parts(model, to_torch(state))
+        before = model(feats, ids, mask)
+        load_parts(model, to_torch(shuffled))
+        after = model(feats, ids, mask)
+        load_parts(model, to_torch({k: v[::-1].copy() if "lora_A" in k else v
+                                    for k, v in state.items()}))  # fmt: skip
+        unpaired = model(feats, ids, mask)
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not torch.allclose(before, unpaired, atol=1e-4)
+    recovered = align(shuffled, state, FedPIAConfig(), "lora")
+    assert all(np.array_equal(recovered[k], state[k]) for k in state)
+    grid, record = federate(cfg)
+    assert [h["round"] for h in record["history"]] == [1, 2]
+    assert {"shared", "personal"} <= set(record["final"])
     for upload in grid.uploads:
         assert {k.split("/", 1)[0] for k in upload} == {"proj", "adapter.global_adapter"}
 

@@ -317,6 +317,38 @@ class OneLanguageModel:
     def task_head(self) -> nn.Module:
         return self.head
 
+    def decoder(self) -> nn.Module:
+        """The language model's decoder: the module holding ``layers``, where the LoRA paths of
+        the PEFT bank are rooted."""
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the language model."""
+        return len(self.decoder().layers)
+
+    def peft_layers(self, set_name: str) -> dict[str, int]:
+        """The decoder layer (0-based) each tensor of PEFT set ``set_name`` acts in, by the set's
+        state key (``"3.down.weight"`` -> 3 for adapters, ``"12.lora_B.weight"`` -> the layer
+        of the 12th target projection for LoRA).  Raises ``ConfigError`` for prompt tuning: its
+        tokens enter below the first layer and belong to none (FedPer's ``fedper.personal``)."""
+        bank = self.peft
+        if isinstance(bank, AdapterBank):
+            modules = list(bank.points)
+        elif isinstance(bank, LoraBank):
+            by_path = dict(self.decoder().named_modules())
+            modules = [by_path[p] for p in bank.paths]
+        else:
+            raise ConfigError(
+                f"peft.type {bank.kind!r} has no PEFT set per decoder layer (prompt tokens enter "
+                "below the first layer); personalise decoder layers with lora or adapter"
+            )
+        owner = {id(m): j for j, layer in enumerate(self.decoder().layers) for m in layer.modules()}
+        return {
+            key: owner[id(modules[int(key.split(".", 1)[0])])]
+            for key in bank.set_module(set_name).state_dict()
+        }
+
     def left_padded(
         self, prompts: list[list[int]], max_new_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,6 +441,9 @@ class GenerativeVLModel(OneLanguageModel, GridVision, VLModel):
     def device(self) -> torch.device:
         return next(self.visual_proj.parameters()).device
 
+    def decoder(self) -> nn.Module:
+        return self.lm.model
+
     def frozen_state_keys(self) -> set[str]:
         keys = {f"vision.{k}" for k in self.vision.state_dict()}
         return keys | {f"lm.{k}" for k in self.lm.state_dict() if "lora_" not in k}
@@ -422,33 +457,6 @@ class GenerativeVLModel(OneLanguageModel, GridVision, VLModel):
             for name in sorted(self.peft.sets):
                 torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 self.peft.reset_set(name)
-
-    @property
-    def num_layers(self) -> int:
-        """Decoder layers of the language model."""
-        return len(self.lm.model.layers)
-
-    def peft_layers(self, set_name: str) -> dict[str, int]:
-        """The decoder layer (0-based) each tensor of PEFT set ``set_name`` acts in, by the set's
-        state key (``"3.down.weight"`` -> 3 for adapters, ``"12.lora_B.weight"`` -> the layer
-        of the 12th target projection for LoRA).  Raises ``ConfigError`` for prompt tuning: its
-        tokens enter below the first layer and belong to none (FedPer's ``fedper.personal``)."""
-        bank = self.peft
-        if isinstance(bank, AdapterBank):
-            modules = list(bank.points)
-        elif isinstance(bank, LoraBank):
-            by_path = dict(self.lm.model.named_modules())
-            modules = [by_path[p] for p in bank.paths]
-        else:
-            raise ConfigError(
-                f"peft.type {bank.kind!r} has no PEFT set per decoder layer (prompt tokens enter "
-                "below the first layer); personalise decoder layers with lora or adapter"
-            )
-        owner = {id(m): j for j, layer in enumerate(self.lm.model.layers) for m in layer.modules()}
-        return {
-            key: owner[id(modules[int(key.split(".", 1)[0])])]
-            for key in bank.set_module(set_name).state_dict()
-        }
 
     # ------------------------------------------------------------------ forward
     def _embed(

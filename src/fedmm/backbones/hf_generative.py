@@ -10,6 +10,7 @@ directory holding the model, its processor and tokenizer (a site's ``model-dir``
     smolvlm     Idefics3 / SmolVLM (idefics3, smolvlm)          model.connector (pixel shuffle + linear)
     qwen2-vl    Qwen2-VL / Qwen2.5-VL (qwen2_vl, qwen2_5_vl)    model.visual.merger (patch merger MLP)
     llava       LLaVA-1.5 (llava)                               model.multi_modal_projector (MLP)
+    llava-next  LLaVA-NeXT / LLaVA-1.6 (llava_next)             model.multi_modal_projector (MLP)
     paligemma   PaliGemma (paligemma; Gemma licence)            model.multi_modal_projector (linear)
 
 What trains and travels: the PEFT sets on the language model (LoRA by default on every decoder
@@ -24,7 +25,10 @@ Images go through the family's image processor (its own resize and normalisation
 SmolVLM/Idefics3 runs without image splitting (one global image per record, resized to the
 processor's ``max_image_size``); Qwen2-VL's images are first resized to a square of side
 ``model.image_size`` (its processor keeps aspect ratios and sizes to multiples of 28, so a fixed
-square gives every record the same patch grid).  A record's prompt is the family's chat template
+square gives every record the same patch grid); LLaVA-NeXT's too (its any-resolution tiling picks
+the grid pinpoint that fits each image's size and adds one crop per tile beside the base image,
+so a fixed square gives every record the same crop count, ``image_sizes`` and image-token count;
+its learned ``image_newline`` stays frozen).  A record's prompt is the family's chat template
 (PaliGemma: ``<image>…<bos>question\\n``) with the image expanded by the family's processor; a
 text-only record's prompt has no image tokens at all and no pixels are passed for it.
 
@@ -94,12 +98,19 @@ FAMILIES: dict[str, GenerativeFamily] = {
         "llava", ("llava",), "llava-hf/llava-1.5-7b-hf", "model.language_model",
         "model.multi_modal_projector",
     ),
+    "llava-next": GenerativeFamily(
+        "llava-next", ("llava_next",), "llava-hf/llava-v1.6-mistral-7b-hf",
+        "model.language_model", "model.multi_modal_projector",
+    ),
     "paligemma": GenerativeFamily(
         "paligemma", ("paligemma",), "google/paligemma-3b-mix-224", "model.language_model",
         "model.multi_modal_projector", (),
         "Gemma Terms of Use (accept them on the hub before downloading the weights)",
     ),
 }  # fmt: skip
+
+
+SQUARE = ("qwen2-vl", "llava-next")  # images resized to a model.image_size square first
 
 
 # ---------------------------------------------------------------------- loading
@@ -205,7 +216,7 @@ class HFGenerativeVLModel(OneLanguageModel, VLModel):
             decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
             prompt=lambda q: ([], self.prompt_ids(q, None)[0]), eos_id=int(end), pad_id=int(pad),
         )  # fmt: skip
-        lm = _submodule(self.hf, family.lm_path)
+        lm = self._decoder = _submodule(self.hf, family.lm_path)
         layers = list(lm.layers)
         # PEFT searches the language model only: the vision tower and the connector are outside
         # it (and PEFT's injection freezes the rest of the module it is given, not the connector)
@@ -220,7 +231,8 @@ class HFGenerativeVLModel(OneLanguageModel, VLModel):
         self.head = nn.Module()  # no task head: the LM's own output layer answers
         self.active_task = ""
         self.num_answers = 0
-        self._square = model_cfg.image_size if family.name == "qwen2-vl" else 0
+        # a fixed square: one patch grid (qwen2-vl) / one tile count (llava-next) per record
+        self._square = model_cfg.image_size if family.name in SQUARE else 0
         # the per-record pixel shape (of a blank image's pixels: measured, never fed)
         blank = np.zeros((model_cfg.image_size,) * 2, np.uint8)
         self._pixel_shape = tuple(self.encode_images(blank[None]).shape[1:])
@@ -229,6 +241,9 @@ class HFGenerativeVLModel(OneLanguageModel, VLModel):
         self.image_tokens = len(with_image[0]) - len(text_only[0])
 
     # ------------------------------------------------------------------ VLModel interface
+    def decoder(self) -> nn.Module:
+        return self._decoder
+
     def frozen_modules(self) -> list[nn.Module]:
         return [self.hf]  # eval mode always (its dropout stays off); the connector trains
 
@@ -276,7 +291,7 @@ class HFGenerativeVLModel(OneLanguageModel, VLModel):
         if self.family.name == "qwen2-vl":  # (N·P, C·T·p·p), every record the same grid
             grid = out["image_grid_thw"]
             return pixels.view(len(grid), int(grid[0].prod()), -1)
-        return pixels
+        return pixels  # llava-next: (N, 1 + tiles, 3, H, W), one square size for every record
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
@@ -339,6 +354,9 @@ class HFGenerativeVLModel(OneLanguageModel, VLModel):
                 raise RuntimeError(f"qwen2-vl: {pixels.shape[1]} patches are not a square grid")
             grid = torch.tensor([[1, g, g]] * len(pixels), device=self.device)
             return {**kwargs, "pixel_values": pixels.flatten(0, 1), "image_grid_thw": grid}
+        if self.family.name == "llava-next":  # every image was resized to the same square
+            sizes = torch.tensor([[self._square, self._square]] * len(pixels), device=self.device)
+            return {**kwargs, "pixel_values": pixels, "image_sizes": sizes}
         return {**kwargs, "pixel_values": pixels}
 
     # ------------------------------------------------------------------ forward / generate

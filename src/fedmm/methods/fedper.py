@@ -45,10 +45,6 @@ GLOBAL = "adapter.global_adapter"
 
 @register("fedper")
 class FedPer(FedAvg):
-    hf_generative_refusal = (
-        "its personal last-k decoder layers are defined on smollm2-mobilenet's decoder only"
-    )
-
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.generative = cfg.model.backbone in GENERATIVE_BACKBONE_NAMES

@@ -166,9 +166,6 @@ def align(
 # ---------------------------------------------------------------------- the method
 @register("fedpia")
 class FedPIA(FedAvg):
-    hf_generative_refusal = (
-        "its permutation alignment is built and tested on smollm2-mobilenet's decoder only"
-    )
     dp_sgd_refusal = "it trains and keeps a local model beside the federated one (two models)"
     secagg_refusal = (
         "its server aligns (permutes) each site's adapters to an anchor before "
