@@ -47,10 +47,11 @@ def family_cfg(tiny_cfg, tiny_dirs, family: str, **extra) -> FedmmConfig:
 
 
 def federate(cfg: FedmmConfig) -> tuple[RecordingGrid, dict]:
-    """A 2-site federation of ``cfg`` in process, recording the uploads; each site loads its own
-    copy of the weights (model-dir), as `fedmm run` sets it up."""
-    grid = RecordingGrid(2, cfg.out_dir)
-    InProcessGrid.__init__(grid, 2, sites={
+    """A federation of ``cfg``'s ``fed.clients`` sites in process, recording the uploads; each
+    site loads its own copy of the weights (model-dir), as `fedmm run` sets it up."""
+    n = cfg.fed.clients
+    grid = RecordingGrid(n, cfg.out_dir)
+    InProcessGrid.__init__(grid, n, sites={
         k: {"state-dir": f"{cfg.out_dir}/client_state/site-{k}", "model-dir": site["model-dir"]}
         for k, site in rehearsal_sites(cfg).items()
     })  # fmt: skip
@@ -253,6 +254,35 @@ def test_fedpia_permutation_invariance_and_two_rounds_on_a_family(tiny_cfg, tiny
     assert {"shared", "personal"} <= set(record["final"])
     for upload in grid.uploads:
         assert {k.split("/", 1)[0] for k in upload} == {"proj", "adapter.global_adapter"}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_tap_pairs_and_stage_two_on_a_family(tiny_cfg, tiny_dirs, family):
+    """TAP on a family, on the mixed benchmark (VQA, classification, attributes and text
+    classification answered in text, and captions; image+text, image-only and text-only
+    clients): 2 rounds and stage 2, every pair scored by generation in every view, and each
+    upload holds exactly the client's PEFT sets and, with images, the connector."""
+    from collections import Counter
+
+    from fedmm.methods.tap import client_sets
+
+    cfg = family_cfg(tiny_cfg, tiny_dirs, family, method="tap", **{
+        "data.benchmark": "fmnist-task-caption", "fed.clients": 7, "fed.rounds": 2,
+        "model.max_text_len": 160, "data.train_per_client": 8, "train.max_target_tokens": 64,
+        "tap.teacher_steps": 2, "tap.distill_steps": 2,
+    })  # fmt: skip
+    clients = get_runtime(cfg).benchmark.clients
+    grid, record = federate(cfg)
+    assert [h["round"] for h in record["history"]] == [1, 2]
+    last = record["history"][-1]
+    for c in clients:
+        assert {"shared", "personal", "distilled"} <= set(last["clients"][c.client_id])
+    expected = Counter(
+        frozenset({f"adapter.{s}" for s in client_sets(c)} | ({"proj"} if "image" in
+                  c.modalities else set()))
+        for c in clients for _ in range(2)
+    )  # fmt: skip
+    assert Counter(frozenset(k.split("/", 1)[0] for k in u) for u in grid.uploads) == expected
 
 
 def test_prompt_and_bitfit_are_refused_and_a_wrong_family_is_named(tiny_cfg, tiny_dirs):

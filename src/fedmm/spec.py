@@ -68,8 +68,7 @@ PEFT_TYPE_NAMES = ("adapter", "lora", "prompt", "bitfit")  # fedmm.peft.PEFT_TYP
 BACKBONE_NAMES = ("blip", "clip", "llava", "llava-next", "minilm-mobilenet", "paligemma", "qwen2-vl", "siglip",
                   "smollm2-mobilenet", "smolvlm", "tiny", "tiny-gen", "vilt")  # fmt: skip
 # the generative ones (fedmm.backbones.generative registers them): they answer in text, no head
-# Hugging Face generative VLM families (fedmm.backbones.hf_generative): the baselines train them;
-# methods that reach into the decoder's layers say so (Method.hf_generative_refusal)
+# Hugging Face generative VLM families (fedmm.backbones.hf_generative): every method trains them
 HF_GENERATIVE_BACKBONE_NAMES = ("smolvlm", "qwen2-vl", "llava", "llava-next", "paligemma")
 GENERATIVE_BACKBONE_NAMES = ("smollm2-mobilenet", "tiny-gen", *HF_GENERATIVE_BACKBONE_NAMES)
 PRECISIONS = ("fp32", "bf16", "auto")

@@ -48,7 +48,7 @@ from fedmm.methods.context import ClientContext
 from fedmm.methods.precision import PRECISIONS
 from fedmm.methods.state import Arrays, State, load_parts, model_keys, num_params, part_shapes
 from fedmm.peft import PEFT_TYPES
-from fedmm.spec import HF_GENERATIVE_BACKBONE_NAMES, METHOD_SPECS, SHARED, MethodSpec
+from fedmm.spec import METHOD_SPECS, SHARED, MethodSpec
 
 
 # ---------------------------------------------------------------------- the interface
@@ -89,8 +89,6 @@ class Method(ABC):
     dp_sgd_refusal: str = "its local update is not declared to be one plain loss over one model"
     # why this method cannot train a generative model (fedmm.generation); "" = it can
     generative_refusal: str = ""
-    # why it cannot train a Hugging Face generative VLM family (spec.HF_GENERATIVE_BACKBONE_NAMES)
-    hf_generative_refusal: str = ""
     # why this method cannot run under secure aggregation (fed.secure_aggregation, federation/
     # secagg.py); "" = it can: its ``aggregate`` reads the replies only through Σ_k w_k·upload_k
     # and Σ_k w_k (and plain sums of the ``secagg_summed`` keys), so ``aggregate_sum`` serves it
@@ -113,9 +111,6 @@ class Method(ABC):
         if self.generative_refusal and _generative_backbone(cfg.model.backbone):
             raise ConfigError(f"method {type(self).name!r} cannot train the generative backbone "
                               f"{cfg.model.backbone!r} yet: {self.generative_refusal}")  # fmt: skip
-        if self.hf_generative_refusal and cfg.model.backbone in HF_GENERATIVE_BACKBONE_NAMES:
-            raise ConfigError(f"method {type(self).name!r} cannot train {cfg.model.backbone!r} "
-                              f"yet: {self.hf_generative_refusal}")  # fmt: skip
         if type(self).name in cfg.methods:  # its own options: intervals and choices
             from fedmm.validate import check_section
 

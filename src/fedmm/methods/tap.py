@@ -168,7 +168,6 @@ def loaded(model: VLModel, state: State) -> Iterator[None]:
 
 @register("tap")
 class TAP(Method):
-    hf_generative_refusal = "its pair models and stage-2 distillation are built and tested on smollm2-mobilenet's decoder only"
     per_client_messages = True  # each client is sent (and returns) only its own modules
     dp_sgd_refusal = ("it trains two stages and scores a validation split it reports (two "
                       "models, data-dependent selection)")  # fmt: skip
