@@ -142,16 +142,15 @@ def build_qwen2_vl(root: Path, v25: bool = False) -> None:
     _save(root, getattr(transformers, f"{name}ForConditionalGeneration"), config, proc)
 
 
-def build_llava(root: Path) -> None:
-    from transformers import (
-        CLIPImageProcessor,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def build_llava(root: Path, next_: bool = False) -> None:
+    """LLaVA-1.5, or with ``next_`` LLaVA-NeXT: the same parts with any-resolution tiling over
+    small grid pinpoints (a 32-px square image is the base image plus one 32x32 tile: 2 crops)."""
+    import transformers
 
+    name = "LlavaNext" if next_ else "Llava"
     tok = byte_tokenizer(["<image>", "<|user|>", "<|end|>", "<|assistant|>"], eos="</s>")
-    config = LlavaConfig(
+    pinpoints = {"image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64]]} if next_ else {}
+    config = getattr(transformers, f"{name}Config")(
         vision_config=dict(
             model_type="clip_vision_model",
             **_vision(image_size=32, patch_size=8, projection_dim=32),
@@ -159,11 +158,12 @@ def build_llava(root: Path) -> None:
         text_config=_text(_vocab(tok), model_type="llama"),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
+        **pinpoints,
     )
-    image_proc = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    proc = LlavaProcessor(
+    image_proc = getattr(
+        transformers, "LlavaNextImageProcessor" if next_ else "CLIPImageProcessor"
+    )(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, **pinpoints)
+    proc = getattr(transformers, f"{name}Processor")(
         image_proc,
         tok,
         patch_size=8,
@@ -171,45 +171,7 @@ def build_llava(root: Path) -> None:
         chat_template=TEMPLATE,
         num_additional_image_tokens=1,
     )
-    _save(root, LlavaForConditionalGeneration, config, proc)
-
-
-def build_llava_next(root: Path) -> None:
-    """LLaVA-NeXT: LLaVA's parts with any-resolution tiling over small grid pinpoints (a 32-px
-    square image is the base image plus one 32x32 tile: 2 crops)."""
-    from transformers import (
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-    )
-
-    tok = byte_tokenizer(["<image>", "<|user|>", "<|end|>", "<|assistant|>"], eos="</s>")
-    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
-    config = LlavaNextConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            **_vision(image_size=32, patch_size=8, projection_dim=32),
-        ),
-        text_config=_text(_vocab(tok), model_type="llama"),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1,
-        image_grid_pinpoints=pinpoints,
-    )
-    image_proc = LlavaNextImageProcessor(
-        size={"shortest_edge": 32},
-        crop_size={"height": 32, "width": 32},
-        image_grid_pinpoints=pinpoints,
-    )
-    proc = LlavaNextProcessor(
-        image_proc,
-        tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        chat_template=TEMPLATE,
-        num_additional_image_tokens=1,
-    )
-    _save(root, LlavaNextForConditionalGeneration, config, proc)
+    _save(root, getattr(transformers, f"{name}ForConditionalGeneration"), config, proc)
 
 
 def build_paligemma(root: Path) -> None:
@@ -248,4 +210,4 @@ def _save(root: Path, cls, config, proc) -> None:
 
 BUILDERS = {"smolvlm": build_smolvlm, "qwen2-vl": build_qwen2_vl,
     "qwen2.5-vl": lambda root: build_qwen2_vl(root, v25=True), "llava": build_llava,
-    "llava-next": build_llava_next, "paligemma": build_paligemma}  # fmt: skip
+    "llava-next": lambda root: build_llava(root, next_=True), "paligemma": build_paligemma}  # fmt: skip
