@@ -462,3 +462,24 @@ def test_a_gguf_loads_once_and_its_cached_weights_equal_the_fresh_load(tmp_path)
     write_tiny_gguf(tmp_path / "other.gguf", seed=1)
     load_gguf_lm(tmp_path / "other.gguf", tmp_path / "cache")
     assert len(list((tmp_path / "cache" / "llm").iterdir())) == 2
+
+
+def test_generation_decodes_eval_generate_batch_size_rows_at_a_time(gen_cfg, monkeypatch):
+    """The KV cache grows with the rows decoded together: ``generate_split`` never hands the
+    model more than ``eval.generate_batch_size`` rows, and answers every row in order."""
+    from fedmm.generation import generate_split
+
+    cfg = gen_cfg.with_overrides({"eval.generate_batch_size": 3})
+    rt = get_runtime(cfg)
+    split = rt.client_split(0, "train")
+    sizes, real = [], rt.model.generate
+
+    def recording(feats, prompts, max_new_tokens):
+        sizes.append(len(prompts))
+        return real(feats, prompts, max_new_tokens)
+
+    monkeypatch.setattr(rt.model, "generate", recording)
+    ctx = ClientContext(cfg, rt.model, split, split, {}, 1, 0, 1, 1)
+    answers = generate_split(ctx, split)
+    n = len(split)
+    assert len(answers) == n and sizes == [3] * (n // 3) + ([n % 3] if n % 3 else [])

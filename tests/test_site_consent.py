@@ -122,6 +122,8 @@ REFUSALS = [  # (experiment options, site settings, what the refusal names)
     ({"train.batch_size": 100000}, {}, r"train.batch_size=100000.*max-batch-size=512"),
     ({"train.eval_batch_size": 4096}, {"max-batch-size": 300},
      r"train.eval_batch_size=4096.*max-batch-size=300"),
+    ({"eval.generate_batch_size": 100000}, {},
+     r"eval.generate_batch_size=100000.*max-batch-size=512"),
     ({"model.max_text_len": 4096}, {}, r"model.max_text_len=4096.*max-text-len=512"),
     ({}, {"max-trainable-params": 100}, r"trainable values.*max-trainable-params=100"),
     ({"method": "feddat"}, {"accept-methods": "fedavg,fedprox"},

@@ -271,7 +271,7 @@ def generate_split(ctx, split: GenerativeEncoded) -> list[str]:
     """Greedy answers of ``ctx.model`` to every row of ``split`` (text, special tokens dropped)."""
     model = ctx.model
     model.eval()
-    bs = ctx.cfg.train.eval_batch_size
+    bs = ctx.cfg.eval.generate_batch_size  # the KV cache grows with the rows decoded together
     out: list[str] = []
     for start in range(0, len(split), bs):
         idx = torch.arange(start, min(start + bs, len(split)))

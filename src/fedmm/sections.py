@@ -326,6 +326,13 @@ class EvalConfig:
         help="generated tokens per answer at most (decoding stops at end-of-turn); the prompt "
         "plus these must fit the model's context",
     )
+    generate_batch_size: int = option(
+        32,
+        "[1, inf)",
+        help="rows decoded together by greedy generation (train.eval_batch_size sizes the "
+        "classifiers' evaluation batches): the KV cache grows with them -- 163 rows of VQA-RAD "
+        "on SmolLM2 took 7 GB more than 32 rows",
+    )
     predictions: int = option(
         5, "[0, inf)", affects_results=False,  # experiment scope: the sites must receive it
         help="predictions per client and view kept at the site for summary.md (0 = none)",

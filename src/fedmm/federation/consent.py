@@ -83,7 +83,7 @@ def csv(text: str) -> list[str]:
 CAPS = {  # site setting field -> (what it bounds, for messages)
     "max_rounds": "fed.rounds",
     "max_local_steps": "train.local_steps x train.accumulation (micro-batches per round)",
-    "max_batch_size": "train.batch_size and train.eval_batch_size",
+    "max_batch_size": "train.batch_size, train.eval_batch_size and eval.generate_batch_size",
     "max_image_size": "model.image_size",
     "max_text_len": "model.max_text_len",
     "max_width": "model.head_hidden, peft.lora_r, adapter.bottleneck, peft.prompt_length",
@@ -204,6 +204,8 @@ def check_caps(cfg: FedmmConfig, settings: Any) -> None:
         ("fed.rounds", cfg.fed.rounds, "max-rounds", settings.max_rounds),
         ("train.batch_size", t.batch_size, "max-batch-size", settings.max_batch_size),
         ("train.eval_batch_size", t.eval_batch_size, "max-batch-size", settings.max_batch_size),
+        ("eval.generate_batch_size", cfg.eval.generate_batch_size, "max-batch-size",
+         settings.max_batch_size),
         ("model.image_size", cfg.model.image_size, "max-image-size", settings.max_image_size),
         ("model.max_text_len", cfg.model.max_text_len, "max-text-len", settings.max_text_len),
         # a generative target's tokens widen every encoded row as the prompt's do

@@ -80,7 +80,8 @@ aggregation``                        ``fed.secure_aggregation`` (the server woul
                                      site's update in the clear; docs/secure-aggregation.md)
 ``max-rounds``           1000        largest ``fed.rounds`` this site joins
 ``max-local-steps``      10000       largest ``train.local_steps`` x ``train.accumulation``
-``max-batch-size``       512         largest ``train.batch_size`` / ``train.eval_batch_size``
+``max-batch-size``       512         largest ``train.batch_size`` / ``train.eval_batch_size`` /
+                                     ``eval.generate_batch_size``
 ``max-image-size``       1024        largest ``model.image_size`` (pixels per side)
 ``max-text-len``         512         largest ``model.max_text_len`` (tokens)
 ``max-width``            8192        largest ``model.head_hidden``, ``peft.lora_r``,
