@@ -17,7 +17,10 @@ for FedAvg (one adapter set) and FedDAT (fedmm's batched two-path step), in thes
                       every call); only where the CPU has native bf16 (or ``--bf16 always``);
 * ``bf16``         -- ``train.precision=bf16``: the frozen backbone stored once in bf16, fp32
                       master weights of the trainable sets, autocast; backbone dropout as given;
-* ``bf16-fast``    -- ``bf16`` with ``model.backbone_dropout=0``.
+* ``bf16-fast``    -- ``bf16`` with ``model.backbone_dropout=0``;
+* ``fp32-compiled``-- ``fp32-fast`` with the model's forward wrapped in ``torch.compile`` (inductor;
+                      its backward compiled by AOTAutograd); only with ``--compile``.  Its compile
+                      time (the first step of each method, less its median step) is printed.
 
 Each variant has its own model (same weights), built once.  Variants are interleaved in a
 rotating order for ``--repeat`` rounds after ``--warmup``; the median per variant of the wall time
@@ -57,6 +60,7 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "bf16-autocast": ({"train.precision": "bf16"}, True),
     "bf16": ({"train.precision": "bf16"}, False),
     "bf16-fast": ({"train.precision": "bf16", "model.backbone_dropout": 0.0}, False),
+    "fp32-compiled": ({"model.backbone_dropout": 0.0}, False),
 }
 
 
@@ -76,6 +80,8 @@ def build(name: str, base: dict):
     model = rt.model
     if name == "bf16-autocast":  # undo the stored-bf16 weights: today's bf16 path
         model.float()
+    if name.endswith("-compiled"):
+        model.forward = torch.compile(model.forward)
     steps = cfg.train.local_steps
     train = rt.client_split(0, "train")
     if today:  # float16 in memory, converted per batch (Encoded.batch)
@@ -127,6 +133,8 @@ def main() -> None:
     parser.add_argument("--methods", default="fedavg,feddat")
     parser.add_argument("--bf16", choices=("auto", "always", "never"), default="auto",
                         help="bf16 variants: where the CPU has native bf16 (auto), always, never")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="add fp32-compiled (torch.compile of the forward) and time its compile")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,6 +147,8 @@ def main() -> None:
         names += ["bf16-autocast", "bf16", "bf16-fast"]
     else:
         print("bf16 variants left out: this CPU has no native bf16 (emulated bf16 is slower)")
+    if args.compile:
+        names.append("fp32-compiled")
     methods = args.methods.split(",")
     steps: dict[tuple[str, str], Callable[[], None]] = {}
     cfg = None
@@ -148,6 +158,11 @@ def main() -> None:
             steps[(name, method)] = fns[method]
     keys = list(steps)
     wall: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    first_call: dict[tuple[str, str], float] = {}
+    for key in keys:  # compiled variants compile here, timed; the others take their first step
+        t0 = time.perf_counter()
+        steps[key]()
+        first_call[key] = time.perf_counter() - t0
     cpu_s: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     for rep in range(args.warmup + args.repeat):
         order = keys[rep % len(keys) :] + keys[: rep % len(keys)]
@@ -175,6 +190,10 @@ def main() -> None:
         print(f"{key[0]:<18} {key[1]:<7} {1e3 * w:>8.1f} {1e3 * min(wall[key]):>8.1f} "
               f"{1e3 * c:>8.1f} {bs / w:>10.1f} {med(wall, first) / w:>13.2f} "
               f"{med(cpu_s, first) / c:>12.2f}")  # fmt: skip
+    for key in keys:
+        if key[0].endswith("-compiled"):
+            print(f"compile time {key[0]} {key[1]}: {first_call[key]:.1f} s first step, "
+                  f"{first_call[key] - med(wall, key):.1f} s over a compiled step")  # fmt: skip
     print("\nspeed-up over fp32-today, same method (wall / cpu):")
     for name in names:
         row = [f"{m} {med(wall, ('fp32-today', m)) / med(wall, (name, m)):.2f}x / "
