@@ -58,8 +58,12 @@ def main() -> None:
     parser.add_argument("--methods", default="")
     parser.add_argument("--benchmarks", default="")
     parser.add_argument("--seeds", default="")
-    parser.add_argument("--peft", default="", help="the grid's PEFT type (default: bench.json's, "
-                        "else the runs' own when they all share one)")
+    parser.add_argument(
+        "--peft",
+        default="",
+        help="the grid's PEFT type (default: bench.json's, "
+        "else the runs' own when they all share one)",
+    )
     args = parser.parse_args()
     bad = [v for v in args.variant if "=" not in v]
     if bad:
