@@ -34,7 +34,10 @@ methods: a target every method reaches on average by the last round) beside it.
 ``OUT/converged.json`` holds each benchmark's plateau summary and leaders.
 
     .venv/bin/python benchmarks/converged_grid.py --out runs/converged [--benchmark NAME,...]
-        [--start-rounds 10] [--max-rounds 80] [--set train.threads=1 ...]
+        [--start-rounds 10] [--max-rounds 80] [--set train.threads=1 ...] [--progress]
+
+``--progress`` runs nothing and writes ``OUT/converged-progress.md`` (``progress``): the complete
+cells so far, while the grid runs or between sittings.
 
 Long: hours on a 2-core CPU (not yet measured: docs/results-converged.md).  ``--set`` applies to every cell (e.g. ``model.backbone=tiny`` for a smoke test).
 """
@@ -180,6 +183,59 @@ def run_grid(
     return summary
 
 
+def _begun(stored: int, rounds: int) -> str:
+    if not stored:
+        return ""
+    return (
+        f" (round {stored} of {rounds} stored)"
+        if stored < rounds
+        else " (stored with other options)"
+    )
+
+
+def progress(
+    cfgs: dict[str, FedmmConfig], out: Path, methods: Sequence[str] = METHODS,
+    more_seeds: tuple[int, ...] = MORE_SEEDS, k: int = LEADERS,
+) -> list[str]:  # fmt: skip
+    """Markdown lines of what a grid that is still running (or was cut off) holds so far, without
+    running anything: per benchmark, its longest budget ``rounds-R/`` begun, the complete cells
+    there (made with this configuration: ``bench._same``) in ``converged_table``'s form, the cells
+    still missing, and, when every seed-0 cell is complete, whether its curves have flattened
+    (``RULE``).  A benchmark with no budget begun is listed as not started."""
+    out, methods = Path(out), list(methods)
+    lines = ["# The comparison at convergence: in progress", ""]
+    for name, cfg in cfgs.items():
+        budgets = sorted(int(d.name.split("-", 1)[1]) for d in (out / name).glob("rounds-*")
+                         if d.name.split("-", 1)[1].isdigit())  # fmt: skip
+        if not budgets:
+            lines += [f"## {name}: not started", ""]
+            continue
+        rounds = budgets[-1]
+        sub, rcfg = out / name / f"rounds-{rounds}", cfg.with_overrides({"fed.rounds": rounds})
+        seed0 = [(name, m, 0) for m in methods]
+        done = [r for r in bench._cell_runs(sub, seed0, cfg.peft.type)
+                if bench._same(r, bench.cell_config(rcfg, bench._name(r), r["seed"], sub))]  # fmt: skip
+        cells = list(seed0)
+        if len(done) == len(seed0):  # seed 0 complete: its plateau check and its leaders
+            rising = RULE.still_rising(done, methods)
+            state = ("still rising: " + "; ".join(rising)) if rising else "flat (plateau reached)"
+            cells += [(name, m, s) for s in more_seeds for m in leaders(done, methods, k)]
+            done = [r for r in bench._cell_runs(sub, cells, cfg.peft.type)
+                    if bench._same(r, bench.cell_config(rcfg, bench._name(r), r["seed"], sub))]  # fmt: skip
+        else:
+            state = "plateau not yet decided (seed 0 incomplete)"
+        have = {(bench._name(r), r["seed"]) for r in done}
+        begun = {(bench._name(r), r["seed"]): len(r["history"])
+                 for r in bench._cell_runs(sub, cells, cfg.peft.type)}  # fmt: skip
+        missing = [f"{m} seed {s}" + _begun(begun.get((m, s), 0), rounds)
+                   for _, m, s in cells if (m, s) not in have]  # fmt: skip
+        lines += [f"## {name}: budget {rounds} rounds, {len(done)} of {len(cells)} cells "
+                  f"complete; {state}", ""]  # fmt: skip
+        lines += converged_table(done, methods)
+        lines += [f"Missing: {', '.join(missing)}." if missing else "No cell missing.", ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
@@ -188,10 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-rounds", type=int, default=10)
     p.add_argument("--max-rounds", type=int, default=80)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--progress", action="store_true",
+                   help="run nothing: write OUT/converged-progress.md, the complete cells so far "
+                   "(give the same --set options as the grid's run)")  # fmt: skip
     args = p.parse_args(argv)
     cfgs = grid_configs([b.strip() for b in args.benchmark.split(",") if b.strip()],
                         parse_set(args.set))  # fmt: skip
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if args.progress:
+        text = "\n".join(progress(cfgs, args.out, methods)) + "\n"
+        atomic_write(args.out / "converged-progress.md", text.encode())
+        print(text + f"written: {args.out / 'converged-progress.md'}")
+        return 0
     summary = run_grid(cfgs, args.out, methods, start_rounds=args.start_rounds,
                        max_rounds=args.max_rounds)  # fmt: skip
     for name, s in summary.items():

@@ -99,6 +99,11 @@ def test_the_grid_runs_seed_0_then_more_seeds_for_the_leaders_and_resumes(
     report = (out / s["dir"] / "report.md").read_text()  # the whole grid's, not the leaders' only
     assert all(f"| {m} |" in report for m in methods)
 
+    text = "\n".join(grid.progress(cfgs, out, methods, more_seeds=(1,), k=1))
+    cells = len(methods) + len(s["leaders"])
+    assert f"budget 1 rounds, {cells} of {cells} cells complete;" in text  # the same cells
+    assert "No cell missing." in text
+
     before = len(counted)
     again = grid.run_grid(cfgs, out, methods, more_seeds=(1,), start_rounds=1, max_rounds=1, k=1)
     assert len(counted) == before  # every cell complete: nothing reruns
@@ -119,3 +124,40 @@ def test_the_grids_vqa_rad_dirichlet_is_image_disjoint_and_every_client_is_score
     assert bench.notes["test_images_seen_in_train"] == 0
     assert len(bench.clients) == 8 and not bench.excluded
     assert all(len(c.train.texts) and len(c.test.texts) for c in bench.clients)
+
+
+def test_progress_shows_complete_cells_the_missing_ones_and_the_plateau_and_runs_nothing(
+    tiny_cfg, tmp_path
+):
+    from fedmm import bench
+    from fedmm.results import save_run
+
+    out, methods = tmp_path / "grid", ["centralized", "fedavg"]
+    cfgs = {"fmnist-domain": tiny_cfg.with_overrides({"data.benchmark": "fmnist-domain"})}
+    sub = out / "fmnist-domain" / "rounds-4"
+
+    def stored(method, seed, curve, cfg=cfgs["fmnist-domain"]):
+        run = _run(method, seed, {"shared": curve[-1]}, curve, "fmnist-domain")
+        cell = bench.cell_config(cfg.with_overrides({"fed.rounds": 4}), method, seed, sub)
+        run |= {"peft": cell.peft.type, "config": cell.to_flat()}
+        save_run(sub, run)
+
+    assert "## fmnist-domain: not started" in "\n".join(grid.progress(cfgs, out, methods))
+    stored("centralized", 0, (0.5, 0.6, 0.7, 0.8))
+    stored("fedavg", 0, (0.5, 0.6))  # cut off after 2 of 4 rounds
+    text = "\n".join(grid.progress(cfgs, out, methods, more_seeds=(1,), k=1))
+    assert "budget 4 rounds, 1 of 2 cells complete; plateau not yet decided" in text
+    assert "| centralized | 1 | 80.0 (n = 1) |" in text
+    assert "Missing: fedavg seed 0 (round 2 of 4 stored)." in text
+
+    stored("fedavg", 0, (0.5, 0.6, 0.65, 0.65))
+    text = "\n".join(grid.progress(cfgs, out, methods, more_seeds=(1,), k=1))
+    # seed 0 complete: the plateau check (centralized still gains 10 points in its last round)
+    # and seed 1 for the leaders (centralized, fedavg) now counted as missing
+    assert "budget 4 rounds, 2 of 4 cells complete; still rising: centralized on" in text
+    assert "Missing: centralized seed 1, fedavg seed 1." in text
+
+    other = {"fmnist-domain": cfgs["fmnist-domain"].with_overrides({"train.lr": 0.5})}
+    text = "\n".join(grid.progress(other, out, methods, more_seeds=(1,), k=1))
+    assert "0 of 2 cells complete" in text and "fedavg seed 0 (stored with other options)" in text
+    assert not (out / "converged.md").exists()  # nothing ran, nothing else written
