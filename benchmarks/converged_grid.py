@@ -86,6 +86,18 @@ def grid_configs(benchmarks: list[str], overrides: dict) -> dict[str, FedmmConfi
     return cfgs
 
 
+def _common_options(cfgs: dict[str, FedmmConfig]) -> str:
+    """A sentence naming the options every benchmark's cells share that differ from fedmm's
+    defaults (``--set``: ``train.precision=bf16``...), so that a table says how it was made."""
+    defaults, flats = FedmmConfig().to_flat(), [c.to_flat() for c in cfgs.values()]
+    common = {k: v for k, v in flats[0].items() if k not in ("data.benchmark", "fed.rounds")
+              and v != defaults.get(k) and all(f.get(k) == v for f in flats)}  # fmt: skip
+    if not common:
+        return "Every other option at its default."
+    return ("Options beyond the defaults, in every cell: "
+            + ", ".join(f"`{k}={v}`" for k, v in sorted(common.items())) + ".")  # fmt: skip
+
+
 def leaders(runs: list[dict], methods: list[str], k: int = LEADERS) -> list[str]:
     """The methods that get more seeds: for each view kind, the ``k`` best by their seed-0 final
     accuracy in that kind (ties: ``methods`` order), united, plus ``REFERENCE``; in ``methods``
@@ -176,7 +188,7 @@ def run_grid(
         "time until the mean over clients first reaches the target, mean over the seeds that "
         "reach it. Budget: "
         + "; ".join(f"{n} {s['rounds']} rounds" for n, s in summary.items())
-        + f" (plateau rule: {rule.describe()})."
+        + f" (plateau rule: {rule.describe()}). {_common_options(cfgs)}"
     ]
     atomic_write(out / "converged.md", ("\n".join(lines) + "\n").encode())
     atomic_write(out / "converged.json", json.dumps(summary, indent=1).encode())
@@ -193,47 +205,59 @@ def _begun(stored: int, rounds: int) -> str:
     )
 
 
+def _complete(sub: Path, cells: list[tuple], cfg: FedmmConfig) -> list[dict]:
+    """The runs of ``cells`` stored in ``sub`` complete and made with ``cfg`` (its budget)."""
+    return [r for r in bench._cell_runs(sub, cells, cfg.peft.type)
+            if bench._same(r, bench.cell_config(cfg, bench._name(r), r["seed"], sub))]  # fmt: skip
+
+
 def progress(
     cfgs: dict[str, FedmmConfig], out: Path, methods: Sequence[str] = METHODS,
-    more_seeds: tuple[int, ...] = MORE_SEEDS, k: int = LEADERS,
+    more_seeds: tuple[int, ...] = MORE_SEEDS, k: int = LEADERS, max_rounds: int = 80,
 ) -> list[str]:  # fmt: skip
     """Markdown lines of what a grid that is still running (or was cut off) holds so far, without
-    running anything: per benchmark, its longest budget ``rounds-R/`` begun, the complete cells
-    there (made with this configuration: ``bench._same``) in ``converged_table``'s form, the cells
-    still missing, and, when every seed-0 cell is complete, whether its curves have flattened
-    (``RULE``).  A benchmark with no budget begun is listed as not started."""
+    running anything: per benchmark and budget ``rounds-R/`` begun, the complete cells there (made
+    with this configuration: ``bench._same``) in ``converged_table``'s form, the cells still
+    missing, and, when every seed-0 cell is complete, whether its curves have flattened (``RULE``;
+    the seeds of the leaders count only at the final budget: flat, or 2R > ``max_rounds``).  A
+    benchmark with no budget begun is listed as not started."""
     out, methods = Path(out), list(methods)
-    lines = ["# The comparison at convergence: in progress", ""]
+    lines = ["# The comparison at convergence: in progress", "", _common_options(cfgs), ""]
     for name, cfg in cfgs.items():
         budgets = sorted(int(d.name.split("-", 1)[1]) for d in (out / name).glob("rounds-*")
                          if d.name.split("-", 1)[1].isdigit())  # fmt: skip
         if not budgets:
             lines += [f"## {name}: not started", ""]
-            continue
-        rounds = budgets[-1]
-        sub, rcfg = out / name / f"rounds-{rounds}", cfg.with_overrides({"fed.rounds": rounds})
-        seed0 = [(name, m, 0) for m in methods]
-        done = [r for r in bench._cell_runs(sub, seed0, cfg.peft.type)
-                if bench._same(r, bench.cell_config(rcfg, bench._name(r), r["seed"], sub))]  # fmt: skip
-        cells = list(seed0)
-        if len(done) == len(seed0):  # seed 0 complete: its plateau check and its leaders
-            rising = RULE.still_rising(done, methods)
-            state = ("still rising: " + "; ".join(rising)) if rising else "flat (plateau reached)"
-            cells += [(name, m, s) for s in more_seeds for m in leaders(done, methods, k)]
-            done = [r for r in bench._cell_runs(sub, cells, cfg.peft.type)
-                    if bench._same(r, bench.cell_config(rcfg, bench._name(r), r["seed"], sub))]  # fmt: skip
-        else:
-            state = "plateau not yet decided (seed 0 incomplete)"
-        have = {(bench._name(r), r["seed"]) for r in done}
-        begun = {(bench._name(r), r["seed"]): len(r["history"])
-                 for r in bench._cell_runs(sub, cells, cfg.peft.type)}  # fmt: skip
-        missing = [f"{m} seed {s}" + _begun(begun.get((m, s), 0), rounds)
-                   for _, m, s in cells if (m, s) not in have]  # fmt: skip
-        lines += [f"## {name}: budget {rounds} rounds, {len(done)} of {len(cells)} cells "
-                  f"complete; {state}", ""]  # fmt: skip
-        lines += converged_table(done, methods)
-        lines += [f"Missing: {', '.join(missing)}." if missing else "No cell missing.", ""]
+        for rounds in budgets:
+            lines += _budget_progress(name, cfg, out, rounds, methods, more_seeds, k, max_rounds)
     return lines
+
+
+def _budget_progress(
+    name: str, cfg: FedmmConfig, out: Path, rounds: int, methods: list[str],
+    more_seeds: tuple[int, ...], k: int, max_rounds: int,
+) -> list[str]:  # fmt: skip
+    sub, rcfg = out / name / f"rounds-{rounds}", cfg.with_overrides({"fed.rounds": rounds})
+    seed0 = [(name, m, 0) for m in methods]
+    done, cells = _complete(sub, seed0, rcfg), list(seed0)
+    if len(done) == len(seed0):  # seed 0 complete: its plateau check and its leaders
+        rising = RULE.still_rising(done, methods)
+        final = not rising or 2 * rounds > max_rounds
+        state = ("still rising: " + "; ".join(rising)) if rising else "flat (plateau reached)"
+        state += "; the final budget" if final else f"; doubled to {2 * rounds} rounds"
+        if final:
+            cells += [(name, m, s) for s in more_seeds for m in leaders(done, methods, k)]
+            done = _complete(sub, cells, rcfg)
+    else:
+        state = "plateau not yet decided (seed 0 incomplete)"
+    have = {(bench._name(r), r["seed"]) for r in done}
+    begun = {(bench._name(r), r["seed"]): len(r["history"])
+             for r in bench._cell_runs(sub, cells, cfg.peft.type)}  # fmt: skip
+    missing = [f"{m} seed {s}" + _begun(begun.get((m, s), 0), rounds)
+               for _, m, s in cells if (m, s) not in have]  # fmt: skip
+    return [f"## {name}: budget {rounds} rounds, {len(done)} of {len(cells)} cells complete; "
+            f"{state}", "", *converged_table(done, methods),
+            f"Missing: {', '.join(missing)}." if missing else "No cell missing.", ""]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                         parse_set(args.set))  # fmt: skip
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if args.progress:
-        text = "\n".join(progress(cfgs, args.out, methods)) + "\n"
+        text = "\n".join(progress(cfgs, args.out, methods, max_rounds=args.max_rounds)) + "\n"
         atomic_write(args.out / "converged-progress.md", text.encode())
         print(text + f"written: {args.out / 'converged-progress.md'}")
         return 0

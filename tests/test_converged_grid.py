@@ -103,6 +103,7 @@ def test_the_grid_runs_seed_0_then_more_seeds_for_the_leaders_and_resumes(
     cells = len(methods) + len(s["leaders"])
     assert f"budget 1 rounds, {cells} of {cells} cells complete;" in text  # the same cells
     assert "No cell missing." in text
+    assert "`model.backbone=tiny`" in table and "`data.benchmark" not in table  # how it was made
 
     before = len(counted)
     again = grid.run_grid(cfgs, out, methods, more_seeds=(1,), start_rounds=1, max_rounds=1, k=1)
@@ -152,10 +153,14 @@ def test_progress_shows_complete_cells_the_missing_ones_and_the_plateau_and_runs
 
     stored("fedavg", 0, (0.5, 0.6, 0.65, 0.65))
     text = "\n".join(grid.progress(cfgs, out, methods, more_seeds=(1,), k=1))
-    # seed 0 complete: the plateau check (centralized still gains 10 points in its last round)
-    # and seed 1 for the leaders (centralized, fedavg) now counted as missing
+    # seed 0 complete: the plateau check (centralized still gains 10 points in its last round),
+    # so the grid doubles the budget and runs no more seeds at this one
+    assert "budget 4 rounds, 2 of 2 cells complete; still rising: centralized on" in text
+    assert "; doubled to 8 rounds" in text and "No cell missing." in text
+    text = "\n".join(grid.progress(cfgs, out, methods, more_seeds=(1,), k=1, max_rounds=4))
+    # at the final budget, seed 1 of the leaders (centralized, fedavg) is counted as missing
     assert "budget 4 rounds, 2 of 4 cells complete; still rising: centralized on" in text
-    assert "Missing: centralized seed 1, fedavg seed 1." in text
+    assert "the final budget" in text and "Missing: centralized seed 1, fedavg seed 1." in text
 
     other = {"fmnist-domain": cfgs["fmnist-domain"].with_overrides({"train.lr": 0.5})}
     text = "\n".join(grid.progress(other, out, methods, more_seeds=(1,), k=1))
