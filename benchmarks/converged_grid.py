@@ -154,6 +154,12 @@ def converged_table(runs: list[dict], methods: list[str]) -> list[str]:
     return lines
 
 
+def _grid_cells(name: str, methods: list[str], lead: list[str], more_seeds: tuple[int, ...]):
+    """A benchmark's cells at its final budget: seed 0 of every method, ``more_seeds`` of the
+    leaders ``lead``."""
+    return [(name, m, 0) for m in methods] + [(name, m, s) for s in more_seeds for m in lead]
+
+
 def run_grid(
     cfgs: dict[str, FedmmConfig], out: Path, methods: Sequence[str] = METHODS,
     more_seeds: tuple[int, ...] = MORE_SEEDS, start_rounds: int = 10, max_rounds: int = 80,
@@ -173,7 +179,7 @@ def run_grid(
         seed0 = [(name, m, 0) for m in methods]
         lead = leaders(bench._cell_runs(sub, seed0, cfg.peft.type), methods, k)
         ran = bench.run_bench([final_cfg], lead, list(more_seeds), sub)["ran"] if more_seeds else 0
-        cells = seed0 + [(name, m, s) for s in more_seeds for m in lead]
+        cells = _grid_cells(name, methods, lead, more_seeds)
         bench.write_outputs(
             sub, cells, cfg.peft.type
         )  # the report of the whole grid, not the leaders'
@@ -242,11 +248,11 @@ def _budget_progress(
     done, cells = _complete(sub, seed0, rcfg), list(seed0)
     if len(done) == len(seed0):  # seed 0 complete: its plateau check and its leaders
         rising = RULE.still_rising(done, methods)
-        final = not rising or 2 * rounds > max_rounds
+        following = bench.next_budget(rounds, rising, max_rounds)
         state = ("still rising: " + "; ".join(rising)) if rising else "flat (plateau reached)"
-        state += "; the final budget" if final else f"; doubled to {2 * rounds} rounds"
-        if final:
-            cells += [(name, m, s) for s in more_seeds for m in leaders(done, methods, k)]
+        state += f"; doubled to {following} rounds" if following else "; the final budget"
+        if following is None:
+            cells = _grid_cells(name, methods, leaders(done, methods, k), more_seeds)
             done = _complete(sub, cells, rcfg)
     else:
         state = "plateau not yet decided (seed 0 incomplete)"

@@ -251,6 +251,13 @@ class PlateauRule:
         return rising
 
 
+def next_budget(rounds: int, rising: list[str], max_rounds: int) -> int | None:
+    """The budget ``run_until_plateau`` runs after ``rounds``: 2 * ``rounds`` while any curve is
+    ``rising`` (``PlateauRule.still_rising``) and that stays <= ``max_rounds``; ``None`` when
+    ``rounds`` is the final budget."""
+    return 2 * rounds if rising and 2 * rounds <= max_rounds else None
+
+
 def run_until_plateau(
     cfgs: list[FedmmConfig], methods: list[str], seeds: list[int], out: Path,
     extra: dict[str, Variant] | None = None, target: float | None = None,
@@ -273,9 +280,9 @@ def run_until_plateau(
         rising = rule.still_rising(_cell_runs(sub, cells, cfgs[0].peft.type, extra), methods)
         budgets.append({"rounds": rounds, "dir": sub.name, "still_rising": rising})
         done = not rising
-        if done or 2 * rounds > max_rounds:
+        if (following := next_budget(rounds, rising, max_rounds)) is None:
             break
-        rounds *= 2
+        rounds = following
     summary = {"rule": rule.describe(), "budgets": budgets, "plateaued": done,
                "final_rounds": rounds, "ran": ran}  # fmt: skip
     atomic_write(out / "plateau.json", json.dumps(summary, indent=1).encode())
