@@ -78,6 +78,12 @@ def test_fedmms_own_app_is_accepted_and_its_app_hash_can_be_pinned():
                                                                   trust.CLIENTAPP)  # fmt: skip
     assert trust.inspect_fab(fab, [verdict.app_hash]).accepted  # pinned: still accepted
     assert verdict.fab_hash == trust.fab_hash(fab) and len(verdict.app_hash) == 64
+    # the FAB is the code only (pyproject's fab-include): docs and results would pass Flower's
+    # 10 MiB limit and change the app hash a site pins
+    members = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert {m for m in members if not m.startswith("src/fedmm/")} == {"pyproject.toml",
+                                                                      ".info/CONTENT"}  # fmt: skip
+    assert "src/fedmm/federation/clientapp.py" in members
 
 
 def test_a_fab_hash_not_in_a_non_empty_trusted_apps_is_refused():
