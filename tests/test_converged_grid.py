@@ -166,3 +166,20 @@ def test_progress_shows_complete_cells_the_missing_ones_and_the_plateau_and_runs
     text = "\n".join(grid.progress(other, out, methods, more_seeds=(1,), k=1))
     assert "0 of 2 cells complete" in text and "fedavg seed 0 (stored with other options)" in text
     assert not (out / "converged.md").exists()  # nothing ran, nothing else written
+
+
+def test_a_bf16_grid_is_refused_on_a_cpu_without_native_bf16_before_any_cell_runs(
+    tmp_path, monkeypatch
+):
+    """The grid's bf16 cells emulated on an AVX2 CPU would take 25x as long (measured): refused,
+    naming the fix, before anything is written; ``--progress`` still reads the stored grid."""
+    from fedmm import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(grid, "run_grid", lambda *a, **k: pytest.fail("a cell ran"))
+    argv = ["--out", str(tmp_path / "g"), "--benchmark", "fmnist-domain"]
+    with pytest.raises(SystemExit, match="emulated.*native bf16, or run without"):
+        grid.main([*argv, "--set", "train.precision=bf16"])
+    assert not (tmp_path / "g").exists()
+    (tmp_path / "g").mkdir()
+    assert grid.main([*argv, "--set", "train.precision=bf16", "--progress"]) == 0

@@ -3,7 +3,8 @@
 ``auto`` resolves per device: bf16 on a CUDA device with bf16 (``torch.cuda.is_bf16_supported``) or
 on a CPU whose ``/proc/cpuinfo`` flags include ``amx_bf16`` or ``avx512_bf16``; fp32 elsewhere,
 where bf16 is emulated and slower than fp32 (measured 2.6x slower on an AVX512 Xeon without them,
-docs/benchmarks.md's step profile). A bf16 run stores the frozen backbone's matmul weights in bf16
+docs/benchmarks.md's step profile; 25x slower on an AVX2 AMD EPYC, docs/performance.md). An explicit
+``bf16`` there runs emulated, with a warning (``emulated_bf16``). A bf16 run stores the frozen backbone's matmul weights in bf16
 once (``FusionVLModel.store_frozen_in``, done by ``fedmm.runtime``) and runs the forward under
 ``torch.autocast``; the trainable PEFT sets, projection and head stay fp32 master weights, and
 everything sent stays fp32. Measured speed: docs/performance.md.
@@ -53,6 +54,21 @@ def native_bf16(device: torch.device) -> bool:
         return any(getattr(cpu, probe, lambda: False)()
                    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))  # fmt: skip
     return False
+
+
+EMULATED_BF16 = (
+    "train.precision=bf16 on a CPU without native bf16 (its /proc/cpuinfo flags have neither "
+    "amx_bf16 nor avx512_bf16): bf16 is emulated here, measured 2.6x (AVX512 Xeon) to 25x (AVX2 "
+    "AMD EPYC) slower per step than fp32 (docs/performance.md); use train.precision=auto or fp32"
+)
+
+
+def emulated_bf16(precision: str, device: torch.device) -> bool:
+    """Whether ``precision`` runs bf16 on a CPU that emulates it (``native_bf16`` false): only an
+    explicit ``bf16``, since ``auto`` resolves to fp32 there.  ``fedmm.runtime`` warns with
+    ``EMULATED_BF16`` when this holds; it runs anyway (the user asked for bf16)."""
+    return (device.type == "cpu" and resolve_precision(precision, device) == "bf16"
+            and not native_bf16(device))  # fmt: skip
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

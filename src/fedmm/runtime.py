@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +36,7 @@ from fedmm.data import Benchmark, RawSplit, load_benchmark
 from fedmm.data import sites as site_data
 from fedmm.data.schema import SCHEMA_FILE, Schema, read_schema, schema_of
 from fedmm.files import atomic_torch_save
-from fedmm.precision import stores_bf16
+from fedmm.precision import EMULATED_BF16, emulated_bf16, stores_bf16
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ class Runtime:
         # train.precision = bf16 (or auto on a CPU/GPU with native bf16): the frozen text
         # transformer's matmul weights stored in bf16 once, not cast at every forward
         self.bf16 = stores_bf16(cfg.train.precision, self.device)
+        if emulated_bf16(cfg.train.precision, self.device):
+            warnings.warn(EMULATED_BF16, stacklevel=2)
         if self.bf16 and isinstance(self.model, FusionVLModel):
             n = self.model.store_frozen_in(torch.bfloat16)
             log.info("train.precision=%s: %d frozen backbone weights stored in bf16",
