@@ -3,9 +3,10 @@
 ``auto`` resolves per device: bf16 on a CUDA device with bf16 (``torch.cuda.is_bf16_supported``) or
 on a CPU whose ``/proc/cpuinfo`` flags include ``amx_bf16`` or ``avx512_bf16``; fp32 elsewhere,
 where bf16 is emulated and slower than fp32 (measured 2.6x slower on an AVX512 Xeon without them,
-docs/benchmarks.md's step profile; 25x slower on an AVX2 AMD EPYC, docs/performance.md). An explicit
-``bf16`` there runs emulated, with a warning (``emulated_bf16``). A bf16 run stores the frozen backbone's matmul weights in bf16
-once (``FusionVLModel.store_frozen_in``, done by ``fedmm.runtime``) and runs the forward under
+docs/benchmarks.md's step profile; 25x slower on an AVX2 AMD EPYC, docs/performance.md). An
+explicit ``bf16`` there runs emulated, with a warning (``emulated_bf16``). A bf16 run stores the
+frozen backbone's matmul weights in bf16 once (``FusionVLModel.store_frozen_in``, done by
+``fedmm.runtime``) and runs the forward under
 ``torch.autocast``; the trainable PEFT sets, projection and head stay fp32 master weights, and
 everything sent stays fp32. Measured speed: docs/performance.md.
 """
