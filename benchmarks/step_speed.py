@@ -2,7 +2,9 @@
 
 One optimiser step (batch, forward, loss, backward, clip, AdamW; train mode) on the same batch of
 client 0 of the default benchmark (fmnist-domain, minilm-mobilenet, batch ``train.batch_size``),
-for FedAvg (one adapter set) and FedDAT (fedmm's batched two-path step), in these variants:
+for FedAvg (one adapter set) and FedDAT (fedmm's batched two-path step), and one evaluation
+forward (``eval``: FedAvg's model in eval mode, no gradient, one batch of ``train.eval_batch_size``
+test records; packing applies there at every ``model.backbone_dropout``), in these variants:
 
 * ``fp32-today``   -- the step as fedmm ran it before docs/performance.md: cached features kept
                       float16 in memory and converted per batch, the frozen backbone's own
@@ -12,7 +14,11 @@ for FedAvg (one adapter set) and FedDAT (fedmm's batched two-path step), in thes
                       loaded, no host read per step, the backbone's own dropout (same numerics
                       as ``fp32-today``);
 * ``fp32-fast``    -- ``fp32-default`` with ``model.backbone_dropout=0`` (no dropout masks in the
-                      frozen backbone, so SDPA's fused kernel instead of its math fallback);
+                      frozen backbone, so SDPA's fused kernel instead of its math fallback, and
+                      token packing: the layers' per-position work on real tokens only,
+                      ``fedmm.backbones.packing``);
+* ``fp32-fast-padded`` -- ``fp32-fast`` with packing off (``FusionVLModel.pack_tokens = False``):
+                      the dropout's and the packing's shares apart;
 * ``bf16-autocast``-- bf16 as before: autocast over fp32 weights (each frozen weight cast at
                       every call); only where the CPU has native bf16 (or ``--bf16 always``);
 * ``bf16``         -- ``train.precision=bf16``: the frozen backbone stored once in bf16, fp32
@@ -52,11 +58,12 @@ from fedmm.methods.state import to_torch
 from fedmm.precision import BF16_CPU_FLAGS, cpu_flags, native_bf16
 from fedmm.runtime import Runtime
 
-# name -> (config overrides, today's host read + float16 features)
+# name -> (config overrides, today's host read + float16 features + no token packing)
 VARIANTS: dict[str, tuple[dict, bool]] = {
     "fp32-today": ({}, True),
     "fp32-default": ({}, False),
     "fp32-fast": ({"model.backbone_dropout": 0.0}, False),
+    "fp32-fast-padded": ({"model.backbone_dropout": 0.0}, False),
     "bf16-autocast": ({"train.precision": "bf16"}, True),
     "bf16": ({"train.precision": "bf16"}, False),
     "bf16-fast": ({"train.precision": "bf16", "model.backbone_dropout": 0.0}, False),
@@ -80,6 +87,8 @@ def build(name: str, base: dict):
     model = rt.model
     if name == "bf16-autocast":  # undo the stored-bf16 weights: today's bf16 path
         model.float()
+    if today or name.endswith("-padded"):
+        model.pack_tokens = False
     if name.endswith("-compiled"):
         model.forward = torch.compile(model.forward)
     steps = cfg.train.local_steps
@@ -122,7 +131,19 @@ def build(name: str, base: dict):
             loss_s, loss_dat = feddat_losses(z_s, z_dat, labels, cfg.feddat)
         finish(opt_dat, loss_s + loss_dat)
 
-    return {"fedavg": fedavg, "feddat": feddat}, cfg
+    test = rt.client_split(0, "test")
+    if today:
+        test.feats = test.feats.half()
+    eval_idx = torch.arange(min(cfg.train.eval_batch_size, len(test.labels)))
+
+    def evaluate() -> None:
+        model.eval()
+        with torch.no_grad(), model.active(GLOBAL), ctx.autocast():
+            model(*test.batch(eval_idx, ctx.device)[:3])
+        model.train()
+
+    sizes = {"fedavg": cfg.train.batch_size, "feddat": cfg.train.batch_size, "eval": len(eval_idx)}
+    return {"fedavg": fedavg, "feddat": feddat, "eval": evaluate}, cfg, sizes
 
 
 def main() -> None:
@@ -130,7 +151,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
-    parser.add_argument("--methods", default="fedavg,feddat")
+    parser.add_argument("--methods", default="fedavg,feddat,eval")
     parser.add_argument("--bf16", choices=("auto", "always", "never"), default="auto",
                         help="bf16 variants: where the CPU has native bf16 (auto), always, never")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
@@ -141,7 +162,7 @@ def main() -> None:
     print(facts("start"), flush=True)
     print(flags_line(), flush=True)
     base = {"train.threads": args.threads, **parse_set(args.set)}
-    names = ["fp32-today", "fp32-default", "fp32-fast"]
+    names = ["fp32-today", "fp32-default", "fp32-fast", "fp32-fast-padded"]
     cpu = torch.device("cpu")
     if args.bf16 == "always" or (args.bf16 == "auto" and native_bf16(cpu)):
         names += ["bf16-autocast", "bf16", "bf16-fast"]
@@ -153,7 +174,7 @@ def main() -> None:
     steps: dict[tuple[str, str], Callable[[], None]] = {}
     cfg = None
     for name in names:
-        fns, cfg = build(name, base)
+        fns, cfg, sizes = build(name, base)
         for method in methods:
             steps[(name, method)] = fns[method]
     keys = list(steps)
@@ -173,7 +194,8 @@ def main() -> None:
                 wall[key].append(time.perf_counter() - t0)
                 cpu_s[key].append(time.process_time() - c0)
     bs = cfg.train.batch_size
-    print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, batch {bs}, "
+    print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, batch {bs} "
+          f"(eval {sizes['eval']}), "
           f"{args.repeat} interleaved repetitions (after {args.warmup} warm-up).  wall: elapsed "
           "time; cpu: this process's CPU time (on a loaded machine the wall time includes waiting "
           "for a core, the CPU time does not: read its ratios there)")  # fmt: skip
@@ -181,14 +203,13 @@ def main() -> None:
     def med(table, key):
         return statistics.median(table[key])
 
-    first = ("fp32-today", methods[0])
     print(f"{'variant':<18} {'method':<7} {'wall ms':>8} {'min ms':>8} {'cpu ms':>8} "
-          f"{'examples/s':>10} {'speed-up wall':>13} {'speed-up cpu':>12}   (vs {first[0]} "
-          f"{first[1]})")  # fmt: skip
+          f"{'examples/s':>10} {'speed-up wall':>13} {'speed-up cpu':>12}   (vs fp32-today, "
+          "same method)")  # fmt: skip
     for key in keys:
-        w, c = med(wall, key), med(cpu_s, key)
+        w, c, first = med(wall, key), med(cpu_s, key), ("fp32-today", key[1])
         print(f"{key[0]:<18} {key[1]:<7} {1e3 * w:>8.1f} {1e3 * min(wall[key]):>8.1f} "
-              f"{1e3 * c:>8.1f} {bs / w:>10.1f} {med(wall, first) / w:>13.2f} "
+              f"{1e3 * c:>8.1f} {sizes[key[1]] / w:>10.1f} {med(wall, first) / w:>13.2f} "
               f"{med(cpu_s, first) / c:>12.2f}")  # fmt: skip
     for key in keys:
         if key[0].endswith("-compiled"):

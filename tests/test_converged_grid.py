@@ -178,8 +178,34 @@ def test_a_bf16_grid_is_refused_on_a_cpu_without_native_bf16_before_any_cell_run
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
     monkeypatch.setattr(grid, "run_grid", lambda *a, **k: pytest.fail("a cell ran"))
     argv = ["--out", str(tmp_path / "g"), "--benchmark", "fmnist-domain"]
-    with pytest.raises(SystemExit, match="emulated.*native bf16, or run without"):
+    with pytest.raises(SystemExit, match="emulated.*native bf16.*train.precision=fp32"):
         grid.main([*argv, "--set", "train.precision=bf16"])
+    with pytest.raises(SystemExit, match="fmnist-domain: .*emulated"):  # the grid's own bf16
+        grid.main(argv)
     assert not (tmp_path / "g").exists()
     (tmp_path / "g").mkdir()
     assert grid.main([*argv, "--set", "train.precision=bf16", "--progress"]) == 0
+
+
+def test_each_benchmark_has_one_precision_and_the_reports_name_it(tmp_path, monkeypatch):
+    """fmnist-domain and vqa-rad-dirichlet are bf16 grids, vqa-rad-organ an fp32 one (``GRID``):
+    on a CPU without native bf16 the fp32 benchmark runs, and the progress report names each
+    benchmark's own precision beside the options every cell shares."""
+    from fedmm import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    cfgs = grid.grid_configs(list(grid.GRID), {"train.threads": 1})
+    assert {n: c.train.precision for n, c in cfgs.items()} == {
+        "fmnist-domain": "bf16", "vqa-rad-organ": "fp32", "vqa-rad-dirichlet": "bf16"}  # fmt: skip
+    ran = []
+    monkeypatch.setattr(grid, "run_grid", lambda cfgs, *a, **k: ran.append(list(cfgs)) or {})
+    out = tmp_path / "g"
+    assert grid.main(["--out", str(out), "--benchmark", "vqa-rad-organ"]) == 0
+    assert ran == [["vqa-rad-organ"]]
+    out.mkdir()
+    text = "\n".join(grid.progress(cfgs, out))
+    assert "Options beyond the defaults, in every cell: `train.threads=1`." in text
+    organ = text.split("## vqa-rad-organ")[1].split("##")[0]
+    assert "This benchmark's cells also: `train.precision=fp32`." not in organ  # fp32: a default
+    dirichlet = text.split("## vqa-rad-dirichlet")[1]
+    assert "This benchmark's cells also: " in dirichlet and "`train.precision=bf16`" in dirichlet

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedmm.backbones.packing import pack_layers
 from fedmm.peft import PeftBank
 from fedmm.peft.build import PeftTarget, build_bank
 from fedmm.sections import AdapterConfig, ModelConfig, PeftConfig
@@ -242,6 +243,11 @@ class FusionVLModel(GridVision, VLModel):
         self.visual_proj = nn.Linear(backbone.vision_dim, d)
         self._init_heads(4 * d, model_cfg, num_answers)
         self._token_shape: tuple[int, int] | None = None
+        # token packing (fedmm.backbones.packing): the layers' per-position work on the real
+        # tokens only, where it changes nothing but float rounding; off: every layer padded
+        self.pack_tokens = True
+        layers = getattr(getattr(self.text, "encoder", None), "layer", None)
+        self._packed_layers = pack_layers(layers) if layers is not None else []
 
     # ------------------------------------------------------------------ frozen towers
     def frozen_modules(self) -> list[nn.Module]:
@@ -293,11 +299,13 @@ class FusionVLModel(GridVision, VLModel):
             parts.insert(0, prompts.to(text_emb.dtype).unsqueeze(0).expand(b, -1, -1))
             masks.insert(0, attention_mask.new_ones(b, n_p))
             types.insert(0, input_ids.new_zeros(b, n_p))
-        hidden = self.text(
-            inputs_embeds=torch.cat(parts, 1),
-            attention_mask=torch.cat(masks, 1),
-            token_type_ids=torch.cat(types, 1),
-        ).last_hidden_state[:, n_p:]
+        joint_mask = torch.cat(masks, 1)
+        with self._packing(joint_mask):
+            hidden = self.text(
+                inputs_embeds=torch.cat(parts, 1),
+                attention_mask=joint_mask,
+                token_type_ids=torch.cat(types, 1),
+            ).last_hidden_state[:, n_p:]
         pooled = torch.cat(
             [
                 hidden[:, 0],
@@ -308,6 +316,24 @@ class FusionVLModel(GridVision, VLModel):
             dim=-1,
         )
         return self.task_head()(pooled)
+
+    @contextlib.contextmanager
+    def _packing(self, joint_mask: torch.Tensor) -> Iterator[None]:
+        """Let the packed layers pack this forward (``pack_tokens``), unless row blocks are
+        active over rows that do not repeat (packed rows are chunked by block: each block must
+        hold the same tokens)."""
+        pack = self.pack_tokens and bool(self._packed_layers)
+        blocks = self.peft.row_block_count
+        if pack and blocks > 1:
+            chunks = joint_mask.chunk(blocks)
+            pack = all(c.shape == chunks[0].shape and torch.equal(c, chunks[0]) for c in chunks)
+        for layer in self._packed_layers:
+            layer.pack = pack
+        try:
+            yield
+        finally:
+            for layer in self._packed_layers:
+                layer.pack = False
 
     # ------------------------------------------------------------------ trainable state
     def frozen_state_keys(self) -> set[str]:

@@ -165,6 +165,10 @@ class AdapterBank(PeftBank):
             for handle in handles:
                 handle.remove()
 
+    @property
+    def row_block_count(self) -> int:
+        return len(self._blocks)
+
     def _apply_blocks(self, index: int, output: torch.Tensor) -> torch.Tensor:
         blocks = self._blocks
         if index == 0 and self._shared_prefix:

@@ -123,6 +123,12 @@ class PeftBank(nn.Module):
             self._active = previous
             self._apply_activation()
 
+    @property
+    def row_block_count(self) -> int:
+        """How many row blocks a forward is split into now (``AdapterBank.row_blocks``); 0 when
+        the whole batch runs through the active sets."""
+        return 0
+
     def prompt_tokens(self) -> torch.Tensor | None:
         """Tokens ``(n, d)`` to prepend to the joint sequence (prompt tuning only)."""
         return None
