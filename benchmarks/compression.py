@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from machine import facts
+from machine import add_set_option, facts
 
 from fedmm import results
 from fedmm.config import FedmmConfig, parse_set
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--method", default="fedavg")
     parser.add_argument("--compression", default="none,fp16,int8")
     parser.add_argument("--out", default="runs/bench-compression")
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+    add_set_option(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(facts("start"))

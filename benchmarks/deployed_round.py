@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import facts
+from machine import add_set_option, facts
 
 from fedmm.cli import main as fedmm
 from fedmm.config import FedmmConfig, parse_set
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--no-cold", action="store_true", help="leave out the per-message mode")
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+    add_set_option(parser)
     args = parser.parse_args()
     print(facts("start"), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="fedmm-deployed-round-"))

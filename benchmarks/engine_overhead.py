@@ -18,7 +18,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from machine import facts
+from machine import add_set_option, facts
 
 from fedmm import results
 from fedmm.config import FedmmConfig
@@ -46,7 +46,7 @@ def main() -> None:
         "--results", nargs="*", help="results.json files to read instead of running"
     )
     parser.add_argument("--method", default="fedavg")
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+    add_set_option(parser)
     args = parser.parse_args()
     print(facts("start"))
     runs = []

@@ -23,7 +23,7 @@ import argparse
 import tempfile
 import time
 
-from machine import facts
+from machine import add_set_option, facts
 
 from fedmm.config import FedmmConfig, parse_set
 from fedmm.methods import ClientContext, get_method
@@ -40,7 +40,7 @@ def encode_all(rt: Runtime) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+    add_set_option(parser)
     args = parser.parse_args()
     print(facts("start"), flush=True)
     cache = tempfile.mkdtemp(prefix="fedmm-cache-")

@@ -26,7 +26,7 @@ import statistics
 import time
 
 import torch
-from machine import facts
+from machine import add_set_option, facts
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedmm.config import FedmmConfig, parse_set
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+    add_set_option(parser)
     args = parser.parse_args()
     print(facts("start"), flush=True)
     cfg = FedmmConfig().with_overrides({"method": "feddat", **parse_set(args.set)})

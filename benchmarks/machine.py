@@ -3,11 +3,19 @@ one run: the development machine is shared)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import threading
 import time
 from pathlib import Path
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """``--set key=value ...``, repeatable: ``--set a=1 --set b=2`` and ``--set a=1 b=2`` both
+    give ``["a=1", "b=2"]`` (``nargs="*"`` alone kept only the last ``--set``, silently)."""
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides key=value (repeatable)")  # fmt: skip
 
 
 def cpu_model() -> str:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import PeakMemory, facts
+from machine import PeakMemory, add_set_option, facts
 
 from fedmm import results
 from fedmm.config import FedmmConfig, parse_set
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="train.local_steps")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "fedmm-scale"))
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+    add_set_option(parser)
     parser.add_argument("--prewarm", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.prewarm:

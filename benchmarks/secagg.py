@@ -32,7 +32,7 @@ import tempfile
 import time
 
 from flwr.app import Context, RecordDict
-from machine import facts
+from machine import add_set_option, facts
 
 from fedmm.config import FedmmConfig, parse_set
 from fedmm.engine import prepare, rehearsal_sites
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--cache-dir", default="")
-    parser.add_argument("--set", nargs="*", default=[])
+    add_set_option(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     task_identity()

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 
 import torch
-from machine import facts
+from machine import add_set_option, facts
 from torch.profiler import ProfilerActivity, profile
 
 from fedmm.config import FedmmConfig, parse_set
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--methods", default="fedavg,feddat")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+    add_set_option(parser)
     args = parser.parse_args()
     print(facts("start"), flush=True)
     sets = parse_set(args.set)

@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from machine import facts
+from machine import add_set_option, facts
 
 from fedmm.config import FedmmConfig, parse_set
 from fedmm.methods import ClientContext, get_method
@@ -156,7 +156,7 @@ def main() -> None:
                         help="bf16 variants: where the CPU has native bf16 (auto), always, never")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
                         help="add fp32-compiled (torch.compile of the forward) and time its compile")  # fmt: skip
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+    add_set_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(facts("start"), flush=True)
