@@ -34,10 +34,12 @@ methods: a target every method reaches on average by the last round) beside it.
 ``OUT/converged.json`` holds each benchmark's plateau summary and leaders.
 
     .venv/bin/python benchmarks/converged_grid.py --out runs/converged [--benchmark NAME,...]
-        [--start-rounds 10] [--max-rounds 80] [--set train.threads=1 ...] [--progress]
+        [--start-rounds 10] [--max-rounds 80] [--set train.threads=1 ...] [--progress | --headline]
 
 ``--progress`` runs nothing and writes ``OUT/converged-progress.md`` (``progress``): the complete
-cells so far, while the grid runs or between sittings.
+cells so far, while the grid runs or between sittings.  ``--headline`` runs nothing and writes
+``OUT/converged-headline.md`` (``headline``): the README's tables, per benchmark at the largest
+budget where every method's seed 0 is complete.
 
 Long: seed 0 of all 7 methods at 20 rounds took about 65 min on fmnist-domain and 126 min on vqa-rad-dirichlet (2-core CPU with AMX, bf16, one thread, beside the other lane: docs/results-converged.md).  ``--set`` applies to every cell (e.g. ``model.backbone=tiny`` for a smoke test).
 """
@@ -150,34 +152,76 @@ def _time_cell(runs: list[dict], kind: str, goal: float) -> tuple[str, str]:
             f"{statistics.fmean(h[1] for h in got):.0f}")  # fmt: skip
 
 
+def _kind_rows(runs: list[dict], methods: list[str]) -> list[tuple[str, float, list[dict]]]:
+    """Per view kind that ``runs`` have (``KINDS`` order): ``(kind, goal, rows)``, ``goal`` the
+    kind's time-to-accuracy target (the lowest final mean among its methods, 0-1) and ``rows`` one
+    dict per method with that kind (``methods`` order): ``method``, ``seeds``, ``mean`` (0-1),
+    ``final`` / ``closed`` / ``open`` (``bench._mean_std`` text: % with ± std or (n = 1); "—" for
+    a benchmark without question groups), ``gap`` (points to ``REFERENCE``'s ``shared`` mean,
+    text; "—" for the reference itself or without one), ``rounds`` / ``seconds`` (to ``goal``,
+    ``_time_cell``)."""
+    ref = [r["final"][SHARED] for r in runs if bench._name(r) == REFERENCE and SHARED in r["final"]]
+    ref_mean = 100 * statistics.fmean(ref) if ref else None
+    out = []
+    for kind in KINDS:
+        by = {m: [r for r in runs if bench._name(r) == m and kind in r["final"]] for m in methods}
+        by = {m: rs for m, rs in by.items() if rs}
+        if not by:
+            continue
+        goal = min(statistics.fmean(r["final"][kind] for r in rs) for rs in by.values())
+        rows = []
+        for m, rs in by.items():
+            mean = statistics.fmean(r["final"][kind] for r in rs)
+            closed, open_ = (bench._mean_std([r["final"][f"{kind}.{g}"] for r in rs
+                                              if f"{kind}.{g}" in r["final"]])
+                             for g in ("closed", "open"))  # fmt: skip
+            gap = ("—" if ref_mean is None or (m == REFERENCE and kind == SHARED)
+                   else f"{100 * mean - ref_mean:+.1f}".replace("-0.0", "0.0")
+                   .replace("+0.0", "0.0"))  # fmt: skip
+            rounds, seconds = _time_cell(rs, kind, goal)
+            rows.append({"method": m, "seeds": len(rs), "mean": mean,
+                         "final": bench._mean_std([r["final"][kind] for r in rs]),
+                         "closed": closed, "open": open_, "gap": gap, "rounds": rounds,
+                         "seconds": seconds})  # fmt: skip
+        out.append((kind, goal, rows))
+    return out
+
+
 def converged_table(runs: list[dict], methods: list[str]) -> list[str]:
     """Markdown lines for one benchmark's runs: per view kind, method | seeds | final | closed |
     open | gap to centralized's ``shared`` (points) | rounds / seconds to the kind's target."""
     if not runs:
         return []
-    ref = [r["final"][SHARED] for r in runs if bench._name(r) == REFERENCE and SHARED in r["final"]]
-    ref_mean = 100 * statistics.fmean(ref) if ref else None
     rounds = sorted({len(r["history"]) for r in runs})
     lines = [f"### {results.dataset_name(runs[0])} ({'/'.join(map(str, rounds))} rounds)", ""]
-    for kind in KINDS:
-        rows = {m: [r for r in runs if bench._name(r) == m and kind in r["final"]] for m in methods}
-        rows = {m: rs for m, rs in rows.items() if rs}
-        if not rows:
-            continue
-        goal = min(statistics.fmean(r["final"][kind] for r in rs) for rs in rows.values())
+    for kind, goal, rows in _kind_rows(runs, methods):
         lines += [f"`{kind}` (time to {100 * goal:.1f} %, the lowest final mean of this kind):",
                   "", "| method | seeds | final | closed | open | Δ vs centralized (pt) | "
                   "rounds to target | s to target |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for m, rs in rows.items():
-            final = [r["final"][kind] for r in rs]
-            parts = [bench._mean_std([r["final"][f"{kind}.{g}"] for r in rs
-                                      if f"{kind}.{g}" in r["final"]])
-                     for g in ("closed", "open")]  # fmt: skip
-            gap = ("—" if ref_mean is None or (m == REFERENCE and kind == SHARED)
-                   else f"{100 * statistics.fmean(final) - ref_mean:+.1f}")  # fmt: skip
-            lines.append(f"| {m} | {len(rs)} | {bench._mean_std(final)} | {parts[0]} | "
-                         f"{parts[1]} | {gap} | {' | '.join(_time_cell(rs, kind, goal))} |")  # fmt: skip
+        lines += [f"| {r['method']} | {r['seeds']} | {r['final']} | {r['closed']} | {r['open']} | "
+                  f"{r['gap']} | {r['rounds']} | {r['seconds']} |" for r in rows]  # fmt: skip
         lines.append("")
+    return lines
+
+
+def headline_table(runs: list[dict], methods: list[str]) -> list[str]:
+    """Markdown lines of the README's table for one benchmark: a row per method and view kind,
+    kinds in ``KINDS`` order and, within a kind, methods by final accuracy (best first), so that the
+    table reads as the ranking; all questions, closed and open apart (only where the benchmark has
+    those groups), the gap to centralized's ``shared`` (points), and the rounds to the kind's
+    target (``_kind_rows``)."""
+    kinds = _kind_rows(runs, methods)
+    groups = any(r["closed"] != "—" for _, _, rows in kinds for r in rows)
+    head = ["view", "method", "seeds", "all questions" if groups else "accuracy"]
+    head += ["closed", "open"] if groups else []
+    head += ["Δ vs centralized (pt)", "rounds to target (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for kind, goal, rows in kinds:
+        for r in sorted(rows, key=lambda r: -r["mean"]):
+            cells = [f"`{kind}`", r["method"], str(r["seeds"]), r["final"]]
+            cells += [r["closed"], r["open"]] if groups else []
+            cells += [r["gap"], f"{r['rounds']} ({100 * goal:.1f})"]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -258,8 +302,7 @@ def progress(
     out, methods = Path(out), list(methods)
     lines = ["# The comparison at convergence: in progress", "", _common_options(cfgs), ""]
     for name, cfg in cfgs.items():
-        budgets = sorted(int(d.name.split("-", 1)[1]) for d in (out / name).glob("rounds-*")
-                         if d.name.split("-", 1)[1].isdigit())  # fmt: skip
+        budgets = _budgets(out, name)
         own = _own_options(cfg, cfgs)
         if not budgets:
             lines += [f"## {name}: not started", "", *own]
@@ -269,23 +312,45 @@ def progress(
     return lines
 
 
+def _budget_state(
+    name: str, cfg: FedmmConfig, out: Path, rounds: int, methods: list[str],
+    more_seeds: tuple[int, ...], k: int, max_rounds: int,
+) -> tuple[list[dict], list[tuple], list[str] | None, int | None]:  # fmt: skip
+    """A budget begun, ``out/name/rounds-<rounds>``: ``(done, cells, rising, following)`` -- its
+    complete runs, the cells it should hold (seed 0 of every method; at the final budget also the
+    leaders' ``more_seeds``), the curves still rising by ``RULE`` (None while seed 0 is
+    incomplete) and the budget the grid doubles to (None: this one is final, or undecided)."""
+    sub, rcfg = out / name / f"rounds-{rounds}", cfg.with_overrides({"fed.rounds": rounds})
+    seed0 = [(name, m, 0) for m in methods]
+    done, cells = _complete(sub, seed0, rcfg), list(seed0)
+    if len(done) < len(seed0):
+        return done, cells, None, None
+    rising = RULE.still_rising(done, methods)
+    following = bench.next_budget(rounds, rising, max_rounds)
+    if following is None:
+        cells = _grid_cells(name, methods, leaders(done, methods, k), more_seeds)
+        done = _complete(sub, cells, rcfg)
+    return done, cells, rising, following
+
+
+def _budgets(out: Path, name: str) -> list[int]:
+    """The budgets begun for benchmark ``name`` in ``out`` (its ``rounds-R`` directories)."""
+    return sorted(int(d.name.split("-", 1)[1]) for d in (out / name).glob("rounds-*")
+                  if d.name.split("-", 1)[1].isdigit())  # fmt: skip
+
+
 def _budget_progress(
     name: str, cfg: FedmmConfig, out: Path, rounds: int, methods: list[str],
     more_seeds: tuple[int, ...], k: int, max_rounds: int,
 ) -> list[str]:  # fmt: skip
-    sub, rcfg = out / name / f"rounds-{rounds}", cfg.with_overrides({"fed.rounds": rounds})
-    seed0 = [(name, m, 0) for m in methods]
-    done, cells = _complete(sub, seed0, rcfg), list(seed0)
-    if len(done) == len(seed0):  # seed 0 complete: its plateau check and its leaders
-        rising = RULE.still_rising(done, methods)
-        following = bench.next_budget(rounds, rising, max_rounds)
+    sub = out / name / f"rounds-{rounds}"
+    done, cells, rising, following = _budget_state(name, cfg, out, rounds, methods, more_seeds,
+                                                   k, max_rounds)  # fmt: skip
+    if rising is None:
+        state = "plateau not yet decided (seed 0 incomplete)"
+    else:
         state = ("still rising: " + "; ".join(rising)) if rising else "flat (plateau reached)"
         state += f"; doubled to {following} rounds" if following else "; the final budget"
-        if following is None:
-            cells = _grid_cells(name, methods, leaders(done, methods, k), more_seeds)
-            done = _complete(sub, cells, rcfg)
-    else:
-        state = "plateau not yet decided (seed 0 incomplete)"
     have = {(bench._name(r), r["seed"]) for r in done}
     begun = {(bench._name(r), r["seed"]): len(r["history"])
              for r in bench._cell_runs(sub, cells, cfg.peft.type)}  # fmt: skip
@@ -296,6 +361,48 @@ def _budget_progress(
             f"Missing: {', '.join(missing)}." if missing else "No cell missing.", ""]  # fmt: skip
 
 
+def headline(
+    cfgs: dict[str, FedmmConfig], out: Path, methods: Sequence[str] = METHODS,
+    more_seeds: tuple[int, ...] = MORE_SEEDS, k: int = LEADERS, max_rounds: int = 80,
+) -> list[str]:  # fmt: skip
+    """Markdown lines of the README's converged tables, from what ``out`` holds (runs nothing):
+    per benchmark, the largest budget whose seed-0 cells are all complete -- so that one table
+    compares every method on one budget -- as ``headline_table``, under a line naming the budget,
+    the seeds, the plateau decision and what a larger budget begun holds so far.  A benchmark with
+    no such budget is named as such."""
+    out, methods = Path(out), list(methods)
+    lines = []
+    for name, cfg in cfgs.items():
+        budgets, states = _budgets(out, name), {}
+        for rounds in budgets:
+            states[rounds] = _budget_state(name, cfg, out, rounds, methods, more_seeds, k,
+                                           max_rounds)  # fmt: skip
+        whole = [r for r in budgets if states[r][2] is not None]
+        if not whole:
+            lines += [f"**{name}**: no budget with every method's seed 0 complete yet.", ""]
+            continue
+        rounds = whole[-1]
+        done, cells, rising, following = states[rounds]
+        seeds = sorted({r["seed"] for r in done})
+        state = (f"{len(rising)} curve{'s' if len(rising) > 1 else ''} still rising (the rule "
+                 "below)" if rising else "flat by the rule below")  # fmt: skip
+        state += f", so the grid goes on to {following} rounds" if following else ", final budget"
+        later = [f"{len(states[r][0])} of {len(states[r][1])} cells at {r} rounds"
+                 for r in budgets if r > rounds]  # fmt: skip
+        note = f" ({', '.join(later)} so far)" if later else ""
+        lines += [f"**{name}**, {rounds} rounds × {cfg.train.local_steps} local steps, seed"
+                  f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} "
+                  f"({len(done)} of {len(cells)} cells): {state}{note}.", "",
+                  *_own_options(cfg, cfgs), *headline_table(done, methods), ""]  # fmt: skip
+    return lines + [
+        "Accuracy in %: final-round mean over clients, then mean ± std over seeds ((n = 1): one "
+        "seed). Δ: the method's mean minus centralized's `shared` mean, in points. Rounds to "
+        "target: the first round at which the mean over clients reaches the view kind's target "
+        "(in brackets: the lowest final mean of that kind among the methods), mean over the "
+        f"seeds that reach it. Plateau rule: {RULE.describe()}. {_common_options(cfgs)}"
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
@@ -304,19 +411,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-rounds", type=int, default=10)
     p.add_argument("--max-rounds", type=int, default=80)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--progress", action="store_true",
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--progress", action="store_true",
                    help="run nothing: write OUT/converged-progress.md, the complete cells so far "
                    "(give the same --set and --max-rounds as the grid's run)")  # fmt: skip
+    only.add_argument("--headline", action="store_true",
+                   help="run nothing: write OUT/converged-headline.md, the README's converged "
+                   "tables from the cells complete so far (give the same --set and --max-rounds "
+                   "as the grid's run)")  # fmt: skip
     args = p.parse_args(argv)
     cfgs = grid_configs([b.strip() for b in args.benchmark.split(",") if b.strip()],
                         parse_set(args.set))  # fmt: skip
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    if args.progress:
+    if args.progress or args.headline:
         if not args.out.is_dir():
             raise SystemExit(f"--out {args.out}: no such directory (no grid has run there)")
-        text = "\n".join(progress(cfgs, args.out, methods, max_rounds=args.max_rounds)) + "\n"
-        atomic_write(args.out / "converged-progress.md", text.encode())
-        print(text + f"written: {args.out / 'converged-progress.md'}")
+        write, file = (progress, "converged-progress.md") if args.progress else (
+            headline, "converged-headline.md")  # fmt: skip
+        text = "\n".join(write(cfgs, args.out, methods, max_rounds=args.max_rounds)) + "\n"
+        atomic_write(args.out / file, text.encode())
+        print(text + f"written: {args.out / file}")
         return 0
     emulated = [
         n for n, c in cfgs.items() if emulated_bf16(c.train.precision, resolve_device(c.device))

@@ -20,10 +20,12 @@ spec.loader.exec_module(grid)
 
 
 def _run(method: str, seed: int, final: dict, curve: tuple = (), benchmark: str = "b") -> dict:
+    views = sorted({k.split(".")[0] for k in final})  # each view kind's curve: ``curve``
     history = [{"round": i + 1, "seconds": 10.0, "bytes_up": 0, "bytes_down": 0, "sampled": 1,
-                "clients": {"c": {"shared": y}}} for i, y in enumerate(curve or (0.0,))]  # fmt: skip
+                "clients": {"c": dict.fromkeys(views, y)}}
+               for i, y in enumerate(curve or (0.0,))]  # fmt: skip
     return {"method": method, "variant": "", "peft": "adapter", "benchmark": benchmark,
-            "seed": seed, "views": sorted({k.split(".")[0] for k in final}), "config": {},
+            "seed": seed, "views": views, "config": {},
             "final": final, "history": history}  # fmt: skip
 
 
@@ -209,3 +211,84 @@ def test_each_benchmark_has_one_precision_and_the_reports_name_it(tmp_path, monk
     assert "This benchmark's cells also: `train.precision=fp32`." not in organ  # fp32: a default
     dirichlet = text.split("## vqa-rad-dirichlet")[1]
     assert "This benchmark's cells also: " in dirichlet and "`train.precision=bf16`" in dirichlet
+
+
+def test_the_headline_table_ranks_each_view_kind_with_closed_open_and_the_gap():
+    runs = [
+        _run("centralized", 0, {"shared": 0.80, "shared.closed": 0.9, "shared.open": 0.6},
+             (0.5, 0.8)),
+        _run("fedavg", 0, {"shared": 0.60, "shared.closed": 0.7, "shared.open": 0.4,
+                           "personal": 0.70, "personal.closed": 0.8, "personal.open": 0.5},
+             (0.6, 0.7)),
+        _run("local", 0, {"personal": 0.90, "personal.closed": 0.95, "personal.open": 0.8},
+             (0.9, 0.9)),
+    ]  # fmt: skip
+    lines = grid.headline_table(runs, ["local", "centralized", "fedavg"])
+    assert lines[0] == ("| view | method | seeds | all questions | closed | open | "
+                        "Δ vs centralized (pt) | rounds to target (%) |")  # fmt: skip
+    # within a view kind, best first (local above fedavg though METHODS lists it after)
+    assert lines[2:] == [
+        "| `shared` | centralized | 1 | 80.0 (n = 1) | 90.0 (n = 1) | 60.0 (n = 1) | — | 2.0 (60.0) |",
+        "| `shared` | fedavg | 1 | 60.0 (n = 1) | 70.0 (n = 1) | 40.0 (n = 1) | -20.0 | 1.0 (60.0) |",
+        "| `personal` | local | 1 | 90.0 (n = 1) | 95.0 (n = 1) | 80.0 (n = 1) | +10.0 | 1.0 (70.0) |",
+        "| `personal` | fedavg | 1 | 70.0 (n = 1) | 80.0 (n = 1) | 50.0 (n = 1) | -10.0 | 2.0 (70.0) |",
+    ]  # fmt: skip
+    plain = grid.headline_table([_run("centralized", 0, {"shared": 0.8}, (0.8,)),
+                                 _run("fedavg", 0, {"shared": 0.8}, (0.8,))], ["fedavg", "centralized"])  # fmt: skip
+    # no question groups (fmnist-domain): no closed / open columns; an equal mean is 0.0, never
+    # -0.0; a tie keeps the order of `methods`
+    assert (
+        plain[0]
+        == "| view | method | seeds | accuracy | Δ vs centralized (pt) | rounds to target (%) |"
+    )
+    assert plain[2] == "| `shared` | fedavg | 1 | 80.0 (n = 1) | 0.0 | 1.0 (80.0) |"
+
+
+def test_the_headline_shows_the_largest_budget_where_every_seed_0_cell_is_complete(
+    tiny_cfg, tmp_path
+):
+    from fedmm import bench
+    from fedmm.results import save_run
+
+    out, methods = tmp_path / "grid", ["centralized", "fedavg"]
+    cfgs = {"fmnist-domain": tiny_cfg.with_overrides({"data.benchmark": "fmnist-domain"})}
+
+    def stored(rounds, method, curve, cfg=cfgs["fmnist-domain"]):
+        sub = out / "fmnist-domain" / f"rounds-{rounds}"
+        run = _run(method, 0, {"shared": curve[-1]}, curve, "fmnist-domain")
+        cell = bench.cell_config(cfg.with_overrides({"fed.rounds": rounds}), method, 0, sub)
+        save_run(sub, run | {"peft": cell.peft.type, "config": cell.to_flat()})
+
+    out.mkdir()
+    text = "\n".join(grid.headline(cfgs, out, methods, more_seeds=(1,), k=1))
+    assert "**fmnist-domain**: no budget with every method's seed 0 complete yet." in text
+    stored(2, "centralized", (0.5, 0.8))
+    stored(2, "fedavg", (0.5, 0.7))
+    stored(4, "centralized", (0.5, 0.8, 0.9, 0.9))  # fedavg not yet run at 4 rounds
+    text = "\n".join(grid.headline(cfgs, out, methods, more_seeds=(1,), k=1))
+    assert ("**fmnist-domain**, 2 rounds × 3 local steps, seed 0 (2 of 2 cells): 2 curves still "
+            "rising (the rule below), so the grid goes on to 4 rounds (1 of 2 cells at 4 rounds "
+            "so far).") in text  # fmt: skip
+    assert "| `shared` | fedavg | 1 | 70.0 (n = 1) | -10.0 |" in text  # the 2-round cells
+    assert "Plateau rule: < 0.5 pt gain over the last 20 % of rounds" in text
+
+
+def test_the_readmes_converged_tables_are_the_snapshots(monkeypatch):
+    """README.md's converged tables are rendered from docs/results/converged/ (the grid's
+    snapshot), never typed: regenerate them with the command in the failure message."""
+    from fedmm import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    root = SCRIPT.parents[1]
+    readme = (root / "README.md").read_text()
+    begin, end = "<!-- converged-headline: begin -->\n", "<!-- converged-headline: end -->"
+    assert begin in readme and end in readme, "README.md lost its converged-headline markers"
+    shown = readme.split(begin, 1)[1].split(end, 1)[0]
+    cfgs = grid.grid_configs(list(grid.GRID), {"train.threads": 1})
+    rendered = "\n".join(grid.headline(cfgs, root / "docs/results/converged", max_rounds=40)) + "\n"
+    assert shown == rendered, (
+        "README.md's converged tables differ from the snapshot: run `python benchmarks/"
+        "converged_grid.py --out docs/results/converged --headline --max-rounds 40 --set "
+        "train.threads=1` and paste docs/results/converged/converged-headline.md between the "
+        "markers"
+    )
