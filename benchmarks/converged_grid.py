@@ -214,7 +214,7 @@ def headline_table(runs: list[dict], methods: list[str]) -> list[str]:
     groups = any(r["closed"] != "—" for _, _, rows in kinds for r in rows)
     head = ["view", "method", "seeds", "all questions" if groups else "accuracy"]
     head += ["closed", "open"] if groups else []
-    head += ["Δ vs centralized (pt)", "rounds to target (%)"]
+    head += ["Δ vs centralized (pt)", "rounds to target (target %)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for kind, goal, rows in kinds:
         for r in sorted(rows, key=lambda r: -r["mean"]):
@@ -384,21 +384,25 @@ def headline(
         rounds = whole[-1]
         done, cells, rising, following = states[rounds]
         seeds = sorted({r["seed"] for r in done})
-        state = (f"{len(rising)} curve{'s' if len(rising) > 1 else ''} still rising (the rule "
-                 "below)" if rising else "flat by the rule below")  # fmt: skip
-        state += f", so the grid goes on to {following} rounds" if following else ", final budget"
-        later = [f"{len(states[r][0])} of {len(states[r][1])} cells at {r} rounds"
+        curves = "; ".join(c.replace(f" on {name} ", " ") for c in rising or [])
+        state = (f"not flat yet by the rule below, still rising: {curves}" if rising
+                 else "flat by the rule below")  # fmt: skip
+        state += f"; the grid goes on to {following} rounds" if following else "; final budget"
+        later = [f"{len(states[r][0])} of {len(states[r][1])} cells done at {r} rounds"
                  for r in budgets if r > rounds]  # fmt: skip
-        note = f" ({', '.join(later)} so far)" if later else ""
-        lines += [f"**{name}**, {rounds} rounds × {cfg.train.local_steps} local steps, seed"
-                  f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} "
-                  f"({len(done)} of {len(cells)} cells): {state}{note}.", "",
+        note = f" ({', '.join(later)})" if later else ""
+        lines += [f"**{name}**, {rounds} rounds × {cfg.train.local_steps} local steps, "
+                  f"{cfg.train.precision}, seed{'s' if len(seeds) > 1 else ''} "
+                  f"{', '.join(map(str, seeds))} ({len(done)} of {len(cells)} cells): "
+                  f"{state}{note}.", "",
                   *_own_options(cfg, cfgs), *headline_table(done, methods), ""]  # fmt: skip
     return lines + [
         "Accuracy in %: final-round mean over clients, then mean ± std over seeds ((n = 1): one "
-        "seed). Δ: the method's mean minus centralized's `shared` mean, in points. Rounds to "
-        "target: the first round at which the mean over clients reaches the view kind's target "
-        "(in brackets: the lowest final mean of that kind among the methods), mean over the "
+        "seed); a cell is one method and one seed, a curve one method's accuracy in one view kind "
+        "round by round. Δ: the method's accuracy (all questions) minus centralized's `shared`, "
+        "in points, from the unrounded means. Rounds to target: the first round at which the "
+        "mean over clients reaches the view kind's target (in brackets: the lowest final "
+        "accuracy of that kind among the methods, so every method reaches it), mean over the "
         f"seeds that reach it. Plateau rule: {RULE.describe()}. {_common_options(cfgs)}"
     ]
 

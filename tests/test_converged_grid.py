@@ -225,7 +225,7 @@ def test_the_headline_table_ranks_each_view_kind_with_closed_open_and_the_gap():
     ]  # fmt: skip
     lines = grid.headline_table(runs, ["local", "centralized", "fedavg"])
     assert lines[0] == ("| view | method | seeds | all questions | closed | open | "
-                        "Δ vs centralized (pt) | rounds to target (%) |")  # fmt: skip
+                        "Δ vs centralized (pt) | rounds to target (target %) |")  # fmt: skip
     # within a view kind, best first (local above fedavg though METHODS lists it after)
     assert lines[2:] == [
         "| `shared` | centralized | 1 | 80.0 (n = 1) | 90.0 (n = 1) | 60.0 (n = 1) | — | 2.0 (60.0) |",
@@ -239,7 +239,7 @@ def test_the_headline_table_ranks_each_view_kind_with_closed_open_and_the_gap():
     # -0.0; a tie keeps the order of `methods`
     assert (
         plain[0]
-        == "| view | method | seeds | accuracy | Δ vs centralized (pt) | rounds to target (%) |"
+        == "| view | method | seeds | accuracy | Δ vs centralized (pt) | rounds to target (target %) |"
     )
     assert plain[2] == "| `shared` | fedavg | 1 | 80.0 (n = 1) | 0.0 | 1.0 (80.0) |"
 
@@ -266,9 +266,9 @@ def test_the_headline_shows_the_largest_budget_where_every_seed_0_cell_is_comple
     stored(2, "fedavg", (0.5, 0.7))
     stored(4, "centralized", (0.5, 0.8, 0.9, 0.9))  # fedavg not yet run at 4 rounds
     text = "\n".join(grid.headline(cfgs, out, methods, more_seeds=(1,), k=1))
-    assert ("**fmnist-domain**, 2 rounds × 3 local steps, seed 0 (2 of 2 cells): 2 curves still "
-            "rising (the rule below), so the grid goes on to 4 rounds (1 of 2 cells at 4 rounds "
-            "so far).") in text  # fmt: skip
+    assert ("**fmnist-domain**, 2 rounds × 3 local steps, fp32, seed 0 (2 of 2 cells): not flat "
+            "yet by the rule below, still rising: centralized (shared): +30.0 pt; fedavg (shared): "
+            "+20.0 pt; the grid goes on to 4 rounds (1 of 2 cells done at 4 rounds).") in text  # fmt: skip
     assert "| `shared` | fedavg | 1 | 70.0 (n = 1) | -10.0 |" in text  # the 2-round cells
     assert "Plateau rule: < 0.5 pt gain over the last 20 % of rounds" in text
 
