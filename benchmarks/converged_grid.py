@@ -391,6 +391,9 @@ def headline(
         later = [f"{len(states[r][0])} of {len(states[r][1])} cells done at {r} rounds"
                  for r in budgets if r > rounds]  # fmt: skip
         note = f" ({', '.join(later)})" if later else ""
+        if following is None and len(done) < len(cells):
+            note += (f"; seed{'s' if len(more_seeds) > 1 else ''} "
+                     f"{', '.join(map(str, more_seeds))} of the leading methods to come")  # fmt: skip
         lines += [f"**{name}**, {rounds} rounds × {cfg.train.local_steps} local steps, "
                   f"{cfg.train.precision}, seed{'s' if len(seeds) > 1 else ''} "
                   f"{', '.join(map(str, seeds))} ({len(done)} of {len(cells)} cells): "

@@ -271,6 +271,12 @@ def test_the_headline_shows_the_largest_budget_where_every_seed_0_cell_is_comple
             "+20.0 pt; the grid goes on to 4 rounds (1 of 2 cells done at 4 rounds).") in text  # fmt: skip
     assert "| `shared` | fedavg | 1 | 70.0 (n = 1) | -10.0 |" in text  # the 2-round cells
     assert "Plateau rule: < 0.5 pt gain over the last 20 % of rounds" in text
+    stored(4, "fedavg", (0.5, 0.7, 0.8, 0.8))
+    text = "\n".join(grid.headline(cfgs, out, methods, more_seeds=(1,), k=1, max_rounds=4))
+    # the final budget, its seed 0 complete: that table, the leaders' seed 1 still to run
+    assert "**fmnist-domain**, 4 rounds × 3 local steps, fp32, seed 0 (2 of 4 cells): " in text
+    assert "; final budget; seed 1 of the leading methods to come." in text
+    assert "| `shared` | fedavg | 1 | 80.0 (n = 1) | -10.0 |" in text
 
 
 def test_the_readmes_converged_tables_are_the_snapshots(monkeypatch):
