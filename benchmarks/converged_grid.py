@@ -175,9 +175,8 @@ def _kind_rows(runs: list[dict], methods: list[str]) -> list[tuple[str, float, l
             closed, open_ = (bench._mean_std([r["final"][f"{kind}.{g}"] for r in rs
                                               if f"{kind}.{g}" in r["final"]])
                              for g in ("closed", "open"))  # fmt: skip
-            pts = None if ref_mean is None else round(100 * mean - ref_mean, 1)
-            gap = ("—" if pts is None or (m == REFERENCE and kind == SHARED)
-                   else "0.0" if pts == 0 else f"{pts:+.1f}")  # fmt: skip
+            gap = ("—" if ref_mean is None or (m == REFERENCE and kind == SHARED)
+                   else bench._signed_points(100 * mean - ref_mean))  # fmt: skip
             rounds, seconds = _time_cell(rs, kind, goal)
             rows.append({"method": m, "seeds": len(rs), "mean": mean,
                          "final": bench._mean_std([r["final"][kind] for r in rs]),

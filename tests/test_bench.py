@@ -182,6 +182,9 @@ def test_report_compares_like_with_like_and_says_whether_the_gap_exceeds_the_spr
     assert "feddat `shared+head` | fedavg" not in text  # FedAvg has no shared+head run here
     c = bench.compare([0.80, 0.82], [0.79, 0.81])
     assert c["delta"] == pytest.approx(1.0) and not c["exceeds"]
+    # a gap that rounds to zero is "0.0", never "-0.0" (FedDAT a hair below FedPer)
+    runs[0]["final"]["shared+head"], runs[1]["final"]["shared+head"] = 0.7048, 0.7148
+    assert "| 71.0 ± 0.7 (2) | 71.0 ± 1.4 (2) | 0.0 | no |" in bench.report(runs, grid)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -54,6 +54,13 @@ def compare(a: list[float], b: list[float]) -> dict:
     return {"a": (ma, sa, len(a)), "b": (mb, sb, len(b)), "delta": ma - mb, "exceeds": exceeds}
 
 
+def _signed_points(points: float) -> str:
+    """A difference in points to one decimal with its sign, "0.0" when it rounds to zero (never
+    "-0.0" or "+0.0")."""
+    text = f"{points:+.1f}"
+    return "0.0" if float(text) == 0 else text
+
+
 def _comparison_lines(runs: list[dict], names: list[str]) -> list[str]:
     rows = []
     for (na, va), (nb, vb), what in COMPARISONS:
@@ -69,7 +76,7 @@ def _comparison_lines(runs: list[dict], names: list[str]) -> list[str]:
         side_a, side_b = (_spread(*side) + (f" ({side[2]})" if side[2] > 1 else "")
                           for side in (c["a"], c["b"]))  # fmt: skip
         rows.append(f"| {na} `{va}` | {nb} `{vb}` | {kinds} | {side_a} | {side_b} | "
-                    f"{c['delta']:+.1f} | {verdict} | {what} |")  # fmt: skip
+                    f"{_signed_points(c['delta'])} | {verdict} | {what} |")  # fmt: skip
     if not rows:
         return []
     return ["", "Comparisons (Δ = A − B in points; mean ± std over (n) seeds; exceeds spread: "
