@@ -332,6 +332,12 @@ def _budget_state(
     return done, cells, rising, following
 
 
+def _decided_by(done: list[dict]) -> str:
+    """Words saying the plateau decision is seed 0's when the table also holds other seeds: the
+    rule decides a budget on seed 0's curves, before any other seed runs."""
+    return " on seed 0's curves" if any(r["seed"] != 0 for r in done) else ""
+
+
 def _budgets(out: Path, name: str) -> list[int]:
     """The budgets begun for benchmark ``name`` in ``out`` (its ``rounds-R`` directories)."""
     return sorted(int(d.name.split("-", 1)[1]) for d in (out / name).glob("rounds-*")
@@ -348,7 +354,10 @@ def _budget_progress(
     if rising is None:
         state = "plateau not yet decided (seed 0 incomplete)"
     else:
-        state = ("still rising: " + "; ".join(rising)) if rising else "flat (plateau reached)"
+        by = _decided_by(done)
+        state = (
+            (f"still rising{by}: " + "; ".join(rising)) if rising else f"flat{by} (plateau reached)"
+        )
         state += f"; doubled to {following} rounds" if following else "; the final budget"
     have = {(bench._name(r), r["seed"]) for r in done}
     begun = {(bench._name(r), r["seed"]): len(r["history"])
@@ -382,10 +391,10 @@ def headline(
             continue
         rounds = whole[-1]
         done, cells, rising, following = states[rounds]
-        seeds = sorted({r["seed"] for r in done})
+        seeds, by = sorted({r["seed"] for r in done}), _decided_by(done)
         curves = "; ".join(c.replace(f" on {name} ", " ") for c in rising or [])
-        state = (f"not flat yet by the rule below, still rising: {curves}" if rising
-                 else "flat by the rule below")  # fmt: skip
+        state = (f"not flat yet by the rule below{by}, still rising: {curves}" if rising
+                 else f"flat by the rule below{by}")  # fmt: skip
         state += f"; the grid goes on to {following} rounds" if following else "; final budget"
         later = [f"{len(states[r][0])} of {len(states[r][1])} cells done at {r} rounds"
                  for r in budgets if r > rounds]  # fmt: skip

@@ -277,6 +277,15 @@ def test_the_headline_shows_the_largest_budget_where_every_seed_0_cell_is_comple
     assert "**fmnist-domain**, 4 rounds × 3 local steps, fp32, seed 0 (2 of 4 cells): " in text
     assert "; final budget; seed 1 of the leading methods to come." in text
     assert "| `shared` | fedavg | 1 | 80.0 (n = 1) | -10.0 |" in text
+    # a leader's seed 1 added: the status says whose curves decided the budget
+    run = _run("fedavg", 1, {"shared": 0.6}, (0.5, 0.6, 0.6, 0.6), "fmnist-domain")
+    sub = out / "fmnist-domain" / "rounds-4"
+    cell = bench.cell_config(
+        cfgs["fmnist-domain"].with_overrides({"fed.rounds": 4}), "fedavg", 1, sub
+    )
+    save_run(sub, run | {"peft": cell.peft.type, "config": cell.to_flat()})
+    text = "\n".join(grid.headline(cfgs, out, methods, more_seeds=(1,), k=1, max_rounds=4))
+    assert "seeds 0, 1 (3 of 4 cells): flat by the rule below on seed 0's curves; final" in text
 
 
 def test_the_readmes_converged_tables_are_the_snapshots(monkeypatch):
