@@ -253,10 +253,10 @@ def test_the_headline_shows_the_largest_budget_where_every_seed_0_cell_is_comple
     out, methods = tmp_path / "grid", ["centralized", "fedavg"]
     cfgs = {"fmnist-domain": tiny_cfg.with_overrides({"data.benchmark": "fmnist-domain"})}
 
-    def stored(rounds, method, curve, cfg=cfgs["fmnist-domain"]):
+    def stored(rounds, method, curve, seed=0, cfg=cfgs["fmnist-domain"]):
         sub = out / "fmnist-domain" / f"rounds-{rounds}"
-        run = _run(method, 0, {"shared": curve[-1]}, curve, "fmnist-domain")
-        cell = bench.cell_config(cfg.with_overrides({"fed.rounds": rounds}), method, 0, sub)
+        run = _run(method, seed, {"shared": curve[-1]}, curve, "fmnist-domain")
+        cell = bench.cell_config(cfg.with_overrides({"fed.rounds": rounds}), method, seed, sub)
         save_run(sub, run | {"peft": cell.peft.type, "config": cell.to_flat()})
 
     out.mkdir()
@@ -278,12 +278,7 @@ def test_the_headline_shows_the_largest_budget_where_every_seed_0_cell_is_comple
     assert "; final budget; seed 1 of the leading methods to come." in text
     assert "| `shared` | fedavg | 1 | 80.0 (n = 1) | -10.0 |" in text
     # a leader's seed 1 added: the status says whose curves decided the budget
-    run = _run("fedavg", 1, {"shared": 0.6}, (0.5, 0.6, 0.6, 0.6), "fmnist-domain")
-    sub = out / "fmnist-domain" / "rounds-4"
-    cell = bench.cell_config(
-        cfgs["fmnist-domain"].with_overrides({"fed.rounds": 4}), "fedavg", 1, sub
-    )
-    save_run(sub, run | {"peft": cell.peft.type, "config": cell.to_flat()})
+    stored(4, "fedavg", (0.5, 0.6, 0.6, 0.6), seed=1)
     text = "\n".join(grid.headline(cfgs, out, methods, more_seeds=(1,), k=1, max_rounds=4))
     assert "seeds 0, 1 (3 of 4 cells): flat by the rule below on seed 0's curves; final" in text
 
