@@ -69,8 +69,8 @@ REFERENCE = "centralized"  # every gap is to its `shared` accuracy
 # CPU of this kind (issue 30: "This issue must deliver on either"): bf16 is 1.7-1.8x the fp32 step
 # where it is native (AMX) but 25x slower where it is emulated (AVX2 EPYC).  fmnist-domain and
 # vqa-rad-dirichlet began in bf16 on an AMX CPU; those cells are kept as a record
-# (docs/results/converged-bf16/, rendered with ``--set train.precision=bf16``), and their fp32
-# grid starts at 40 rounds, where the record's 20-round curves were still rising
+# (docs/results/converged-bf16/, rendered with ``--set train.precision=bf16``); their fp32
+# grid runs with ``--start-rounds 40``: the record's 20-round curves were still rising
 # (docs/results-converged.md).  Within a benchmark every cell has the same precision.
 GRID: dict[str, dict] = {
     "fmnist-domain": {"train.precision": "fp32"},
