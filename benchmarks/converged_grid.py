@@ -42,7 +42,8 @@ cells so far, while the grid runs or between sittings.  ``--headline`` runs noth
 budget where every method's seed 0 is complete.
 
 Long: one cell at 40 rounds takes 25-70 min on vqa-rad-organ (fp32, one thread of a 2-core AVX2
-EPYC beside the other lane: docs/results-converged.md).  ``--set`` applies to every cell (e.g. ``model.backbone=tiny`` for a smoke test).
+EPYC beside the other lane: docs/results-converged.md).  ``--set`` applies to every cell (e.g.
+``model.backbone=tiny`` for a smoke test).
 """
 
 from __future__ import annotations
@@ -341,6 +342,11 @@ def _decided_by(done: list[dict]) -> str:
     return " on seed 0's curves" if any(r["seed"] != 0 for r in done) else ""
 
 
+def _done_at(states: dict[int, tuple], budgets: list[int]) -> list[str]:
+    """ "N of M cells done at R rounds" for each of ``budgets`` (``_budget_state``'s by budget)."""
+    return [f"{len(states[r][0])} of {len(states[r][1])} cells done at {r} rounds" for r in budgets]
+
+
 def _budgets(out: Path, name: str) -> list[int]:
     """The budgets begun for benchmark ``name`` in ``out`` (its ``rounds-R`` directories)."""
     return sorted(int(d.name.split("-", 1)[1]) for d in (out / name).glob("rounds-*")
@@ -390,10 +396,8 @@ def headline(
                                            max_rounds)  # fmt: skip
         whole = [r for r in budgets if states[r][2] is not None]
         if not whole:
-            begun = [f"{len(states[r][0])} of {len(states[r][1])} cells done at {r} rounds"
-                     for r in budgets]  # fmt: skip
             lines += [f"**{name}**: no budget with every method's seed 0 complete yet"
-                      f" ({', '.join(begun) or 'not started'}).", ""]  # fmt: skip
+                      f" ({', '.join(_done_at(states, budgets)) or 'not started'}).", ""]  # fmt: skip
             continue
         rounds = whole[-1]
         done, cells, rising, following = states[rounds]
@@ -402,8 +406,7 @@ def headline(
         state = (f"not flat yet by the rule below{by}, still rising: {curves}" if rising
                  else f"flat by the rule below{by}")  # fmt: skip
         state += f"; the grid goes on to {following} rounds" if following else "; final budget"
-        later = [f"{len(states[r][0])} of {len(states[r][1])} cells done at {r} rounds"
-                 for r in budgets if r > rounds]  # fmt: skip
+        later = _done_at(states, [r for r in budgets if r > rounds])
         note = f" ({', '.join(later)})" if later else ""
         if following is None and len(done) < len(cells):
             note += (f"; seed{'s' if len(more_seeds) > 1 else ''} "

@@ -289,15 +289,13 @@ def test_the_headline_shows_the_largest_budget_where_every_seed_0_cell_is_comple
 
 
 @pytest.mark.parametrize(
-    "block, out, benchmarks, options",
-    [("converged-headline", "docs/results/converged", None, ""),
+    "block, out, benchmarks, extra",
+    [("converged-headline", "docs/results/converged", None, {}),
      # the bf16 seed-0 record of the two benchmarks begun on an AMX CPU (GRID's comment)
      ("converged-record", "docs/results/converged-bf16", "fmnist-domain,vqa-rad-dirichlet",
-      " --set train.precision=bf16")],
+      {"train.precision": "bf16"})],
 )  # fmt: skip
-def test_the_readmes_converged_tables_are_the_snapshots(
-    monkeypatch, block, out, benchmarks, options
-):
+def test_the_readmes_converged_tables_are_the_snapshots(monkeypatch, block, out, benchmarks, extra):
     """README.md's converged tables are rendered from the grid's snapshot (and the bf16 record's),
     never typed: regenerate them with the command in the failure message."""
     from fedmm import precision
@@ -309,12 +307,13 @@ def test_the_readmes_converged_tables_are_the_snapshots(
     assert begin in readme and end in readme, f"README.md lost its {block} markers"
     shown = readme.split(begin, 1)[1].split(end, 1)[0]
     names = benchmarks.split(",") if benchmarks else list(grid.GRID)
-    overrides = {"train.threads": 1} | ({"train.precision": "bf16"} if options else {})
+    overrides = {"train.threads": 1, **extra}
     cfgs = grid.grid_configs(names, overrides)
     rendered = "\n".join(grid.headline(cfgs, root / out, max_rounds=40)) + "\n"
     which = f" --benchmark {benchmarks}" if benchmarks else ""
+    sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
     assert shown == rendered, (
         f"README.md's {block} tables differ from the snapshot: run `python benchmarks/"
-        f"converged_grid.py --out {out}{which} --headline --max-rounds 40 --set "
-        f"train.threads=1{options}` and paste {out}/converged-headline.md between the markers"
+        f"converged_grid.py --out {out}{which} --headline --max-rounds 40{sets}` and paste "
+        f"{out}/converged-headline.md between the markers"
     )
