@@ -343,7 +343,7 @@ def _decided_by(done: list[dict]) -> str:
 
 
 def _done_at(states: dict[int, tuple], budgets: list[int]) -> list[str]:
-    """ "N of M cells done at R rounds" for each of ``budgets`` (``_budget_state``'s by budget)."""
+    """For each of ``budgets``: "N of M cells done at R rounds" (``states``: ``_budget_state``'s by budget)."""
     return [f"{len(states[r][0])} of {len(states[r][1])} cells done at {r} rounds" for r in budgets]
 
 
